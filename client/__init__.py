@@ -1,0 +1,1 @@
+"""Client library: route management, inference sessions, the homeswarm CLI."""

@@ -1,0 +1,1 @@
+"""Swarm health dashboard: reads the DHT, probes nodes, serves HTML and JSON."""

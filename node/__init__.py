@@ -1,0 +1,1 @@
+"""The join-swarm daemon: gRPC service, sessions within a KV memory budget, announcer."""
