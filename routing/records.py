@@ -1,0 +1,103 @@
+"""Server records: what a node announces about the blocks it serves.
+
+A record travels through the DHT as a plain dict of primitives. Records come from other peers and
+are untrusted: ``ServerRecord.from_dict`` validates every field and raises ``InvalidRecord`` on
+anything malformed, so the planner only ever sees well-formed data.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, NewType
+
+PeerId = NewType("PeerId", str)
+
+_ADDRESS_RE = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,253}:(\d{1,5})$")
+_MAX_BLOCKS = 100_000
+_DTYPES = frozenset({"float32", "bfloat16", "float16"})
+
+
+class InvalidRecord(ValueError):
+    """A record from the DHT that does not pass validation."""
+
+
+class ServerState(str, enum.Enum):
+    JOINING = "joining"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    peer_id: PeerId
+    address: str  # host:port of the node's gRPC service
+    model: str
+    start: int  # first block served
+    end: int  # one past the last block served
+    state: ServerState
+    protocol_version: int
+    dtype: str
+    throughput: float  # decoding steps per second through one block (batch 1)
+    cache_tokens_left: int  # free KV cache, tokens of batch size 1
+    public_name: str = ""
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ServerRecord:
+        if not isinstance(data, dict):
+            raise InvalidRecord(f"a record must be a dict, got {type(data).__name__}")
+        try:
+            record = cls(
+                peer_id=PeerId(_str(data, "peer_id", 128)),
+                address=_str(data, "address", 260),
+                model=_str(data, "model", 256),
+                start=_int(data, "start", 0, _MAX_BLOCKS),
+                end=_int(data, "end", 1, _MAX_BLOCKS),
+                state=ServerState(_str(data, "state", 16)),
+                protocol_version=_int(data, "protocol_version", 0, 2**31),
+                dtype=_str(data, "dtype", 16),
+                throughput=_float(data, "throughput"),
+                cache_tokens_left=_int(data, "cache_tokens_left", 0, 2**53),
+                public_name=str(data.get("public_name", ""))[:64],
+            )
+        except ValueError as e:
+            raise InvalidRecord(str(e)) from None
+        if record.start >= record.end:
+            raise InvalidRecord(f"empty span [{record.start}, {record.end})")
+        if not _ADDRESS_RE.match(record.address) or not 0 < int(record.address.rsplit(":", 1)[1]) < 65536:
+            raise InvalidRecord(f"bad address {record.address!r}")
+        if record.dtype not in _DTYPES:
+            raise InvalidRecord(f"unknown dtype {record.dtype!r}")
+        return record
+
+
+def _str(data: dict, key: str, max_len: int) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise InvalidRecord(f"field {key!r} must be a non-empty string of at most {max_len} chars")
+    return value
+
+
+def _int(data: dict, key: str, low: int, high: int) -> int:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRecord(f"field {key!r} must be an integer in [{low}, {high}]")
+    return value
+
+
+def _float(data: dict, key: str) -> float:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise InvalidRecord(f"field {key!r} must be a finite non-negative number")
+    return float(value)
