@@ -1,0 +1,39 @@
+"""homeswarm.model: Transformer blocks of the Llama family, checkpoint slices, KV cache.
+
+Responsibility: everything about computing a model, and nothing about the network. A node loads a
+:class:`BlockSpan` (``load_span``) and runs it with a :class:`KVCache` per session; the client loads
+a :class:`ClientHead` (``load_head``) for embeddings and logits; :class:`LocalModel` runs it all in one
+process.
+
+Invariants: results equal transformers' for the same checkpoint (exact greedy tokens in float32);
+this package imports no other homeswarm subpackage and never imports ``transformers``.
+"""
+
+from pathlib import Path
+
+from .blocks import BlockSpan, DecoderBlock
+from .checkpoint import CheckpointReader, MissingTensorsError
+from .config import ModelConfig
+from .head import ClientHead
+from .kv_cache import KVCache, cache_bytes
+from .loader import load_head, load_span, parse_dtype
+from .local import LocalModel
+
+# The small demo checkpoint shipped with the package (filled by scripts/, not by this package).
+DEMO_MODEL_DIR = Path(__file__).parent / "demo"
+
+__all__ = [
+    "DEMO_MODEL_DIR",
+    "BlockSpan",
+    "CheckpointReader",
+    "ClientHead",
+    "DecoderBlock",
+    "KVCache",
+    "LocalModel",
+    "MissingTensorsError",
+    "ModelConfig",
+    "cache_bytes",
+    "load_head",
+    "load_span",
+    "parse_dtype",
+]

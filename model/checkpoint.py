@@ -1,0 +1,102 @@
+"""Reading named tensors from a Hugging Face safetensors checkpoint.
+
+Responsibility: map tensor names to the file that holds them (``model.safetensors``, or the shards
+listed in ``model.safetensors.index.json``) and read just the tensors asked for.
+
+Invariants: :meth:`CheckpointReader.load` opens only the shard files that hold the requested names
+and reads only those tensors (``safe_open`` + ``get_tensor`` per name), so a node serving a few blocks
+of a large model never reads, nor maps into memory, the rest; a name the checkpoint lacks is an error
+that lists every missing name, raised before any file is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class MissingTensorsError(KeyError):
+    """The checkpoint lacks tensors that were asked for; ``missing`` lists them."""
+
+    def __init__(self, model_dir: Path, missing: list[str]) -> None:
+        self.missing = missing
+        shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        super().__init__(f"checkpoint {model_dir} lacks tensors: {shown}")
+
+    def __str__(self) -> str:  # KeyError's default str() would wrap the message in quotes
+        return str(self.args[0])
+
+
+class CheckpointReader:
+    """Names and selective loading of the tensors in one checkpoint folder."""
+
+    def __init__(self, model_dir: str | os.PathLike[str]) -> None:
+        self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise FileNotFoundError(f"model directory not found: {self.model_dir}")
+        index_path = self.model_dir / INDEX_FILE
+        single_path = self.model_dir / SINGLE_FILE
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index_path} is not a valid safetensors index: {e}") from e
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index_path}: weight_map must be an object")
+            self._file_of: dict[str, str] = {}
+            for name, file_name in weight_map.items():
+                # Shard names come from a file we did not write: keep them inside the model folder.
+                if not isinstance(file_name, str) or Path(file_name).name != file_name:
+                    raise ValueError(f"{index_path}: invalid shard file name {file_name!r} for {name!r}")
+                self._file_of[name] = file_name
+            for file_name in sorted(set(self._file_of.values())):
+                if not (self.model_dir / file_name).is_file():
+                    raise FileNotFoundError(f"shard {file_name} listed in {index_path} is missing")
+        elif single_path.is_file():
+            with safe_open(str(single_path), framework="pt") as f:
+                self._file_of = dict.fromkeys(f.keys(), SINGLE_FILE)
+        else:
+            raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.model_dir}")
+
+    def names(self) -> list[str]:
+        """Every tensor name in the checkpoint, sorted."""
+        return sorted(self._file_of)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._file_of
+
+    def files_for(self, names: Iterable[str]) -> list[str]:
+        """The shard file names that hold ``names`` (sorted)."""
+        names = list(names)
+        self._require(names)
+        return sorted({self._file_of[n] for n in names})
+
+    def _require(self, names: list[str]) -> None:
+        missing = sorted(n for n in set(names) if n not in self._file_of)
+        if missing:
+            raise MissingTensorsError(self.model_dir, missing)
+
+    def load(self, names: Iterable[str], dtype: torch.dtype | None = None,
+             device: str | torch.device = "cpu") -> dict[str, Tensor]:
+        """Read ``names``, cast to ``dtype`` (None keeps the stored dtype) and move to ``device``."""
+        names = list(dict.fromkeys(names))
+        self._require(names)
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self._file_of[name], []).append(name)
+        out: dict[str, Tensor] = {}
+        for file_name, file_names in sorted(by_file.items()):
+            with safe_open(str(self.model_dir / file_name), framework="pt", device="cpu") as f:
+                for name in file_names:
+                    tensor = f.get_tensor(name)
+                    out[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        return out
