@@ -1,0 +1,131 @@
+"""Checkpoint slices: load_span / load_head read only their own tensors, from only their own shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import homeswarm.model.checkpoint as checkpoint_module
+from homeswarm.model import CheckpointReader, MissingTensorsError, load_head, load_span
+from tests.helpers.checkpoints import make_checkpoint, reference_model
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # ~145 KB per block, so 100KB shards put each block's tensors in separate files.
+    return make_checkpoint(tmp_path_factory.mktemp("sharded") / "llama2", "llama2", max_shard_size="100KB")
+
+
+class ReadRecorder:
+    """Wraps safe_open to record which files were opened and which tensors were read."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.files: set[str] = set()
+        self.tensors: list[str] = []
+        real = checkpoint_module.safe_open
+        recorder = self
+
+        class Recorded:
+            def __init__(self, filename: str, *args, **kwargs) -> None:
+                recorder.files.add(Path(filename).name)
+                self._inner = real(filename, *args, **kwargs)
+
+            def __enter__(self):
+                self._handle = self._inner.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self._inner.__exit__(*exc)
+
+            def keys(self):
+                return self._handle.keys()
+
+            def get_tensor(self, name: str) -> torch.Tensor:
+                recorder.tensors.append(name)
+                return self._handle.get_tensor(name)
+
+        monkeypatch.setattr(checkpoint_module, "safe_open", Recorded)
+
+
+def weight_map(path: Path) -> dict[str, str]:
+    return json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+
+
+def test_checkpoint_is_really_sharded(sharded):
+    files = set(weight_map(sharded).values())
+    assert len(files) >= 4
+    assert not (sharded / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(("start", "end"), [(1, 3), (0, 1), (3, 4)])
+def test_load_span_reads_only_its_blocks(sharded, monkeypatch, start, end):
+    rec = ReadRecorder(monkeypatch)
+    span = load_span(sharded, start, end)
+    wm = weight_map(sharded)
+    expected = {n for n in wm if n.startswith(tuple(f"model.layers.{i}." for i in range(start, end)))}
+    assert len(rec.tensors) == len(set(rec.tensors))
+    assert set(rec.tensors) == expected
+    assert rec.files == {wm[n] for n in expected}
+    assert rec.files != set(wm.values())
+    # The span is complete, real (not meta), frozen and in eval mode.
+    params = list(span.parameters())
+    assert sum(p.numel() for p in params) == sum(
+        t.numel() for t in CheckpointReader(sharded).load(expected).values()
+    )
+    assert all(p.device.type == "cpu" and not p.requires_grad for p in params)
+    assert not span.training
+
+
+def test_load_head_reads_only_head_tensors(sharded, monkeypatch):
+    rec = ReadRecorder(monkeypatch)
+    head = load_head(sharded)
+    expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    assert set(rec.tensors) == expected
+    wm = weight_map(sharded)
+    assert rec.files == {wm[n] for n in expected}
+    ref = reference_model(sharded)
+    assert torch.equal(head.embed_tokens.weight, ref.model.embed_tokens.weight)
+    assert torch.equal(head.norm.weight, ref.model.norm.weight)
+    assert torch.equal(head.lm_head.weight, ref.lm_head.weight)
+    assert not any(p.requires_grad for p in head.parameters()) and not head.training
+
+
+def test_tied_head_uses_embedding(tmp_path):
+    path = make_checkpoint(tmp_path / "q", "qwen2", num_layers=2)
+    assert "lm_head.weight" not in CheckpointReader(path).names()
+    head = load_head(path)
+    assert head.lm_head is None
+    hidden = torch.randn(1, 3, 64)
+    expected = head.norm(hidden) @ head.embed_tokens.weight.T
+    assert torch.allclose(head.logits(hidden), expected)
+
+
+def test_missing_tensors_are_named(sharded, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in sharded.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.2.mlp.up_proj.weight"]
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(MissingTensorsError, match=r"model\.layers\.2\.mlp\.up_proj\.weight"):
+        load_span(broken, 2, 3)
+    load_span(broken, 0, 2)  # other blocks still load
+    with pytest.raises(MissingTensorsError, match="no.such"):
+        CheckpointReader(broken).load(["no.such"])
+
+
+def test_bad_ranges_and_missing_files(sharded, tmp_path):
+    for start, end in [(-1, 2), (2, 2), (3, 2), (0, 5)]:
+        with pytest.raises(ValueError, match="block range"):
+            load_span(sharded, start, end)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_span(tmp_path / "nope", 0, 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_head(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        CheckpointReader(tmp_path / "empty")
