@@ -1,0 +1,23 @@
+"""ClientConfig: the client's limits and timeouts, each with its help text and a sane default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def _opt(default, help: str):  # noqa: ANN001, A002
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    connect_timeout: float = _opt(5.0, "seconds to wait for a node to answer a ping or open a session")
+    step_timeout: float = _opt(60.0, "seconds one inference step on one node may take before it counts as failed")
+    forward_timeout: float = _opt(300.0, "seconds a stateless forward pass may take")
+    records_max_age: float = _opt(5.0, "re-read server records from the DHT when older than this")
+    max_failovers: int = _opt(8, "node failures one generation may survive before giving up")
+    ban_seconds: float = _opt(15.0, "how long a failed node is avoided; doubles with each further failure")
+    max_ban_seconds: float = _opt(300.0, "the longest a node is avoided")
+    rtt_smoothing: float = _opt(0.3, "weight of a new round-trip sample in the moving average")
+    compression: str = _opt("none", "compression of the hidden states sent to nodes: none, float16, bfloat16, int8")
+    dtype: str = _opt("float32", "dtype of the client's embeddings and LM head")

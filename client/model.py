@@ -1,0 +1,168 @@
+"""AutoDistributedModelForCausalLM: a causal LM whose Transformer blocks run on the swarm.
+
+The client holds only the embeddings, the final norm and the LM head (read from the checkpoint
+folder, nothing else); every block runs on nodes found on the DHT. ``generate`` follows Hugging
+Face semantics: it returns prompt plus new tokens, stops when every sequence has produced an end
+token (padding finished ones), greedy unless ``do_sample``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from homeswarm.client.config import ClientConfig
+from homeswarm.client.route import RouteManager
+from homeswarm.client.sampling import SamplingParams, next_tokens
+from homeswarm.client.session import InferenceSession
+from homeswarm.client.transport import ChannelPool
+from homeswarm.model import ModelConfig, load_head, parse_dtype
+from homeswarm.routing.dht import SwarmDHT
+
+logger = logging.getLogger(__name__)
+
+
+def _token_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
+class DistributedModelForCausalLM:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        initial_peers: Sequence[str],
+        model_name: str | None = None,
+        config: ClientConfig | None = None,
+    ):
+        self.model_dir = Path(model_dir)
+        self.config = config or ClientConfig()
+        self.model_config = ModelConfig.from_dir(self.model_dir)
+        self.model_name = model_name or self.model_dir.resolve().name
+        raw = json.loads((self.model_dir / "config.json").read_text())
+        generation_path = self.model_dir / "generation_config.json"
+        generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}
+        self.eos_token_ids = _token_ids(generation.get("eos_token_id", raw.get("eos_token_id")))
+        pad = generation.get("pad_token_id", raw.get("pad_token_id"))
+        self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else None)
+        self.head = load_head(self.model_dir, dtype=parse_dtype(self.config.dtype))
+        if not initial_peers:
+            raise ValueError("initial_peers is empty: give the multiaddr of at least one peer of the swarm")
+        self.dht = SwarmDHT.create(list(initial_peers), client_mode=True)
+        self.pool = ChannelPool()
+        self.routes = RouteManager(
+            self.dht, self.pool, self.model_name, self.model_config.num_hidden_layers, self.config
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        initial_peers: Sequence[str] = (),
+        model_name: str | None = None,
+        **kwargs: Any,
+    ) -> DistributedModelForCausalLM:
+        return cls(model_dir, initial_peers=initial_peers, model_name=model_name, **kwargs)
+
+    def inference_session(self, *, max_length: int, batch_size: int = 1) -> InferenceSession:
+        """A session for step-by-step use: ``session.step(hidden)`` runs every block with caches."""
+        return InferenceSession(self.routes, self.pool, self.config, batch_size=batch_size, max_length=max_length)
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        session: InferenceSession | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yields the next token of every sequence ([batch] ids) as soon as it is chosen."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got {list(ids.shape)}")
+        if attention_mask is not None and not bool(torch.as_tensor(attention_mask).all()):
+            raise ValueError("padded batches are not supported yet: give prompts of equal length")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        params = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p).validate()
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        if max_new_tokens == 0:
+            return
+        batch = ids.shape[0]
+        own_session = session is None
+        if session is None:
+            session = self.inference_session(max_length=ids.shape[1] + max_new_tokens, batch_size=batch)
+        try:
+            unfinished = torch.ones(batch, dtype=torch.bool)
+            hidden = session.step(self.head.embed(ids))
+            for i in range(max_new_tokens):
+                logits = self.head.logits(hidden[:, -1:])[:, -1].float()
+                tokens = next_tokens(logits, params, generator)
+                if self.pad_token_id is not None and self.eos_token_ids:
+                    tokens = torch.where(unfinished, tokens, torch.full_like(tokens, self.pad_token_id))
+                yield tokens
+                if self.eos_token_ids:
+                    unfinished &= ~torch.isin(tokens, torch.tensor(self.eos_token_ids))
+                    if not unfinished.any():
+                        return
+                if i + 1 < max_new_tokens:
+                    hidden = session.step(self.head.embed(tokens[:, None]))
+        finally:
+            if own_session:
+                session.close()
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 20,
+        streamer: Any = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Prompt plus new tokens, [batch, T + N], like Hugging Face ``generate``.
+
+        ``streamer``: anything with ``put(ids)`` and ``end()`` (e.g. a transformers TextStreamer).
+        """
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        new: list[torch.Tensor] = []
+        for tokens in self.generate_stream(ids, max_new_tokens=max_new_tokens, **kwargs):
+            new.append(tokens)
+            if streamer is not None:
+                streamer.put(tokens.clone() if len(tokens) > 1 else tokens[:1])
+        if streamer is not None:
+            streamer.end()
+        if not new:
+            return ids
+        return torch.cat([ids, torch.stack(new, dim=1)], dim=1)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.dht.shutdown()
+
+    def __enter__(self) -> DistributedModelForCausalLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+AutoDistributedModelForCausalLM = DistributedModelForCausalLM

@@ -1,0 +1,95 @@
+"""Route management: server records from the DHT, measured round-trip times, bans; plans via routing.
+
+The planning itself is the pure ``homeswarm.routing.planner.plan_route``; this class only gathers
+its inputs. Round-trip times are smoothed (exponential moving average). A failed node is banned for
+``ban_seconds``, doubling with each further failure up to ``max_ban_seconds``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from homeswarm.client.config import ClientConfig
+from homeswarm.client.transport import ChannelPool, HopFailed, ping
+from homeswarm.routing.dht import SwarmDHT
+from homeswarm.routing.planner import Hop, MissingBlocksError, plan_route
+from homeswarm.routing.records import PeerId, ServerRecord
+
+logger = logging.getLogger(__name__)
+
+
+class RouteManager:
+    def __init__(
+        self,
+        dht: SwarmDHT,
+        pool: ChannelPool,
+        model: str,
+        num_blocks: int,
+        config: ClientConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.dht = dht
+        self.pool = pool
+        self.model = model
+        self.num_blocks = num_blocks
+        self.config = config
+        self.clock = clock
+        self.rtts: dict[PeerId, float] = {}
+        self.bans: dict[PeerId, float] = {}
+        self.failures: dict[PeerId, int] = {}
+        self._records: list[ServerRecord] = []
+        self._records_time = -float("inf")
+
+    def records(self, *, refresh: bool = False) -> list[ServerRecord]:
+        if refresh or self.clock() - self._records_time > self.config.records_max_age:
+            self._records = self.dht.get_servers(self.model, 0, self.num_blocks)
+            self._records_time = self.clock()
+        return self._records
+
+    def ban(self, peer_id: str) -> None:
+        count = self.failures.get(PeerId(peer_id), 0)
+        duration = min(self.config.ban_seconds * 2**count, self.config.max_ban_seconds)
+        self.failures[PeerId(peer_id)] = count + 1
+        self.bans[PeerId(peer_id)] = self.clock() + duration
+        logger.info("avoiding node %s for %.0f s", peer_id[:16], duration)
+
+    def record_rtt(self, peer_id: str, rtt: float) -> None:
+        old = self.rtts.get(PeerId(peer_id))
+        alpha = self.config.rtt_smoothing
+        self.rtts[PeerId(peer_id)] = rtt if old is None else (1 - alpha) * old + alpha * rtt
+
+    def _ping_unknown(self, records: list[ServerRecord]) -> None:
+        now = self.clock()
+        for record in records:
+            if record.peer_id in self.rtts or self.bans.get(record.peer_id, -1.0) > now:
+                continue
+            try:
+                rtt, _info = ping(self.pool, record.peer_id, record.address, self.config.connect_timeout)
+            except HopFailed as e:
+                logger.info("%s", e)
+                self.ban(record.peer_id)
+                continue
+            self.record_rtt(record.peer_id, rtt)
+
+    def plan(self, start: int, end: int, *, cache_tokens_needed: int = 0) -> list[Hop]:
+        """A chain covering [start, end); MissingBlocksError (naming the blocks) if there is none."""
+        for attempt in range(2):
+            records = self.records(refresh=attempt > 0)
+            self._ping_unknown([r for r in records if r.start < end and r.end > start])
+            try:
+                return plan_route(
+                    records,
+                    start,
+                    end,
+                    rtts=self.rtts,
+                    banned=self.bans,
+                    now=self.clock(),
+                    cache_tokens_needed=cache_tokens_needed,
+                    model=self.model,
+                )
+            except MissingBlocksError:
+                if attempt > 0:
+                    raise
+        raise AssertionError("unreachable")

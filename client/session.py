@@ -1,0 +1,174 @@
+"""An inference session over a chain of nodes, with failover.
+
+The session keeps, for every hop, the hidden states it sent in this session. When a node fails
+(connection lost, timeout, error status) the session bans it, plans a replacement for exactly the
+blocks that node served (possibly over several nodes), opens sessions there, replays the stored
+inputs to rebuild their caches, and carries on, so the output is the same as without the failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from homeswarm.client.config import ClientConfig
+from homeswarm.client.route import RouteManager
+from homeswarm.client.transport import ChannelPool, HopFailed, HopStream
+from homeswarm.protocol import parse_compression
+from homeswarm.routing.planner import Hop
+
+logger = logging.getLogger(__name__)
+
+
+class SessionError(RuntimeError):
+    """The session cannot go on (no replacement for a failed node, or too many failures)."""
+
+
+@dataclass
+class _OpenHop:
+    start: int
+    end: int
+    stream: HopStream | None
+    inputs: list[torch.Tensor] = field(default_factory=list)
+
+
+class InferenceSession:
+    """Step hidden states [batch, tokens, hidden] through every block of the model, keeping caches."""
+
+    def __init__(
+        self,
+        routes: RouteManager,
+        pool: ChannelPool,
+        config: ClientConfig,
+        *,
+        batch_size: int,
+        max_length: int,
+    ):
+        self.routes = routes
+        self.pool = pool
+        self.config = config
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.compression = parse_compression(config.compression)
+        self.length = 0
+        self.failovers = 0
+        self._hops: list[_OpenHop] = []
+        self._closed = False
+        try:
+            for hop in self._plan(0, routes.num_blocks):
+                self._hops.append(hop)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- opening -------------------------------------------------------------------------------
+
+    def _open_stream(self, hop: Hop) -> HopStream:
+        return HopStream(
+            self.pool,
+            peer_id=hop.peer_id,
+            address=hop.address,
+            model=self.routes.model,
+            start=hop.start,
+            end=hop.end,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            compression=self.compression,
+            connect_timeout=self.config.connect_timeout,
+            step_timeout=self.config.step_timeout,
+        )
+
+    def _plan(self, start: int, end: int) -> list[_OpenHop]:
+        """Open streams covering [start, end); retries with a new plan when a node refuses."""
+        while True:
+            route = self.routes.plan(start, end, cache_tokens_needed=self.batch_size * self.max_length)
+            opened: list[_OpenHop] = []
+            try:
+                for hop in route:
+                    opened.append(_OpenHop(hop.start, hop.end, self._open_stream(hop)))
+                return opened
+            except HopFailed as e:
+                for h in opened:
+                    assert h.stream is not None
+                    h.stream.close()
+                self._count_failure(e)
+
+    def _count_failure(self, e: HopFailed) -> None:
+        self.failovers += 1
+        logger.warning("%s; routing around it", e)
+        self.routes.ban(e.peer_id)
+        if self.failovers > self.config.max_failovers:
+            raise SessionError(f"gave up after {self.failovers} node failures; last: {e}") from e
+
+    # --- stepping ------------------------------------------------------------------------------
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._closed:
+            raise SessionError("the session is closed")
+        if hidden.dim() != 3 or hidden.shape[0] != self.batch_size:
+            raise ValueError(f"expected hidden states [{self.batch_size}, tokens, hidden], got {list(hidden.shape)}")
+        if self.length + hidden.shape[1] > self.max_length:
+            raise ValueError(
+                f"the session holds {self.length} of {self.max_length} tokens; {hidden.shape[1]} more do not fit"
+            )
+        dtype = hidden.dtype
+        i = 0
+        while i < len(self._hops):
+            hop = self._hops[i]
+            try:
+                assert hop.stream is not None
+                output = hop.stream.step(hidden)
+            except HopFailed as e:
+                self._count_failure(e)
+                self._replace(i)
+                continue  # the replacement hops start at index i; they have replayed the history
+            hop.inputs.append(hidden)
+            hidden = output.to(dtype)
+            i += 1
+        self.length += hidden.shape[1]
+        return hidden
+
+    def _replace(self, index: int) -> None:
+        """Replace hop ``index`` by new hops over the same blocks, replaying its inputs on them."""
+        failed = self._hops[index]
+        if failed.stream is not None:
+            failed.stream.close()
+        while True:
+            new_hops = self._plan(failed.start, failed.end)
+            try:
+                for step_inputs in failed.inputs:
+                    hidden = step_inputs
+                    for hop in new_hops:
+                        assert hop.stream is not None
+                        hop.inputs.append(hidden)
+                        hidden = hop.stream.step(hidden).to(step_inputs.dtype)
+                break
+            except HopFailed as e:
+                for hop in new_hops:
+                    assert hop.stream is not None
+                    hop.stream.close()
+                self._count_failure(e)
+        self._hops[index : index + 1] = new_hops
+        logger.info(
+            "blocks %d..%d now served by %s (replayed %d step(s))",
+            failed.start, failed.end - 1, ", ".join(h.stream.address for h in new_hops if h.stream), len(failed.inputs),
+        )
+
+    @property
+    def route(self) -> list[tuple[str, int, int]]:
+        """(address, start, end) of every hop, in order."""
+        return [(h.stream.address if h.stream else "?", h.start, h.end) for h in self._hops]
+
+    def close(self) -> None:
+        self._closed = True
+        for hop in self._hops:
+            if hop.stream is not None:
+                hop.stream.close()
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

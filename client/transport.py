@@ -1,0 +1,166 @@
+"""Synchronous gRPC plumbing of the client: channels, pings, and one session stream per hop.
+
+The client is synchronous end to end (the node is the asyncio side): each hop's bidirectional
+stream is fed from a queue, and every wait on it is bounded by a timeout that cancels the call, so
+a dead or stalled node surfaces as ``HopFailed`` within that timeout instead of a hang.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import grpc
+import torch
+
+from homeswarm.protocol import PROTOCOL_VERSION, CodecError, deserialize_tensor, node_pb2, node_pb2_grpc, serialize_tensor
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 512 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 512 * 1024 * 1024),
+]
+_CLOSE = object()
+
+
+class HopFailed(Exception):
+    """A node failed to serve a request: unreachable, timed out, or answered with an error status."""
+
+    def __init__(self, peer_id: str, address: str, message: str, code: grpc.StatusCode | None = None):
+        self.peer_id = peer_id
+        self.address = address
+        self.code = code
+        super().__init__(f"node {address} ({peer_id[:16]}…): {message}")
+
+
+class ChannelPool:
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, address: str) -> grpc.Channel:
+        with self._lock:
+            if address not in self._channels:
+                self._channels[address] = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+            return self._channels[address]
+
+    def stub(self, address: str) -> node_pb2_grpc.NodeStub:
+        return node_pb2_grpc.NodeStub(self.get(address))
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+
+
+def ping(pool: ChannelPool, peer_id: str, address: str, timeout: float) -> tuple[float, node_pb2.InfoResponse]:
+    """(round-trip seconds, node info), or HopFailed."""
+    stub = pool.stub(address)
+    t0 = time.perf_counter()
+    try:
+        info = stub.Info(node_pb2.InfoRequest(protocol_version=PROTOCOL_VERSION), timeout=timeout)
+    except grpc.RpcError as e:
+        raise HopFailed(peer_id, address, f"ping failed: {e.code().name}: {e.details()}", e.code()) from None
+    return time.perf_counter() - t0, info
+
+
+def _rpc_error(peer_id: str, address: str, e: grpc.RpcError, timed_out: bool, timeout: float) -> HopFailed:
+    if timed_out:
+        return HopFailed(peer_id, address, f"no answer within {timeout:g} s", grpc.StatusCode.DEADLINE_EXCEEDED)
+    return HopFailed(peer_id, address, f"{e.code().name}: {e.details()}", e.code())
+
+
+class HopStream:
+    """One open inference session on one node, for blocks [start, end)."""
+
+    def __init__(
+        self,
+        pool: ChannelPool,
+        *,
+        peer_id: str,
+        address: str,
+        model: str,
+        start: int,
+        end: int,
+        batch_size: int,
+        max_length: int,
+        compression: int,
+        connect_timeout: float,
+        step_timeout: float,
+    ):
+        self.peer_id = peer_id
+        self.address = address
+        self.start = start
+        self.end = end
+        self.compression = compression
+        self.step_timeout = step_timeout
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._step_id = 0
+        self._closed = False
+        self._call = pool.stub(address).Inference(iter(self._queue.get, _CLOSE))
+        self._queue.put(
+            node_pb2.InferenceRequest(
+                protocol_version=PROTOCOL_VERSION,
+                open=node_pb2.OpenSession(
+                    model=model,
+                    start_block=start,
+                    end_block=end,
+                    batch_size=batch_size,
+                    max_length=max_length,
+                    response_compression=node_pb2.NONE,
+                ),
+            )
+        )
+        response = self._receive(connect_timeout)
+        if response.WhichOneof("kind") != "opened":
+            self.close()
+            raise HopFailed(peer_id, address, "the node did not open the session")
+        self.session_id = response.opened.session_id
+
+    def _receive(self, timeout: float) -> node_pb2.InferenceResponse:
+        timed_out = threading.Event()
+
+        def expire() -> None:
+            timed_out.set()
+            self._call.cancel()
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            return next(self._call)
+        except grpc.RpcError as e:
+            self._closed = True
+            raise _rpc_error(self.peer_id, self.address, e, timed_out.is_set(), timeout) from None
+        except StopIteration:
+            self._closed = True
+            raise HopFailed(self.peer_id, self.address, "the node closed the session") from None
+        finally:
+            timer.cancel()
+
+    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._closed:
+            raise HopFailed(self.peer_id, self.address, "the session is closed")
+        self._step_id += 1
+        self._queue.put(
+            node_pb2.InferenceRequest(
+                protocol_version=PROTOCOL_VERSION,
+                step=node_pb2.Step(step_id=self._step_id, hidden=serialize_tensor(hidden, self.compression)),
+            )
+        )
+        response = self._receive(self.step_timeout)
+        if response.WhichOneof("kind") != "result" or response.result.step_id != self._step_id:
+            self.close()
+            raise HopFailed(self.peer_id, self.address, "the node answered out of order")
+        try:
+            return deserialize_tensor(response.result.hidden)
+        except CodecError as e:
+            self.close()
+            raise HopFailed(self.peer_id, self.address, f"malformed hidden states: {e}") from None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_CLOSE)
+        self._call.cancel()

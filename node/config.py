@@ -1,0 +1,111 @@
+"""NodeConfig: every setting of the join-swarm daemon, each with its help text; the CLI is built from it.
+
+The flags follow the interface contract in DESIGN.md. ``NodeConfig.from_args`` is the only place that
+turns command-line strings into a validated config; bad values raise ``ConfigError`` whose message
+the CLI prints before exiting with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message says which and why."""
+
+
+def _opt(default, help: str, **argparse_kwargs):  # noqa: ANN001, A002
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    model_dir: str = field(metadata={"help": "checkpoint folder (config.json + safetensors)", "positional": True})
+    model_name: str | None = _opt(None, "name nodes and clients meet under (default: the folder's name)")
+    blocks: str | None = _opt(None, "serve blocks A..B-1, written A:B")
+    num_blocks: int | None = _opt(None, "serve N blocks, chosen where the swarm is weakest")
+    new_swarm: bool = _opt(False, "start a new swarm instead of joining one")
+    initial_peers: tuple[str, ...] = _opt((), "multiaddrs of peers already in the swarm", nargs="+")
+    host: str = _opt("127.0.0.1", "address the gRPC service binds to")
+    port: int = _opt(0, "gRPC port (0 picks a free port)")
+    dht_port: int = _opt(0, "DHT (libp2p) port (0 picks a free port)")
+    public_address: str | None = _opt(None, "HOST:PORT announced to the swarm, when it differs from the bind address")
+    dtype: str = _opt("float32", "compute and weight dtype", choices=["float32", "bfloat16", "float16"])
+    device: str = _opt("cpu", "torch device for the blocks (cpu, cuda, cuda:1, ...)")
+    public_name: str = _opt("", "a name shown on the swarm dashboard")
+    ready_file: str | None = _opt(None, "once serving, write a JSON object about this node here (atomically)")
+    max_cache_tokens: int | None = _opt(
+        None, "KV cache budget, in tokens of batch size 1 (default: a quarter of free memory)"
+    )
+    max_batch_size: int = _opt(16, "largest batch a session may open")
+    max_session_length: int = _opt(8192, "most tokens one session may hold")
+    session_idle_timeout: float = _opt(300.0, "close a session after this many seconds without a step")
+    shutdown_grace: float = _opt(10.0, "on SIGTERM/SIGINT, seconds open sessions get to finish")
+    announce_ttl: float = _opt(30.0, "seconds an announcement lives; refreshed every third of that")
+    compute_threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
+
+    def validate(self) -> NodeConfig:
+        if self.new_swarm == bool(self.initial_peers):
+            raise ConfigError("give exactly one of --new-swarm or --initial-peers MADDR [MADDR ...]")
+        if self.blocks is not None and self.num_blocks is not None:
+            raise ConfigError("give at most one of --blocks A:B and --num-blocks N")
+        if self.blocks is not None:
+            self.block_range()
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"--num-blocks must be at least 1, got {self.num_blocks}")
+        if not 0 <= self.port < 65536 or not 0 <= self.dht_port < 65536:
+            raise ConfigError("ports must be in 0..65535")
+        if self.public_address is not None:
+            host, _, port = self.public_address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"--public-address must be HOST:PORT, got {self.public_address!r}")
+        if self.max_cache_tokens is not None and self.max_cache_tokens < 1:
+            raise ConfigError("--max-cache-tokens must be positive")
+        for name in ("max_batch_size", "max_session_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("session_idle_timeout", "shutdown_grace", "announce_ttl"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        return self
+
+    def block_range(self) -> tuple[int, int] | None:
+        if self.blocks is None:
+            return None
+        try:
+            a, b = (int(x) for x in self.blocks.split(":"))
+        except ValueError:
+            raise ConfigError(f"--blocks must be A:B (two integers), got {self.blocks!r}") from None
+        if not 0 <= a < b:
+            raise ConfigError(f"--blocks A:B needs 0 <= A < B, got {self.blocks!r}")
+        return a, b
+
+    @classmethod
+    def parser(cls, prog: str = "join-swarm") -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(
+            prog=prog, description="Serve a slice of a model's Transformer blocks to a homeswarm swarm."
+        )
+        for f in dataclasses.fields(cls):
+            meta = dict(f.metadata)
+            help_text = meta.pop("help")
+            if meta.pop("positional", False):
+                parser.add_argument(f.name, metavar=f.name.upper(), help=help_text)
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action="store_true", help=help_text)
+                continue
+            kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
+            default_text = "" if f.default in (None, (), "") else f" (default: {f.default})"
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text + default_text, **meta)
+        return parser
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None) -> NodeConfig:
+        args = vars(cls.parser().parse_args(argv))
+        if args.get("initial_peers") is not None:
+            args["initial_peers"] = tuple(args["initial_peers"])
+        return cls(**args).validate()

@@ -1,0 +1,264 @@
+"""`join-swarm`: the one place that builds a node's components, starts them, and stops them.
+
+``main()`` alone parses arguments, sets up logging, installs uvloop and the signal handlers.
+Order of start-up: checkpoint config (fail fast on a bad folder), DHT, block choice, weights,
+throughput self-test, gRPC server, announcement, ready file. On SIGTERM/SIGINT: stop admitting
+sessions, announce offline (so clients stop routing here at once, before records expire), give open
+sessions up to ``shutdown_grace`` seconds, then stop and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_reflection.v1alpha import reflection
+
+from homeswarm.model import ModelConfig, cache_bytes, load_span, parse_dtype
+from homeswarm.node.announcer import Announcer
+from homeswarm.node.config import ConfigError, NodeConfig
+from homeswarm.node.executor import ComputeExecutor
+from homeswarm.node.service import NodeIdentity, NodeService
+from homeswarm.node.sessions import SessionManager
+from homeswarm.node.throughput import measure_block_throughput
+from homeswarm.protocol import PROTOCOL_VERSION, node_pb2, node_pb2_grpc
+from homeswarm.routing.block_chooser import choose_blocks
+from homeswarm.routing.dht import SwarmDHT
+from homeswarm.routing.records import PeerId, ServerRecord, ServerState
+
+logger = logging.getLogger("homeswarm.node")
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 512 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 512 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def software_version() -> str:
+    try:
+        return importlib.metadata.version("homeswarm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def write_ready_file(path: str, payload: dict) -> None:
+    """Write JSON atomically: readers see either nothing or the whole object."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, target)
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2 * 1024**3
+
+
+async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
+    try:
+        model_config = ModelConfig.from_dir(config.model_dir)
+        dtype = parse_dtype(config.dtype)
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    model_name = config.model_name or Path(config.model_dir).resolve().name
+    total_blocks = model_config.num_hidden_layers
+    block_range = config.block_range()
+    if block_range is not None and block_range[1] > total_blocks:
+        raise ConfigError(f"--blocks {config.blocks}: the model has only {total_blocks} blocks")
+
+    logger.info("starting the DHT peer")
+    try:
+        dht = await asyncio.to_thread(
+            SwarmDHT.create, config.initial_peers, host=config.host, port=config.dht_port
+        )
+    except Exception as e:  # hivemind raises several types for unreachable or malformed peers
+        raise ConfigError(f"could not start or join the DHT: {e}") from None
+    try:
+        return await _serve_with_dht(config, stop, dht, model_config, dtype, model_name, block_range)
+    finally:
+        dht.shutdown()
+
+
+async def _serve_with_dht(
+    config: NodeConfig,
+    stop: asyncio.Event,
+    dht: SwarmDHT,
+    model_config: ModelConfig,
+    dtype: torch.dtype,
+    model_name: str,
+    block_range: tuple[int, int] | None,
+) -> int:
+    total_blocks = model_config.num_hidden_layers
+    if block_range is None:
+        if config.num_blocks is not None:
+            records = await asyncio.to_thread(dht.get_servers, model_name, 0, total_blocks)
+            block_range = choose_blocks(records, total_blocks, config.num_blocks)
+        else:
+            block_range = (0, total_blocks)
+    start, end = block_range
+    logger.info("loading blocks %d..%d of %s (%s, %s)", start, end - 1, model_name, config.dtype, config.device)
+    t0 = time.perf_counter()
+    span = await asyncio.to_thread(load_span, config.model_dir, start, end, dtype=dtype, device=config.device)
+    logger.info("loaded in %.1f s; measuring throughput", time.perf_counter() - t0)
+    throughput = await asyncio.to_thread(measure_block_throughput, span)
+
+    bytes_per_token = cache_bytes(model_config, end - start, 1, 1, dtype)
+    if config.max_cache_tokens is not None:
+        budget = config.max_cache_tokens * bytes_per_token
+    else:
+        budget = available_memory_bytes(span.device) // 4
+    sessions = SessionManager(budget, bytes_per_token)
+    executor = ComputeExecutor()
+    identity = NodeIdentity(
+        model=model_name,
+        dtype=config.dtype,
+        peer_id=dht.peer_id,
+        throughput=throughput,
+        software_version=software_version(),
+    )
+    service = NodeService(
+        span,
+        identity,
+        sessions,
+        executor,
+        max_batch_size=config.max_batch_size,
+        max_session_length=config.max_session_length,
+        session_idle_timeout=config.session_idle_timeout,
+    )
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    node_pb2_grpc.add_NodeServicer_to_server(service, server)
+    reflection.enable_server_reflection(
+        (node_pb2.DESCRIPTOR.services_by_name["Node"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise ConfigError(f"could not bind the gRPC service to {config.host}:{config.port}")
+    await server.start()
+    address = config.public_address or f"{config.host}:{port}"
+
+    def make_record(state: ServerState) -> ServerRecord:
+        return ServerRecord(
+            peer_id=PeerId(dht.peer_id),
+            address=address,
+            model=model_name,
+            start=start,
+            end=end,
+            state=state,
+            protocol_version=PROTOCOL_VERSION,
+            dtype=config.dtype,
+            throughput=throughput,
+            cache_tokens_left=sessions.free_tokens,
+            public_name=config.public_name,
+        )
+
+    announcer = Announcer(dht, make_record, total_blocks, config.announce_ttl)
+    await announcer.announce(ServerState.ONLINE)
+    refresher = asyncio.create_task(announcer.run())
+    maddrs = dht.visible_maddrs()
+    if config.ready_file:
+        write_ready_file(
+            config.ready_file,
+            {
+                "peer_id": dht.peer_id,
+                "dht_maddrs": maddrs,
+                "address": address,
+                "model": model_name,
+                "blocks": [start, end],
+            },
+        )
+    logger.info(
+        "serving blocks %d..%d of %s at %s (%.0f steps/s per block, cache budget %d tokens)",
+        start, end - 1, model_name, address, throughput, sessions.free_tokens,
+    )
+    logger.info("others join with: join-swarm MODEL_DIR --initial-peers %s", maddrs[0] if maddrs else "?")
+
+    await stop.wait()
+    logger.info("shutting down: announcing offline, %d open session(s)", len(sessions))
+    sessions.draining = True
+    refresher.cancel()
+    try:
+        await asyncio.wait_for(announcer.announce(ServerState.OFFLINE), timeout=5)
+    except Exception as e:
+        logger.warning("could not announce offline: %s", e)
+    deadline = time.monotonic() + config.shutdown_grace
+    while len(sessions) and time.monotonic() < deadline:
+        service.sessions_changed.clear()
+        try:
+            await asyncio.wait_for(service.sessions_changed.wait(), deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            break
+    if len(sessions):
+        logger.info("closing %d session(s) still open after the grace period", len(sessions))
+    await server.stop(grace=0.5)
+    announcer.close()
+    executor.shutdown()
+    logger.info("stopped")
+    return 0
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("HOMESWARM_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("hivemind", "grpc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _run(config: NodeConfig) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if config.compute_threads > 0:
+        torch.set_num_threads(config.compute_threads)
+    return await serve(config, stop)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        config = NodeConfig.from_args(argv)
+    except ConfigError as e:
+        print(f"join-swarm: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    setup_logging()
+    install_uvloop()
+    try:
+        code = asyncio.run(_run(config))
+    except ConfigError as e:
+        print(f"join-swarm: error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

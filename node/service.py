@@ -1,0 +1,255 @@
+"""The node's gRPC service: Info, a stateless Forward, and the Inference session stream.
+
+Every request is checked before any compute: protocol version (FAILED_PRECONDITION), model and
+block range, batch size, length and tensor shape (INVALID_ARGUMENT), cache budget
+(RESOURCE_EXHAUSTED), draining for shutdown (UNAVAILABLE). Compute runs on the executor, never on
+the event loop. A session's cache is released however its stream ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from homeswarm.model import BlockSpan, cache_bytes
+from homeswarm.node.executor import ComputeExecutor
+from homeswarm.node.sessions import Refusal, Session, SessionManager, SessionRefused
+from homeswarm.protocol import (
+    PROTOCOL_VERSION,
+    CodecError,
+    check_protocol_version,
+    deserialize_tensor,
+    node_pb2,
+    node_pb2_grpc,
+    serialize_tensor,
+)
+
+logger = logging.getLogger(__name__)
+
+_REFUSAL_CODES = {
+    Refusal.NO_MEMORY: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Refusal.DRAINING: grpc.StatusCode.UNAVAILABLE,
+    Refusal.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+}
+_COMPRESSIONS = frozenset(node_pb2.Compression.values())
+
+
+class BadRequest(Exception):
+    pass
+
+
+@dataclass
+class NodeIdentity:
+    model: str
+    dtype: str
+    peer_id: str = ""
+    throughput: float = 0.0  # steps per second through one block
+    software_version: str = ""
+
+
+class NodeService(node_pb2_grpc.NodeServicer):
+    def __init__(
+        self,
+        span: BlockSpan,
+        identity: NodeIdentity,
+        sessions: SessionManager,
+        executor: ComputeExecutor,
+        *,
+        max_batch_size: int,
+        max_session_length: int,
+        session_idle_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.span = span
+        self.identity = identity
+        self.sessions = sessions
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_session_length = max_session_length
+        self.session_idle_timeout = session_idle_timeout
+        self.clock = clock
+        self._subspans: dict[tuple[int, int], BlockSpan] = {}
+        self.sessions_changed = asyncio.Event()
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    def _subspan(self, start: int, end: int) -> BlockSpan:
+        if (start, end) == (self.span.start, self.span.end):
+            return self.span
+        if (start, end) not in self._subspans:
+            self._subspans[start, end] = self.span.subspan(start, end)
+        return self._subspans[start, end]
+
+    def _check_range(self, start: int, end: int) -> None:
+        if not self.span.start <= start < end <= self.span.end:
+            raise BadRequest(
+                f"blocks [{start}, {end}) are not within this node's span [{self.span.start}, {self.span.end})"
+            )
+
+    def _decode_hidden(self, message: node_pb2.Tensor, batch_size: int | None) -> torch.Tensor:
+        try:
+            hidden = deserialize_tensor(message)
+        except CodecError as e:
+            raise BadRequest(f"bad tensor: {e}") from None
+        hidden_size = self.span.config.hidden_size
+        if hidden.dim() != 3 or hidden.shape[-1] != hidden_size or hidden.shape[0] == 0 or hidden.shape[1] == 0:
+            raise BadRequest(f"hidden states must be [batch, tokens, {hidden_size}], got {list(hidden.shape)}")
+        if batch_size is not None and hidden.shape[0] != batch_size:
+            raise BadRequest(f"the session was opened for batch {batch_size}, got {hidden.shape[0]}")
+        if not hidden.is_floating_point():
+            raise BadRequest(f"hidden states must be floating point, got {hidden.dtype}")
+        return hidden.to(self.span.device, self.span.dtype)
+
+    def _encode(self, hidden: torch.Tensor, compression: int) -> node_pb2.Tensor:
+        return serialize_tensor(hidden.cpu(), compression)
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        await context.abort(code, message)
+
+    async def _check_version(self, version: int, context: grpc.aio.ServicerContext) -> None:
+        error = check_protocol_version(version)
+        if error is not None:
+            await self._abort(context, grpc.StatusCode.FAILED_PRECONDITION, error)
+
+    # --- RPCs ----------------------------------------------------------------------------------
+
+    async def Info(self, request: node_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> node_pb2.InfoResponse:
+        return node_pb2.InfoResponse(
+            protocol_version=PROTOCOL_VERSION,
+            model=self.identity.model,
+            start_block=self.span.start,
+            end_block=self.span.end,
+            dtype=self.identity.dtype,
+            peer_id=self.identity.peer_id,
+            throughput=self.identity.throughput,
+            cache_tokens_left=self.sessions.free_tokens,
+            active_sessions=len(self.sessions),
+            software_version=self.identity.software_version,
+        )
+
+    async def Forward(
+        self, request: node_pb2.ForwardRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.ForwardResponse:
+        await self._check_version(request.protocol_version, context)
+        try:
+            self._check_range(request.start_block, request.end_block)
+            if request.response_compression not in _COMPRESSIONS:
+                raise BadRequest(f"unknown compression {request.response_compression}")
+            hidden = self._decode_hidden(request.hidden, None)
+            if hidden.shape[0] > self.max_batch_size or hidden.shape[1] > self.max_session_length:
+                raise BadRequest(
+                    f"at most batch {self.max_batch_size} x {self.max_session_length} tokens, "
+                    f"got {list(hidden.shape[:2])}"
+                )
+        except BadRequest as e:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        span = self._subspan(request.start_block, request.end_block)
+        output = await self.executor.run(span.forward, hidden)
+        return node_pb2.ForwardResponse(hidden=self._encode(output, request.response_compression))
+
+    async def Inference(
+        self, request_iterator: AsyncIterator[node_pb2.InferenceRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[node_pb2.InferenceResponse]:
+        first = await self._next(request_iterator, context)
+        if first is None:
+            return
+        await self._check_version(first.protocol_version, context)
+        if first.WhichOneof("kind") != "open":
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must open the session")
+        session = await self._open(first.open, context)
+        compression = first.open.response_compression
+        try:
+            yield node_pb2.InferenceResponse(opened=node_pb2.SessionOpened(session_id=session.session_id))
+            while True:
+                request = await self._next(request_iterator, context)
+                if request is None:
+                    return
+                yield await self._step(session, request, compression, context)
+        finally:
+            self.sessions.close(session.session_id)
+            self.sessions_changed.set()
+            logger.debug("session %s closed after %d steps", session.session_id, session.steps)
+
+    async def _next(
+        self, request_iterator: AsyncIterator[node_pb2.InferenceRequest], context: grpc.aio.ServicerContext
+    ) -> node_pb2.InferenceRequest | None:
+        try:
+            return await asyncio.wait_for(anext(request_iterator), self.session_idle_timeout)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            await self._abort(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"session idle for more than {self.session_idle_timeout:g} s; closed",
+            )
+            return None
+
+    async def _open(self, request: node_pb2.OpenSession, context: grpc.aio.ServicerContext) -> Session:
+        try:
+            if request.model and request.model != self.identity.model:
+                raise BadRequest(f"this node serves model {self.identity.model!r}, not {request.model!r}")
+            self._check_range(request.start_block, request.end_block)
+            if not 1 <= request.batch_size <= self.max_batch_size:
+                raise BadRequest(f"batch_size must be in 1..{self.max_batch_size}, got {request.batch_size}")
+            if not 1 <= request.max_length <= self.max_session_length:
+                raise BadRequest(f"max_length must be in 1..{self.max_session_length}, got {request.max_length}")
+            if request.response_compression not in _COMPRESSIONS:
+                raise BadRequest(f"unknown compression {request.response_compression}")
+        except BadRequest as e:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        span = self._subspan(request.start_block, request.end_block)
+        needed = cache_bytes(
+            span.config, span.num_blocks, request.batch_size, request.max_length, span.dtype
+        )
+        try:
+            session = self.sessions.open(
+                start=request.start_block,
+                end=request.end_block,
+                batch_size=request.batch_size,
+                max_length=request.max_length,
+                reserved_bytes=needed,
+                make_cache=lambda: span.new_cache(request.batch_size, request.max_length),
+                now=self.clock(),
+            )
+        except SessionRefused as e:
+            await self._abort(context, _REFUSAL_CODES[e.reason], str(e))
+        self.sessions_changed.set()
+        return session
+
+    async def _step(
+        self,
+        session: Session,
+        request: node_pb2.InferenceRequest,
+        compression: int,
+        context: grpc.aio.ServicerContext,
+    ) -> node_pb2.InferenceResponse:
+        try:
+            if request.WhichOneof("kind") != "step":
+                raise BadRequest("a session is already open on this stream; send steps")
+            hidden = self._decode_hidden(request.step.hidden, session.batch_size)
+            if session.cache.length + hidden.shape[1] > session.max_length:
+                raise BadRequest(
+                    f"the session holds {session.cache.length} of {session.max_length} tokens; "
+                    f"{hidden.shape[1]} more do not fit"
+                )
+        except BadRequest as e:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        span = self._subspan(session.start, session.end)
+        output = await self.executor.run(span.forward, hidden, session.cache)
+        session.steps += 1
+        session.last_active = self.clock()
+        return node_pb2.InferenceResponse(
+            result=node_pb2.StepResult(
+                step_id=request.step.step_id,
+                hidden=self._encode(output, compression),
+                cache_length=session.cache.length,
+            )
+        )

@@ -1,0 +1,102 @@
+"""Inference sessions of one node and the KV memory budget they share.
+
+Invariants: the sum of ``reserved_bytes`` over open sessions never exceeds ``budget_bytes``; a
+session's cache is reserved in full when it opens (so a step can never run out of memory), and its
+bytes return to the budget when it closes. Refusals raise ``SessionRefused`` with a reason the
+service maps to a gRPC status. No clock is read here: callers pass ``now``.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NewType
+
+SessionId = NewType("SessionId", str)
+
+
+class Refusal(enum.Enum):
+    NO_MEMORY = "resource_exhausted"
+    DRAINING = "unavailable"
+    BAD_REQUEST = "invalid_argument"
+
+
+class SessionRefused(Exception):
+    def __init__(self, reason: Refusal, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclass
+class Session:
+    session_id: SessionId
+    start: int
+    end: int
+    batch_size: int
+    max_length: int
+    reserved_bytes: int
+    cache: Any
+    opened_at: float
+    last_active: float
+    steps: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SessionManager:
+    def __init__(self, budget_bytes: int, bytes_per_token: int):
+        """``bytes_per_token``: cache bytes of one token of batch size 1 over the node's whole span."""
+        self.budget_bytes = budget_bytes
+        self.bytes_per_token = bytes_per_token
+        self.sessions: dict[SessionId, Session] = {}
+        self.draining = False
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.reserved_bytes for s in self.sessions.values())
+
+    @property
+    def free_tokens(self) -> int:
+        return max(0, self.budget_bytes - self.used_bytes) // max(1, self.bytes_per_token)
+
+    def open(
+        self,
+        *,
+        start: int,
+        end: int,
+        batch_size: int,
+        max_length: int,
+        reserved_bytes: int,
+        make_cache: Callable[[], Any],
+        now: float,
+    ) -> Session:
+        if self.draining:
+            raise SessionRefused(Refusal.DRAINING, "this node is shutting down and takes no new sessions")
+        free = self.budget_bytes - self.used_bytes
+        if reserved_bytes > free:
+            raise SessionRefused(
+                Refusal.NO_MEMORY,
+                f"not enough KV cache memory: the session needs {reserved_bytes} bytes "
+                f"(batch {batch_size} x {max_length} tokens x blocks {start}..{end - 1}), "
+                f"{max(free, 0)} of {self.budget_bytes} are free",
+            )
+        session = Session(
+            session_id=SessionId(uuid.uuid4().hex),
+            start=start,
+            end=end,
+            batch_size=batch_size,
+            max_length=max_length,
+            reserved_bytes=reserved_bytes,
+            cache=make_cache(),
+            opened_at=now,
+            last_active=now,
+        )
+        self.sessions[session.session_id] = session
+        return session
+
+    def close(self, session_id: SessionId) -> None:
+        self.sessions.pop(session_id, None)
+
+    def __len__(self) -> int:
+        return len(self.sessions)
