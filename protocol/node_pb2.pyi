@@ -1,0 +1,143 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NONE: _ClassVar[Compression]
+    FLOAT16: _ClassVar[Compression]
+    BFLOAT16: _ClassVar[Compression]
+    INT8_BLOCKWISE: _ClassVar[Compression]
+NONE: Compression
+FLOAT16: Compression
+BFLOAT16: Compression
+INT8_BLOCKWISE: Compression
+
+class Tensor(_message.Message):
+    __slots__ = ("buffer", "shape", "dtype", "compression", "scales", "block_size")
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    buffer: bytes
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    compression: Compression
+    scales: bytes
+    block_size: int
+    def __init__(self, buffer: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., compression: _Optional[_Union[Compression, str]] = ..., scales: _Optional[bytes] = ..., block_size: _Optional[int] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ("protocol_version",)
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("protocol_version", "model", "start_block", "end_block", "dtype", "peer_id", "throughput", "cache_tokens_left", "active_sessions", "software_version")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    START_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    END_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TOKENS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    model: str
+    start_block: int
+    end_block: int
+    dtype: str
+    peer_id: str
+    throughput: float
+    cache_tokens_left: int
+    active_sessions: int
+    software_version: str
+    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., peer_id: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_tokens_left: _Optional[int] = ..., active_sessions: _Optional[int] = ..., software_version: _Optional[str] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("protocol_version", "hidden", "start_block", "end_block", "response_compression")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    START_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    END_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    hidden: Tensor
+    start_block: int
+    end_block: int
+    response_compression: Compression
+    def __init__(self, protocol_version: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("hidden",)
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    hidden: Tensor
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class InferenceRequest(_message.Message):
+    __slots__ = ("protocol_version", "open", "step")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    open: OpenSession
+    step: Step
+    def __init__(self, protocol_version: _Optional[int] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
+
+class OpenSession(_message.Message):
+    __slots__ = ("model", "start_block", "end_block", "batch_size", "max_length", "response_compression")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    START_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    END_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    start_block: int
+    end_block: int
+    batch_size: int
+    max_length: int
+    response_compression: Compression
+    def __init__(self, model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+
+class Step(_message.Message):
+    __slots__ = ("step_id", "hidden")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    hidden: Tensor
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class InferenceResponse(_message.Message):
+    __slots__ = ("opened", "result")
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    opened: SessionOpened
+    result: StepResult
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., result: _Optional[_Union[StepResult, _Mapping]] = ...) -> None: ...
+
+class SessionOpened(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class StepResult(_message.Message):
+    __slots__ = ("step_id", "hidden", "cache_length")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    hidden: Tensor
+    cache_length: int
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ...) -> None: ...
