@@ -1,0 +1,193 @@
+"""The `homeswarm` command: generate through a swarm, run a bootstrap DHT peer, run the demo.
+
+Bad input (a missing folder, malformed prompt ids, out-of-range options) prints a message and
+exits with code 2; a swarm that cannot serve the request (missing blocks, failed nodes) exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from homeswarm.client.config import ClientConfig
+from homeswarm.client.session import SessionError
+from homeswarm.client.tokenizer import TextCodec
+from homeswarm.routing.planner import MissingBlocksError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+class UsageError(Exception):
+    pass
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise UsageError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise UsageError("--prompt-ids is empty")
+    return ids
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="homeswarm", description="Run large language models on a swarm of PCs.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the client does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text through the swarm")
+    gen.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder (config.json, head weights, tokenizer)")
+    gen.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="any peer of the swarm")
+    gen.add_argument("--model-name", help="name the nodes serve the model under (default: the folder's name)")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text (needs tokenizer.json in MODEL_DIR)")
+    prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--compression", default="none", choices=["none", "float16", "bfloat16", "int8"],
+                     help="compression of hidden states sent to nodes")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+    dht = sub.add_parser("dht", help="run a bootstrap DHT peer (serves no model)")
+    dht.add_argument("--host", default="127.0.0.1")
+    dht.add_argument("--port", type=int, default=0)
+    dht.add_argument("--ready-file", default=None, help="write {peer_id, dht_maddrs} here once up")
+
+    demo = sub.add_parser("demo", help="start a local swarm with the demo model and generate text")
+    demo.add_argument("--prompt", default="ROMEO:\n")
+    demo.add_argument("--max-new-tokens", type=int, default=120)
+    demo.add_argument("--nodes", type=int, default=3)
+    demo.add_argument("--temperature", type=float, default=0.8)
+    demo.add_argument("--top-k", type=int, default=40)
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"{model_dir} is not a checkpoint folder (no config.json)")
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    if args.temperature < 0:
+        raise UsageError("--temperature must be >= 0")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError("--top-p must be in (0, 1]")
+    codec = TextCodec.for_model(model_dir)
+    if args.prompt is not None:
+        if codec is None:
+            raise UsageError(f"{model_dir} has no tokenizer.json: give --prompt-ids instead of --prompt")
+        ids = codec.encode(args.prompt)
+        if not ids:
+            raise UsageError("the prompt encodes to no tokens")
+    else:
+        ids = _parse_ids(args.prompt_ids)
+
+    from homeswarm.client.model import AutoDistributedModelForCausalLM
+
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        model_dir, initial_peers=args.initial_peers, model_name=args.model_name,
+        config=ClientConfig(compression=args.compression),
+    )
+    try:
+        vocab = model.model_config.vocab_size
+        if any(not 0 <= i < vocab for i in ids):
+            raise UsageError(f"prompt ids must be in 0..{vocab - 1}")
+        new_ids: list[int] = []
+        printed = ""
+        t0 = time.perf_counter()
+        first_token_s = None
+        for tokens in model.generate_stream(
+            [ids], max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+            temperature=args.temperature if args.temperature > 0 else 1.0,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        ):
+            if first_token_s is None:
+                first_token_s = time.perf_counter() - t0
+            new_ids.append(int(tokens[0]))
+            if not args.json:
+                text = codec.decode(new_ids) if codec else " ".join(map(str, new_ids))
+                if text.startswith(printed):
+                    sys.stdout.write(text[len(printed):])
+                    sys.stdout.flush()
+                    printed = text
+        seconds = time.perf_counter() - t0
+        text = codec.decode(new_ids) if codec else ""
+        decode_s = seconds - (first_token_s or 0.0)
+        tokens_per_s = (len(new_ids) - 1) / decode_s if len(new_ids) > 1 and decode_s > 0 else 0.0
+        if args.json:
+            print(json.dumps({"token_ids": new_ids, "text": text, "seconds": seconds, "tokens_per_s": tokens_per_s}))
+        else:
+            sys.stdout.write("\n")
+            print(f"[{len(new_ids)} tokens in {seconds:.2f} s, {tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    finally:
+        model.close()
+    return 0
+
+
+def cmd_dht(args: argparse.Namespace) -> int:
+    from homeswarm.protocol.ready_file import write_ready_file
+    from homeswarm.routing.dht import SwarmDHT
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        dht = SwarmDHT.create((), host=args.host, port=args.port)
+    except Exception as e:
+        raise UsageError(f"could not start the DHT on {args.host}:{args.port}: {e}") from None
+    try:
+        maddrs = dht.visible_maddrs()
+        if args.ready_file:
+            write_ready_file(args.ready_file, {"peer_id": dht.peer_id, "dht_maddrs": maddrs})
+        print("bootstrap peer up; join with --initial-peers " + " ".join(maddrs), file=sys.stderr, flush=True)
+        stop.wait()
+    finally:
+        dht.shutdown()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("hivemind").setLevel(logging.ERROR)
+    try:
+        if args.command == "generate":
+            code = cmd_generate(args)
+        elif args.command == "dht":
+            code = cmd_dht(args)
+        else:
+            from homeswarm.client.demo import run_demo
+
+            code = run_demo(args)
+    except UsageError as e:
+        print(f"homeswarm: error: {e}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
+    except (MissingBlocksError, SessionError) as e:
+        print(f"homeswarm: error: {e}", file=sys.stderr)
+        code = EXIT_FAILED
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

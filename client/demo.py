@@ -1,0 +1,66 @@
+"""`homeswarm demo` (`make demo`): a bootstrap peer and N nodes on loopback serving the bundled demo
+model, a text streamed to the terminal through them, tokens/s, and the command to join one more node.
+Everything started is stopped on exit, Ctrl-C included."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from homeswarm.client.local_swarm import LocalSwarm, split_blocks
+from homeswarm.client.tokenizer import TextCodec
+from homeswarm.model import DEMO_MODEL_DIR, ModelConfig
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from homeswarm.client.model import AutoDistributedModelForCausalLM
+
+    model_dir = DEMO_MODEL_DIR
+    config = ModelConfig.from_dir(model_dir)
+    spans = split_blocks(config.num_hidden_layers, args.nodes)
+    codec = TextCodec.for_model(model_dir)
+    assert codec is not None, "the demo model ships its tokenizer.json"
+    with LocalSwarm() as swarm:
+        t0 = time.perf_counter()
+        _say("starting a bootstrap peer on 127.0.0.1 ...")
+        swarm.start_bootstrap()
+        daemons = []
+        for start, end in spans:
+            _say(f"starting join-swarm for blocks {start}..{end - 1} ...")
+            daemons.append(swarm.start_node(model_dir, "--blocks", f"{start}:{end}", wait=False))
+        for daemon in daemons:
+            swarm.wait_ready(daemon)
+        _say(f"swarm of {len(daemons)} nodes up in {time.perf_counter() - t0:.1f} s\n")
+        with AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers) as model:
+            ids = codec.encode(args.prompt)
+            sys.stdout.write(args.prompt)
+            sys.stdout.flush()
+            new_ids: list[int] = []
+            printed = ""
+            start_time = time.perf_counter()
+            first = None
+            for tokens in model.generate_stream(
+                [ids], max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                temperature=args.temperature or 1.0, top_k=args.top_k, seed=args.seed,
+            ):
+                first = first if first is not None else time.perf_counter()
+                new_ids.append(int(tokens[0]))
+                text = codec.decode(new_ids)
+                if text.startswith(printed):
+                    sys.stdout.write(text[len(printed):])
+                    sys.stdout.flush()
+                    printed = text
+            end_time = time.perf_counter()
+            rate = (len(new_ids) - 1) / (end_time - first) if first and len(new_ids) > 1 else 0.0
+            sys.stdout.write("\n\n")
+            _say(f"{len(new_ids)} tokens through {len(daemons)} nodes: {rate:.1f} tokens/s "
+                 f"(first token after {(first or end_time) - start_time:.2f} s)")
+        _say("\nAdd a node to this swarm (while it runs) with:\n  join-swarm "
+             f"{model_dir} --initial-peers {' '.join(swarm.initial_peers)} --num-blocks 2\n")
+        _say("stopping the swarm ...")
+    return 0

@@ -1,0 +1,139 @@
+"""LocalSwarm: a bootstrap peer and several `join-swarm` daemons on loopback, as subprocesses.
+
+Used by `homeswarm demo` and by the tests. Every process it starts is stopped on ``close()``
+(SIGTERM, then SIGKILL after a timeout), also when start-up fails half way.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from homeswarm.protocol.ready_file import read_ready_file
+
+
+def console_script(name: str) -> list[str]:
+    """The console script installed beside this Python, or the module behind it."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return [str(candidate)]
+    module = {"join-swarm": "homeswarm.node.main", "homeswarm": "homeswarm.client.cli"}[name]
+    return [sys.executable, "-m", module]
+
+
+def split_blocks(num_blocks: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous spans, as even as possible: split_blocks(8, 3) == [(0, 3), (3, 6), (6, 8)]."""
+    parts = max(1, min(parts, num_blocks))
+    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen
+    ready_file: Path
+    log_file: Path
+    info: dict[str, Any] | None = None
+
+    def log(self) -> str:
+        try:
+            return self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+class LocalSwarm:
+    def __init__(self, workdir: str | os.PathLike[str] | None = None, *, env: dict[str, str] | None = None):
+        self._tmp = tempfile.TemporaryDirectory(prefix="homeswarm-") if workdir is None else None
+        self.workdir = Path(workdir) if workdir is not None else Path(self._tmp.name)  # type: ignore[union-attr]
+        self.env = {**os.environ, **(env or {})}
+        self.bootstrap: Daemon | None = None
+        self.nodes: list[Daemon] = []
+        self._count = 0
+
+    @property
+    def initial_peers(self) -> list[str]:
+        if self.bootstrap is None or self.bootstrap.info is None:
+            raise RuntimeError("the bootstrap peer is not running")
+        return list(self.bootstrap.info["dht_maddrs"])
+
+    def _spawn(self, argv: Sequence[str], name: str) -> Daemon:
+        self._count += 1
+        ready = self.workdir / f"{name}-{self._count}.ready.json"
+        log_path = self.workdir / f"{name}-{self._count}.log"
+        log = open(log_path, "wb")  # noqa: SIM115 - owned by the child from here on
+        process = subprocess.Popen(
+            [*argv, "--ready-file", str(ready)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop the children in order
+        )
+        log.close()
+        return Daemon(process, ready, log_path)
+
+    def _wait_ready(self, daemon: Daemon, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = read_ready_file(daemon.ready_file)
+            if info is not None:
+                daemon.info = info
+                return info
+            if daemon.process.poll() is not None:
+                raise RuntimeError(
+                    f"{daemon.process.args[0]} exited with code {daemon.process.returncode}:\n{daemon.log()[-3000:]}"
+                )
+            time.sleep(0.05)
+        raise TimeoutError(f"{daemon.process.args} not ready after {timeout:g} s:\n{daemon.log()[-3000:]}")
+
+    def start_bootstrap(self, timeout: float = 60.0) -> dict[str, Any]:
+        self.bootstrap = self._spawn([*console_script("homeswarm"), "dht", "--host", "127.0.0.1"], "dht")
+        return self._wait_ready(self.bootstrap, timeout)
+
+    def start_node(self, model_dir: str | os.PathLike[str], *args: str, wait: bool = True,
+                   timeout: float = 120.0) -> Daemon:
+        argv = [*console_script("join-swarm"), str(model_dir), "--initial-peers", *self.initial_peers,
+                "--host", "127.0.0.1", *args]
+        daemon = self._spawn(argv, "node")
+        self.nodes.append(daemon)
+        if wait:
+            self._wait_ready(daemon, timeout)
+        return daemon
+
+    def wait_ready(self, daemon: Daemon, timeout: float = 120.0) -> dict[str, Any]:
+        return self._wait_ready(daemon, timeout)
+
+    @staticmethod
+    def stop(daemon: Daemon, *, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if daemon.process.poll() is None:
+            daemon.process.send_signal(sig)
+            try:
+                daemon.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                daemon.process.kill()
+                daemon.process.wait()
+        return daemon.process.returncode
+
+    def close(self) -> None:
+        for daemon in self.nodes:
+            if daemon.process.poll() is None:
+                daemon.process.send_signal(signal.SIGTERM)
+        for daemon in [*self.nodes, *([self.bootstrap] if self.bootstrap else [])]:
+            self.stop(daemon, timeout=15.0)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
