@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import json
 import logging
 import os
 import signal
@@ -32,6 +31,7 @@ from homeswarm.node.service import NodeIdentity, NodeService
 from homeswarm.node.sessions import SessionManager
 from homeswarm.node.throughput import measure_block_throughput
 from homeswarm.protocol import PROTOCOL_VERSION, node_pb2, node_pb2_grpc
+from homeswarm.protocol.ready_file import write_ready_file
 from homeswarm.routing.block_chooser import choose_blocks
 from homeswarm.routing.dht import SwarmDHT
 from homeswarm.routing.records import PeerId, ServerRecord, ServerState
@@ -50,14 +50,6 @@ def software_version() -> str:
         return importlib.metadata.version("homeswarm")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def write_ready_file(path: str, payload: dict) -> None:
-    """Write JSON atomically: readers see either nothing or the whole object."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, target)
 
 
 def available_memory_bytes(device: torch.device) -> int:
