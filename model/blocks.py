@@ -21,6 +21,9 @@ from torch import Tensor, nn
 from .config import ModelConfig
 from .kv_cache import KVCache
 
+# `enable_gqa` arrived in torch 2.5; the project allows torch >= 2.1.
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
@@ -100,10 +103,14 @@ class Attention(nn.Module):
             cache_v[:, :, past_length:end] = v
             k, v = cache_k[:, :, :end], cache_v[:, :, :end]
         groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        if groups > 1 and _SDPA_GQA:
+            # Lets SDPA share each key/value head without copying the whole cache every step.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        else:
+            if groups > 1:  # torch < 2.5: expand the key/value heads explicitly
+                k = k.repeat_interleave(groups, dim=1)
+                v = v.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
 

@@ -76,3 +76,11 @@ def test_parse_dtype():
     for name in ("int8", "", "float64"):
         with pytest.raises(ValueError, match="dtype"):
             parse_dtype(name)
+
+
+def test_model_package_never_imports_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, homeswarm.model; assert 'transformers' not in sys.modules, 'transformers imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
