@@ -168,6 +168,19 @@ class BlockSpan(nn.Module):
     def device(self) -> torch.device:
         return self.layers[0].input_layernorm.weight.device
 
+    def subspan(self, start: int, end: int) -> BlockSpan:
+        """Blocks [start, end) of this span as a span of their own, sharing the weights (no copy)."""
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"[{start}, {end}) is not a non-empty part of this span [{self.start}, {self.end})")
+        view = BlockSpan.__new__(BlockSpan)
+        nn.Module.__init__(view)
+        view.config = self.config
+        view.start = start
+        view.end = end
+        view.layers = nn.ModuleList(self.layers[start - self.start : end - self.start])
+        view._inv_freq = self._inv_freq
+        return view
+
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         """An empty cache for this span, in the span's dtype and on its device."""
         return KVCache(self.config, self.num_blocks, batch_size, max_length, dtype=self.dtype, device=self.device)

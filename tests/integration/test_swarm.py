@@ -155,13 +155,15 @@ def test_sigterm_exits_zero_and_blocks_disappear(swarm, checkpoints):
     dht = SwarmDHT.create(swarm.initial_peers, client_mode=True)
     pool = ChannelPool()
     try:
-        routes = RouteManager(dht, pool, "sigterm-test", NUM_LAYERS, ClientConfig())
+        routes = RouteManager(dht, pool, "sigterm-test", NUM_LAYERS, ClientConfig(records_max_age=0.0))
         assert [h.peer_id for h in routes.plan(0, NUM_LAYERS)] == [node.info["peer_id"]]
         t0 = time.monotonic()
         code = LocalSwarm.stop(node, sig=signal.SIGTERM, timeout=20)
         assert code == 0
         assert time.monotonic() - t0 < 5 + 5
         # the record lives for 600 s, yet the client stops seeing the node right away
+        records = routes.records(refresh=True)
+        assert [r.state.value for r in records] == ["offline"]
         with pytest.raises(MissingBlocksError):
             routes.plan(0, NUM_LAYERS)
     finally:
