@@ -14,7 +14,14 @@ import time
 import grpc
 import torch
 
-from homeswarm.protocol import PROTOCOL_VERSION, CodecError, deserialize_tensor, node_pb2, node_pb2_grpc, serialize_tensor
+from homeswarm.protocol import (
+    PROTOCOL_VERSION,
+    CodecError,
+    deserialize_tensor,
+    node_pb2,
+    node_pb2_grpc,
+    serialize_tensor,
+)
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 512 * 1024 * 1024),

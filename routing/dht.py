@@ -15,8 +15,8 @@ from functools import partial
 from typing import Any
 
 import hivemind
-from hivemind.utils import get_dht_time
 from hivemind.dht.node import DHTNode
+from hivemind.utils import get_dht_time
 
 from homeswarm.routing.records import InvalidRecord, PeerId, ServerRecord
 
@@ -77,7 +77,7 @@ class SwarmDHT:
         keys = [block_key(model, i) for i in range(start, end)]
         found: dict[str, Any] = self.dht.run_coroutine(partial(_get_many, keys))
         best: dict[PeerId, tuple[float, ServerRecord]] = {}
-        for block, key in zip(range(start, end), keys):
+        for block, key in zip(range(start, end), keys, strict=True):
             entry = found.get(key)
             if entry is None or not isinstance(entry.value, dict):
                 continue

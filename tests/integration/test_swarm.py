@@ -39,7 +39,7 @@ def swarm(checkpoints, tmp_path_factory):
     with LocalSwarm(tmp_path_factory.mktemp("swarm")) as swarm:
         swarm.start_bootstrap()
         daemons = []
-        for family, path in checkpoints.items():
+        for path in checkpoints.values():
             for start, end in split_blocks(NUM_LAYERS, 3):
                 daemons.append(swarm.start_node(path, "--blocks", f"{start}:{end}", "--compute-threads", "1",
                                                 wait=False))
