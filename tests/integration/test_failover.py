@@ -1,0 +1,138 @@
+"""Failover with real daemons: kill -9 nodes during a greedy generation and still get exactly
+transformers' tokens. Each test serves its own model name on its own nodes, so a node killed in one
+test cannot affect another; one bootstrap peer is shared by the module.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from homeswarm.client.local_swarm import Daemon, LocalSwarm
+from homeswarm.client.model import AutoDistributedModelForCausalLM
+from homeswarm.client.transport import HopStream
+from tests.helpers.checkpoints import make_checkpoint, reference_greedy
+
+NUM_LAYERS = 6
+PROMPT = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(11))
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("fo") / "llama2", "llama2", num_layers=NUM_LAYERS, seed=5)
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint):
+    return reference_greedy(checkpoint, PROMPT, NEW_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    with LocalSwarm(tmp_path_factory.mktemp("swarm")) as swarm:
+        swarm.start_bootstrap()
+        yield swarm
+
+
+def start_nodes(swarm: LocalSwarm, checkpoint, name: str, spans: list[tuple[int, int]]) -> list[Daemon]:
+    daemons = [swarm.start_node(checkpoint, "--model-name", name, "--blocks", f"{a}:{b}",
+                                "--compute-threads", "1", wait=False) for a, b in spans]
+    for daemon in daemons:
+        swarm.wait_ready(daemon)
+    return daemons
+
+
+def kill_serving(daemons: list[Daemon], session, blocks: tuple[int, int]) -> Daemon:
+    """kill -9 the node that serves ``blocks`` in the session's current route."""
+    address = next(addr for addr, a, b in session.route if (a, b) == blocks)
+    victim = next(d for d in daemons if d.info["address"] == address)
+    victim.process.send_signal(signal.SIGKILL)
+    victim.process.wait(10)
+    return victim
+
+
+def generate_with_kills(model, kills: dict[int, Callable]) -> tuple[torch.Tensor, int]:
+    """Greedy generation; before the step that yields token i, run kills[i](session)."""
+    with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
+        if -1 in kills:
+            kills[-1](session)
+        new = []
+        for i, tokens in enumerate(model.generate_stream(PROMPT, max_new_tokens=NEW_TOKENS, session=session)):
+            new.append(tokens)
+            if i in kills:
+                kills[i](session)
+        return torch.cat([PROMPT, torch.stack(new, dim=1)], dim=1), session.failovers
+
+
+def test_kill_mid_generation(swarm, checkpoint, expected):
+    daemons = start_nodes(swarm, checkpoint, "fo-mid", [(0, 3), (3, 6), (3, 6)])
+    with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
+                                                         model_name="fo-mid") as model:
+        got, failovers = generate_with_kills(model, {8: lambda s: kill_serving(daemons, s, (3, 6))})
+    assert failovers == 1
+    assert got.tolist() == expected.tolist()
+
+
+def test_kill_before_prefill(swarm, checkpoint, expected):
+    daemons = start_nodes(swarm, checkpoint, "fo-prefill", [(0, 3), (0, 3), (3, 6)])
+    with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
+                                                         model_name="fo-prefill") as model:
+        got, failovers = generate_with_kills(model, {-1: lambda s: kill_serving(daemons, s, (0, 3))})
+    assert failovers == 1
+    assert got.tolist() == expected.tolist()
+
+
+def test_two_failures_in_one_generation(swarm, checkpoint, expected):
+    daemons = start_nodes(swarm, checkpoint, "fo-two", [(0, 3), (0, 3), (3, 6), (3, 6), (3, 6)])
+    with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
+                                                         model_name="fo-two") as model:
+        got, failovers = generate_with_kills(model, {
+            5: lambda s: kill_serving(daemons, s, (3, 6)),
+            6: lambda s: kill_serving(daemons, s, (3, 6)),  # the replacement dies right after
+            15: lambda s: kill_serving(daemons, s, (0, 3)),
+        })
+    assert failovers == 3
+    assert got.tolist() == expected.tolist()
+
+
+def test_failure_during_replay(swarm, checkpoint, expected, monkeypatch):
+    """The replacement node is killed while the client replays the history to it."""
+    daemons = start_nodes(swarm, checkpoint, "fo-replay", [(0, 3), (3, 6), (3, 6), (3, 6)])
+    original_step = HopStream.step
+    state = {"armed": False, "killed": None, "first": None}
+
+    def step(self: HopStream, hidden: torch.Tensor) -> torch.Tensor:
+        if state["armed"] and self.start == 3 and state["killed"] is None and self.address != state["first"]:
+            victim = next(d for d in daemons if d.info["address"] == self.address)
+            victim.process.send_signal(signal.SIGKILL)
+            victim.process.wait(10)
+            state["killed"] = victim
+        return original_step(self, hidden)
+
+    monkeypatch.setattr(HopStream, "step", step)
+
+    def first_kill(session) -> None:
+        state["first"] = kill_serving(daemons, session, (3, 6)).info["address"]
+        state["armed"] = True  # the next step sent to blocks 3..5 is the first replayed one
+
+    with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
+                                                         model_name="fo-replay") as model:
+        got, failovers = generate_with_kills(model, {10: first_kill})
+    assert state["killed"] is not None
+    assert failovers == 2
+    assert got.tolist() == expected.tolist()
+
+
+def test_no_replacement_names_missing_blocks(swarm, checkpoint):
+    daemons = start_nodes(swarm, checkpoint, "fo-none", [(0, 3), (3, 6)])
+    from homeswarm.client.session import SessionError
+    from homeswarm.routing.planner import MissingBlocksError
+
+    with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
+                                                         model_name="fo-none") as model:
+        with pytest.raises((MissingBlocksError, SessionError), match=r"3-5"):
+            generate_with_kills(model, {4: lambda s: kill_serving(daemons, s, (3, 6))})
