@@ -27,6 +27,8 @@ def choose_blocks(records: Iterable[ServerRecord], total_blocks: int, n: int) ->
     """The span [start, start + n) a new node with room for ``n`` blocks should serve."""
     if not 0 < n:
         raise ValueError(f"a node must serve at least one block, got {n}")
+    if not 0 < total_blocks:
+        raise ValueError(f"the model must have at least one block, got {total_blocks}")
     n = min(n, total_blocks)
     coverage = block_coverage(records, total_blocks)
     best = min(

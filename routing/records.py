@@ -2,7 +2,9 @@
 
 A record travels through the DHT as a plain dict of primitives. Records come from other peers and
 are untrusted: ``ServerRecord.from_dict`` validates every field and raises ``InvalidRecord`` on
-anything malformed, so the planner only ever sees well-formed data.
+anything malformed, so the planner only ever sees well-formed data. Optional fields (``public_name``,
+``queue``) may be absent (records from older nodes) but are validated when present; unknown keys are
+ignored, so newer nodes can add fields.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ PeerId = NewType("PeerId", str)
 _ADDRESS_RE = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,253}:(\d{1,5})$")
 _MAX_BLOCKS = 100_000
 _DTYPES = frozenset({"float32", "bfloat16", "float16"})
+_MAX_QUEUE = 1_000_000
+_MAX_PUBLIC_NAME = 64
 
 
 class InvalidRecord(ValueError):
@@ -43,6 +47,7 @@ class ServerRecord:
     throughput: float  # decoding steps per second through one block (batch 1)
     cache_tokens_left: int  # free KV cache, tokens of batch size 1
     public_name: str = ""
+    queue: int = 0  # requests waiting in the node's compute queue when it announced (optional field)
 
     @property
     def num_blocks(self) -> int:
@@ -69,7 +74,8 @@ class ServerRecord:
                 dtype=_str(data, "dtype", 16),
                 throughput=_float(data, "throughput"),
                 cache_tokens_left=_int(data, "cache_tokens_left", 0, 2**53),
-                public_name=str(data.get("public_name", ""))[:64],
+                public_name=_optional_str(data, "public_name")[:_MAX_PUBLIC_NAME],
+                queue=_int(data, "queue", 0, _MAX_QUEUE) if "queue" in data else 0,
             )
         except ValueError as e:
             raise InvalidRecord(str(e)) from None
@@ -89,6 +95,13 @@ def _str(data: dict, key: str, max_len: int) -> str:
     return value
 
 
+def _optional_str(data: dict, key: str) -> str:
+    value = data.get(key, "")
+    if not isinstance(value, str):
+        raise InvalidRecord(f"field {key!r} must be a string")
+    return value
+
+
 def _int(data: dict, key: str, low: int, high: int) -> int:
     value = data.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -98,6 +111,11 @@ def _int(data: dict, key: str, low: int, high: int) -> int:
 
 def _float(data: dict, key: str) -> float:
     value = data.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise InvalidRecord(f"field {key!r} must be a finite non-negative number")
     return float(value)
