@@ -21,3 +21,4 @@ class ClientConfig:
     rtt_smoothing: float = _opt(0.3, "weight of a new round-trip sample in the moving average")
     compression: str = _opt("none", "compression of the hidden states sent to nodes: none, float16, bfloat16, int8")
     dtype: str = _opt("float32", "dtype of the client's embeddings and LM head")
+    handoff: bool = _opt(True, "nodes pass hidden states straight to the next node (N+1 legs a step, not 2N)")

@@ -41,9 +41,12 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, -float("inf"))
     if params.top_p is not None and params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        # HF's exact procedure (ascending sort, cumulative mass <= 1 - p is dropped, the top token always
+        # kept), so that float rounding and ties select the same set as TopPLogitsWarper
+        sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        remove_sorted = cumulative - sorted_scores.softmax(dim=-1) >= params.top_p  # keeps the first token
+        remove_sorted = cumulative <= (1 - params.top_p)
+        remove_sorted[..., -1:] = False
         remove = remove_sorted.scatter(-1, order, remove_sorted)
         scores = scores.masked_fill(remove, -float("inf"))
     probs = scores.softmax(dim=-1)

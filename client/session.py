@@ -31,7 +31,7 @@ class _OpenHop:
     start: int
     end: int
     stream: HopStream | None
-    inputs: list[torch.Tensor] = field(default_factory=list)
+    inputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step_id, hidden) sent
 
 
 class InferenceSession:
@@ -54,6 +54,7 @@ class InferenceSession:
         self.compression = parse_compression(config.compression)
         self.length = 0
         self.failovers = 0
+        self._step_id = 0
         self._hops: list[_OpenHop] = []
         self._closed = False
         try:
@@ -114,18 +115,32 @@ class InferenceSession:
                 f"the session holds {self.length} of {self.max_length} tokens; {hidden.shape[1]} more do not fit"
             )
         dtype = hidden.dtype
+        self._step_id += 1
+        step_id = self._step_id
         i = 0
+        must_send = True  # False when the previous node has pushed this hop's input itself
         while i < len(self._hops):
             hop = self._hops[i]
+            assert hop.stream is not None
             try:
-                assert hop.stream is not None
-                output = hop.stream.step(hidden)
+                if must_send:
+                    next_hops = (
+                        [(h.stream.address, h.stream.session_id) for h in self._hops[i + 1 :] if h.stream]
+                        if self.config.handoff
+                        else []
+                    )
+                    hop.stream.send(step_id, hidden, next_hops)
+                output, handoff_error = hop.stream.receive(step_id)
             except HopFailed as e:
                 self._count_failure(e)
                 self._replace(i)
-                continue  # the replacement hops start at index i; they have replayed the history
-            hop.inputs.append(hidden)
+                must_send = True  # the replacement hops start at index i and have replayed the history
+                continue
+            hop.inputs.append((step_id, hidden))
             hidden = output.to(dtype)
+            must_send = not self.config.handoff or bool(handoff_error)
+            if handoff_error:
+                logger.info("%s; relaying through the client", handoff_error)
             i += 1
         self.length += hidden.shape[1]
         return hidden
@@ -138,12 +153,12 @@ class InferenceSession:
         while True:
             new_hops = self._plan(failed.start, failed.end)
             try:
-                for step_inputs in failed.inputs:
+                for step_id, step_inputs in failed.inputs:
                     hidden = step_inputs
                     for hop in new_hops:
                         assert hop.stream is not None
-                        hop.inputs.append(hidden)
-                        hidden = hop.stream.step(hidden).to(step_inputs.dtype)
+                        hop.inputs.append((step_id, hidden))
+                        hidden = hop.stream.step(step_id, hidden).to(step_inputs.dtype)
                 break
             except HopFailed as e:
                 for hop in new_hops:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Sequence
 
 import grpc
 import torch
@@ -103,7 +104,6 @@ class HopStream:
         self.compression = compression
         self.step_timeout = step_timeout
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._step_id = 0
         self._closed = False
         self._call = pool.stub(address).Inference(iter(self._queue.get, _CLOSE))
         self._queue.put(
@@ -146,25 +146,42 @@ class HopStream:
         finally:
             timer.cancel()
 
-    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+    def send(self, step_id: int, hidden: torch.Tensor, next_hops: Sequence[tuple[str, str]] = ()) -> None:
+        """Queue a step; with ``next_hops`` ((address, session_id), ...) the node hands its output on."""
         if self._closed:
             raise HopFailed(self.peer_id, self.address, "the session is closed")
-        self._step_id += 1
         self._queue.put(
             node_pb2.InferenceRequest(
                 protocol_version=PROTOCOL_VERSION,
-                step=node_pb2.Step(step_id=self._step_id, hidden=serialize_tensor(hidden, self.compression)),
+                step=node_pb2.Step(
+                    step_id=step_id,
+                    hidden=serialize_tensor(hidden, self.compression),
+                    next=[node_pb2.NextHop(address=a, session_id=s) for a, s in next_hops],
+                ),
             )
         )
-        response = self._receive(self.step_timeout)
-        if response.WhichOneof("kind") != "result" or response.result.step_id != self._step_id:
-            self.close()
-            raise HopFailed(self.peer_id, self.address, "the node answered out of order")
+
+    def receive(self, step_id: int) -> tuple[torch.Tensor, str]:
+        """(output of step ``step_id``, hand-off error or ''); older results still queued are skipped."""
+        if self._closed:
+            raise HopFailed(self.peer_id, self.address, "the session is closed")
+        while True:
+            response = self._receive(self.step_timeout)
+            if response.WhichOneof("kind") != "result" or response.result.step_id > step_id:
+                self.close()
+                raise HopFailed(self.peer_id, self.address, "the node answered out of order")
+            if response.result.step_id == step_id:
+                break
         try:
-            return deserialize_tensor(response.result.hidden)
+            return deserialize_tensor(response.result.hidden), response.result.handoff_error
         except CodecError as e:
             self.close()
             raise HopFailed(self.peer_id, self.address, f"malformed hidden states: {e}") from None
+
+    def step(self, step_id: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Send one step and wait for its output (client relay)."""
+        self.send(step_id, hidden)
+        return self.receive(step_id)[0]
 
     def close(self) -> None:
         if not self._closed:

@@ -202,6 +202,7 @@ async def _serve_with_dht(
     if len(sessions):
         logger.info("closing %d session(s) still open after the grace period", len(sessions))
     await server.stop(grace=0.5)
+    await service.peers.close()
     announcer.close()
     executor.shutdown()
     logger.info("stopped")

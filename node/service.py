@@ -1,4 +1,9 @@
-"""The node's gRPC service: Info, a stateless Forward, and the Inference session stream.
+"""The node's gRPC service: Info, a stateless Forward, the Inference session stream, and Push.
+
+A session's inputs arrive in one inbox, from its client's stream or pushed by the previous node of
+the chain (server-to-server hand-off); steps run in step_id order, a duplicate (a push that lost the
+race against the client's relay of the same step) is answered from the last result, never computed
+twice, so the KV cache never holds a position twice.
 
 Every request is checked before any compute: protocol version (FAILED_PRECONDITION), model and
 block range, batch size, length and tensor shape (INVALID_ARGUMENT), cache budget
@@ -12,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import torch
@@ -38,10 +43,60 @@ _REFUSAL_CODES = {
     Refusal.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
 }
 _COMPRESSIONS = frozenset(node_pb2.Compression.values())
+GRPC_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 512 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 512 * 1024 * 1024),
+]
+
+
+_MAX_INBOX = 64
 
 
 class BadRequest(Exception):
     pass
+
+
+@dataclass
+class _Inbound:
+    """A step input for a session, from its client or pushed by the previous node."""
+
+    step_id: int
+    hidden: node_pb2.Tensor | torch.Tensor
+    next: list[node_pb2.NextHop]
+    from_peer: bool
+
+
+@dataclass
+class _LiveSession:
+    session: Session
+    compression: int
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    last_step_id: int = 0
+    last_response: node_pb2.InferenceResponse | None = None
+
+
+@dataclass
+class NodeStats:
+    steps_from_client: int = 0
+    steps_from_peers: int = 0
+    pushes_sent: int = 0
+
+
+class PeerChannels:
+    """asyncio gRPC channels to other nodes, for hand-off; one per address."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> node_pb2_grpc.NodeStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_CHANNEL_OPTIONS)
+        return node_pb2_grpc.NodeStub(self._channels[address])
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
 
 
 @dataclass
@@ -65,6 +120,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         max_session_length: int,
         session_idle_timeout: float,
         clock: Callable[[], float] = time.monotonic,
+        push_timeout: float = 10.0,
     ):
         self.span = span
         self.identity = identity
@@ -76,6 +132,10 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self.clock = clock
         self._subspans: dict[tuple[int, int], BlockSpan] = {}
         self.sessions_changed = asyncio.Event()
+        self.push_timeout = push_timeout
+        self.peers = PeerChannels()
+        self.stats = NodeStats()
+        self._live: dict[str, _LiveSession] = {}
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -132,6 +192,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
             cache_tokens_left=self.sessions.free_tokens,
             active_sessions=len(self.sessions),
             software_version=self.identity.software_version,
+            steps_from_client=self.stats.steps_from_client,
+            steps_from_peers=self.stats.steps_from_peers,
+            pushes_sent=self.stats.pushes_sent,
         )
 
     async def Forward(
@@ -157,40 +220,140 @@ class NodeService(node_pb2_grpc.NodeServicer):
     async def Inference(
         self, request_iterator: AsyncIterator[node_pb2.InferenceRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[node_pb2.InferenceResponse]:
-        first = await self._next(request_iterator, context)
-        if first is None:
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), self.session_idle_timeout)
+        except (StopAsyncIteration, asyncio.TimeoutError):
             return
         await self._check_version(first.protocol_version, context)
         if first.WhichOneof("kind") != "open":
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must open the session")
         session = await self._open(first.open, context)
-        compression = first.open.response_compression
+        live = _LiveSession(session, first.open.response_compression)
+        self._live[session.session_id] = live
+        reader = asyncio.create_task(self._read_client(request_iterator, live))
         try:
             yield node_pb2.InferenceResponse(opened=node_pb2.SessionOpened(session_id=session.session_id))
             while True:
-                request = await self._next(request_iterator, context)
-                if request is None:
+                try:
+                    item = await asyncio.wait_for(live.inbox.get(), self.session_idle_timeout)
+                except asyncio.TimeoutError:
+                    await self._abort(
+                        context,
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"session idle for more than {self.session_idle_timeout:g} s; closed",
+                    )
                     return
-                yield await self._step(session, request, compression, context)
+                if item is None:
+                    return
+                if isinstance(item, BadRequest):
+                    await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(item))
+                    return
+                response = await self._process(live, item, context)
+                if response is not None:
+                    yield response
         finally:
+            reader.cancel()
+            self._live.pop(session.session_id, None)
             self.sessions.close(session.session_id)
             self.sessions_changed.set()
             logger.debug("session %s closed after %d steps", session.session_id, session.steps)
 
-    async def _next(
-        self, request_iterator: AsyncIterator[node_pb2.InferenceRequest], context: grpc.aio.ServicerContext
-    ) -> node_pb2.InferenceRequest | None:
+    async def _read_client(
+        self, request_iterator: AsyncIterator[node_pb2.InferenceRequest], live: _LiveSession
+    ) -> None:
+        """Moves the client's steps into the session's inbox, where pushes from peers also land."""
         try:
-            return await asyncio.wait_for(anext(request_iterator), self.session_idle_timeout)
-        except StopAsyncIteration:
-            return None
-        except asyncio.TimeoutError:
+            async for request in request_iterator:
+                if request.WhichOneof("kind") != "step":
+                    live.inbox.put_nowait(BadRequest("a session is already open on this stream; send steps"))
+                    return
+                live.inbox.put_nowait(_Inbound(request.step.step_id, request.step.hidden, list(request.step.next),
+                                               from_peer=False))
+        except (asyncio.CancelledError, grpc.RpcError):
+            pass
+        finally:
+            live.inbox.put_nowait(None)
+
+    async def Push(self, request: node_pb2.PushRequest, context: grpc.aio.ServicerContext) -> node_pb2.PushResponse:
+        await self._check_version(request.protocol_version, context)
+        live = self._live.get(request.session_id)
+        if live is None:
+            await self._abort(context, grpc.StatusCode.NOT_FOUND, f"no open session {request.session_id!r} here")
+        try:
+            hidden = self._decode_hidden(request.step.hidden, live.session.batch_size)
+        except BadRequest as e:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if live.inbox.qsize() >= _MAX_INBOX:
+            await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "the session's inbox is full")
+        live.inbox.put_nowait(_Inbound(request.step.step_id, hidden, list(request.step.next), from_peer=True))
+        return node_pb2.PushResponse()
+
+    async def _process(
+        self, live: _LiveSession, item: _Inbound, context: grpc.aio.ServicerContext
+    ) -> node_pb2.InferenceResponse | None:
+        """Run one step; None for a duplicate of a step already done (a push that lost a race)."""
+        session = live.session
+        if item.step_id <= live.last_step_id:
+            if item.from_peer:
+                return None
+            if item.step_id == live.last_step_id and live.last_response is not None:
+                return live.last_response  # the client relays a step a peer already pushed here
             await self._abort(
                 context,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"session idle for more than {self.session_idle_timeout:g} s; closed",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"step {item.step_id} is out of order: the session is at step {live.last_step_id}",
             )
-            return None
+        try:
+            hidden = item.hidden
+            if not isinstance(hidden, torch.Tensor):
+                hidden = self._decode_hidden(hidden, session.batch_size)
+            if session.cache.length + hidden.shape[1] > session.max_length:
+                raise BadRequest(
+                    f"the session holds {session.cache.length} of {session.max_length} tokens; "
+                    f"{hidden.shape[1]} more do not fit"
+                )
+        except BadRequest as e:
+            if item.from_peer:
+                logger.warning("dropping a bad push: %s", e)
+                return None
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if item.from_peer:
+            self.stats.steps_from_peers += 1
+        else:
+            self.stats.steps_from_client += 1
+        span = self._subspan(session.start, session.end)
+        output = await self.executor.run(span.forward, hidden, session.cache)
+        session.steps += 1
+        session.last_active = self.clock()
+        result = node_pb2.StepResult(
+            step_id=item.step_id,
+            hidden=self._encode(output, live.compression),
+            cache_length=session.cache.length,
+        )
+        if item.next:
+            result.handoff_error = await self._push(item.next, item.step_id, result.hidden)
+        response = node_pb2.InferenceResponse(result=result)
+        live.last_step_id = item.step_id
+        live.last_response = response
+        return response
+
+    async def _push(self, next_hops: list[node_pb2.NextHop], step_id: int, hidden: node_pb2.Tensor) -> str:
+        """Hand the output to the next node; an error message for the client, or ''."""
+        target = next_hops[0]
+        request = node_pb2.PushRequest(
+            protocol_version=PROTOCOL_VERSION,
+            session_id=target.session_id,
+            step=node_pb2.Step(step_id=step_id, hidden=hidden, next=next_hops[1:]),
+        )
+        try:
+            await self.peers.stub(target.address).Push(request, timeout=self.push_timeout)
+        except grpc.aio.AioRpcError as e:
+            logger.info("hand-off to %s failed: %s", target.address, e.code().name)
+            return f"hand-off to {target.address} failed: {e.code().name}: {e.details()}"
+        except (ValueError, RuntimeError) as e:  # e.g. a malformed address
+            return f"hand-off to {target.address} failed: {e}"
+        self.stats.pushes_sent += 1
+        return ""
 
     async def _open(self, request: node_pb2.OpenSession, context: grpc.aio.ServicerContext) -> Session:
         try:
@@ -223,33 +386,3 @@ class NodeService(node_pb2_grpc.NodeServicer):
             await self._abort(context, _REFUSAL_CODES[e.reason], str(e))
         self.sessions_changed.set()
         return session
-
-    async def _step(
-        self,
-        session: Session,
-        request: node_pb2.InferenceRequest,
-        compression: int,
-        context: grpc.aio.ServicerContext,
-    ) -> node_pb2.InferenceResponse:
-        try:
-            if request.WhichOneof("kind") != "step":
-                raise BadRequest("a session is already open on this stream; send steps")
-            hidden = self._decode_hidden(request.step.hidden, session.batch_size)
-            if session.cache.length + hidden.shape[1] > session.max_length:
-                raise BadRequest(
-                    f"the session holds {session.cache.length} of {session.max_length} tokens; "
-                    f"{hidden.shape[1]} more do not fit"
-                )
-        except BadRequest as e:
-            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        span = self._subspan(session.start, session.end)
-        output = await self.executor.run(span.forward, hidden, session.cache)
-        session.steps += 1
-        session.last_active = self.clock()
-        return node_pb2.InferenceResponse(
-            result=node_pb2.StepResult(
-                step_id=request.step.step_id,
-                hidden=self._encode(output, compression),
-                cache_length=session.cache.length,
-            )
-        )

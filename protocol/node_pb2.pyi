@@ -41,7 +41,7 @@ class InfoRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("protocol_version", "model", "start_block", "end_block", "dtype", "peer_id", "throughput", "cache_tokens_left", "active_sessions", "software_version")
+    __slots__ = ("protocol_version", "model", "start_block", "end_block", "dtype", "peer_id", "throughput", "cache_tokens_left", "active_sessions", "software_version", "steps_from_client", "steps_from_peers", "pushes_sent")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,9 @@ class InfoResponse(_message.Message):
     CACHE_TOKENS_LEFT_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FROM_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FROM_PEERS_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_SENT_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     model: str
     start_block: int
@@ -62,7 +65,10 @@ class InfoResponse(_message.Message):
     cache_tokens_left: int
     active_sessions: int
     software_version: str
-    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., peer_id: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_tokens_left: _Optional[int] = ..., active_sessions: _Optional[int] = ..., software_version: _Optional[str] = ...) -> None: ...
+    steps_from_client: int
+    steps_from_peers: int
+    pushes_sent: int
+    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., peer_id: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_tokens_left: _Optional[int] = ..., active_sessions: _Optional[int] = ..., software_version: _Optional[str] = ..., steps_from_client: _Optional[int] = ..., steps_from_peers: _Optional[int] = ..., pushes_sent: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("protocol_version", "hidden", "start_block", "end_block", "response_compression")
@@ -111,12 +117,36 @@ class OpenSession(_message.Message):
     def __init__(self, model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step_id", "hidden")
+    __slots__ = ("step_id", "hidden", "next")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden: Tensor
-    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    next: _containers.RepeatedCompositeFieldContainer[NextHop]
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., next: _Optional[_Iterable[_Union[NextHop, _Mapping]]] = ...) -> None: ...
+
+class NextHop(_message.Message):
+    __slots__ = ("address", "session_id")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    session_id: str
+    def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("protocol_version", "session_id", "step")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    session_id: str
+    step: Step
+    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[str] = ..., step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
+
+class PushResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class InferenceResponse(_message.Message):
     __slots__ = ("opened", "result")
@@ -133,11 +163,13 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "hidden", "cache_length")
+    __slots__ = ("step_id", "hidden", "cache_length", "handoff_error")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_ERROR_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden: Tensor
     cache_length: int
-    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ...) -> None: ...
+    handoff_error: str
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ..., handoff_error: _Optional[str] = ...) -> None: ...

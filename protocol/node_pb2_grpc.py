@@ -49,6 +49,11 @@ class NodeStub:
                 request_serializer=homeswarm_dot_protocol_dot_node__pb2.InferenceRequest.SerializeToString,
                 response_deserializer=homeswarm_dot_protocol_dot_node__pb2.InferenceResponse.FromString,
                 _registered_method=True)
+        self.Push = channel.unary_unary(
+                '/homeswarm.v1.Node/Push',
+                request_serializer=homeswarm_dot_protocol_dot_node__pb2.PushRequest.SerializeToString,
+                response_deserializer=homeswarm_dot_protocol_dot_node__pb2.PushResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -72,6 +77,12 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Push(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Inference,
                     request_deserializer=homeswarm_dot_protocol_dot_node__pb2.InferenceRequest.FromString,
                     response_serializer=homeswarm_dot_protocol_dot_node__pb2.InferenceResponse.SerializeToString,
+            ),
+            'Push': grpc.unary_unary_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=homeswarm_dot_protocol_dot_node__pb2.PushRequest.FromString,
+                    response_serializer=homeswarm_dot_protocol_dot_node__pb2.PushResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class Node:
             '/homeswarm.v1.Node/Inference',
             homeswarm_dot_protocol_dot_node__pb2.InferenceRequest.SerializeToString,
             homeswarm_dot_protocol_dot_node__pb2.InferenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/homeswarm.v1.Node/Push',
+            homeswarm_dot_protocol_dot_node__pb2.PushRequest.SerializeToString,
+            homeswarm_dot_protocol_dot_node__pb2.PushResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -100,18 +100,19 @@ def test_two_failures_in_one_generation(swarm, checkpoint, expected):
 
 
 def test_failure_during_replay(swarm, checkpoint, expected, monkeypatch):
-    """The replacement node is killed while the client replays the history to it."""
+    """The replacement node is killed while the client replays the history to it (replay goes through
+    HopStream.step; live steps use send/receive)."""
     daemons = start_nodes(swarm, checkpoint, "fo-replay", [(0, 3), (3, 6), (3, 6), (3, 6)])
     original_step = HopStream.step
     state = {"armed": False, "killed": None, "first": None}
 
-    def step(self: HopStream, hidden: torch.Tensor) -> torch.Tensor:
+    def step(self: HopStream, step_id: int, hidden: torch.Tensor) -> torch.Tensor:
         if state["armed"] and self.start == 3 and state["killed"] is None and self.address != state["first"]:
             victim = next(d for d in daemons if d.info["address"] == self.address)
             victim.process.send_signal(signal.SIGKILL)
             victim.process.wait(10)
             state["killed"] = victim
-        return original_step(self, hidden)
+        return original_step(self, step_id, hidden)
 
     monkeypatch.setattr(HopStream, "step", step)
 
