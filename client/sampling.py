@@ -32,7 +32,9 @@ class SamplingParams:
         return not self.do_sample or self.temperature == 0
 
 
-def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """logits [batch, vocab] (float) -> token ids [batch]."""
     if params.greedy:
         return logits.argmax(dim=-1)

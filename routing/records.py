@@ -17,7 +17,9 @@ from typing import Any, NewType
 
 PeerId = NewType("PeerId", str)
 
-_ADDRESS_RE = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,253}:(\d{1,5})$")
+_ADDRESS_RE = re.compile(
+    r"[A-Za-z0-9.\-_:\[\]]{1,253}:(\d{1,5})"
+)  # used with fullmatch: "$" accepts a trailing "\n"
 _MAX_BLOCKS = 100_000
 _DTYPES = frozenset({"float32", "bfloat16", "float16"})
 _MAX_QUEUE = 1_000_000
@@ -81,7 +83,7 @@ class ServerRecord:
             raise InvalidRecord(str(e)) from None
         if record.start >= record.end:
             raise InvalidRecord(f"empty span [{record.start}, {record.end})")
-        if not _ADDRESS_RE.match(record.address) or not 0 < int(record.address.rsplit(":", 1)[1]) < 65536:
+        if not _ADDRESS_RE.fullmatch(record.address) or not 0 < int(record.address.rsplit(":", 1)[1]) < 65536:
             raise InvalidRecord(f"bad address {record.address!r}")
         if record.dtype not in _DTYPES:
             raise InvalidRecord(f"unknown dtype {record.dtype!r}")
