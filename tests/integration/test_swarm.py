@@ -132,7 +132,7 @@ def test_cache_budget_refuses_with_resource_exhausted(swarm, checkpoints):
         assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "not enough KV cache memory" in str(refused.value)
         # the admitted session keeps working
-        out = first.step(torch.randn(1, 10, 64))
+        out = first.step(1, torch.randn(1, 10, 64))
         assert out.shape == (1, 10, 64) and torch.isfinite(out).all()
         first.close()
         # its memory returns to the budget once closed
