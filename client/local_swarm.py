@@ -6,6 +6,7 @@ Used by `homeswarm demo` and by the tests. Every process it starts is stopped on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -113,14 +114,24 @@ class LocalSwarm:
         return self._wait_ready(daemon, timeout)
 
     @staticmethod
+    def kill(daemon: Daemon) -> None:
+        """SIGKILL the daemon's whole process group (its DHT process and p2pd too), as a crash would."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(daemon.process.pid, signal.SIGKILL)
+        daemon.process.wait()
+
+    @staticmethod
     def stop(daemon: Daemon, *, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the daemon and wait; SIGKILL its process group if it has not exited by ``timeout``."""
         if daemon.process.poll() is None:
             daemon.process.send_signal(sig)
             try:
                 daemon.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                daemon.process.kill()
-                daemon.process.wait()
+                LocalSwarm.kill(daemon)
+        # whatever the daemon left in its group (a helper process orphaned by a crash) goes too
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(daemon.process.pid, signal.SIGKILL)
         return daemon.process.returncode
 
     def close(self) -> None:

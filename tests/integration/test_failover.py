@@ -5,7 +5,6 @@ test cannot affect another; one bootstrap peer is shared by the module.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable
 
 import pytest
@@ -47,11 +46,10 @@ def start_nodes(swarm: LocalSwarm, checkpoint, name: str, spans: list[tuple[int,
 
 
 def kill_serving(daemons: list[Daemon], session, blocks: tuple[int, int]) -> Daemon:
-    """kill -9 the node that serves ``blocks`` in the session's current route."""
+    """kill -9 the node that serves ``blocks`` in the session's current route (its whole process group)."""
     address = next(addr for addr, a, b in session.route if (a, b) == blocks)
     victim = next(d for d in daemons if d.info["address"] == address)
-    victim.process.send_signal(signal.SIGKILL)
-    victim.process.wait(10)
+    LocalSwarm.kill(victim)
     return victim
 
 
@@ -109,8 +107,7 @@ def test_failure_during_replay(swarm, checkpoint, expected, monkeypatch):
     def step(self: HopStream, step_id: int, hidden: torch.Tensor) -> torch.Tensor:
         if state["armed"] and self.start == 3 and state["killed"] is None and self.address != state["first"]:
             victim = next(d for d in daemons if d.info["address"] == self.address)
-            victim.process.send_signal(signal.SIGKILL)
-            victim.process.wait(10)
+            LocalSwarm.kill(victim)
             state["killed"] = victim
         return original_step(self, step_id, hidden)
 
