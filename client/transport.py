@@ -73,12 +73,6 @@ def ping(pool: ChannelPool, peer_id: str, address: str, timeout: float) -> tuple
     return time.perf_counter() - t0, info
 
 
-def _rpc_error(peer_id: str, address: str, e: grpc.RpcError, timed_out: bool, timeout: float) -> HopFailed:
-    if timed_out:
-        return HopFailed(peer_id, address, f"no answer within {timeout:g} s", grpc.StatusCode.DEADLINE_EXCEEDED)
-    return HopFailed(peer_id, address, f"{e.code().name}: {e.details()}", e.code())
-
-
 class HopStream:
     """One open inference session on one node, for blocks [start, end)."""
 
@@ -106,6 +100,8 @@ class HopStream:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._call = pool.stub(address).Inference(iter(self._queue.get, _CLOSE))
+        self._responses: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._read, name=f"hop-{address}", daemon=True).start()
         self._queue.put(
             node_pb2.InferenceRequest(
                 protocol_version=PROTOCOL_VERSION,
@@ -115,7 +111,7 @@ class HopStream:
                     end_block=end,
                     batch_size=batch_size,
                     max_length=max_length,
-                    response_compression=node_pb2.NONE,
+                    response_compression=compression,
                 ),
             )
         )
@@ -125,26 +121,32 @@ class HopStream:
             raise HopFailed(peer_id, address, "the node did not open the session")
         self.session_id = response.opened.session_id
 
-    def _receive(self, timeout: float) -> node_pb2.InferenceResponse:
-        timed_out = threading.Event()
-
-        def expire() -> None:
-            timed_out.set()
-            self._call.cancel()
-
-        timer = threading.Timer(timeout, expire)
-        timer.daemon = True
-        timer.start()
+    def _read(self) -> None:
+        """Reader thread: moves responses (or the stream's end or error) into a queue that
+        ``_receive`` waits on with a timeout; cheaper than arming a timer for every wait."""
         try:
-            return next(self._call)
+            for response in self._call:
+                self._responses.put(response)
+            self._responses.put(StopIteration())
         except grpc.RpcError as e:
+            self._responses.put(e)
+
+    def _receive(self, timeout: float) -> node_pb2.InferenceResponse:
+        try:
+            item = self._responses.get(timeout=timeout)
+        except queue.Empty:
             self._closed = True
-            raise _rpc_error(self.peer_id, self.address, e, timed_out.is_set(), timeout) from None
-        except StopIteration:
+            self._call.cancel()
+            raise HopFailed(
+                self.peer_id, self.address, f"no answer within {timeout:g} s", grpc.StatusCode.DEADLINE_EXCEEDED
+            ) from None
+        if isinstance(item, grpc.RpcError):
             self._closed = True
-            raise HopFailed(self.peer_id, self.address, "the node closed the session") from None
-        finally:
-            timer.cancel()
+            raise HopFailed(self.peer_id, self.address, f"{item.code().name}: {item.details()}", item.code())
+        if isinstance(item, StopIteration):
+            self._closed = True
+            raise HopFailed(self.peer_id, self.address, "the node closed the session")
+        return item
 
     def send(self, step_id: int, hidden: torch.Tensor, next_hops: Sequence[tuple[str, str]] = ()) -> None:
         """Queue a step; with ``next_hops`` ((address, session_id), ...) the node hands its output on."""

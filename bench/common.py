@@ -1,0 +1,67 @@
+"""Shared pieces of the benchmarks: random Llama-shaped checkpoints, timing, table printing.
+
+Benchmarks print tables; they assert nothing. Checkpoints are written with transformers (a dev
+dependency) into a cache folder, once per shape.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    # name: (layers, hidden, intermediate, heads, kv_heads, vocab)
+    "tiny": (2, 64, 128, 4, 2, 256),
+    "small-8x256": (8, 256, 704, 8, 8, 8192),
+    "large-16x1024": (16, 1024, 2816, 16, 16, 32000),
+}
+CACHE = Path(os.environ.get("HOMESWARM_BENCH_CACHE", Path(tempfile.gettempdir()) / "homeswarm-bench"))
+
+
+def checkpoint(shape: str) -> Path:
+    """A random float32 Llama checkpoint of the given shape (written once, then reused)."""
+    import transformers
+
+    layers, hidden, inter, heads, kv, vocab = SHAPES[shape]
+    path = CACHE / shape
+    if (path / "config.json").exists():
+        return path
+    config = transformers.LlamaConfig(
+        num_hidden_layers=layers, hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
+        num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    return path
+
+
+def params(shape: str) -> int:
+    layers, hidden, inter, heads, kv, vocab = SHAPES[shape]
+    head_dim = hidden // heads
+    per_layer = hidden * head_dim * (2 * heads + 2 * kv) + 3 * hidden * inter + 2 * hidden
+    return layers * per_layer + 2 * vocab * hidden + hidden
+
+
+def timed(fn: Callable[[], object], repeats: int = 3) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    cells = [[str(h) for h in headers]] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
