@@ -19,6 +19,7 @@ from pathlib import Path
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.session import SessionError
 from homeswarm.client.tokenizer import TextCodec
+from homeswarm.model import CheckpointReader, ModelConfig
 from homeswarm.routing.planner import MissingBlocksError
 
 EXIT_BAD_INPUT = 2
@@ -29,6 +30,10 @@ class UsageError(Exception):
     pass
 
 
+class JoinError(Exception):
+    """The client could not join the swarm (unreachable or bad initial peers): exit code 1."""
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
@@ -37,6 +42,24 @@ def _parse_ids(text: str) -> list[int]:
     if not ids:
         raise UsageError("--prompt-ids is empty")
     return ids
+
+
+def _stream_text(codec: TextCodec | None, ids: list[int], *, final: bool) -> str:
+    """What may be shown so far. Byte-level tokenizers split characters across tokens, and the bytes
+    of an unfinished character decode to U+FFFD until the last one arrives: hold those back."""
+    if codec is None:
+        return " ".join(map(str, ids))
+    text = codec.decode(ids)
+    return text if final else text.rstrip("\ufffd")
+
+
+def _print_new_text(text: str, printed: str) -> str:
+    """Write what ``text`` adds to what is already ``printed``; return what is printed now."""
+    if not text.startswith(printed):
+        return printed  # the decoder rewrote earlier text; wait until it extends what is shown again
+    sys.stdout.write(text[len(printed):])
+    sys.stdout.flush()
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +110,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("--top-k must be at least 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError("--top-p must be in (0, 1]")
+    try:
+        # cheap checks of the checkpoint (config, weight names), so bad input fails before any network
+        vocab = ModelConfig.from_dir(model_dir).vocab_size
+        CheckpointReader(model_dir)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    for peer in args.initial_peers:
+        if not peer.startswith("/"):
+            raise UsageError(f"--initial-peers takes multiaddrs (/ip4/HOST/tcp/PORT/p2p/PEER_ID), got {peer!r}")
     codec = TextCodec.for_model(model_dir)
     if args.prompt is not None:
         if codec is None:
@@ -96,17 +128,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise UsageError("the prompt encodes to no tokens")
     else:
         ids = _parse_ids(args.prompt_ids)
+    if any(not 0 <= i < vocab for i in ids):
+        raise UsageError(f"prompt ids must be in 0..{vocab - 1}")
 
     from homeswarm.client.model import AutoDistributedModelForCausalLM
+    from homeswarm.model import MissingTensorsError
 
-    model = AutoDistributedModelForCausalLM.from_pretrained(
-        model_dir, initial_peers=args.initial_peers, model_name=args.model_name,
-        config=ClientConfig(compression=args.compression),
-    )
     try:
-        vocab = model.model_config.vocab_size
-        if any(not 0 <= i < vocab for i in ids):
-            raise UsageError(f"prompt ids must be in 0..{vocab - 1}")
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            model_dir, initial_peers=args.initial_peers, model_name=args.model_name,
+            config=ClientConfig(compression=args.compression),
+        )
+    except MissingTensorsError as e:
+        raise UsageError(str(e)) from None
+    except Exception as e:  # hivemind raises several types for unreachable or malformed peers
+        raise JoinError(f"could not join the swarm through --initial-peers: {e}") from None
+    try:
         new_ids: list[int] = []
         printed = ""
         t0 = time.perf_counter()
@@ -120,12 +157,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 first_token_s = time.perf_counter() - t0
             new_ids.append(int(tokens[0]))
             if not args.json:
-                text = codec.decode(new_ids) if codec else " ".join(map(str, new_ids))
-                if text.startswith(printed):
-                    sys.stdout.write(text[len(printed):])
-                    sys.stdout.flush()
-                    printed = text
+                printed = _print_new_text(_stream_text(codec, new_ids, final=False), printed)
         seconds = time.perf_counter() - t0
+        if not args.json:
+            _print_new_text(_stream_text(codec, new_ids, final=True), printed)
         text = codec.decode(new_ids) if codec else ""
         decode_s = seconds - (first_token_s or 0.0)
         tokens_per_s = (len(new_ids) - 1) / decode_s if len(new_ids) > 1 and decode_s > 0 else 0.0
@@ -181,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except UsageError as e:
         print(f"homeswarm: error: {e}", file=sys.stderr)
         code = EXIT_BAD_INPUT
-    except (MissingBlocksError, SessionError) as e:
+    except (MissingBlocksError, SessionError, JoinError) as e:
         print(f"homeswarm: error: {e}", file=sys.stderr)
         code = EXIT_FAILED
     except KeyboardInterrupt:
