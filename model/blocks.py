@@ -8,6 +8,8 @@ Invariants: parameter names mirror Hugging Face's (``layers.{i - start}.self_att
 checkpoint ``model.layers.{i}.self_attn.q_proj.weight``) so a checkpoint slice loads with a plain
 ``load_state_dict``; a forward call either fully succeeds, or raises before touching the cache (all
 checks happen first), so a failed call never leaves the cache half-written.
+:meth:`BlockSpan.forward_batch` runs the steps of several sessions at once and computes exactly what
+one ``forward`` per session computes (same per-row operations, only more rows per matrix product).
 """
 
 from __future__ import annotations
@@ -93,9 +95,24 @@ class Attention(nn.Module):
         if self.qk_norm:  # Qwen3 normalizes each head before RoPE
             q = self.q_norm(q)
             k = self.k_norm(k)
+        out = self.attend(q, k, v, cos, sin, mask, is_causal, kv, past_length)
+        return self.o_proj(out).view(batch, length, -1)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+               is_causal: bool, kv: tuple[Tensor, Tensor] | None, past_length: int) -> Tensor:
+        """RoPE, cache append and attention for one session; q/k/v are [B, T, heads, head_dim] after q/k norm.
+
+        Returns [B * T, heads * head_dim], ready for ``o_proj``.
+        """
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim]
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        return self.attend_roped(q, k, v, mask, is_causal, kv, past_length)
+
+    def attend_roped(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool,
+                     kv: tuple[Tensor, Tensor] | None, past_length: int) -> Tensor:
+        """Cache append and attention for one session; q/k/v are [B, heads, T, head_dim], RoPE applied."""
+        batch, _, length, _ = q.shape
         if kv is not None:
             cache_k, cache_v = kv
             end = past_length + length
@@ -111,7 +128,7 @@ class Attention(nn.Module):
                 k = k.repeat_interleave(groups, dim=1)
                 v = v.repeat_interleave(groups, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+        return out.transpose(1, 2).reshape(batch * length, self.num_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -139,6 +156,49 @@ class DecoderBlock(nn.Module):
                 kv: tuple[Tensor, Tensor] | None = None, past_length: int = 0) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv, past_length)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class _Segment:
+    """One session's rows in a batched step: where they lie in the flat rows, and its attention inputs."""
+
+    __slots__ = ("offset", "batch", "length", "mask", "is_causal", "cache", "past_length")
+
+    def __init__(self, offset: int, batch: int, length: int, mask: Tensor | None, is_causal: bool,
+                 cache: KVCache | None, past_length: int) -> None:
+        self.offset, self.batch, self.length = offset, batch, length
+        self.mask, self.is_causal = mask, is_causal
+        self.cache, self.past_length = cache, past_length
+
+
+def _block_batch(layer: DecoderBlock, x: Tensor, cos: Tensor, sin: Tensor, segments: list[_Segment],
+                 index: int) -> Tensor:
+    """One block over the flat rows ``x`` [N, H] of several sessions; cos/sin [N, 1, head_dim] per row.
+
+    RoPE is elementwise, so it runs over all rows at once with each row's own position; only the cache
+    append and attention run per session.
+    """
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    rows = x.shape[0]
+    q = attn.q_proj(h).view(rows, attn.num_heads, attn.head_dim)
+    k = attn.k_proj(h).view(rows, attn.num_kv_heads, attn.head_dim)
+    v = attn.v_proj(h).view(rows, attn.num_kv_heads, attn.head_dim)
+    if attn.qk_norm:
+        q = attn.q_norm(q)
+        k = attn.k_norm(k)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    outs = []
+    for seg in segments:
+        part = slice(seg.offset, seg.offset + seg.batch * seg.length)
+        shape = (seg.batch, seg.length)
+        kv = (seg.cache.keys[index], seg.cache.values[index]) if seg.cache is not None else None
+        outs.append(attn.attend_roped(q[part].view(*shape, *q.shape[1:]).transpose(1, 2),
+                                      k[part].view(*shape, *k.shape[1:]).transpose(1, 2),
+                                      v[part].view(*shape, *v.shape[1:]).transpose(1, 2),
+                                      seg.mask, seg.is_causal, kv, seg.past_length))
+    x = x + attn.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 class BlockSpan(nn.Module):
@@ -186,8 +246,12 @@ class BlockSpan(nn.Module):
         return KVCache(self.config, self.num_blocks, batch_size, max_length, dtype=self.dtype, device=self.device)
 
     def _rope(self, past_length: int, length: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        inv_freq = self._inv_freq.to(device)
         positions = torch.arange(past_length, past_length + length, device=device, dtype=torch.float32)
+        return self._rope_at(positions, dtype, device)
+
+    def _rope_at(self, positions: Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin [len(positions), head_dim] for float32 positions."""
+        inv_freq = self._inv_freq.to(device)
         freqs = positions[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -208,6 +272,10 @@ class BlockSpan(nn.Module):
         if window_matters:
             allowed = allowed & (q_pos - k_pos < window)
         return allowed, False
+
+    def check(self, hidden: Tensor, cache: KVCache | None = None) -> None:
+        """Raise the ValueError that ``forward(hidden, cache)`` would raise, if any; touches nothing."""
+        self._check(hidden, cache)
 
     def _check(self, hidden: Tensor, cache: KVCache | None) -> None:
         if not isinstance(hidden, Tensor) or hidden.dim() != 3:
@@ -251,3 +319,50 @@ class BlockSpan(nn.Module):
         if cache is not None:
             cache.length += length
         return hidden
+
+    @torch.no_grad()
+    def forward_batch(self, items: list[tuple[Tensor, KVCache | None]]) -> list[Tensor]:
+        """Run the steps of several sessions together; the same results as one :meth:`forward` per item.
+
+        Each item is one session's hidden states [B_i, T_i, H] and its own cache (any lengths). Norms,
+        projections and the MLP run once over all rows; RoPE, the cache append and attention run per
+        session at its own position. Every item is checked before any cache is touched; a cache may
+        appear only once (its second step would depend on the first). Each cache advances by its T_i.
+        """
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ValueError("forward_batch needs a non-empty list of (hidden, cache) items")
+        seen: set[int] = set()
+        for n, item in enumerate(items):
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise ValueError(f"item {n} must be a (hidden, cache) tuple")
+            hidden, cache = item
+            if cache is not None and not isinstance(cache, KVCache):
+                raise ValueError(f"item {n}: cache must be a KVCache or None, got {type(cache).__name__}")
+            try:
+                self._check(hidden, cache)
+            except ValueError as e:
+                raise ValueError(f"item {n}: {e}") from None
+            if cache is not None:
+                if id(cache) in seen:
+                    raise ValueError(f"item {n}: the same cache appears twice in one batch")
+                seen.add(id(cache))
+        segments = []
+        positions = []
+        offset = 0
+        device = items[0][0].device
+        for hidden, cache in items:
+            batch, length = hidden.shape[:2]
+            past = cache.length if cache is not None else 0
+            mask, is_causal = self._mask(past, length, device)
+            segments.append(_Segment(offset, batch, length, mask, is_causal, cache, past))
+            positions.append(torch.arange(past, past + length, device=device, dtype=torch.float32).repeat(batch))
+            offset += batch * length
+        cos, sin = self._rope_at(torch.cat(positions), self.dtype, device)
+        cos, sin = cos[:, None], sin[:, None]  # [N, 1, head_dim]: broadcast over the heads
+        x = torch.cat([hidden.reshape(-1, hidden.shape[-1]) for hidden, _ in items])
+        for i, layer in enumerate(self.layers):
+            x = _block_batch(layer, x, cos, sin, segments, i)
+        for seg in segments:
+            if seg.cache is not None:
+                seg.cache.length += seg.length
+        return [x[s.offset : s.offset + s.batch * s.length].view(s.batch, s.length, -1) for s in segments]

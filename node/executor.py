@@ -1,31 +1,201 @@
-"""Runs compute off the event loop, on one dedicated thread.
+"""Runs compute off the event loop, on one dedicated thread, batching the steps of concurrent sessions.
 
 One thread, because torch already parallelises each operation over the cores; running two
 forwards at once would only make them contend. Work submitted from the loop is awaited there.
+
+Session steps (:meth:`ComputeExecutor.step`) wait in a queue; each time the compute thread gets to
+them it takes every step queued at that moment for one span (up to ``max_batch_steps`` steps and
+``max_batch_tokens`` tokens, though a single step of any size always runs) and runs them as one
+``BlockSpan.forward_batch``. Invariants: each step is checked alone before it joins a batch, so a bad
+step fails only its own caller; a cache is in at most one step of a batch; a step cancelled while
+queued never runs; the steps of one cache (one session) run in the order they were queued.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
+from homeswarm.model import BlockSpan, KVCache
+
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Step:
+    span: BlockSpan
+    hidden: torch.Tensor
+    cache: KVCache | None
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def tokens(self) -> int:
+        return self.hidden.shape[0] * self.hidden.shape[1]
 
 
 class ComputeExecutor:
-    def __init__(self) -> None:
+    def __init__(self, *, max_batch_steps: int = 8, max_batch_tokens: int = 2048, batching: bool = True) -> None:
+        if max_batch_steps < 1 or max_batch_tokens < 1:
+            raise ValueError("max_batch_steps and max_batch_tokens must be positive")
+        self.max_batch_steps = max_batch_steps if batching else 1
+        self.max_batch_tokens = max_batch_tokens
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self._lock = threading.Lock()
+        self._queue: list[_Step] = []
+        self._drain_scheduled = False
+        self.batches = 0  # forward_batch calls so far
+        self.batched_steps = 0  # steps they ran
+
+    @property
+    def queue_length(self) -> int:
+        """Steps queued and not yet taken by the compute thread."""
+        return len(self._queue)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, _no_grad_call, fn, args)
 
+    async def step(self, span: BlockSpan, hidden: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """``span.forward(hidden, cache)``, run together with the other steps queued at the same time."""
+        loop = asyncio.get_running_loop()
+        item = _Step(span, hidden, cache, loop.create_future(), loop)
+        with self._lock:
+            self._queue.append(item)
+            schedule = not self._drain_scheduled
+            self._drain_scheduled = True
+        if schedule:
+            # After the callbacks already ready on the loop: sessions woken by the same finished batch
+            # queue their next steps first, so they land in one batch instead of a lone one and the rest.
+            loop.call_soon(self._submit_drain)
+        try:
+            return await item.future
+        except asyncio.CancelledError:
+            with self._lock:
+                if item in self._queue:
+                    self._queue.remove(item)  # not taken yet: it never runs
+            raise
+
+    def _submit_drain(self) -> None:
+        try:
+            self._pool.submit(self._drain)
+        except RuntimeError:  # shut down: fail what waits
+            with self._lock:
+                waiting, self._queue = self._queue, []
+                self._drain_scheduled = False
+            _resolve_all([(item, None, RuntimeError("the compute executor is shut down")) for item in waiting])
+
+    def _take(self) -> list[_Step]:
+        """Under the lock: the steps for the next batch (same span, distinct caches, within the limits)."""
+        batch: list[_Step] = []
+        caches: set[int] = set()
+        tokens = 0
+        rest: list[_Step] = []
+        blocked: set[int] = set()  # caches with an earlier step left in the queue: keep their order
+        for item in self._queue:
+            key = id(item.cache) if item.cache is not None else None
+            fits = (
+                not batch
+                or (item.span is batch[0].span and len(batch) < self.max_batch_steps
+                    and tokens + item.tokens <= self.max_batch_tokens)
+            ) and key not in caches and key not in blocked
+            if fits:
+                batch.append(item)
+                tokens += item.tokens
+                if key is not None:
+                    caches.add(key)
+            else:
+                rest.append(item)
+                if key is not None:
+                    blocked.add(key)
+        self._queue = rest
+        return batch
+
+    def _drain(self) -> None:
+        with self._lock:
+            batch = self._take()
+            more = bool(self._queue)
+            if not more:
+                self._drain_scheduled = False
+        if more:
+            # Steps left over (another span, over the limits): run them next, after this batch.
+            try:
+                self._pool.submit(self._drain)
+            except RuntimeError:
+                pass
+        results: list[tuple[_Step, torch.Tensor | None, BaseException | None]] = []
+        ready = []
+        for item in batch:
+            if item.future.cancelled():
+                continue
+            try:
+                item.span.check(item.hidden, item.cache)
+            except ValueError as e:
+                results.append((item, None, e))
+                continue
+            ready.append(item)
+        try:
+            if ready:
+                results.extend(self._compute(ready))
+        finally:
+            _resolve_all(results)
+
+    def _compute(self, ready: list[_Step]) -> list[tuple[_Step, torch.Tensor | None, BaseException | None]]:
+        try:
+            with torch.no_grad():
+                outputs = ready[0].span.forward_batch([(item.hidden, item.cache) for item in ready])
+        except Exception as e:  # noqa: BLE001 - handed to the callers
+            if len(ready) == 1:
+                return [(ready[0], None, e)]
+            # No cache advanced (forward_batch advances them only at the very end): run each alone so
+            # that only the step at fault fails.
+            logger.warning("a batch of %d steps failed (%s); running them one by one", len(ready), e)
+            results = []
+            for item in ready:
+                try:
+                    with torch.no_grad():
+                        (output,) = item.span.forward_batch([(item.hidden, item.cache)])
+                except Exception as item_error:  # noqa: BLE001
+                    results.append((item, None, item_error))
+                else:
+                    results.append((item, output, None))
+            return results
+        self.batches += 1
+        self.batched_steps += len(ready)
+        return [(item, output, None) for item, output in zip(ready, outputs, strict=True)]
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _resolve_all(results: list[tuple[_Step, torch.Tensor | None, BaseException | None]]) -> None:
+    """Settle the futures from the compute thread: one callback per loop, so their callers wake together."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for result in results:
+        by_loop.setdefault(result[0].loop, []).append(result)
+    for loop, group in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, group)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+
+def _settle(group: list[tuple[_Step, torch.Tensor | None, BaseException | None]]) -> None:
+    for item, output, error in group:
+        if item.future.done():  # cancelled meanwhile
+            continue
+        if error is not None:
+            item.future.set_exception(error)
+        else:
+            item.future.set_result(output)
 
 
 def _no_grad_call(fn: Callable[..., T], args: tuple) -> T:

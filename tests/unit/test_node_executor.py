@@ -1,0 +1,147 @@
+"""The compute executor batches the steps of concurrent sessions and keeps each caller's result its own."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from homeswarm.model import load_span
+from homeswarm.node.executor import ComputeExecutor
+from tests.helpers.checkpoints import make_checkpoint
+
+TIMEOUT = 30
+
+
+@pytest.fixture(scope="module")
+def span(tmp_path_factory):
+    return load_span(make_checkpoint(tmp_path_factory.mktemp("exec") / "qwen3", "qwen3", num_layers=2), 0, 2)
+
+
+@pytest.fixture
+def executor():
+    ex = ComputeExecutor()
+    yield ex
+    ex.shutdown()
+
+
+def _prefilled(span, n, seed=0):
+    """n sessions at different positions, each twice (to run batched and to run alone)."""
+    gen = torch.Generator().manual_seed(seed)
+    pairs = []
+    for i in range(n):
+        a, b = span.new_cache(1, 32), span.new_cache(1, 32)
+        prefix = torch.randn(1, 3 + 2 * i, 64, generator=gen)
+        span(prefix, a)
+        span(prefix, b)
+        pairs.append((torch.randn(1, 1, 64, generator=gen), a, b))
+    return pairs
+
+
+def _record_batches(monkeypatch, span):
+    sizes: list[int] = []
+    original = type(span).forward_batch
+
+    def spy(self, items):
+        sizes.append(len(items))
+        return original(self, items)
+
+    monkeypatch.setattr(type(span), "forward_batch", spy)
+    return sizes
+
+
+async def test_concurrent_steps_are_batched_and_correct(span, executor, monkeypatch):
+    sizes = _record_batches(monkeypatch, span)
+    pairs = _prefilled(span, 8)
+    outputs = await asyncio.wait_for(
+        asyncio.gather(*(executor.step(span, hidden, a) for hidden, a, _ in pairs)), TIMEOUT
+    )
+    assert max(sizes) > 1 and sum(sizes) == 8
+    for out, (hidden, a, b) in zip(outputs, pairs, strict=True):
+        torch.testing.assert_close(out, span(hidden, b), rtol=1e-5, atol=1e-5)
+        assert a.length == b.length
+    assert executor.queue_length == 0 and executor.batched_steps == 8
+
+
+async def test_sessions_decode_in_lockstep_stay_batched(span, executor, monkeypatch):
+    sizes = _record_batches(monkeypatch, span)
+    pairs = _prefilled(span, 4, seed=1)
+
+    async def decode(hidden, cache, steps):
+        for _ in range(steps):
+            hidden = await executor.step(span, hidden, cache)
+        return hidden
+
+    await asyncio.wait_for(asyncio.gather(*(decode(hidden, a, 5) for hidden, a, _ in pairs)), TIMEOUT)
+    assert sum(sizes) == 20 and len(sizes) < 20
+    assert [a.length for _, a, _ in pairs] == [b.length + 5 for _, _, b in pairs]
+
+
+async def test_a_bad_step_fails_only_its_caller(span, executor, monkeypatch):
+    sizes = _record_batches(monkeypatch, span)
+    pairs = _prefilled(span, 3, seed=2)
+    full = span.new_cache(1, 4)
+    span(torch.randn(1, 4, 64), full)
+    bad = [
+        executor.step(span, torch.randn(1, 1, 32), span.new_cache(1, 8)),  # wrong hidden size
+        executor.step(span, torch.randn(1, 1, 64), full),  # no room in the cache
+    ]
+    good = [executor.step(span, hidden, a) for hidden, a, _ in pairs]
+    results = await asyncio.wait_for(asyncio.gather(*bad, *good, return_exceptions=True), TIMEOUT)
+    assert [type(r) for r in results[:2]] == [ValueError, ValueError]
+    assert "hidden size" in str(results[0]) and "cache overflow" in str(results[1])
+    for out, (hidden, _, b) in zip(results[2:], pairs, strict=True):
+        torch.testing.assert_close(out, span(hidden, b), rtol=1e-5, atol=1e-5)
+    assert full.length == 4 and sizes == [3]
+
+
+async def test_failure_inside_a_batch_falls_back_to_one_by_one(span, executor, monkeypatch):
+    pairs = _prefilled(span, 3, seed=3)
+    original = type(span).forward_batch
+    poisoned = pairs[1][1]
+
+    def flaky(self, items):
+        if any(cache is poisoned for _, cache in items):
+            raise RuntimeError("boom")
+        return original(self, items)
+
+    monkeypatch.setattr(type(span), "forward_batch", flaky)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(executor.step(span, h, a) for h, a, _ in pairs), return_exceptions=True), TIMEOUT
+    )
+    assert isinstance(results[1], RuntimeError) and poisoned.length == pairs[1][2].length
+    for i in (0, 2):
+        hidden, _, b = pairs[i]
+        torch.testing.assert_close(results[i], span(hidden, b), rtol=1e-5, atol=1e-5)
+
+
+async def test_limits_same_cache_and_other_spans_split_batches(span, monkeypatch):
+    executor = ComputeExecutor(max_batch_steps=3, max_batch_tokens=2048)
+    try:
+        sizes = _record_batches(monkeypatch, span)
+        other = span.subspan(0, 1)
+        cache = span.new_cache(1, 16)
+        steps = [executor.step(span, torch.randn(1, 1, 64), span.new_cache(1, 4)) for _ in range(4)]
+        steps += [executor.step(span, torch.randn(1, 2, 64), cache), executor.step(span, torch.randn(1, 1, 64), cache)]
+        steps += [executor.step(other, torch.randn(1, 1, 64), other.new_cache(1, 4))]
+        await asyncio.wait_for(asyncio.gather(*steps), TIMEOUT)
+        assert sum(sizes) == 7 and max(sizes) == 3
+        assert cache.length == 3
+    finally:
+        executor.shutdown()
+
+
+async def test_cancelled_step_never_runs_and_run_still_works(span, executor):
+    cache = span.new_cache(1, 8)
+    blocker = asyncio.ensure_future(executor.run(torch.mm, torch.randn(200, 200), torch.randn(200, 200)))
+    task = asyncio.ensure_future(executor.step(span, torch.randn(1, 1, 64), cache))
+    await asyncio.sleep(0)
+    assert executor.queue_length == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert executor.queue_length == 0
+    assert (await asyncio.wait_for(blocker, TIMEOUT)).shape == (200, 200)
+    out = await asyncio.wait_for(executor.step(span, torch.randn(1, 1, 64), cache), TIMEOUT)
+    assert out.shape == (1, 1, 64) and cache.length == 1
