@@ -8,7 +8,10 @@ inputs to rebuild their caches, and carries on, so the output is the same as wit
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +58,7 @@ class InferenceSession:
         self.length = 0
         self.failovers = 0
         self._step_id = 0
+        self._wakeups: queue.SimpleQueue = queue.SimpleQueue()  # hop streams signal arrivals here
         self._hops: list[_OpenHop] = []
         self._closed = False
         try:
@@ -79,6 +83,7 @@ class InferenceSession:
             compression=self.compression,
             connect_timeout=self.config.connect_timeout,
             step_timeout=self.config.step_timeout,
+            wakeups=self._wakeups,
         )
 
     def _plan(self, start: int, end: int) -> list[_OpenHop]:
@@ -117,33 +122,72 @@ class InferenceSession:
         dtype = hidden.dtype
         self._step_id += 1
         step_id = self._step_id
+        self._drain_wakeups()
         i = 0
-        must_send = True  # False when the previous node has pushed this hop's input itself
+        need_send = True  # False while hop i gets its input pushed by the previous node
+        relayed = False  # whether the client already sent hop i its input after a failed hand-off
+        deadline = time.monotonic() + self.config.step_timeout
         while i < len(self._hops):
             hop = self._hops[i]
             assert hop.stream is not None
             try:
-                if must_send:
-                    next_hops = (
-                        [(h.stream.address, h.stream.session_id) for h in self._hops[i + 1 :] if h.stream]
-                        if self.config.handoff
-                        else []
-                    )
-                    hop.stream.send(step_id, hidden, next_hops)
-                output, handoff_error = hop.stream.receive(step_id)
+                if need_send:
+                    self._send(i, step_id, hidden)
+                    need_send = False
+                event = hop.stream.poll(step_id)
+                if (event is None and i > 0 and self.config.handoff and not relayed
+                        and self._handoff_failed(i - 1, step_id)):
+                    need_send = relayed = True  # relay what the previous node could not push
+                    continue
+                if event is None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise HopFailed(hop.stream.peer_id, hop.stream.address,
+                                        f"no answer within {self.config.step_timeout:g} s")
+                    with contextlib.suppress(queue.Empty):
+                        self._wakeups.get(timeout=remaining)
+                    continue
             except HopFailed as e:
                 self._count_failure(e)
-                self._replace(i)
-                must_send = True  # the replacement hops start at index i and have replayed the history
+                self._replace(i)  # the replacement hops start at index i and have replayed the history
+                need_send = True
+                deadline = time.monotonic() + self.config.step_timeout
                 continue
             hop.inputs.append((step_id, hidden))
-            hidden = output.to(dtype)
-            must_send = not self.config.handoff or bool(handoff_error)
-            if handoff_error:
-                logger.info("%s; relaying through the client", handoff_error)
+            hidden = event[1].to(dtype)
             i += 1
+            need_send = not self.config.handoff
+            relayed = False
+            deadline = time.monotonic() + self.config.step_timeout
         self.length += hidden.shape[1]
         return hidden
+
+    def _send(self, index: int, step_id: int, hidden: torch.Tensor) -> None:
+        """Send hop ``index`` its input; with hand-off, it passes its output down the rest of the chain."""
+        stream = self._hops[index].stream
+        assert stream is not None
+        rest = self._hops[index + 1 :] if self.config.handoff else []
+        stream.send(step_id, hidden, [(h.stream.address, h.stream.session_id) for h in rest if h.stream])
+
+    def _handoff_failed(self, index: int, step_id: int) -> bool:
+        """Whether hop ``index`` reports (after its result) that it could not push to the next hop.
+        A hop that died after answering counts too: its push may be lost, so the client relays."""
+        stream = self._hops[index].stream
+        assert stream is not None
+        try:
+            event = stream.poll(step_id)
+        except HopFailed as e:
+            logger.info("%s after answering; relaying its output", e)
+            return True
+        if event is not None and event[0] == "handoff_failed":
+            logger.info("%s; relaying through the client", event[1])
+            return True
+        return False
+
+    def _drain_wakeups(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._wakeups.get_nowait()
 
     def _replace(self, index: int) -> None:
         """Replace hop ``index`` by new hops over the same blocks, replaying its inputs on them."""

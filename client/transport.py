@@ -11,6 +11,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 import torch
@@ -90,8 +91,10 @@ class HopStream:
         compression: int,
         connect_timeout: float,
         step_timeout: float,
+        wakeups: queue.SimpleQueue | None = None,
     ):
         self.peer_id = peer_id
+        self._wakeups = wakeups
         self.address = address
         self.start = start
         self.end = end
@@ -116,36 +119,41 @@ class HopStream:
             )
         )
         response = self._receive(connect_timeout)
-        if response.WhichOneof("kind") != "opened":
+        if response is None or response.WhichOneof("kind") != "opened":
             self.close()
             raise HopFailed(peer_id, address, "the node did not open the session")
         self.session_id = response.opened.session_id
 
     def _read(self) -> None:
-        """Reader thread: moves responses (or the stream's end or error) into a queue that
-        ``_receive`` waits on with a timeout; cheaper than arming a timer for every wait."""
+        """Reader thread: moves responses (or the stream's end or error) into a queue that the
+        session waits on with a timeout (cheaper than a timer per wait), and wakes the session."""
         try:
             for response in self._call:
                 self._responses.put(response)
+                if self._wakeups is not None:
+                    self._wakeups.put(self)
             self._responses.put(StopIteration())
         except grpc.RpcError as e:
             self._responses.put(e)
+        if self._wakeups is not None:
+            self._wakeups.put(self)
 
-    def _receive(self, timeout: float) -> node_pb2.InferenceResponse:
+    def _fail(self, message: str, code: grpc.StatusCode | None = None) -> HopFailed:
+        self.close()
+        return HopFailed(self.peer_id, self.address, message, code)
+
+    def _receive(self, timeout: float | None) -> node_pb2.InferenceResponse | None:
+        """The next response, waiting up to ``timeout`` s (None: only what has arrived already)."""
         try:
-            item = self._responses.get(timeout=timeout)
+            item = self._responses.get(timeout=timeout) if timeout is not None else self._responses.get_nowait()
         except queue.Empty:
-            self._closed = True
-            self._call.cancel()
-            raise HopFailed(
-                self.peer_id, self.address, f"no answer within {timeout:g} s", grpc.StatusCode.DEADLINE_EXCEEDED
-            ) from None
+            if timeout is None:
+                return None
+            raise self._fail(f"no answer within {timeout:g} s", grpc.StatusCode.DEADLINE_EXCEEDED) from None
         if isinstance(item, grpc.RpcError):
-            self._closed = True
-            raise HopFailed(self.peer_id, self.address, f"{item.code().name}: {item.details()}", item.code())
+            raise self._fail(f"{item.code().name}: {item.details()}", item.code())
         if isinstance(item, StopIteration):
-            self._closed = True
-            raise HopFailed(self.peer_id, self.address, "the node closed the session")
+            raise self._fail("the node closed the session")
         return item
 
     def send(self, step_id: int, hidden: torch.Tensor, next_hops: Sequence[tuple[str, str]] = ()) -> None:
@@ -163,27 +171,49 @@ class HopStream:
             )
         )
 
-    def receive(self, step_id: int) -> tuple[torch.Tensor, str]:
-        """(output of step ``step_id``, hand-off error or ''); older results still queued are skipped."""
+    def poll(self, step_id: int, timeout: float | None = None) -> tuple[str, Any] | None:
+        """The next event of step ``step_id``: ("result", hidden) or ("handoff_failed", error); None if
+        nothing has arrived (waits up to ``timeout`` s when given). Messages of older steps are skipped
+        (answers to a step that a peer's push and the client's relay both delivered)."""
         if self._closed:
             raise HopFailed(self.peer_id, self.address, "the session is closed")
         while True:
-            response = self._receive(self.step_timeout)
-            if response.WhichOneof("kind") != "result" or response.result.step_id > step_id:
-                self.close()
-                raise HopFailed(self.peer_id, self.address, "the node answered out of order")
-            if response.result.step_id == step_id:
-                break
-        try:
-            return deserialize_tensor(response.result.hidden), response.result.handoff_error
-        except CodecError as e:
-            self.close()
-            raise HopFailed(self.peer_id, self.address, f"malformed hidden states: {e}") from None
+            response = self._receive(timeout)
+            if response is None:
+                return None
+            kind = response.WhichOneof("kind")
+            if kind == "result":
+                current = response.result.step_id
+            elif kind == "handoff_failed":
+                current = response.handoff_failed.step_id
+            else:
+                raise self._fail(f"unexpected {kind!r} message in a running session")
+            if current < step_id:
+                continue
+            if current > step_id:
+                raise self._fail(f"the node answered step {current} while step {step_id} was expected")
+            if kind == "handoff_failed":
+                return "handoff_failed", response.handoff_failed.error
+            try:
+                return "result", deserialize_tensor(response.result.hidden)
+            except CodecError as e:
+                raise self._fail(f"malformed hidden states: {e}") from None
+
+    def receive(self, step_id: int) -> torch.Tensor:
+        """Wait for the output of step ``step_id`` (at most ``step_timeout`` s)."""
+        deadline = time.monotonic() + self.step_timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._fail(f"no answer within {self.step_timeout:g} s", grpc.StatusCode.DEADLINE_EXCEEDED)
+            event = self.poll(step_id, timeout=remaining)
+            if event is not None and event[0] == "result":
+                return event[1]
 
     def step(self, step_id: int, hidden: torch.Tensor) -> torch.Tensor:
         """Send one step and wait for its output (client relay)."""
         self.send(step_id, hidden)
-        return self.receive(step_id)[0]
+        return self.receive(step_id)
 
     def close(self) -> None:
         if not self._closed:

@@ -73,6 +73,7 @@ class _LiveSession:
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     last_step_id: int = 0
     last_response: node_pb2.InferenceResponse | None = None
+    pushes: set[asyncio.Task] = field(default_factory=set)
 
 
 @dataclass
@@ -248,11 +249,16 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 if isinstance(item, BadRequest):
                     await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(item))
                     return
+                if isinstance(item, node_pb2.HandoffFailed):
+                    yield node_pb2.InferenceResponse(handoff_failed=item)
+                    continue
                 response = await self._process(live, item, context)
                 if response is not None:
                     yield response
         finally:
             reader.cancel()
+            for task in live.pushes:
+                task.cancel()
             self._live.pop(session.session_id, None)
             self.sessions.close(session.session_id)
             self.sessions_changed.set()
@@ -331,14 +337,19 @@ class NodeService(node_pb2_grpc.NodeServicer):
             cache_length=session.cache.length,
         )
         if item.next:
-            result.handoff_error = await self._push(item.next, item.step_id, result.hidden)
+            # concurrently with the answer to the client: the next node must not wait on that leg
+            task = asyncio.create_task(self._push(live, item.next, item.step_id, result.hidden))
+            live.pushes.add(task)
+            task.add_done_callback(live.pushes.discard)
         response = node_pb2.InferenceResponse(result=result)
         live.last_step_id = item.step_id
         live.last_response = response
         return response
 
-    async def _push(self, next_hops: list[node_pb2.NextHop], step_id: int, hidden: node_pb2.Tensor) -> str:
-        """Hand the output to the next node; an error message for the client, or ''."""
+    async def _push(
+        self, live: _LiveSession, next_hops: list[node_pb2.NextHop], step_id: int, hidden: node_pb2.Tensor
+    ) -> None:
+        """Hand the output to the next node; on failure, tell the client (it relays instead)."""
         target = next_hops[0]
         request = node_pb2.PushRequest(
             protocol_version=PROTOCOL_VERSION,
@@ -348,12 +359,14 @@ class NodeService(node_pb2_grpc.NodeServicer):
         try:
             await self.peers.stub(target.address).Push(request, timeout=self.push_timeout)
         except grpc.aio.AioRpcError as e:
-            logger.info("hand-off to %s failed: %s", target.address, e.code().name)
-            return f"hand-off to {target.address} failed: {e.code().name}: {e.details()}"
+            error = f"hand-off to {target.address} failed: {e.code().name}: {e.details()}"
         except (ValueError, RuntimeError) as e:  # e.g. a malformed address
-            return f"hand-off to {target.address} failed: {e}"
-        self.stats.pushes_sent += 1
-        return ""
+            error = f"hand-off to {target.address} failed: {e}"
+        else:
+            self.stats.pushes_sent += 1
+            return
+        logger.info("%s", error)
+        live.inbox.put_nowait(node_pb2.HandoffFailed(step_id=step_id, error=error))
 
     async def _open(self, request: node_pb2.OpenSession, context: grpc.aio.ServicerContext) -> Session:
         try:

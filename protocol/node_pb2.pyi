@@ -149,12 +149,14 @@ class PushResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class InferenceResponse(_message.Message):
-    __slots__ = ("opened", "result")
+    __slots__ = ("opened", "result", "handoff_failed")
     OPENED_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_FAILED_FIELD_NUMBER: _ClassVar[int]
     opened: SessionOpened
     result: StepResult
-    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., result: _Optional[_Union[StepResult, _Mapping]] = ...) -> None: ...
+    handoff_failed: HandoffFailed
+    def __init__(self, opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., result: _Optional[_Union[StepResult, _Mapping]] = ..., handoff_failed: _Optional[_Union[HandoffFailed, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
     __slots__ = ("session_id",)
@@ -163,13 +165,19 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "hidden", "cache_length", "handoff_error")
+    __slots__ = ("step_id", "hidden", "cache_length")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
-    HANDOFF_ERROR_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden: Tensor
     cache_length: int
-    handoff_error: str
-    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ..., handoff_error: _Optional[str] = ...) -> None: ...
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ...) -> None: ...
+
+class HandoffFailed(_message.Message):
+    __slots__ = ("step_id", "error")
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    step_id: int
+    error: str
+    def __init__(self, step_id: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
