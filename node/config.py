@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from homeswarm.routing.records import is_valid_address
+
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message says which and why."""
@@ -58,10 +60,8 @@ class NodeConfig:
             raise ConfigError(f"--num-blocks must be at least 1, got {self.num_blocks}")
         if not 0 <= self.port < 65536 or not 0 <= self.dht_port < 65536:
             raise ConfigError("ports must be in 0..65535")
-        if self.public_address is not None:
-            host, _, port = self.public_address.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ConfigError(f"--public-address must be HOST:PORT, got {self.public_address!r}")
+        if self.public_address is not None and not is_valid_address(self.public_address):
+            raise ConfigError(f"--public-address must be HOST:PORT with a port in 1..65535, got {self.public_address!r}")
         if self.max_cache_tokens is not None and self.max_cache_tokens < 1:
             raise ConfigError("--max-cache-tokens must be positive")
         for name in ("max_batch_size", "max_session_length"):

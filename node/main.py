@@ -160,6 +160,7 @@ async def _serve_with_dht(
             dtype=config.dtype,
             throughput=throughput,
             cache_tokens_left=sessions.free_tokens,
+            queue=executor.queue_length,
             public_name=config.public_name,
         )
 

@@ -83,7 +83,7 @@ class ServerRecord:
             raise InvalidRecord(str(e)) from None
         if record.start >= record.end:
             raise InvalidRecord(f"empty span [{record.start}, {record.end})")
-        if not _ADDRESS_RE.fullmatch(record.address) or not 0 < int(record.address.rsplit(":", 1)[1]) < 65536:
+        if not is_valid_address(record.address):
             raise InvalidRecord(f"bad address {record.address!r}")
         if record.dtype not in _DTYPES:
             raise InvalidRecord(f"unknown dtype {record.dtype!r}")
@@ -121,3 +121,8 @@ def _float(data: dict, key: str) -> float:
     ):
         raise InvalidRecord(f"field {key!r} must be a finite non-negative number")
     return float(value)
+
+
+def is_valid_address(address: str) -> bool:
+    """Whether ``address`` is a HOST:PORT that records may carry (what peers will accept)."""
+    return bool(_ADDRESS_RE.fullmatch(address)) and 0 < int(address.rsplit(":", 1)[1]) < 65536

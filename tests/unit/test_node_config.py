@@ -79,7 +79,7 @@ def test_num_blocks_positive():
         parse("m", "--new-swarm", "--num-blocks", "0")
 
 
-@pytest.mark.parametrize("address", ["h", "h:", ":80", "h:0", "h:70000", "h:port", "h:-1"])
+@pytest.mark.parametrize("address", ["h", "h:", ":80", "h:0", "h:70000", "h:port", "h:-1", "h o st:80", "h:80\n", "h/x:80"])
 def test_bad_public_address(address):
     with pytest.raises(ConfigError, match="--public-address"):
         parse("m", "--new-swarm", f"--public-address={address}")
