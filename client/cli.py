@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--compression", default="none", choices=["none", "float16", "bfloat16", "int8"],
-                     help="compression of hidden states sent to nodes")
+    gen.add_argument("--compression", default="none", choices=["none", "float16", "bfloat16", "int8", "auto"],
+                     help="compression of hidden states on the wire (default none: exact; auto picks per hop)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
     dht = sub.add_parser("dht", help="run a bootstrap DHT peer (serves no model)")

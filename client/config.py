@@ -19,6 +19,12 @@ class ClientConfig:
     ban_seconds: float = _opt(15.0, "how long a failed node is avoided; doubles with each further failure")
     max_ban_seconds: float = _opt(300.0, "the longest a node is avoided")
     rtt_smoothing: float = _opt(0.3, "weight of a new round-trip sample in the moving average")
-    compression: str = _opt("none", "compression of the hidden states sent to nodes: none, float16, bfloat16, int8")
+    compression: str = _opt(
+        "none",
+        "compression of hidden states on the wire: none (exact), float16, bfloat16, int8, or auto "
+        "(per hop: none on fast links, float16 on slow ones)",
+    )
+    auto_compression_rtt: float = _opt(0.005, "with compression=auto, hops whose round trip is at least this "
+                                       "many seconds get float16")
     dtype: str = _opt("float32", "dtype of the client's embeddings and LM head")
     handoff: bool = _opt(True, "nodes pass hidden states straight to the next node (N+1 legs a step, not 2N)")

@@ -54,7 +54,6 @@ class InferenceSession:
         self.config = config
         self.batch_size = batch_size
         self.max_length = max_length
-        self.compression = parse_compression(config.compression)
         self.length = 0
         self.failovers = 0
         self._step_id = 0
@@ -80,11 +79,20 @@ class InferenceSession:
             end=hop.end,
             batch_size=self.batch_size,
             max_length=self.max_length,
-            compression=self.compression,
+            compression=self._compression_for(hop),
             connect_timeout=self.config.connect_timeout,
             step_timeout=self.config.step_timeout,
             wakeups=self._wakeups,
         )
+
+    def _compression_for(self, hop: Hop) -> int:
+        """The wire compression for one hop: fixed by the config, or with "auto" lossless on fast
+        links (round trip under ``auto_compression_rtt``) and float16 where bandwidth matters."""
+        if self.config.compression != "auto":
+            return parse_compression(self.config.compression)
+        rtt = self.routes.rtts.get(hop.peer_id)
+        slow = rtt is None or rtt >= self.config.auto_compression_rtt
+        return parse_compression("float16" if slow else "none")
 
     def _plan(self, start: int, end: int) -> list[_OpenHop]:
         """Open streams covering [start, end); retries with a new plan when a node refuses."""
