@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--temperature", type=float, default=0.8)
     demo.add_argument("--top-k", type=int, default=40)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--keep-running", action="store_true",
+                      help="keep the swarm up after generating, so other nodes and clients can join; Ctrl-C stops it")
     return parser
 
 

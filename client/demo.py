@@ -31,7 +31,8 @@ def run_demo(args: argparse.Namespace) -> int:
         swarm.start_bootstrap()
         daemons = []
         for start, end in spans:
-            _say(f"starting join-swarm for blocks {start}..{end - 1} ...")
+            blocks = f"block {start}" if end - start == 1 else f"blocks {start}..{end - 1}"
+            _say(f"starting join-swarm for {blocks} ...")
             daemons.append(swarm.start_node(model_dir, "--blocks", f"{start}:{end}", wait=False))
         for daemon in daemons:
             swarm.wait_ready(daemon)
@@ -62,5 +63,12 @@ def run_demo(args: argparse.Namespace) -> int:
                  f"(first token after {(first or end_time) - start_time:.2f} s)")
         _say("\nAdd a node to this swarm (while it runs) with:\n  join-swarm "
              f"{model_dir} --initial-peers {' '.join(swarm.initial_peers)} --num-blocks 2\n")
+        if args.keep_running:
+            _say("the swarm keeps running (homeswarm demo --keep-running); Ctrl-C stops it")
+            try:
+                while all(d.process.poll() is None for d in daemons):
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
         _say("stopping the swarm ...")
     return 0

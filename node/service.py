@@ -56,6 +56,16 @@ class BadRequest(Exception):
     pass
 
 
+async def _get_within(inbox: asyncio.Queue, timeout: float):  # noqa: ANN202
+    """inbox.get() bounded by ``timeout``; on the hot path, so without wait_for's extra task (3.11+)."""
+    if not inbox.empty():
+        return inbox.get_nowait()
+    if hasattr(asyncio, "timeout"):
+        async with asyncio.timeout(timeout):
+            return await inbox.get()
+    return await asyncio.wait_for(inbox.get(), timeout)
+
+
 @dataclass
 class _Inbound:
     """A step input for a session, from its client or pushed by the previous node."""
@@ -236,7 +246,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             yield node_pb2.InferenceResponse(opened=node_pb2.SessionOpened(session_id=session.session_id))
             while True:
                 try:
-                    item = await asyncio.wait_for(live.inbox.get(), self.session_idle_timeout)
+                    item = await _get_within(live.inbox, self.session_idle_timeout)
                 except asyncio.TimeoutError:
                     await self._abort(
                         context,
