@@ -1,0 +1,81 @@
+"""The floor under a hop: a bare gRPC stream echo of a decoding step's hidden state.
+
+    python bench/bench_grpc_floor.py [--hidden 256] [--steps 2000]
+
+A sync client (as homeswarm's client) and an asyncio + uvloop server (as a node) in another process,
+the same message types, no compute: what one hop costs before any of our code runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import queue
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from homeswarm.protocol import deserialize_tensor, node_pb2, node_pb2_grpc, serialize_tensor  # noqa: E402
+
+
+class Echo(node_pb2_grpc.NodeServicer):
+    async def Inference(self, request_iterator, context):  # noqa: N802
+        async for request in request_iterator:
+            yield node_pb2.InferenceResponse(
+                result=node_pb2.StepResult(step_id=request.step.step_id, hidden=request.step.hidden)
+            )
+
+
+def serve(ports: mp.Queue) -> None:
+    import uvloop
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        node_pb2_grpc.add_NodeServicer_to_server(Echo(), server)
+        ports.put(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    uvloop.run(main())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=2000)
+    args = parser.parse_args()
+    ports: mp.Queue = mp.Queue()
+    server = mp.Process(target=serve, args=(ports,), daemon=True)
+    server.start()
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{ports.get(timeout=30)}")
+        requests: queue.SimpleQueue = queue.SimpleQueue()
+        call = node_pb2_grpc.NodeStub(channel).Inference(iter(requests.get, None))
+        hidden = torch.randn(1, 1, args.hidden)
+
+        def step(i: int) -> None:
+            requests.put(node_pb2.InferenceRequest(step=node_pb2.Step(step_id=i, hidden=serialize_tensor(hidden))))
+            deserialize_tensor(next(call).result.hidden)
+
+        for i in range(50):
+            step(i)
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            step(i)
+        print(f"bare gRPC stream echo, [1, 1, {args.hidden}] float32: "
+              f"{(time.perf_counter() - t0) / args.steps * 1000:.3f} ms per round trip")
+        requests.put(None)
+        call.cancel()
+        channel.close()
+    finally:
+        server.terminate()
+        server.join(5)
+
+
+if __name__ == "__main__":
+    main()
