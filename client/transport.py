@@ -24,11 +24,8 @@ from homeswarm.protocol import (
     node_pb2_grpc,
     serialize_tensor,
 )
+from homeswarm.protocol.limits import GRPC_OPTIONS
 
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 512 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 512 * 1024 * 1024),
-]
 _CLOSE = object()
 
 

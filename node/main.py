@@ -31,6 +31,7 @@ from homeswarm.node.service import NodeIdentity, NodeService
 from homeswarm.node.sessions import SessionManager
 from homeswarm.node.throughput import measure_block_throughput
 from homeswarm.protocol import PROTOCOL_VERSION, node_pb2, node_pb2_grpc
+from homeswarm.protocol.limits import GRPC_OPTIONS
 from homeswarm.protocol.ready_file import write_ready_file
 from homeswarm.routing.block_chooser import choose_blocks
 from homeswarm.routing.dht import SwarmDHT
@@ -38,11 +39,8 @@ from homeswarm.routing.records import PeerId, ServerRecord, ServerState
 
 logger = logging.getLogger("homeswarm.node")
 
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 512 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 512 * 1024 * 1024),
-    ("grpc.so_reuseport", 0),
-]
+# no SO_REUSEPORT: a second node asked for a taken port must fail, not share it
+SERVER_OPTIONS = [*GRPC_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
 def software_version() -> str:
@@ -137,7 +135,7 @@ async def _serve_with_dht(
         max_session_length=config.max_session_length,
         session_idle_timeout=config.session_idle_timeout,
     )
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     node_pb2_grpc.add_NodeServicer_to_server(service, server)
     reflection.enable_server_reflection(
         (node_pb2.DESCRIPTOR.services_by_name["Node"].full_name, reflection.SERVICE_NAME), server

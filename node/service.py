@@ -24,6 +24,7 @@ import torch
 
 from homeswarm.model import BlockSpan, cache_bytes
 from homeswarm.node.executor import ComputeExecutor
+from homeswarm.node.peers import PeerChannels
 from homeswarm.node.sessions import Refusal, Session, SessionManager, SessionRefused
 from homeswarm.protocol import (
     PROTOCOL_VERSION,
@@ -40,13 +41,9 @@ logger = logging.getLogger(__name__)
 _REFUSAL_CODES = {
     Refusal.NO_MEMORY: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Refusal.DRAINING: grpc.StatusCode.UNAVAILABLE,
-    Refusal.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
 }
 _COMPRESSIONS = frozenset(node_pb2.Compression.values())
-GRPC_CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 512 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 512 * 1024 * 1024),
-]
+
 
 
 _MAX_INBOX = 64
@@ -91,23 +88,6 @@ class NodeStats:
     steps_from_client: int = 0
     steps_from_peers: int = 0
     pushes_sent: int = 0
-
-
-class PeerChannels:
-    """asyncio gRPC channels to other nodes, for hand-off; one per address."""
-
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    def stub(self, address: str) -> node_pb2_grpc.NodeStub:
-        if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_CHANNEL_OPTIONS)
-        return node_pb2_grpc.NodeStub(self._channels[address])
-
-    async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
 
 
 @dataclass

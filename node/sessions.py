@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NewType
 
 SessionId = NewType("SessionId", str)
@@ -20,7 +20,6 @@ SessionId = NewType("SessionId", str)
 class Refusal(enum.Enum):
     NO_MEMORY = "resource_exhausted"
     DRAINING = "unavailable"
-    BAD_REQUEST = "invalid_argument"
 
 
 class SessionRefused(Exception):
@@ -41,7 +40,6 @@ class Session:
     opened_at: float
     last_active: float
     steps: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class SessionManager:

@@ -9,7 +9,6 @@ validated: a malformed or inconsistent record is dropped (and logged), never pas
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -119,12 +118,3 @@ async def _store_many(
 async def _get_many(keys: list[str], dht: hivemind.DHT, node: DHTNode) -> dict[str, Any]:
     return await node.get_many(keys, sufficient_expiration_time=float("inf"))
 
-
-def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:  # noqa: ANN001
-    """Poll ``predicate`` until true or ``timeout`` seconds pass (for CLIs and tests)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
