@@ -69,3 +69,24 @@ def test_decoding_step_legs(swarm, checkpoint, handoff):
         legs_per_step = 2 * sum(d[0] for d in delta) / steps
         assert legs_per_step == 2 * n
     assert got.tolist() == reference_greedy(checkpoint, PROMPT, NEW_TOKENS).tolist()
+
+
+def test_bad_pushes_get_clear_statuses(swarm):
+    import grpc
+
+    from homeswarm.protocol import PROTOCOL_VERSION, node_pb2, node_pb2_grpc, serialize_tensor
+
+    node = swarm.nodes[1]
+    channel = grpc.insecure_channel(node.info["address"])
+    stub = node_pb2_grpc.NodeStub(channel)
+    step = node_pb2.Step(step_id=1, hidden=serialize_tensor(torch.randn(1, 1, 64)))
+    try:
+        with pytest.raises(grpc.RpcError) as unknown:
+            stub.Push(node_pb2.PushRequest(protocol_version=PROTOCOL_VERSION, session_id="nope", step=step), timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "no open session" in unknown.value.details()
+        with pytest.raises(grpc.RpcError) as old:
+            stub.Push(node_pb2.PushRequest(protocol_version=0, session_id="nope", step=step), timeout=10)
+        assert old.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        channel.close()
