@@ -9,7 +9,10 @@ validated: a malformed or inconsistent record is dropped (and logged), never pas
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections.abc import Sequence
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from functools import partial
 from typing import Any
 
@@ -22,6 +25,11 @@ from homeswarm.routing.records import InvalidRecord, PeerId, ServerRecord
 logger = logging.getLogger(__name__)
 
 MODELS_KEY = "homeswarm/models"
+START_TIMEOUT = 60.0  # a DHT peer is normally ready in well under a second; bootstrapping is bounded too
+
+
+class DHTStartError(RuntimeError):
+    """The DHT peer could not be started."""
 
 
 def block_key(model: str, block: int) -> str:
@@ -46,16 +54,35 @@ class SwarmDHT:
         host: str = "127.0.0.1",
         port: int = 0,
         client_mode: bool = False,
+        start_timeout: float = START_TIMEOUT,
+        attempts: int = 2,
     ) -> SwarmDHT:
+        """Start a DHT peer in its own process, waiting at most ``start_timeout`` s per attempt.
+
+        hivemind forks that process; forking a process whose other threads hold locks (gRPC's, say)
+        can leave the child stuck before it is ready. Such a child is killed and the start retried,
+        so a caller gets a DHT or a ``DHTStartError``, never a hang.
+        """
         ip_proto = "ip6" if ":" in host else "ip4"
-        dht = hivemind.DHT(
-            initial_peers=list(initial_peers),
-            start=True,
-            host_maddrs=[f"/{ip_proto}/{host}/tcp/{port}"],
-            client_mode=client_mode,
-            num_workers=4,
-        )
-        return cls(dht)
+        for attempt in range(1, attempts + 1):
+            dht = hivemind.DHT(
+                initial_peers=list(initial_peers),
+                start=False,
+                host_maddrs=[f"/{ip_proto}/{host}/tcp/{port}"],
+                client_mode=client_mode,
+                num_workers=4,
+            )
+            dht.start()
+            try:
+                dht.wait_until_ready(start_timeout)
+            except FutureTimeoutError:
+                logger.warning("the DHT process did not get ready within %g s (attempt %d of %d); killing it",
+                               start_timeout, attempt, attempts)
+                _kill_process_tree(dht.pid)
+                dht.join(5)
+                continue
+            return cls(dht)
+        raise DHTStartError(f"the DHT did not start within {start_timeout:g} s, {attempts} attempts")
 
     @property
     def peer_id(self) -> str:
@@ -118,3 +145,27 @@ async def _store_many(
 async def _get_many(keys: list[str], dht: hivemind.DHT, node: DHTNode) -> dict[str, Any]:
     return await node.get_many(keys, sufficient_expiration_time=float("inf"))
 
+
+
+def _kill_process_tree(pid: int | None) -> None:
+    """SIGKILL a process and its descendants (the DHT process starts the p2pd daemon)."""
+    if pid is None:
+        return
+    for child in _children(pid):
+        _kill_process_tree(child)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _children(pid: int) -> list[int]:
+    """Child process ids, from /proc (Linux); none elsewhere."""
+    children: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(c) for c in f.read().split()]
+    except OSError:
+        pass
+    return children
