@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except UsageError as e:
         print(f"homeswarm: error: {e}", file=sys.stderr)
         code = EXIT_BAD_INPUT
-    except (MissingBlocksError, SessionError, JoinError) as e:
+    except (MissingBlocksError, SessionError, JoinError, TimeoutError) as e:  # TimeoutError: a DHT call
         print(f"homeswarm: error: {e}", file=sys.stderr)
         code = EXIT_FAILED
     except KeyboardInterrupt:

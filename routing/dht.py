@@ -26,10 +26,15 @@ logger = logging.getLogger(__name__)
 
 MODELS_KEY = "homeswarm/models"
 START_TIMEOUT = 60.0  # a DHT peer is normally ready in well under a second; bootstrapping is bounded too
+CALL_TIMEOUT = 60.0  # one store or lookup; hivemind bounds each network request, this bounds a dead DHT process
 
 
 class DHTStartError(RuntimeError):
     """The DHT peer could not be started."""
+
+
+class DHTTimeout(TimeoutError):
+    """A store or lookup did not finish in time."""
 
 
 def block_key(model: str, block: int) -> str:
@@ -43,8 +48,9 @@ def dht_time() -> float:
 class SwarmDHT:
     """A started hivemind DHT peer plus homeswarm's view of it."""
 
-    def __init__(self, dht: hivemind.DHT):
+    def __init__(self, dht: hivemind.DHT, call_timeout: float = CALL_TIMEOUT):
         self.dht = dht
+        self.call_timeout = call_timeout
 
     @classmethod
     def create(
@@ -96,12 +102,15 @@ class SwarmDHT:
         keys = [block_key(record.model, i) for i in range(record.start, record.end)] + [MODELS_KEY]
         values: list[Any] = [record.to_dict()] * record.num_blocks + [{"num_blocks": num_blocks}]
         subkeys = [record.peer_id] * record.num_blocks + [record.model]
-        self.dht.run_coroutine(partial(_store_many, keys, values, subkeys, expiration_time))
+        self._wait(self.dht.run_coroutine(partial(_store_many, keys, values, subkeys, expiration_time),
+                                          return_future=True), "announcing")
 
     def get_servers(self, model: str, start: int, end: int) -> list[ServerRecord]:
         """Every valid record announced for blocks [start, end), one per peer (the freshest)."""
         keys = [block_key(model, i) for i in range(start, end)]
-        found: dict[str, Any] = self.dht.run_coroutine(partial(_get_many, keys))
+        found: dict[str, Any] = self._wait(
+            self.dht.run_coroutine(partial(_get_many, keys), return_future=True), "reading server records"
+        )
         best: dict[PeerId, tuple[float, ServerRecord]] = {}
         for block, key in zip(range(start, end), keys, strict=True):
             entry = found.get(key)
@@ -123,7 +132,7 @@ class SwarmDHT:
 
     def list_models(self) -> dict[str, int]:
         """Model name -> number of blocks, for every model some node announces."""
-        entry = self.dht.get(MODELS_KEY, latest=True)
+        entry = self._wait(self.dht.get(MODELS_KEY, latest=True, return_future=True), "listing models")
         models: dict[str, int] = {}
         if entry is not None and isinstance(entry.value, dict):
             for name, item in entry.value.items():
@@ -131,6 +140,15 @@ class SwarmDHT:
                 if isinstance(name, str) and isinstance(value, dict) and isinstance(value.get("num_blocks"), int):
                     models[name] = value["num_blocks"]
         return models
+
+    def _wait(self, future: Any, what: str) -> Any:
+        """A DHT call's result, or DHTTimeout: a DHT process that died never settles its futures."""
+        try:
+            return future.result(self.call_timeout)
+        except FutureTimeoutError:
+            future.cancel()
+            alive = "" if self.dht.is_alive() else " (the DHT process has exited)"
+            raise DHTTimeout(f"{what} took more than {self.call_timeout:g} s{alive}") from None
 
     def shutdown(self) -> None:
         self.dht.shutdown()
