@@ -99,6 +99,7 @@ class HopStream:
         self.step_timeout = step_timeout
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
+        self.last_compute_seconds = 0.0  # the node's forward pass for the last result received
         self._call = pool.stub(address).Inference(iter(self._queue.get, _CLOSE))
         self._responses: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._read, name=f"hop-{address}", daemon=True).start()
@@ -191,6 +192,7 @@ class HopStream:
                 raise self._fail(f"the node answered step {current} while step {step_id} was expected")
             if kind == "handoff_failed":
                 return "handoff_failed", response.handoff_failed.error
+            self.last_compute_seconds = response.result.compute_seconds
             try:
                 return "result", deserialize_tensor(response.result.hidden)
             except CodecError as e:

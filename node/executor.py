@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class _Step:
     cache: KVCache | None
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    seconds: float = 0.0  # the forward pass that computed it (shared by the steps of one batch)
 
     @property
     def tokens(self) -> int:
@@ -66,6 +68,12 @@ class ComputeExecutor:
 
     async def step(self, span: BlockSpan, hidden: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """``span.forward(hidden, cache)``, run together with the other steps queued at the same time."""
+        return (await self.timed_step(span, hidden, cache))[0]
+
+    async def timed_step(
+        self, span: BlockSpan, hidden: torch.Tensor, cache: KVCache | None
+    ) -> tuple[torch.Tensor, float]:
+        """:meth:`step`, and the seconds its forward pass took (its batch's, when batched)."""
         loop = asyncio.get_running_loop()
         item = _Step(span, hidden, cache, loop.create_future(), loop)
         with self._lock:
@@ -77,7 +85,7 @@ class ComputeExecutor:
             # queue their next steps first, so they land in one batch instead of a lone one and the rest.
             loop.call_soon(self._submit_drain)
         try:
-            return await item.future
+            return await item.future, item.seconds
         except asyncio.CancelledError:
             with self._lock:
                 if item in self._queue:
@@ -149,9 +157,11 @@ class ComputeExecutor:
             _resolve_all(results)
 
     def _compute(self, ready: list[_Step]) -> list[tuple[_Step, torch.Tensor | None, BaseException | None]]:
+        t0 = time.perf_counter()
         try:
             with torch.no_grad():
                 outputs = ready[0].span.forward_batch([(item.hidden, item.cache) for item in ready])
+            _synchronize(ready[0].span)
         except Exception as e:  # noqa: BLE001 - handed to the callers
             if len(ready) == 1:
                 return [(ready[0], None, e)]
@@ -168,6 +178,9 @@ class ComputeExecutor:
                 else:
                     results.append((item, output, None))
             return results
+        seconds = time.perf_counter() - t0
+        for item in ready:
+            item.seconds = seconds
         self.batches += 1
         self.batched_steps += len(ready)
         return [(item, output, None) for item, output in zip(ready, outputs, strict=True)]
@@ -196,6 +209,13 @@ def _settle(group: list[tuple[_Step, torch.Tensor | None, BaseException | None]]
             item.future.set_exception(error)
         else:
             item.future.set_result(output)
+
+
+def _synchronize(span: BlockSpan) -> None:
+    """Wait for queued GPU kernels, so the measured time is the compute's (they would be waited for
+    anyway, when the output is copied to the CPU for the wire)."""
+    if span.device.type == "cuda":
+        torch.cuda.synchronize(span.device)
 
 
 def _no_grad_call(fn: Callable[..., T], args: tuple) -> T:

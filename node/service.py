@@ -318,13 +318,14 @@ class NodeService(node_pb2_grpc.NodeServicer):
         else:
             self.stats.steps_from_client += 1
         span = self._subspan(session.start, session.end)
-        output = await self.executor.step(span, hidden, session.cache)
+        output, seconds = await self.executor.timed_step(span, hidden, session.cache)
         session.steps += 1
         session.last_active = self.clock()
         result = node_pb2.StepResult(
             step_id=item.step_id,
             hidden=self._encode(output, live.compression),
             cache_length=session.cache.length,
+            compute_seconds=seconds,
         )
         if item.next:
             # concurrently with the answer to the client: the next node must not wait on that leg

@@ -165,14 +165,16 @@ class SessionOpened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "hidden", "cache_length")
+    __slots__ = ("step_id", "hidden", "cache_length", "compute_seconds")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden: Tensor
     cache_length: int
-    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ...) -> None: ...
+    compute_seconds: float
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class HandoffFailed(_message.Message):
     __slots__ = ("step_id", "error")

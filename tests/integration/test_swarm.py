@@ -134,6 +134,7 @@ def test_cache_budget_refuses_with_resource_exhausted(swarm, checkpoints):
         # the admitted session keeps working
         out = first.step(1, torch.randn(1, 10, 64))
         assert out.shape == (1, 10, 64) and torch.isfinite(out).all()
+        assert 0 < first.last_compute_seconds < 30  # the node reports its forward pass's time
         first.close()
         # its memory returns to the budget once closed
         deadline = time.monotonic() + 10

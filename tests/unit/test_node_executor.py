@@ -145,3 +145,23 @@ async def test_cancelled_step_never_runs_and_run_still_works(span, executor):
     assert (await asyncio.wait_for(blocker, TIMEOUT)).shape == (200, 200)
     out = await asyncio.wait_for(executor.step(span, torch.randn(1, 1, 64), cache), TIMEOUT)
     assert out.shape == (1, 1, 64) and cache.length == 1
+
+
+async def test_timed_step_reports_its_batch_compute_time(span, executor, monkeypatch):
+    original = type(span).forward_batch
+    delay = 0.05
+
+    def slow(self, items):
+        import time
+
+        time.sleep(delay)  # a forward pass that takes a known minimum time
+        return original(self, items)
+
+    monkeypatch.setattr(type(span), "forward_batch", slow)
+    pairs = _prefilled(span, 3, seed=4)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(executor.timed_step(span, hidden, a) for hidden, a, _ in pairs)), TIMEOUT
+    )
+    seconds = [s for _, s in results]
+    assert all(delay <= s < delay + 5 for s in seconds)
+    assert len(set(seconds)) == 1  # one batch: one forward pass, its time shared
