@@ -72,7 +72,7 @@ def main() -> None:
                 result = {}
                 for handoff in (False, True):
                     with AutoDistributedModelForCausalLM.from_pretrained(
-                        path, initial_peers=swarm.initial_peers, config=ClientConfig(handoff=handoff)
+                        path, initial_peers=swarm.initial_peers, config=ClientConfig(handoff=handoff, handoff_min_rtt=0.0)
                     ) as model:
                         result[handoff] = step_ms(model, args.steps)
                 n = args.nodes

@@ -28,3 +28,7 @@ class ClientConfig:
                                        "many seconds get float16")
     dtype: str = _opt("float32", "dtype of the client's embeddings and LM head")
     handoff: bool = _opt(True, "nodes pass hidden states straight to the next node (N+1 legs a step, not 2N)")
+    handoff_min_rtt: float = _opt(
+        0.001, "use hand-off only when the route's nodes are on average at least this many seconds of round "
+        "trip away; on faster links (one machine, a LAN) the client relays, which costs less CPU than pushing"
+    )

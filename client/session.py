@@ -37,6 +37,21 @@ class _OpenHop:
     inputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step_id, hidden) sent
 
 
+def use_handoff(config: ClientConfig, rtts: list[float | None]) -> bool:
+    """Whether a route whose hops have these round trips (None: unknown) should use hand-off.
+
+    Hand-off saves a network leg per hop but costs each node a push and the client an extra answer
+    to read; it pays where legs are slow. On one machine or a LAN, relaying is cheaper (measured in
+    docs/BENCHMARKS.md). A hop whose round trip is unknown counts as slow.
+    """
+    if not config.handoff or len(rtts) < 2:
+        return False
+    known = [rtt for rtt in rtts if rtt is not None]
+    if len(known) < len(rtts):
+        return True
+    return sum(known) / len(known) >= config.handoff_min_rtt
+
+
 class InferenceSession:
     """Step hidden states [batch, tokens, hidden] through every block of the model, keeping caches."""
 
@@ -128,6 +143,7 @@ class InferenceSession:
                 f"the session holds {self.length} of {self.max_length} tokens; {hidden.shape[1]} more do not fit"
             )
         dtype = hidden.dtype
+        handoff = self._use_handoff()
         self._step_id += 1
         step_id = self._step_id
         self._drain_wakeups()
@@ -140,10 +156,10 @@ class InferenceSession:
             assert hop.stream is not None
             try:
                 if need_send:
-                    self._send(i, step_id, hidden)
+                    self._send(i, step_id, hidden, handoff)
                     need_send = False
                 event = hop.stream.poll(step_id)
-                if (event is None and i > 0 and self.config.handoff and not relayed
+                if (event is None and i > 0 and handoff and not relayed
                         and self._handoff_failed(i - 1, step_id)):
                     need_send = relayed = True  # relay what the previous node could not push
                     continue
@@ -164,17 +180,21 @@ class InferenceSession:
             hop.inputs.append((step_id, hidden))
             hidden = event[1].to(dtype)
             i += 1
-            need_send = not self.config.handoff
+            need_send = not handoff
             relayed = False
             deadline = time.monotonic() + self.config.step_timeout
         self.length += hidden.shape[1]
         return hidden
 
-    def _send(self, index: int, step_id: int, hidden: torch.Tensor) -> None:
+    def _use_handoff(self) -> bool:
+        return use_handoff(self.config, [self.routes.rtts.get(h.stream.peer_id) if h.stream else None
+                                         for h in self._hops])
+
+    def _send(self, index: int, step_id: int, hidden: torch.Tensor, handoff: bool) -> None:
         """Send hop ``index`` its input; with hand-off, it passes its output down the rest of the chain."""
         stream = self._hops[index].stream
         assert stream is not None
-        rest = self._hops[index + 1 :] if self.config.handoff else []
+        rest = self._hops[index + 1 :] if handoff else []
         stream.send(step_id, hidden, [(h.stream.address, h.stream.session_id) for h in rest if h.stream])
 
     def _handoff_failed(self, index: int, step_id: int) -> bool:

@@ -61,11 +61,17 @@ class ChannelPool:
 
 
 def ping(pool: ChannelPool, peer_id: str, address: str, timeout: float) -> tuple[float, node_pb2.InfoResponse]:
-    """(round-trip seconds, node info), or HopFailed."""
+    """(round-trip seconds, node info), or HopFailed.
+
+    The round trip is timed on a second call: the first may include opening the connection (TCP and
+    HTTP/2 set-up, several round trips), which would make a near node look far.
+    """
     stub = pool.stub(address)
-    t0 = time.perf_counter()
+    request = node_pb2.InfoRequest(protocol_version=PROTOCOL_VERSION)
     try:
-        info = stub.Info(node_pb2.InfoRequest(protocol_version=PROTOCOL_VERSION), timeout=timeout)
+        stub.Info(request, timeout=timeout)
+        t0 = time.perf_counter()
+        info = stub.Info(request, timeout=timeout)
     except grpc.RpcError as e:
         raise HopFailed(peer_id, address, f"ping failed: {e.code().name}: {e.details()}", e.code()) from None
     return time.perf_counter() - t0, info

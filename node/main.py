@@ -118,7 +118,7 @@ async def _serve_with_dht(
     else:
         budget = available_memory_bytes(span.device) // 4
     sessions = SessionManager(budget, bytes_per_token)
-    executor = ComputeExecutor()
+    executor = ComputeExecutor(inline_max_seconds=config.inline_compute_ms / 1000)
     identity = NodeIdentity(
         model=model_name,
         dtype=config.dtype,

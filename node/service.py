@@ -7,8 +7,8 @@ twice, so the KV cache never holds a position twice.
 
 Every request is checked before any compute: protocol version (FAILED_PRECONDITION), model and
 block range, batch size, length and tensor shape (INVALID_ARGUMENT), cache budget
-(RESOURCE_EXHAUSTED), draining for shutdown (UNAVAILABLE). Compute runs on the executor, never on
-the event loop. A session's cache is released however its stream ends.
+(RESOURCE_EXHAUSTED), draining for shutdown (UNAVAILABLE). Compute runs on the executor's thread; only
+a short step of a node's single session may run on the event loop (see ``ComputeExecutor``). A session's cache is released however its stream ends.
 """
 
 from __future__ import annotations
@@ -318,7 +318,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         else:
             self.stats.steps_from_client += 1
         span = self._subspan(session.start, session.end)
-        output, seconds = await self.executor.timed_step(span, hidden, session.cache)
+        # a single session has nothing to batch with: a short step may skip the compute thread
+        output, seconds = await self.executor.timed_step(span, hidden, session.cache, inline_ok=len(self._live) == 1)
         session.steps += 1
         session.last_active = self.clock()
         result = node_pb2.StepResult(

@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from homeswarm.client.config import ClientConfig
 from homeswarm.client.local_swarm import Daemon, LocalSwarm
 from homeswarm.client.model import AutoDistributedModelForCausalLM
 from homeswarm.client.transport import HopStream
@@ -66,10 +67,15 @@ def generate_with_kills(model, kills: dict[int, Callable]) -> tuple[torch.Tensor
         return torch.cat([PROMPT, torch.stack(new, dim=1)], dim=1), session.failovers
 
 
-def test_kill_mid_generation(swarm, checkpoint, expected):
-    daemons = start_nodes(swarm, checkpoint, "fo-mid", [(0, 3), (3, 6), (3, 6)])
+# hand-off forced on (on loopback the client would otherwise relay), and relaying
+MODES = {"handoff": ClientConfig(handoff_min_rtt=0.0), "relay": ClientConfig(handoff=False)}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_kill_mid_generation(swarm, checkpoint, expected, mode):
+    daemons = start_nodes(swarm, checkpoint, f"fo-mid-{mode}", [(0, 3), (3, 6), (3, 6)])
     with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
-                                                         model_name="fo-mid") as model:
+                                                         model_name=f"fo-mid-{mode}", config=MODES[mode]) as model:
         got, failovers = generate_with_kills(model, {8: lambda s: kill_serving(daemons, s, (3, 6))})
     assert failovers == 1
     assert got.tolist() == expected.tolist()
@@ -84,10 +90,11 @@ def test_kill_before_prefill(swarm, checkpoint, expected):
     assert got.tolist() == expected.tolist()
 
 
-def test_two_failures_in_one_generation(swarm, checkpoint, expected):
-    daemons = start_nodes(swarm, checkpoint, "fo-two", [(0, 3), (0, 3), (3, 6), (3, 6), (3, 6)])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_two_failures_in_one_generation(swarm, checkpoint, expected, mode):
+    daemons = start_nodes(swarm, checkpoint, f"fo-two-{mode}", [(0, 3), (0, 3), (3, 6), (3, 6), (3, 6)])
     with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
-                                                         model_name="fo-two") as model:
+                                                         model_name=f"fo-two-{mode}", config=MODES[mode]) as model:
         got, failovers = generate_with_kills(model, {
             5: lambda s: kill_serving(daemons, s, (3, 6)),
             6: lambda s: kill_serving(daemons, s, (3, 6)),  # the replacement dies right after

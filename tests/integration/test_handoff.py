@@ -50,7 +50,7 @@ def counters(swarm: LocalSwarm) -> list[tuple[int, int, int]]:
 def test_decoding_step_legs(swarm, checkpoint, handoff):
     before = counters(swarm)
     with AutoDistributedModelForCausalLM.from_pretrained(
-        checkpoint, initial_peers=swarm.initial_peers, config=ClientConfig(handoff=handoff)
+        checkpoint, initial_peers=swarm.initial_peers, config=ClientConfig(handoff=handoff, handoff_min_rtt=0.0)
     ) as model:
         got = model.generate(PROMPT, max_new_tokens=NEW_TOKENS)
     after = counters(swarm)

@@ -118,3 +118,14 @@ def test_argparse_errors_exit_2(argv, capsys):
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_bad_inline_compute_ms(value):
+    with pytest.raises(ConfigError, match="--inline-compute-ms"):
+        parse("m", "--new-swarm", f"--inline-compute-ms={value}")
+
+
+def test_inline_compute_ms_default_and_off():
+    assert parse("m", "--new-swarm").inline_compute_ms == 5.0
+    assert parse("m", "--new-swarm", "--inline-compute-ms", "0").inline_compute_ms == 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -165,3 +166,54 @@ async def test_timed_step_reports_its_batch_compute_time(span, executor, monkeyp
     seconds = [s for _, s in results]
     assert all(delay <= s < delay + 5 for s in seconds)
     assert len(set(seconds)) == 1  # one batch: one forward pass, its time shared
+
+
+async def test_a_lone_short_step_runs_inline_once_its_time_is_known(span):
+    executor = ComputeExecutor(inline_max_seconds=10.0)
+    try:
+        cache, reference = span.new_cache(1, 16), span.new_cache(1, 16)
+        outputs = []
+        for i in range(4):
+            hidden = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(i))
+            outputs.append(await asyncio.wait_for(executor.timed_step(span, hidden, cache, inline_ok=True), TIMEOUT))
+            torch.testing.assert_close(outputs[-1][0], span(hidden, reference), rtol=1e-5, atol=1e-5)
+        # the first step of this size ran on the compute thread and measured it; the rest ran inline
+        assert executor.inline_steps == 3 and executor.batched_steps == 4
+        assert all(seconds > 0 for _, seconds in outputs)
+        # a bad step fails its caller inline too, leaving the cache untouched
+        with pytest.raises(ValueError):
+            await executor.timed_step(span, torch.randn(1, 1, 32), cache, inline_ok=True)
+        assert cache.length == 4
+    finally:
+        executor.shutdown()
+
+
+async def test_no_inline_step_when_not_allowed_or_too_slow_or_busy(span, monkeypatch):
+    executor = ComputeExecutor(inline_max_seconds=10.0)
+    try:
+        cache = span.new_cache(1, 16)
+        for _ in range(2):  # not allowed by the caller (other sessions to batch with)
+            await asyncio.wait_for(executor.timed_step(span, torch.randn(1, 1, 64), cache), TIMEOUT)
+        assert executor.inline_steps == 0
+        # the compute thread is busy with something else: queue behind it, never run beside it
+        started, release = asyncio.Event(), threading.Event()
+        loop = asyncio.get_running_loop()
+
+        def blocker():
+            loop.call_soon_threadsafe(started.set)
+            release.wait(TIMEOUT)
+
+        busy = asyncio.ensure_future(executor.run(blocker))
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        step = asyncio.ensure_future(executor.timed_step(span, torch.randn(1, 1, 64), cache, inline_ok=True))
+        await asyncio.sleep(0.05)
+        assert not step.done()
+        release.set()
+        await asyncio.wait_for(asyncio.gather(busy, step), TIMEOUT)
+        assert executor.inline_steps == 0
+        # too slow for the threshold: stays on the compute thread
+        executor.inline_max_seconds = 1e-9
+        await asyncio.wait_for(executor.timed_step(span, torch.randn(1, 1, 64), cache, inline_ok=True), TIMEOUT)
+        assert executor.inline_steps == 0
+    finally:
+        executor.shutdown()
