@@ -104,14 +104,25 @@ def bench_grpc(model_dir: Path, steps: int, workdir: Path) -> None:
         try:
             _grpc_round(pool, node.info, 1, 4)  # warm-up
             for n in SESSIONS:
-                rows.append((n, _grpc_round(pool, node.info, n, steps)))
+                before = _counters(pool, node.info)
+                rate = _grpc_round(pool, node.info, n, steps)
+                passes, batched, inline = (a - b for a, b in zip(_counters(pool, node.info), before, strict=True))
+                rows.append((n, rate, batched / max(passes, 1), inline))
         finally:
             pool.close()
     print(f"\nthrough one join-swarm node over gRPC (loopback, batched), prefix {PREFIX}, {steps} steps per session")
-    print(f"{'sessions':>8} | {'tok/s':>8} | {'vs 1 session':>12}")
-    print("-" * 35)
-    for n, rate in rows:
-        print(f"{n:>8} | {rate:>8.1f} | {rate / rows[0][1]:>11.2f}x")
+    print(f"{'sessions':>8} | {'tok/s':>8} | {'vs 1 session':>12} | {'mean batch':>10} | {'inline steps':>12}")
+    print("-" * 66)
+    for n, rate, mean_batch, inline in rows:
+        print(f"{n:>8} | {rate:>8.1f} | {rate / rows[0][1]:>11.2f}x | {mean_batch:>10.2f} | {inline:>12}")
+
+
+def _counters(pool, info: dict) -> tuple[int, int, int]:
+    """The node's (forward passes, steps they ran, steps run on the event loop) so far."""
+    from homeswarm.client.transport import ping
+
+    _, response = ping(pool, info["peer_id"], info["address"], 10)
+    return response.forward_passes, response.batched_steps, response.inline_steps
 
 
 def _grpc_round(pool, info: dict, sessions: int, steps: int) -> float:

@@ -3,9 +3,12 @@
     python bench/bench_memory.py [--shape large-16x1024] [--spans 0:1 0:4 0:8 0:16]
 
 For each span, starts a bootstrap peer and one `join-swarm` node, lets it load, self-test and serve
-one 128-token session, then reads the node's peak RSS (VmHWM) and that of its DHT helper process.
-The fixed runtime cost is what a node serving the `tiny` model (a few KB of weights) peaks at.
-Also reports what the client holds: the bytes of the embeddings, final norm and LM head.
+one 128-token session, then reads the node's peak RSS (VmHWM) and its helper processes: the DHT
+process that hivemind forks, the p2pd daemon that one starts, torch's shared-memory manager. Their
+peak RSS counts the shared libraries each maps (torch alone is a few hundred MB) once per process, so
+the whole tree is also given as PSS (each shared page split between the processes that map it),
+read after the session. The fixed runtime cost is what a node serving the `tiny` model (a few KB of
+weights) takes. Also reports what the client holds: the bytes of the embeddings, final norm and LM head.
 """
 
 from __future__ import annotations
@@ -25,16 +28,45 @@ from homeswarm.model import CheckpointReader, ModelConfig, load_head  # noqa: E4
 from homeswarm.protocol import node_pb2  # noqa: E402
 
 
-def peak_rss(pid: int) -> int:
+def _status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
+    raise RuntimeError(f"no {field} for {pid}")
 
 
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
+def peak_rss(pid: int) -> int:
+    return _status_kib(pid, "VmHWM")
+
+
+def pss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no Pss for {pid}")
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, name) of every process below ``pid``: children of any of its threads, recursively (the DHT
+    process is forked from a worker thread, so the main thread's own children list misses it)."""
+    found: list[tuple[int, str]] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:
+            kids = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            try:
+                name = Path(f"/proc/{kid}/comm").read_text().strip()
+            except OSError:
+                continue
+            found.append((kid, name))
+            found += descendants(kid)
+    return found
 
 
 def weight_bytes(path: Path) -> tuple[int, int]:
@@ -50,7 +82,8 @@ def weight_bytes(path: Path) -> tuple[int, int]:
     return block, head
 
 
-def measure_node(path: Path, span: str, hidden: int) -> tuple[int, int]:
+def measure_node(path: Path, span: str, hidden: int) -> dict[str, object]:
+    """Peak RSS of the node process and of its helpers (by name), and the PSS of the whole tree."""
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         node = swarm.start_node(path, "--blocks", span, "--max-cache-tokens", "1024", timeout=600)
@@ -66,9 +99,14 @@ def measure_node(path: Path, span: str, hidden: int) -> tuple[int, int]:
             stream.close()
         finally:
             pool.close()
-        main = peak_rss(node.process.pid)
-        helpers = sum(peak_rss(c) for c in children(node.process.pid) if Path(f"/proc/{c}/status").exists())
-        return main, helpers
+        pid = node.process.pid
+        helpers = descendants(pid)
+        return {
+            "main": peak_rss(pid),
+            "helpers": {name: peak_rss(kid) for kid, name in helpers},
+            "helpers_peak": sum(peak_rss(kid) for kid, _ in helpers),
+            "tree_pss": pss(pid) + sum(pss(kid) for kid, _ in helpers),
+        }
 
 
 def main() -> None:
@@ -79,18 +117,24 @@ def main() -> None:
     path = checkpoint(args.shape)
     config = ModelConfig.from_dir(path)
     blocks_bytes, head_bytes = weight_bytes(path)
-    fixed, fixed_helpers = measure_node(checkpoint("tiny"), "0:1", ModelConfig.from_dir(checkpoint("tiny")).hidden_size)
-    rows = [["tiny", "0:1", "-", fixed / 2**20, "-", "-", fixed_helpers / 2**20]]
+    tiny = measure_node(checkpoint("tiny"), "0:1", ModelConfig.from_dir(checkpoint("tiny")).hidden_size)
+    fixed, fixed_pss = tiny["main"], tiny["tree_pss"]
+    mib = 2**20
+    rows = [["tiny", "0:1", "-", fixed / mib, "-", "-", tiny["helpers_peak"] / mib, fixed_pss / mib, "-", "-"]]
     for span in args.spans:
         a, b = (int(x) for x in span.split(":"))
         share = (b - a) / config.num_hidden_layers * blocks_bytes
-        main_rss, helpers = measure_node(path, span, config.hidden_size)
-        rows.append([args.shape, span, share / 2**20, main_rss / 2**20, (share + fixed) / 2**20,
-                     (main_rss - fixed - share) / 2**20, helpers / 2**20])
-    print(f"{args.shape}: block weights {blocks_bytes / 2**20:.1f} MiB, client part (embeddings, norm, head) "
-          f"{head_bytes / 2**20:.1f} MiB; fixed runtime cost = a node serving the tiny model")
+        m = measure_node(path, span, config.hidden_size)
+        rows.append([args.shape, span, share / mib, m["main"] / mib, (share + fixed) / mib,
+                     (m["main"] - fixed - share) / mib, m["helpers_peak"] / mib, m["tree_pss"] / mib,
+                     (share + fixed_pss) / mib, (m["tree_pss"] - fixed_pss - share) / mib])
+    print(f"{args.shape}: block weights {blocks_bytes / mib:.1f} MiB, client part (embeddings, norm, head) "
+          f"{head_bytes / mib:.1f} MiB; fixed runtime cost = a node serving the tiny model")
+    print("helper processes of the tiny node (peak RSS MiB): "
+          + ", ".join(f"{name} {rss / mib:.0f}" for name, rss in tiny["helpers"].items()))  # type: ignore[union-attr]
     print(table(["model", "blocks", "(k/L) x weights MiB", "node peak RSS MiB", "bound MiB (share + fixed)",
-                 "over share+fixed MiB", "DHT helper processes MiB"], rows))
+                 "over share+fixed MiB", "helpers peak RSS MiB", "tree PSS MiB", "tree bound MiB",
+                 "tree over MiB"], rows))
     head = load_head(path)
     held = sum(p.nbytes for p in head.parameters())
     print(f"\nclient head in memory: {held / 2**20:.1f} MiB (checkpoint's non-block tensors: {head_bytes / 2**20:.1f} MiB)")

@@ -186,6 +186,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
             steps_from_client=self.stats.steps_from_client,
             steps_from_peers=self.stats.steps_from_peers,
             pushes_sent=self.stats.pushes_sent,
+            forward_passes=self.executor.batches,
+            batched_steps=self.executor.batched_steps,
+            inline_steps=self.executor.inline_steps,
         )
 
     async def Forward(
