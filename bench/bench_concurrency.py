@@ -7,7 +7,7 @@ session holds a 128-token prefix, then every session decodes concurrently (one a
 With --grpc, also through a real `join-swarm` daemon (LocalSwarm; batched, as the node runs) with one
 client thread and one HopStream per session. Prints tables; asserts nothing.
 
-    python -m bench.bench_concurrency [--steps 32] [--grpc]
+    python -m bench.bench_concurrency [--steps 32] [--grpc] [--node-args --batch-wait-ms 5]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _table(title: str, rows: list[tuple[int, float, float, float]]) -> None:
           f"(batched {last[0]} vs unbatched 1: {last[2] / one[False]:.2f}x)")
 
 
-def bench_grpc(model_dir: Path, steps: int, workdir: Path) -> None:
+def bench_grpc(model_dir: Path, steps: int, workdir: Path, node_args: list[str]) -> None:
     """The same through one real node over gRPC (batched, as the node runs): a client thread per session."""
     from homeswarm.client.local_swarm import LocalSwarm
     from homeswarm.client.transport import ChannelPool
@@ -99,7 +99,7 @@ def bench_grpc(model_dir: Path, steps: int, workdir: Path) -> None:
     (workdir / "swarm").mkdir()
     with LocalSwarm(workdir / "swarm") as swarm:
         swarm.start_bootstrap()
-        node = swarm.start_node(model_dir, "--model-name", "bench", "--blocks", "0:8")
+        node = swarm.start_node(model_dir, "--model-name", "bench", "--blocks", "0:8", *node_args)
         pool = ChannelPool()
         try:
             _grpc_round(pool, node.info, 1, 4)  # warm-up
@@ -170,12 +170,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=32, help="decode steps per session")
     parser.add_argument("--grpc", action="store_true", help="also measure through a real node over gRPC")
+    parser.add_argument("--node-args", nargs=argparse.REMAINDER, default=[],
+                        help="extra join-swarm options for the --grpc node (last on the line)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="homeswarm-bench-concurrency-") as tmp:
         model_dir = make_model(Path(tmp))
         bench_in_process(model_dir, args.steps)
         if args.grpc:
-            bench_grpc(model_dir, args.steps, Path(tmp))
+            bench_grpc(model_dir, args.steps, Path(tmp), args.node_args)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ class NodeConfig:
     shutdown_grace: float = _opt(10.0, "on SIGTERM/SIGINT, seconds open sessions get to finish")
     announce_ttl: float = _opt(30.0, "seconds an announcement lives; refreshed every third of that")
     compute_threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
+    batch_wait_ms: float = _opt(
+        5.0, "hold a batch back up to this many ms for the next steps of sessions that were in the last one "
+        "(their answers left together; their next steps come back staggered) (0: never wait)"
+    )
     inline_compute_ms: float = _opt(
         5.0, "with a single session open, run its steps that took under this many ms on the event loop "
         "instead of the compute thread, saving two thread hand-offs (0: never)"
@@ -68,8 +72,9 @@ class NodeConfig:
             raise ConfigError(f"--public-address must be HOST:PORT with a port in 1..65535, got {self.public_address!r}")
         if self.max_cache_tokens is not None and self.max_cache_tokens < 1:
             raise ConfigError("--max-cache-tokens must be positive")
-        if not 0 <= self.inline_compute_ms < float("inf"):
-            raise ConfigError(f"--inline-compute-ms must be a number >= 0, got {self.inline_compute_ms}")
+        for name in ("inline_compute_ms", "batch_wait_ms"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number >= 0, got {getattr(self, name)}")
         for name in ("max_batch_size", "max_session_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")

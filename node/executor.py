@@ -15,6 +15,12 @@ node does when it has a single session, so there is nothing to batch with), noth
 running on the compute thread, and the last step of that span and size took under
 ``inline_max_seconds``. Two thread hand-offs cost about 0.3 ms on a busy 2-core machine, as much as a
 small span's whole step; blocking the loop for a few milliseconds costs other requests no more.
+
+Over the network the answers of one batch leave together but the sessions' next steps come back
+staggered, so the first to arrive would run alone and the rest after it, and the sessions would stay
+split in two half-batches. With ``batch_wait_seconds`` the compute thread holds the next batch back
+until every session of the last batch has queued its next step, at most that long after the last
+forward pass ended (or the oldest queued step arrived, if later).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class _Step:
     cache: KVCache | None
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    queued_at: float = 0.0  # time.monotonic() when it was queued
     seconds: float = 0.0  # the forward pass that computed it (shared by the steps of one batch)
 
     @property
@@ -52,11 +59,14 @@ class _Step:
 
 class ComputeExecutor:
     def __init__(self, *, max_batch_steps: int = 8, max_batch_tokens: int = 2048, batching: bool = True,
-                 inline_max_seconds: float = 0.0) -> None:
+                 inline_max_seconds: float = 0.0, batch_wait_seconds: float = 0.0) -> None:
         if max_batch_steps < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch_steps and max_batch_tokens must be positive")
-        if inline_max_seconds < 0:
-            raise ValueError("inline_max_seconds must be >= 0")
+        if inline_max_seconds < 0 or batch_wait_seconds < 0:
+            raise ValueError("inline_max_seconds and batch_wait_seconds must be >= 0")
+        self.batch_wait_seconds = batch_wait_seconds if batching else 0.0
+        self._last_batch: set[int] = set()  # caches (by id) of the last batch taken
+        self._last_finish = 0.0  # time.monotonic() when the last forward pass ended
         self.inline_max_seconds = inline_max_seconds
         self._last_seconds: dict[tuple[int, int], float] = {}  # (id(span), tokens) -> last forward time
         self._busy = 0  # run() calls and drains in flight on the compute thread
@@ -64,7 +74,7 @@ class ComputeExecutor:
         self.max_batch_steps = max_batch_steps if batching else 1
         self.max_batch_tokens = max_batch_tokens
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # guards the queue; notified when a step is queued
         self._queue: list[_Step] = []
         self._drain_scheduled = False
         self.batches = 0  # forward_batch calls so far
@@ -97,7 +107,7 @@ class ComputeExecutor:
         ``inline_ok``: the caller has nothing to batch this step with, so a short one may run right here.
         """
         loop = asyncio.get_running_loop()
-        item = _Step(span, hidden, cache, loop.create_future(), loop)
+        item = _Step(span, hidden, cache, loop.create_future(), loop, time.monotonic())
         with self._lock:
             if inline_ok and self._inline_now(item):
                 self._busy += 1
@@ -105,6 +115,7 @@ class ComputeExecutor:
             else:
                 inline = False
                 self._queue.append(item)
+                self._lock.notify()
             schedule = not inline and not self._drain_scheduled
             self._drain_scheduled = self._drain_scheduled or not inline
         if inline:
@@ -136,6 +147,22 @@ class ComputeExecutor:
             return False
         last = self._last_seconds.get((id(item.span), item.tokens))
         return last is not None and last < self.inline_max_seconds
+
+    def _hold_back(self) -> None:
+        """Under the lock, on the compute thread: wait while a session of the last batch has not queued
+        its next step yet, for at most ``batch_wait_seconds`` after the later of the last forward pass's
+        end and the oldest queued step. New steps wake it."""
+        if self.batch_wait_seconds <= 0:
+            return
+        while self._queue:
+            queued = {id(item.cache) for item in self._queue if item.cache is not None}
+            if self._last_batch <= queued:
+                return
+            start = max(self._last_finish, min(item.queued_at for item in self._queue))
+            remaining = start + self.batch_wait_seconds - time.monotonic()
+            if remaining <= 0:
+                return
+            self._lock.wait(remaining)
 
     def _submit_drain(self) -> None:
         try:
@@ -170,6 +197,7 @@ class ComputeExecutor:
                 if key is not None:
                     blocked.add(key)
         self._queue = rest
+        self._last_batch = caches
         return batch
 
     def _drain(self) -> None:
@@ -183,6 +211,7 @@ class ComputeExecutor:
 
     def _drain_once(self) -> None:
         with self._lock:
+            self._hold_back()
             batch = self._take()
             more = bool(self._queue)
             if not more:
@@ -233,6 +262,7 @@ class ComputeExecutor:
                     results.append((item, output, None))
             return results
         seconds = time.perf_counter() - t0
+        self._last_finish = time.monotonic()
         for item in ready:
             item.seconds = seconds
         if len(ready) == 1:

@@ -118,7 +118,8 @@ async def _serve_with_dht(
     else:
         budget = available_memory_bytes(span.device) // 4
     sessions = SessionManager(budget, bytes_per_token)
-    executor = ComputeExecutor(inline_max_seconds=config.inline_compute_ms / 1000)
+    executor = ComputeExecutor(inline_max_seconds=config.inline_compute_ms / 1000,
+                               batch_wait_seconds=config.batch_wait_ms / 1000)
     identity = NodeIdentity(
         model=model_name,
         dtype=config.dtype,

@@ -120,10 +120,11 @@ def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
 
 
+@pytest.mark.parametrize("flag", ["--inline-compute-ms", "--batch-wait-ms"])
 @pytest.mark.parametrize("value", ["-1", "nan", "inf"])
-def test_bad_inline_compute_ms(value):
-    with pytest.raises(ConfigError, match="--inline-compute-ms"):
-        parse("m", "--new-swarm", f"--inline-compute-ms={value}")
+def test_bad_compute_timings(flag, value):
+    with pytest.raises(ConfigError, match=flag):
+        parse("m", "--new-swarm", f"{flag}={value}")
 
 
 def test_inline_compute_ms_default_and_off():

@@ -217,3 +217,42 @@ async def test_no_inline_step_when_not_allowed_or_too_slow_or_busy(span, monkeyp
         assert executor.inline_steps == 0
     finally:
         executor.shutdown()
+
+
+async def test_a_batch_waits_for_the_staggered_steps_of_the_last_one(span, monkeypatch):
+    sizes = _record_batches(monkeypatch, span)
+    executor = ComputeExecutor(batch_wait_seconds=5.0)
+    try:
+        a, b = span.new_cache(1, 16), span.new_cache(1, 16)
+        await asyncio.wait_for(asyncio.gather(executor.step(span, torch.randn(1, 1, 64), a),
+                                              executor.step(span, torch.randn(1, 1, 64), b)), TIMEOUT)
+        assert sizes == [2]
+        # a's next step arrives first; the drain waits for b's instead of running a alone
+        first = asyncio.ensure_future(executor.step(span, torch.randn(1, 1, 64), a))
+        await asyncio.sleep(0.1)
+        assert not first.done() and sizes == [2]
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.wait_for(asyncio.gather(first, executor.step(span, torch.randn(1, 1, 64), b)), TIMEOUT)
+        assert sizes == [2, 2]
+        assert asyncio.get_running_loop().time() - t0 < 2.5  # ran as soon as b arrived, not after the wait
+    finally:
+        executor.shutdown()
+
+
+async def test_the_wait_for_a_session_that_stopped_is_bounded(span, monkeypatch):
+    sizes = _record_batches(monkeypatch, span)
+    executor = ComputeExecutor(batch_wait_seconds=0.2)
+    try:
+        a, b = span.new_cache(1, 16), span.new_cache(1, 16)
+        await asyncio.wait_for(asyncio.gather(executor.step(span, torch.randn(1, 1, 64), a),
+                                              executor.step(span, torch.randn(1, 1, 64), b)), TIMEOUT)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await asyncio.wait_for(executor.step(span, torch.randn(1, 1, 64), a), TIMEOUT)  # b never comes
+        assert 0.15 <= loop.time() - t0 < 5
+        t0 = loop.time()
+        await asyncio.wait_for(executor.step(span, torch.randn(1, 1, 64), a), TIMEOUT)  # b left the batch
+        assert loop.time() - t0 < 0.15
+        assert sizes == [2, 1, 1]
+    finally:
+        executor.shutdown()
