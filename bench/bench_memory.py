@@ -24,8 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import SHAPES, checkpoint, table  # noqa: E402
 from homeswarm.client.local_swarm import LocalSwarm  # noqa: E402
 from homeswarm.client.transport import ChannelPool, HopStream  # noqa: E402
-from homeswarm.model import CheckpointReader, ModelConfig, load_head  # noqa: E402
+from homeswarm.model import CheckpointReader, ModelConfig, cache_bytes, load_head  # noqa: E402
 from homeswarm.protocol import node_pb2  # noqa: E402
+
+SESSION_LENGTH = 160  # the measured session: a 128-token prompt, then 8 decoding steps
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -91,7 +93,7 @@ def measure_node(path: Path, span: str, hidden: int) -> dict[str, object]:
         try:
             a, b = (int(x) for x in span.split(":"))
             stream = HopStream(pool, peer_id=node.info["peer_id"], address=node.info["address"], model=path.name,
-                               start=a, end=b, batch_size=1, max_length=160, compression=node_pb2.NONE,
+                               start=a, end=b, batch_size=1, max_length=SESSION_LENGTH, compression=node_pb2.NONE,
                                connect_timeout=30, step_timeout=120)
             stream.step(1, torch.randn(1, 128, hidden))
             for i in range(8):
@@ -120,21 +122,24 @@ def main() -> None:
     tiny = measure_node(checkpoint("tiny"), "0:1", ModelConfig.from_dir(checkpoint("tiny")).hidden_size)
     fixed, fixed_pss = tiny["main"], tiny["tree_pss"]
     mib = 2**20
-    rows = [["tiny", "0:1", "-", fixed / mib, "-", "-", tiny["helpers_peak"] / mib, fixed_pss / mib, "-", "-"]]
+    rows = [["tiny", "0:1", "-", fixed / mib, "-", "-", "-", "-", tiny["helpers_peak"] / mib, fixed_pss / mib, "-",
+             "-"]]
     for span in args.spans:
         a, b = (int(x) for x in span.split(":"))
         share = (b - a) / config.num_hidden_layers * blocks_bytes
+        kv = cache_bytes(config, b - a, 1, SESSION_LENGTH, torch.float32)
         m = measure_node(path, span, config.hidden_size)
-        rows.append([args.shape, span, share / mib, m["main"] / mib, (share + fixed) / mib,
-                     (m["main"] - fixed - share) / mib, m["helpers_peak"] / mib, m["tree_pss"] / mib,
-                     (share + fixed_pss) / mib, (m["tree_pss"] - fixed_pss - share) / mib])
+        over = m["main"] - fixed - share
+        rows.append([args.shape, span, share / mib, m["main"] / mib, (share + fixed) / mib, over / mib, kv / mib,
+                     (over - kv) / mib, m["helpers_peak"] / mib, m["tree_pss"] / mib, (share + fixed_pss) / mib,
+                     (m["tree_pss"] - fixed_pss - share) / mib])
     print(f"{args.shape}: block weights {blocks_bytes / mib:.1f} MiB, client part (embeddings, norm, head) "
           f"{head_bytes / mib:.1f} MiB; fixed runtime cost = a node serving the tiny model")
     print("helper processes of the tiny node (peak RSS MiB): "
           + ", ".join(f"{name} {rss / mib:.0f}" for name, rss in tiny["helpers"].items()))  # type: ignore[union-attr]
     print(table(["model", "blocks", "(k/L) x weights MiB", "node peak RSS MiB", "bound MiB (share + fixed)",
-                 "over share+fixed MiB", "helpers peak RSS MiB", "tree PSS MiB", "tree bound MiB",
-                 "tree over MiB"], rows))
+                 "over share+fixed MiB", "session KV cache MiB", "over - KV MiB", "helpers peak RSS MiB",
+                 "tree PSS MiB", "tree bound MiB", "tree over MiB"], rows))
     head = load_head(path)
     held = sum(p.nbytes for p in head.parameters())
     print(f"\nclient head in memory: {held / 2**20:.1f} MiB (checkpoint's non-block tensors: {head_bytes / 2**20:.1f} MiB)")

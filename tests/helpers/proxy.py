@@ -62,6 +62,8 @@ class DelayingProxy:
             dst.close()
 
         sender = asyncio.create_task(deliver())
+        self._tasks.add(sender)
+        sender.add_done_callback(self._tasks.discard)
         try:
             while data := await src.read(65536):
                 queue.put_nowait((self.loop.time() + self.delay, data))
@@ -76,8 +78,10 @@ class DelayingProxy:
         async def stop() -> None:
             if self._server is not None:
                 self._server.close()
-            for task in list(self._tasks):
+            tasks = list(self._tasks)
+            for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # none left pending when the loop stops
 
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
