@@ -141,6 +141,12 @@ class ComputeExecutor:
                     self._queue.remove(item)  # not taken yet: it never runs
             raise
 
+    def forget(self, cache: KVCache) -> None:
+        """The session of ``cache`` has ended: no batch waits for its next step any more."""
+        with self._lock:
+            self._last_batch.discard(id(cache))
+            self._lock.notify()
+
     def _inline_now(self, item: _Step) -> bool:
         """Under the lock: whether ``item`` may run on the caller's thread now."""
         if self.inline_max_seconds <= 0 or self._queue or self._drain_scheduled or self._busy:

@@ -253,6 +253,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             for task in live.pushes:
                 task.cancel()
             self._live.pop(session.session_id, None)
+            self.executor.forget(session.cache)
             self.sessions.close(session.session_id)
             self.sessions_changed.set()
             logger.debug("session %s closed after %d steps", session.session_id, session.steps)

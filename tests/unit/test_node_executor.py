@@ -256,3 +256,31 @@ async def test_the_wait_for_a_session_that_stopped_is_bounded(span, monkeypatch)
         assert sizes == [2, 1, 1]
     finally:
         executor.shutdown()
+
+
+async def test_no_batch_waits_for_a_session_that_ended(span, monkeypatch):
+    sizes = _record_batches(monkeypatch, span)
+    executor = ComputeExecutor(batch_wait_seconds=5.0)
+    try:
+        a, b = span.new_cache(1, 16), span.new_cache(1, 16)
+        await asyncio.wait_for(asyncio.gather(executor.step(span, torch.randn(1, 1, 64), a),
+                                              executor.step(span, torch.randn(1, 1, 64), b)), TIMEOUT)
+        executor.forget(b)  # b's session closed
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await asyncio.wait_for(executor.step(span, torch.randn(1, 1, 64), a), TIMEOUT)
+        assert loop.time() - t0 < 2.5  # not the 5 s wait
+        # forgetting while a drain already waits lets it go at once
+        c = span.new_cache(1, 16)
+        await asyncio.wait_for(asyncio.gather(executor.step(span, torch.randn(1, 1, 64), a),
+                                              executor.step(span, torch.randn(1, 1, 64), c)), TIMEOUT)
+        waiting = asyncio.ensure_future(executor.step(span, torch.randn(1, 1, 64), a))
+        await asyncio.sleep(0.1)
+        assert not waiting.done()
+        t0 = loop.time()
+        executor.forget(c)
+        await asyncio.wait_for(waiting, TIMEOUT)
+        assert loop.time() - t0 < 2.5
+        assert sizes == [2, 1, 2, 1]
+    finally:
+        executor.shutdown()
