@@ -4,7 +4,9 @@
 
 Every node sits behind a TCP proxy on 127.0.0.1 that delays each direction by the given time (it is
 announced through --public-address), so each network leg costs that delay. With hand-off a decoding
-step crosses N+1 legs on its critical path; with client relay, 2N. Prints ms per decoding step.
+step crosses N+1 legs on its critical path; with client relay, 2N. A first row ("direct") has no
+proxies: bare loopback. The "auto" column is the default client, which relays where the route's round
+trips average under ``ClientConfig.handoff_min_rtt`` and hands off elsewhere. Prints ms per decoding step.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def step_ms(model: AutoDistributedModelForCausalLM, steps: int) -> float:
+def step_ms(model: AutoDistributedModelForCausalLM, steps: int) -> tuple[float, bool]:
+    """(median ms per decoding step, whether the session used hand-off)."""
     with model.inference_session(max_length=steps + 8) as session:
         hidden = model.head.embed(torch.tensor([[1]]))
         for _ in range(3):
@@ -43,7 +46,8 @@ def step_ms(model: AutoDistributedModelForCausalLM, steps: int) -> float:
             t0 = time.perf_counter()
             session.step(hidden)
             times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
+        used_handoff = session.uses_handoff
+    return statistics.median(times) * 1000, used_handoff
 
 
 def main() -> None:
@@ -56,12 +60,15 @@ def main() -> None:
     path = checkpoint(args.shape)
     num_layers = int(__import__("json").loads((path / "config.json").read_text())["num_hidden_layers"])
     rows = []
-    for delay in args.delays_ms:
+    for delay in [None, *args.delays_ms]:  # None: no proxies
         with LocalSwarm() as swarm:
             swarm.start_bootstrap()
             proxies, nodes = [], []
             try:
                 for a, b in split_blocks(num_layers, args.nodes):
+                    if delay is None:
+                        nodes.append(swarm.start_node(path, "--blocks", f"{a}:{b}", wait=False))
+                        continue
                     port = free_port()
                     proxy = DelayingProxy("127.0.0.1", port, delay / 1000)
                     proxies.append(proxy)
@@ -70,21 +77,26 @@ def main() -> None:
                 for node in nodes:
                     swarm.wait_ready(node)
                 result = {}
-                for handoff in (False, True):
+                configs = {"relay": ClientConfig(handoff=False), "handoff": ClientConfig(handoff_min_rtt=0.0),
+                           "auto": ClientConfig()}
+                for name, config in configs.items():
                     with AutoDistributedModelForCausalLM.from_pretrained(
-                        path, initial_peers=swarm.initial_peers, config=ClientConfig(handoff=handoff, handoff_min_rtt=0.0)
+                        path, initial_peers=swarm.initial_peers, config=config
                     ) as model:
-                        result[handoff] = step_ms(model, args.steps)
-                n = args.nodes
-                rows.append([delay, result[False], result[True], result[False] / result[True],
-                             2 * n * delay, (n + 1) * delay])
+                        result[name], chose = step_ms(model, args.steps)
+                        if name == "auto":
+                            result["chose"] = "hand-off" if chose else "relay"
+                n, d = args.nodes, delay or 0.0
+                rows.append(["direct" if delay is None else delay, result["relay"], result["handoff"],
+                             result["relay"] / result["handoff"], result["auto"], result["chose"],
+                             2 * n * d, (n + 1) * d])
             finally:
                 for proxy in proxies:
                     proxy.close()
     print(f"{args.nodes} nodes, model {args.shape!r}, each node behind a proxy delaying each direction; "
           f"median of {args.steps} decoding steps")
-    print(table(["delay ms/leg", "relay ms/step", "hand-off ms/step", "speed-up", "2N legs ms", "N+1 legs ms"],
-                rows))
+    print(table(["delay ms/leg", "relay ms/step", "hand-off ms/step", "hand-off speed-up", "auto ms/step",
+                 "auto chose", "2N legs ms", "N+1 legs ms"], rows))
 
 
 if __name__ == "__main__":

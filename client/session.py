@@ -186,6 +186,11 @@ class InferenceSession:
         self.length += hidden.shape[1]
         return hidden
 
+    @property
+    def uses_handoff(self) -> bool:
+        """Whether the next step goes by hand-off (else the client relays each hop's output)."""
+        return self._use_handoff()
+
     def _use_handoff(self) -> bool:
         return use_handoff(self.config, [self.routes.rtts.get(h.stream.peer_id) if h.stream else None
                                          for h in self._hops])
