@@ -219,13 +219,26 @@ async def test_no_inline_step_when_not_allowed_or_too_slow_or_busy(span, monkeyp
         executor.shutdown()
 
 
-async def test_a_batch_waits_for_the_staggered_steps_of_the_last_one(span, monkeypatch):
+async def _steps(executor, span, *caches):
+    """One decoding step for each cache, queued together (so they run as one batch)."""
+    return await asyncio.wait_for(
+        asyncio.gather(*(executor.step(span, torch.randn(1, 1, 64), cache) for cache in caches)), TIMEOUT
+    )
+
+
+async def _paired(span, monkeypatch, batch_wait):
+    """An executor that holds batches back ``batch_wait`` s, whose last batch ran sessions a and b:
+    (executor, batch sizes so far, a's cache, b's cache)."""
     sizes = _record_batches(monkeypatch, span)
-    executor = ComputeExecutor(batch_wait_seconds=5.0)
+    executor = ComputeExecutor(batch_wait_seconds=batch_wait)
+    a, b = span.new_cache(1, 16), span.new_cache(1, 16)
+    await _steps(executor, span, a, b)
+    return executor, sizes, a, b
+
+
+async def test_a_batch_waits_for_the_staggered_steps_of_the_last_one(span, monkeypatch):
+    executor, sizes, a, b = await _paired(span, monkeypatch, 5.0)
     try:
-        a, b = span.new_cache(1, 16), span.new_cache(1, 16)
-        await asyncio.wait_for(asyncio.gather(executor.step(span, torch.randn(1, 1, 64), a),
-                                              executor.step(span, torch.randn(1, 1, 64), b)), TIMEOUT)
         assert sizes == [2]
         # a's next step arrives first; the drain waits for b's instead of running a alone
         first = asyncio.ensure_future(executor.step(span, torch.randn(1, 1, 64), a))
@@ -240,12 +253,8 @@ async def test_a_batch_waits_for_the_staggered_steps_of_the_last_one(span, monke
 
 
 async def test_the_wait_for_a_session_that_stopped_is_bounded(span, monkeypatch):
-    sizes = _record_batches(monkeypatch, span)
-    executor = ComputeExecutor(batch_wait_seconds=0.2)
+    executor, sizes, a, b = await _paired(span, monkeypatch, 0.2)
     try:
-        a, b = span.new_cache(1, 16), span.new_cache(1, 16)
-        await asyncio.wait_for(asyncio.gather(executor.step(span, torch.randn(1, 1, 64), a),
-                                              executor.step(span, torch.randn(1, 1, 64), b)), TIMEOUT)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         await asyncio.wait_for(executor.step(span, torch.randn(1, 1, 64), a), TIMEOUT)  # b never comes
@@ -259,12 +268,8 @@ async def test_the_wait_for_a_session_that_stopped_is_bounded(span, monkeypatch)
 
 
 async def test_no_batch_waits_for_a_session_that_ended(span, monkeypatch):
-    sizes = _record_batches(monkeypatch, span)
-    executor = ComputeExecutor(batch_wait_seconds=5.0)
+    executor, sizes, a, b = await _paired(span, monkeypatch, 5.0)
     try:
-        a, b = span.new_cache(1, 16), span.new_cache(1, 16)
-        await asyncio.wait_for(asyncio.gather(executor.step(span, torch.randn(1, 1, 64), a),
-                                              executor.step(span, torch.randn(1, 1, 64), b)), TIMEOUT)
         executor.forget(b)  # b's session closed
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -272,8 +277,7 @@ async def test_no_batch_waits_for_a_session_that_ended(span, monkeypatch):
         assert loop.time() - t0 < 2.5  # not the 5 s wait
         # forgetting while a drain already waits lets it go at once
         c = span.new_cache(1, 16)
-        await asyncio.wait_for(asyncio.gather(executor.step(span, torch.randn(1, 1, 64), a),
-                                              executor.step(span, torch.randn(1, 1, 64), c)), TIMEOUT)
+        await _steps(executor, span, a, c)
         waiting = asyncio.ensure_future(executor.step(span, torch.randn(1, 1, 64), a))
         await asyncio.sleep(0.1)
         assert not waiting.done()
