@@ -14,7 +14,9 @@ class ClientConfig:
     connect_timeout: float = _opt(5.0, "seconds to wait for a node to answer a ping or open a session")
     step_timeout: float = _opt(60.0, "seconds one inference step on one node may take before it counts as failed")
     forward_timeout: float = _opt(300.0, "seconds a stateless forward pass may take")
-    records_max_age: float = _opt(5.0, "re-read server records from the DHT when older than this")
+    records_max_age: float = _opt(5.0, "re-read server records from the DHT in the background when older "
+                                  "than this many seconds (planning goes on with the ones held)")
+    records_max_stale: float = _opt(60.0, "wait for a fresh read of the server records when older than this")
     max_failovers: int = _opt(8, "node failures one generation may survive before giving up")
     ban_seconds: float = _opt(15.0, "how long a failed node is avoided; doubles with each further failure")
     max_ban_seconds: float = _opt(300.0, "the longest a node is avoided")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.transport import ChannelPool, HopFailed, ping
-from homeswarm.routing.dht import SwarmDHT
+from homeswarm.routing.dht import ServersLookup, SwarmDHT
 from homeswarm.routing.planner import Hop, MissingBlocksError, plan_route
 from homeswarm.routing.records import PeerId, ServerRecord
 
@@ -41,11 +41,29 @@ class RouteManager:
         self.failures: dict[PeerId, int] = {}
         self._records: list[ServerRecord] = []
         self._records_time = -float("inf")
+        self._lookup: ServersLookup | None = None  # a background re-read in flight
+        self._lookup_started = -float("inf")
 
     def records(self, *, refresh: bool = False) -> list[ServerRecord]:
-        if refresh or self.clock() - self._records_time > self.config.records_max_age:
+        """The server records. Older than ``records_max_age``, they are re-read in the background and
+        used meanwhile (a DHT lookup can take many round trips; a node that left meanwhile fails over);
+        older than ``records_max_stale``, or with ``refresh``, the caller waits for a fresh read."""
+        started = self.clock()
+        if refresh:
+            self._lookup = None  # it started before whatever made the caller ask for fresh records
+        elif self._lookup is not None and self._lookup.done():
+            lookup, self._lookup = self._lookup, None
+            try:
+                self._records, self._records_time = lookup.result(), self._lookup_started
+            except Exception as e:  # noqa: BLE001 - keep the records held; the next call retries
+                logger.warning("re-reading server records failed: %s", e)
+        age = started - self._records_time
+        if refresh or age > self.config.records_max_stale:
             self._records = self.dht.get_servers(self.model, 0, self.num_blocks)
-            self._records_time = self.clock()
+            self._records_time = started
+        elif age > self.config.records_max_age and self._lookup is None:
+            self._lookup = self.dht.lookup_servers(self.model, 0, self.num_blocks)
+            self._lookup_started = started
         return self._records
 
     def ban(self, peer_id: str) -> None:

@@ -1,5 +1,11 @@
 """The one adapter over ``hivemind.DHT``: announce server records, read them back, list models.
 
+hivemind runs its DHT peer in a child process, forked from ours. Forking while gRPC's threads live
+is unsafe: gRPC's fork handler can then block ``fork()`` itself forever (seen here: a test process
+that had used gRPC channels hung inside ``os.fork`` when it started its next client). So a DHT is
+forked straight from this process only while no gRPC thread runs in it; otherwise it is forked from a
+fork server (a clean process started by exec, with hivemind already imported).
+
 Layout in the DHT: every block ``i`` of model ``M`` has key ``homeswarm/M/block/i`` whose subkeys are
 peer ids and whose values are ``ServerRecord.to_dict()``; key ``homeswarm/models`` has one subkey
 per model with ``{"num_blocks": L}``. Values expire unless refreshed. Everything read back is
@@ -8,9 +14,12 @@ validated: a malformed or inconsistent record is dropped (and logged), never pas
 
 from __future__ import annotations
 
+import io
 import logging
+import multiprocessing.popen_forkserver
 import os
 import signal
+import threading
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from functools import partial
@@ -62,16 +71,24 @@ class SwarmDHT:
         client_mode: bool = False,
         start_timeout: float = START_TIMEOUT,
         attempts: int = 2,
+        start_method: str = "auto",
     ) -> SwarmDHT:
         """Start a DHT peer in its own process, waiting at most ``start_timeout`` s per attempt.
 
         hivemind forks that process; forking a process whose other threads hold locks (gRPC's, say)
         can leave the child stuck before it is ready. Such a child is killed and the start retried,
         so a caller gets a DHT or a ``DHTStartError``, never a hang.
+
+        ``start_method``: "fork", "forkserver", or "auto" (fork while no gRPC thread runs here).
         """
+        if start_method not in ("auto", "fork", "forkserver"):
+            raise ValueError(f"start_method must be auto, fork or forkserver, got {start_method!r}")
+        if start_method == "auto":
+            start_method = "forkserver" if _grpc_threads_running() else "fork"
+        dht_class = hivemind.DHT if start_method == "fork" else _ForkServerDHT
         ip_proto = "ip6" if ":" in host else "ip4"
         for attempt in range(1, attempts + 1):
-            dht = hivemind.DHT(
+            dht = dht_class(
                 initial_peers=list(initial_peers),
                 start=False,
                 host_maddrs=[f"/{ip_proto}/{host}/tcp/{port}"],
@@ -107,28 +124,13 @@ class SwarmDHT:
 
     def get_servers(self, model: str, start: int, end: int) -> list[ServerRecord]:
         """Every valid record announced for blocks [start, end), one per peer (the freshest)."""
+        return self.lookup_servers(model, start, end).result()
+
+    def lookup_servers(self, model: str, start: int, end: int) -> ServersLookup:
+        """Start reading the records of blocks [start, end) without waiting for them."""
         keys = [block_key(model, i) for i in range(start, end)]
-        found: dict[str, Any] = self._wait(
-            self.dht.run_coroutine(partial(_get_many, keys), return_future=True), "reading server records"
-        )
-        best: dict[PeerId, tuple[float, ServerRecord]] = {}
-        for block, key in zip(range(start, end), keys, strict=True):
-            entry = found.get(key)
-            if entry is None or not isinstance(entry.value, dict):
-                continue
-            for subkey, item in entry.value.items():
-                try:
-                    record = ServerRecord.from_dict(item.value)
-                except (InvalidRecord, AttributeError) as e:
-                    logger.debug("dropping a malformed record under %s: %s", key, e)
-                    continue
-                if record.peer_id != subkey or record.model != model or not record.start <= block < record.end:
-                    logger.debug("dropping an inconsistent record under %s from %s", key, subkey)
-                    continue
-                expiration = item.expiration_time
-                if record.peer_id not in best or best[record.peer_id][0] < expiration:
-                    best[record.peer_id] = (expiration, record)
-        return [record for _, record in best.values()]
+        future = self.dht.run_coroutine(partial(_get_many, keys), return_future=True)
+        return ServersLookup(self, future, model, start, end)
 
     def list_models(self) -> dict[str, int]:
         """Model name -> number of blocks, for every model some node announces."""
@@ -154,6 +156,44 @@ class SwarmDHT:
         self.dht.shutdown()
 
 
+class ServersLookup:
+    """A lookup of server records in flight: ``done()`` never blocks; ``result()`` waits (bounded)."""
+
+    def __init__(self, dht: SwarmDHT, future: Any, model: str, start: int, end: int):
+        self._dht, self._future = dht, future
+        self.model, self.start, self.end = model, start, end
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self) -> list[ServerRecord]:
+        """The valid records, one per peer (the freshest); DHTTimeout if the DHT does not answer."""
+        found: dict[str, Any] = self._dht._wait(self._future, "reading server records")
+        return _parse_servers(found, self.model, self.start, self.end)
+
+
+def _parse_servers(found: dict[str, Any], model: str, start: int, end: int) -> list[ServerRecord]:
+    best: dict[PeerId, tuple[float, ServerRecord]] = {}
+    for block in range(start, end):
+        key = block_key(model, block)
+        entry = found.get(key)
+        if entry is None or not isinstance(entry.value, dict):
+            continue
+        for subkey, item in entry.value.items():
+            try:
+                record = ServerRecord.from_dict(item.value)
+            except (InvalidRecord, AttributeError) as e:
+                logger.debug("dropping a malformed record under %s: %s", key, e)
+                continue
+            if record.peer_id != subkey or record.model != model or not record.start <= block < record.end:
+                logger.debug("dropping an inconsistent record under %s from %s", key, subkey)
+                continue
+            expiration = item.expiration_time
+            if record.peer_id not in best or best[record.peer_id][0] < expiration:
+                best[record.peer_id] = (expiration, record)
+    return [record for _, record in best.values()]
+
+
 async def _store_many(
     keys: list[str], values: list[Any], subkeys: list[str], expiration_time: float, dht: hivemind.DHT, node: DHTNode
 ) -> None:
@@ -163,6 +203,74 @@ async def _store_many(
 async def _get_many(keys: list[str], dht: hivemind.DHT, node: DHTNode) -> dict[str, Any]:
     return await node.get_many(keys, sufficient_expiration_time=float("inf"))
 
+
+
+_GRPC_THREAD_NAMES = ("event_engine", "grpc", "lifeguard")  # gRPC core's native threads
+
+
+def _grpc_threads_running() -> bool:
+    """Whether gRPC's native threads run in this process (thread names from /proc; False elsewhere)."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                if f.read().startswith(_GRPC_THREAD_NAMES):
+                    return True
+        except OSError:
+            continue  # the thread has ended
+    return False
+
+
+class _ForkServerDHT(hivemind.DHT):
+    """hivemind's DHT process, forked from the fork server rather than from this process."""
+
+    @staticmethod
+    def _Popen(process_obj):  # noqa: ANN001, ANN205, N802 - multiprocessing's hook
+        _start_fork_server()
+        return _ForkServerPopen(process_obj)
+
+
+_fork_server_lock = threading.Lock()
+_fork_server_started = False
+
+
+def _start_fork_server() -> None:
+    global _fork_server_started
+    with _fork_server_lock:
+        if not _fork_server_started:
+            # the children import these from the server's memory instead of each importing them again
+            multiprocessing.forkserver.set_forkserver_preload(["hivemind", "homeswarm.routing.dht"])
+            multiprocessing.forkserver.ensure_running()
+            _fork_server_started = True
+
+
+class _ForkServerPopen(multiprocessing.popen_forkserver.Popen):
+    """The standard fork-server launch, minus re-importing the parent's ``__main__`` in the child: the
+    child needs only hivemind and this module, and a script without a ``__main__`` guard must not run
+    again there."""
+
+    def _launch(self, process_obj):  # noqa: ANN001
+        from multiprocessing import context, forkserver, reduction, spawn, util
+
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        prep_data.pop("init_main_from_name", None)
+        prep_data.pop("init_main_from_path", None)
+        buf = io.BytesIO()
+        context.set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            context.set_spawning_popen(None)
+        self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+        _parent_w = os.dup(w)
+        self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
 
 
 def _kill_process_tree(pid: int | None) -> None:

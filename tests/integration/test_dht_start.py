@@ -49,3 +49,43 @@ def test_a_dht_starts_within_the_timeout():
         assert dht.visible_maddrs()
     finally:
         dht.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_with_grpc_threads_running_the_dht_comes_from_the_fork_server(monkeypatch):
+    import grpc
+
+    channel = grpc.insecure_channel("127.0.0.1:1")  # nothing listens: connecting starts gRPC's threads
+    try:
+        with pytest.raises(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(channel).result(timeout=0.5)
+        assert dht_module._grpc_threads_running()
+        used: list[str] = []
+        original = dht_module._ForkServerDHT._Popen
+
+        def recording_popen(process_obj):
+            used.append("forkserver")
+            return original(process_obj)
+
+        monkeypatch.setattr(dht_module._ForkServerDHT, "_Popen", staticmethod(recording_popen))
+        first = SwarmDHT.create(start_timeout=60)
+        try:
+            second = SwarmDHT.create(first.visible_maddrs(), client_mode=True, start_timeout=60)
+            try:
+                assert used == ["forkserver", "forkserver"]
+                with open(f"/proc/{second.dht.pid}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                assert parent != os.getpid() and second.dht.is_alive()  # forked by the server, not by us
+                assert second.list_models() == {} and second.get_servers("none", 0, 2) == []
+            finally:
+                second.shutdown()
+        finally:
+            first.shutdown()
+        assert not first.dht.is_alive() and not second.dht.is_alive()
+    finally:
+        channel.close()
+
+
+def test_start_method_is_checked():
+    with pytest.raises(ValueError, match="start_method"):
+        SwarmDHT.create(start_method="spawn")
