@@ -7,8 +7,9 @@ twice, so the KV cache never holds a position twice.
 
 Every request is checked before any compute: protocol version (FAILED_PRECONDITION), model and
 block range, batch size, length and tensor shape (INVALID_ARGUMENT), cache budget
-(RESOURCE_EXHAUSTED), draining for shutdown (UNAVAILABLE). Compute runs on the executor's thread; only
-a short step of a node's single session may run on the event loop (see ``ComputeExecutor``). A session's cache is released however its stream ends.
+(RESOURCE_EXHAUSTED), draining for shutdown (UNAVAILABLE). Compute runs on the executor's thread;
+only a short step of a node's single session may run on the event loop (see ``ComputeExecutor``).
+A session's cache is released however its stream ends.
 """
 
 from __future__ import annotations
