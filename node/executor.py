@@ -108,16 +108,16 @@ class ComputeExecutor:
         """
         loop = asyncio.get_running_loop()
         item = _Step(span, hidden, cache, loop.create_future(), loop, time.monotonic())
+        schedule = False
         with self._lock:
-            if inline_ok and self._inline_now(item):
+            inline = inline_ok and self._inline_now(item)
+            if inline:
                 self._busy += 1
-                inline = True
             else:
-                inline = False
                 self._queue.append(item)
                 self._lock.notify()
-            schedule = not inline and not self._drain_scheduled
-            self._drain_scheduled = self._drain_scheduled or not inline
+                schedule = not self._drain_scheduled
+                self._drain_scheduled = True
         if inline:
             try:
                 item.span.check(item.hidden, item.cache)
@@ -250,7 +250,7 @@ class ComputeExecutor:
         try:
             with torch.no_grad():
                 outputs = ready[0].span.forward_batch([(item.hidden, item.cache) for item in ready])
-            _synchronize(ready[0].span)
+            _synchronize(outputs[0])
         except Exception as e:  # noqa: BLE001 - handed to the callers
             if len(ready) == 1:
                 return [(ready[0], None, e)]
@@ -305,11 +305,11 @@ def _settle(group: list[tuple[_Step, torch.Tensor | None, BaseException | None]]
             item.future.set_result(output)
 
 
-def _synchronize(span: BlockSpan) -> None:
+def _synchronize(output: torch.Tensor) -> None:
     """Wait for queued GPU kernels, so the measured time is the compute's (they would be waited for
     anyway, when the output is copied to the CPU for the wire)."""
-    if span.device.type == "cuda":
-        torch.cuda.synchronize(span.device)
+    if output.device.type == "cuda":
+        torch.cuda.synchronize(output.device)
 
 
 def _no_grad_call(fn: Callable[..., T], args: tuple) -> T:

@@ -75,9 +75,9 @@ class SwarmDHT:
     ) -> SwarmDHT:
         """Start a DHT peer in its own process, waiting at most ``start_timeout`` s per attempt.
 
-        hivemind forks that process; forking a process whose other threads hold locks (gRPC's, say)
-        can leave the child stuck before it is ready. Such a child is killed and the start retried,
-        so a caller gets a DHT or a ``DHTStartError``, never a hang.
+        A process that does not get ready in time (say, stuck bootstrapping) is killed with its p2pd
+        and the start retried, so the caller gets a DHT or a ``DHTStartError``, never a wait without
+        end. Where the fork itself could hang (gRPC threads running here), the fork server is used.
 
         ``start_method``: "fork", "forkserver", or "auto" (fork while no gRPC thread runs here).
         """
@@ -202,7 +202,6 @@ async def _store_many(
 
 async def _get_many(keys: list[str], dht: hivemind.DHT, node: DHTNode) -> dict[str, Any]:
     return await node.get_many(keys, sufficient_expiration_time=float("inf"))
-
 
 
 _GRPC_THREAD_NAMES = ("event_engine", "grpc", "lifeguard")  # gRPC core's native threads
