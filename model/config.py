@@ -3,10 +3,11 @@
 Responsibility: turn a checkpoint's ``config.json`` (written by transformers 4.x or 5.x) into one
 frozen, validated :class:`ModelConfig` that the block, head and cache code rely on.
 
-Invariants: a ``ModelConfig`` only exists for an architecture this package computes exactly
-(Llama 2/3, Mistral, Qwen2/2.5, Qwen3); anything it cannot reproduce (an unknown ``model_type``, an
-unsupported RoPE scaling, a non-SiLU activation, MLP biases, per-layer sliding windows) is refused
-here with a ``ValueError`` rather than computed wrongly later.
+Invariants: a ``ModelConfig`` only exists for an architecture this package computes exactly (the
+families in ``SUPPORTED_FAMILIES``); anything it cannot reproduce (an unknown ``model_type``, an
+unsupported RoPE scaling, a non-SiLU activation, MLP biases, sliding windows a family does not
+support) is refused here with a ``ValueError`` rather than computed wrongly later. What sets a family
+apart is read by its file in ``families/``; this module reads what all families share.
 """
 
 from __future__ import annotations
@@ -18,11 +19,61 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# model_type values; families/ has a file for each (a unit test keeps the two lists equal)
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral")
 
 # RoPE types that leave the plain frequencies unchanged.
 _PLAIN_ROPE_TYPES = ("default", None)
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_YARN_KEYS = ("original_max_position_embeddings",)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A Mixture-of-Experts feed-forward layer's settings (the same in every sparse layer)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of one routed expert
+    norm_topk_prob: bool = False  # rescale the chosen experts' weights to sum to 1
+    float32_weights: bool = False  # routing weights stay float32 (Mixtral)
+    shared_expert_intermediate_size: int = 0  # 0: no shared expert
+    shared_expert_gate: bool = False  # a sigmoid gate scales the shared expert (Qwen2-MoE)
+    dense_layers: frozenset[int] = frozenset()  # layers whose MLP is dense (intermediate_size of the model)
+    # DeepSeek-V3 group-limited routing
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    # GPT-OSS clamped SwiGLU
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k", "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"MoE config field {name} must be a positive integer, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"num_experts_per_tok ({self.top_k}) exceeds the number of experts ({self.num_experts})")
+        if self.n_group < 1 or self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"invalid expert groups: n_group={self.n_group}, topk_group={self.topk_group} "
+                             f"for {self.num_experts} experts")
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """DeepSeek-V3 Multi-head Latent Attention's low-rank projections and head sizes."""
+
+    q_lora_rank: int | None  # None: queries come from one full projection
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool = True
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -45,8 +96,14 @@ class ModelConfig:
     tie_word_embeddings: bool
     max_position_embeddings: int
     torch_dtype: str | None
-    # Mistral's sliding-window attention: a query at position p sees keys in (p - window, p].
+    # Sliding-window attention: a query at position p sees keys in (p - window, p]; on every layer,
+    # or on those that ``layer_types`` marks "sliding_attention".
     sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    o_bias: bool | None = None  # o_proj bias when it differs from attention_bias
+    moe: MoEConfig | None = None
+    mla: MLAConfig | None = None
+    attention_sinks: bool = False  # a learned per-head logit that takes part in the softmax (GPT-OSS)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -71,6 +128,29 @@ class ModelConfig:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window!r}")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling)
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
+            unknown = set(self.layer_types) - {"full_attention", "sliding_attention"}
+            if unknown:
+                raise ValueError(f"unsupported layer types: {sorted(unknown)}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer`` (absolute index), or None for full attention."""
+        if self.layer_types is not None:
+            return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+        return self.sliding_window
+
+    def is_sparse(self, layer: int) -> bool:
+        """Whether layer ``layer`` has a Mixture-of-Experts feed-forward (else a dense MLP)."""
+        return self.moe is not None and layer not in self.moe.dense_layers
+
+    @property
+    def rope_dim(self) -> int:
+        """How many dimensions of a head RoPE rotates."""
+        return self.mla.qk_rope_head_dim if self.mla is not None else self.head_dim
 
     @property
     def kv_group_size(self) -> int:
@@ -80,7 +160,7 @@ class ModelConfig:
     @property
     def o_proj_bias(self) -> bool:
         # Qwen2 has biases on q/k/v only; Llama/Qwen3 `attention_bias` covers o_proj too.
-        return self.attention_bias and self.family != "qwen2"
+        return self.attention_bias if self.o_bias is None else self.o_bias
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -112,14 +192,7 @@ class ModelConfig:
                                          and isinstance(num_heads, int) and num_heads > 0 else 0)
 
         rope_theta, rope_scaling = _read_rope(d)
-        sliding_window = _read_sliding_window(d, family)
-
-        if family == "qwen2":
-            attention_bias = True  # Qwen2 always has q/k/v biases; its config has no switch for it
-        else:
-            attention_bias = bool(d.get("attention_bias", False))
-
-        return cls(
+        fields: dict[str, Any] = dict(
             family=family,
             vocab_size=d["vocab_size"],
             hidden_size=hidden_size,
@@ -131,13 +204,19 @@ class ModelConfig:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            attention_bias=attention_bias,
-            qk_norm=family == "qwen3",
+            attention_bias=bool(d.get("attention_bias", False)),
+            qk_norm=False,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             max_position_embeddings=d.get("max_position_embeddings", 2048),
             torch_dtype=d.get("torch_dtype", d.get("dtype")),
-            sliding_window=sliding_window,
         )
+        from .families import family_of  # the families build on this module
+
+        try:
+            fields.update(family_of(family).read(d))
+        except ValueError as e:
+            raise ValueError(f"{family}: {e}") from None
+        return cls(**fields)
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike[str]) -> ModelConfig:
@@ -186,8 +265,13 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 
 def _check_rope_scaling(scaling: dict[str, Any]) -> None:
     rope_type = scaling.get("rope_type")
+    if rope_type == "yarn":
+        missing = [k for k in _YARN_KEYS if k not in scaling]
+        if missing:
+            raise ValueError(f"yarn rope scaling lacks keys: {', '.join(missing)}")
+        return
     if rope_type != "llama3":
-        raise ValueError(f"unsupported rope scaling type {rope_type!r}; only 'llama3' is supported")
+        raise ValueError(f"unsupported rope scaling type {rope_type!r}; only 'llama3' and 'yarn' are supported")
     missing = [k for k in _LLAMA3_KEYS if k not in scaling]
     if missing:
         raise ValueError(f"llama3 rope scaling lacks keys: {', '.join(missing)}")
@@ -195,13 +279,15 @@ def _check_rope_scaling(scaling: dict[str, Any]) -> None:
         raise ValueError("llama3 rope scaling needs high_freq_factor > low_freq_factor")
 
 
-def _read_sliding_window(d: dict[str, Any], family: str) -> int | None:
-    if family == "mistral":
+def read_sliding_window(d: dict[str, Any], family: str) -> int | None:
+    """The window of a family that slides on every layer (Mistral, Mixtral), or None; refuses windows
+    that Qwen families would apply to some layers only."""
+    if family in ("mistral", "mixtral"):
         window = d.get("sliding_window")
         if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
             raise ValueError(f"sliding_window must be an integer or null, got {window!r}")
         return window
-    if family in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         # Qwen applies the window only to some layers; we compute full attention everywhere, so a
         # checkpoint that really uses a window is refused rather than silently computed differently.
         layer_types = d.get("layer_types") or []

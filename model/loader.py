@@ -3,10 +3,14 @@
 Responsibility: read the config, read exactly the tensors of the requested part of the model, and
 put them into modules, in the requested dtype and on the requested device.
 
-Invariants: modules are created on the meta device and receive the loaded tensors by assignment, so
-peak memory is about the size of the part's weights, never of the whole model; every parameter
-of the part must come from the checkpoint (strict loading: missing tensors are an error naming them);
-what is returned is in eval mode with ``requires_grad`` off.
+Invariants: modules are created on the meta device and receive the loaded tensors by assignment,
+block by block, so peak memory is about the size of the part's weights plus one block, never of the
+whole model; every parameter of the part must come from the checkpoint (strict loading: missing
+tensors are an error naming them); what is returned is in eval mode with ``requires_grad`` off.
+Checkpoint names: ours mirror Hugging Face's, except where a family's ``aliases`` rename a part, and
+stacked experts (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]), which come
+either under those names (transformers 5's fused layout) or from per-expert tensors
+(``experts.{e}.gate_proj.weight`` ..., Mixtral's ``w1``/``w3``/``w2``) stacked at load.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import torch
 from torch import nn
 
 from .blocks import BlockSpan
-from .checkpoint import CheckpointReader
+from .checkpoint import CheckpointReader, MissingTensorsError
 from .config import ModelConfig
+from .families import Family, family_of
 from .head import ClientHead
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -52,9 +57,58 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise ValueError(f"unsupported dtype {dtype}; use torch.float32, torch.bfloat16 or torch.float16")
 
 
+def _checkpoint_name(family: Family, layer: int, key: str) -> str:
+    for ours, theirs in family.aliases:
+        key = key.replace(ours, theirs, 1)
+    return f"model.layers.{layer}.{key}"
+
+
+def _sources(reader: CheckpointReader, family: Family, layer: int, key: str,
+             num_experts: int) -> tuple[str, list[str]] | None:
+    """How parameter ``key`` of block ``layer`` is stored: ("direct", [name]), or ("gate_up" | "down",
+    per-expert names), or None when the checkpoint has neither."""
+    name = _checkpoint_name(family, layer, key)
+    if name in reader:
+        return "direct", [name]
+    gate, up, down = family.expert_names
+    if key.endswith("experts.gate_up_proj"):
+        base = name[: -len("gate_up_proj")]
+        names = [f"{base}{e}.{part}.weight" for e in range(num_experts) for part in (gate, up)]
+        return "gate_up", names
+    if key.endswith("experts.down_proj"):
+        base = name[: -len("down_proj")]
+        return "down", [f"{base}{e}.{down}.weight" for e in range(num_experts)]
+    return None
+
+
+def _block_state(reader: CheckpointReader, config: ModelConfig, layer: int, keys: list[str],
+                 dtype: torch.dtype, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of block ``layer`` for our parameter names ``keys`` (relative to the block)."""
+    family = family_of(config.family)
+    num_experts = config.moe.num_experts if config.moe is not None else 0
+    plans = {key: _sources(reader, family, layer, key, num_experts) for key in keys}
+    missing = [_checkpoint_name(family, layer, k) for k, plan in plans.items() if plan is None]
+    names = [n for plan in plans.values() if plan is not None for n in plan[1]]
+    missing += [n for n in names if n not in reader]
+    if missing:
+        raise MissingTensorsError(reader.model_dir, sorted(set(missing)))
+    loaded = reader.load(names, dtype=dtype, device=device)
+    state = {}
+    for key, (kind, key_names) in plans.items():  # type: ignore[misc]
+        tensors = [loaded.pop(n) for n in key_names]
+        if kind == "direct":
+            state[key] = tensors[0]
+        elif kind == "gate_up":  # [gate_e; up_e] per expert, gate rows first
+            state[key] = torch.stack([torch.cat(tensors[i : i + 2]) for i in range(0, len(tensors), 2)])
+        else:
+            state[key] = torch.stack(tensors)
+        del tensors
+    return state
+
+
 def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu") -> BlockSpan:
-    """Load blocks ``[start, end)``, reading only their tensors from the checkpoint."""
+    """Load blocks ``[start, end)``, reading only their tensors from the checkpoint, one block at a time."""
     _check_dtype(dtype)
     config = ModelConfig.from_dir(model_dir)
     if not 0 <= start < end <= config.num_hidden_layers:
@@ -62,11 +116,11 @@ def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype:
     reader = CheckpointReader(model_dir)
     with torch.device("meta"):
         span = BlockSpan(config, start, end)
-    # Checkpoint name model.layers.{i}.X <-> span parameter layers.{i - start}.X
-    wanted = {f"model.layers.{start + j}.{key[len(f'layers.{j}.'):]}": key
-              for j in range(end - start) for key in span.state_dict() if key.startswith(f"layers.{j}.")}
-    loaded = reader.load(wanted, dtype=dtype, device=device)
-    _finish(span, {wanted[name]: tensor for name, tensor in loaded.items()})
+    for j, block in enumerate(span.layers):
+        keys = list(block.state_dict())
+        block.load_state_dict(_block_state(reader, config, start + j, keys, dtype, device), strict=True, assign=True)
+    span.eval()
+    span.requires_grad_(False)
     return span
 
 

@@ -64,8 +64,8 @@ def test_from_dir_errors(tmp_path):
         ModelConfig.from_dir(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="config.json"):
         ModelConfig.from_dir(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({**BASE, "model_type": "mixtral"}))
-    with pytest.raises(ValueError, match="mixtral"):
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, "model_type": "mamba"}))
+    with pytest.raises(ValueError, match="mamba"):
         ModelConfig.from_dir(tmp_path)
 
 

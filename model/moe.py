@@ -1,0 +1,105 @@
+"""Mixture-of-Experts feed-forward layers: routers, stacked experts, shared experts.
+
+Responsibility: route each row (token) to its top-k experts and run only those experts, grouped by
+expert so that each chosen expert does one matrix product over all the rows that picked it, whatever
+the batch; add the shared expert where a family has one.
+Invariants: expert weights are stacked, ``gate_up_proj`` [E, 2 * I, H] (gate rows first, then up) and
+``down_proj`` [E, H, I], as transformers 5 holds them in memory; a row's expert outputs are summed in
+ascending expert order, as the reference sums them; routers use ``torch.topk`` on the same values as
+the reference, so ties break the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .mlp import GatedMLP
+
+
+class SoftmaxTopKRouter(nn.Module):
+    """Softmax over all experts in float32, then top-k (Mixtral, Qwen2-MoE, Qwen3-MoE).
+
+    ``normalize``: rescale the k chosen probabilities to sum to 1 (``norm_topk_prob``; always for
+    Mixtral). ``float32_weights``: keep the routing weights in float32 (Mixtral) rather than casting
+    them back to the activations' dtype (Qwen).
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, *, normalize: bool,
+                 float32_weights: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.top_k = top_k
+        self.normalize = normalize
+        self.float32_weights = float32_weights
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """[N, H] rows -> (weights [N, k], expert indices [N, k])."""
+        logits = F.linear(x, self.weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, indices = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if not self.float32_weights:
+            weights = weights.to(logits.dtype)
+        return weights, indices
+
+
+def by_expert(indices: Tensor, num_experts: int) -> list[tuple[int, Tensor, Tensor]]:
+    """For each expert that some row picked, ascending: (expert, rows that picked it, their slot in
+    the top-k). ``indices`` [N, k]."""
+    k = indices.shape[1]
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    groups = []
+    start = 0
+    for expert, count in enumerate(counts):
+        if count:
+            chosen = order[start : start + count]
+            groups.append((expert, chosen // k, chosen % k))
+            start += count
+    return groups
+
+
+class Experts(nn.Module):
+    """``num_experts`` gated SiLU MLPs with stacked weights; runs only the experts the router chose."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        out = torch.zeros_like(x)
+        for expert, rows, slots in by_expert(indices, self.num_experts):
+            gate, up = F.linear(x[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            y = y * weights[rows, slots, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out
+
+
+class SparseMoE(nn.Module):
+    """Router + experts, plus an optional shared expert that every row goes through, optionally
+    scaled by a sigmoid gate (Qwen2-MoE)."""
+
+    def __init__(self, gate: nn.Module, experts: nn.Module, shared_expert: GatedMLP | None = None,
+                 shared_expert_gate: nn.Linear | None = None) -> None:
+        super().__init__()
+        self.gate = gate
+        self.experts = experts
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
+
+    def forward(self, x: Tensor) -> Tensor:
+        weights, indices = self.gate(x)
+        out = self.experts(x, weights, indices)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out
