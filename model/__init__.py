@@ -1,4 +1,4 @@
-"""homeswarm.model: Transformer blocks of the Llama family, checkpoint slices, KV cache.
+"""homeswarm.model: Transformer blocks of dense and Mixture-of-Experts families, checkpoint slices, KV cache.
 
 Responsibility: everything about computing a model, and nothing about the network. A node loads a
 :class:`BlockSpan` (``load_span``) and runs it with a :class:`KVCache` per session; the client loads
@@ -18,6 +18,7 @@ from .head import ClientHead
 from .kv_cache import KVCache, cache_bytes
 from .loader import load_head, load_span, parse_dtype
 from .local import LocalModel
+from .sizes import span_active_bytes, span_weight_bytes
 
 # The small demo checkpoint shipped with the package (filled by scripts/, not by this package).
 DEMO_MODEL_DIR = Path(__file__).parent / "demo"
@@ -36,4 +37,6 @@ __all__ = [
     "load_head",
     "load_span",
     "parse_dtype",
+    "span_active_bytes",
+    "span_weight_bytes",
 ]

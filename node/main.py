@@ -23,7 +23,7 @@ import grpc
 import torch
 from grpc_reflection.v1alpha import reflection
 
-from homeswarm.model import ModelConfig, cache_bytes, load_span, parse_dtype
+from homeswarm.model import ModelConfig, cache_bytes, load_span, parse_dtype, span_weight_bytes
 from homeswarm.node.announcer import Announcer
 from homeswarm.node.config import ConfigError, NodeConfig
 from homeswarm.node.executor import ComputeExecutor
@@ -106,7 +106,8 @@ async def _serve_with_dht(
         else:
             block_range = (0, total_blocks)
     start, end = block_range
-    logger.info("loading blocks %d..%d of %s (%s, %s)", start, end - 1, model_name, config.dtype, config.device)
+    logger.info("loading blocks %d..%d of %s (%s, %s, %.1f MiB of weights)", start, end - 1, model_name,
+                config.dtype, config.device, span_weight_bytes(model_config, start, end, dtype) / 2**20)
     t0 = time.perf_counter()
     span = await asyncio.to_thread(load_span, config.model_dir, start, end, dtype=dtype, device=config.device)
     logger.info("loaded in %.1f s; measuring throughput", time.perf_counter() - t0)
