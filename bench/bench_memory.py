@@ -1,6 +1,10 @@
-"""Peak memory of a node serving k of L blocks, against (k/L) x the checkpoint's weight bytes.
+"""Peak memory of a node serving blocks [a, b) of L, against those blocks' weight bytes.
 
     python bench/bench_memory.py [--shape large-16x1024] [--spans 0:1 0:4 0:8 0:16]
+    python bench/bench_memory.py --shape moe-8x512 --spans 0:1 0:2 2:4 0:8
+
+The blocks' share is their exact weight bytes (``span_weight_bytes``; k/L of the total for a model
+whose blocks are all alike, all experts counted for a Mixture-of-Experts one).
 
 For each span, starts a bootstrap peer and one `join-swarm` node, lets it load, self-test and serve
 one 128-token session, then reads the node's peak RSS (VmHWM) and its helper processes: the DHT
@@ -21,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import SHAPES, checkpoint, table  # noqa: E402
+from bench.common import MOE_SHAPES, SHAPES, checkpoint, table  # noqa: E402
 from homeswarm.client.local_swarm import LocalSwarm  # noqa: E402
 from homeswarm.client.transport import ChannelPool, HopStream  # noqa: E402
-from homeswarm.model import CheckpointReader, ModelConfig, cache_bytes, load_head  # noqa: E402
+from homeswarm.model import CheckpointReader, ModelConfig, cache_bytes, load_head, span_weight_bytes  # noqa: E402
 from homeswarm.protocol import node_pb2  # noqa: E402
 
 SESSION_LENGTH = 160  # the measured session: a 128-token prompt, then 8 decoding steps
@@ -113,7 +117,7 @@ def measure_node(path: Path, span: str, hidden: int) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shape", default="large-16x1024", choices=list(SHAPES))
+    parser.add_argument("--shape", default="large-16x1024", choices=[*SHAPES, *MOE_SHAPES])
     parser.add_argument("--spans", nargs="+", default=["0:1", "0:4", "0:8", "0:16"])
     args = parser.parse_args()
     path = checkpoint(args.shape)
@@ -126,7 +130,7 @@ def main() -> None:
              "-"]]
     for span in args.spans:
         a, b = (int(x) for x in span.split(":"))
-        share = (b - a) / config.num_hidden_layers * blocks_bytes
+        share = span_weight_bytes(config, a, b, torch.float32)
         kv = cache_bytes(config, b - a, 1, SESSION_LENGTH, torch.float32)
         m = measure_node(path, span, config.hidden_size)
         over = m["main"] - fixed - share
@@ -137,7 +141,7 @@ def main() -> None:
           f"{head_bytes / mib:.1f} MiB; fixed runtime cost = a node serving the tiny model")
     print("helper processes of the tiny node (peak RSS MiB): "
           + ", ".join(f"{name} {rss / mib:.0f}" for name, rss in tiny["helpers"].items()))  # type: ignore[union-attr]
-    print(table(["model", "blocks", "(k/L) x weights MiB", "node peak RSS MiB", "bound MiB (share + fixed)",
+    print(table(["model", "blocks", "span weights MiB", "node peak RSS MiB", "bound MiB (share + fixed)",
                  "over share+fixed MiB", "session KV cache MiB", "over - KV MiB", "helpers peak RSS MiB",
                  "tree PSS MiB", "tree bound MiB", "tree over MiB"], rows))
     head = load_head(path)

@@ -82,7 +82,7 @@ def main() -> None:
     print(f"threads: {torch.get_num_threads()}, rounds: {args.rounds} x {args.steps} steps, 128-token cache")
     print(table(
         ["block", "params", "active params/token", "step ms (median)"],
-        [["dense (MLP %d)" % (args.top_k * args.moe_intermediate), dense_total, dense_active,
+        [[f"dense (MLP {args.top_k * args.moe_intermediate})", dense_total, dense_active,
           statistics.median(dense_times) * 1e3],
          [f"MoE ({args.experts} experts, top-{args.top_k}, {args.moe_intermediate} each)", moe_total, moe_active,
           statistics.median(moe_times) * 1e3]],

@@ -21,17 +21,34 @@ SHAPES = {
     "small-8x256": (8, 256, 704, 8, 8, 8192),
     "large-16x1024": (16, 1024, 2816, 16, 16, 32000),
 }
+# Mixture-of-Experts shapes (Qwen3-MoE layout): name -> (layers, hidden, experts, top_k, moe intermediate, vocab)
+MOE_SHAPES = {
+    "moe-8x512": (8, 512, 32, 4, 256, 8192),
+}
 CACHE = Path(os.environ.get("HOMESWARM_BENCH_CACHE", Path(tempfile.gettempdir()) / "homeswarm-bench"))
 
 
 def checkpoint(shape: str) -> Path:
-    """A random float32 Llama checkpoint of the given shape (written once, then reused)."""
+    """A random float32 checkpoint of the given shape (written once, then reused): Llama for SHAPES,
+    Qwen3-MoE for MOE_SHAPES."""
     import transformers
 
-    layers, hidden, inter, heads, kv, vocab = SHAPES[shape]
     path = CACHE / shape
     if (path / "config.json").exists():
         return path
+    if shape in MOE_SHAPES:
+        layers, hidden, experts, top_k, moe_inter, vocab = MOE_SHAPES[shape]
+        moe = transformers.Qwen3MoeConfig(
+            num_hidden_layers=layers, hidden_size=hidden, intermediate_size=top_k * moe_inter,
+            moe_intermediate_size=moe_inter, num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+            num_attention_heads=8, num_key_value_heads=2, head_dim=hidden // 8, vocab_size=vocab,
+            max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
+            pad_token_id=None,
+        )
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(moe).eval().save_pretrained(path)
+        return path
+    layers, hidden, inter, heads, kv, vocab = SHAPES[shape]
     config = transformers.LlamaConfig(
         num_hidden_layers=layers, hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
         num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,

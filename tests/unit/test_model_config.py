@@ -84,3 +84,10 @@ def test_model_package_never_imports_transformers():
 
     code = "import sys, homeswarm.model; assert 'transformers' not in sys.modules, 'transformers imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_every_supported_family_has_a_family_file():
+    from homeswarm.model.config import SUPPORTED_FAMILIES
+    from homeswarm.model.families import FAMILIES
+
+    assert sorted(FAMILIES) == sorted(SUPPORTED_FAMILIES)
