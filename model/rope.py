@@ -64,8 +64,8 @@ def _yarn(dim: int, theta: float, scaling: dict[str, Any], max_positions: int) -
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a division by zero in the ramp
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    pos_freqs = theta ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    pos_freqs = theta ** (torch.arange(0, dim, 2, device="cpu").to(dtype=torch.float) / dim)
     extrapolation_factor = 1 - ramp
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_factor) + (1.0 / pos_freqs) * extrapolation_factor
     return inv_freq, float(attention_factor)
