@@ -129,3 +129,37 @@ class Attention(nn.Module):
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+class SinkAttention(Attention):
+    """Attention with a learned per-head sink logit (GPT-OSS): the sink joins each query's softmax as
+    one more column and is then dropped, so a head may give part of its weight to no position at all.
+
+    The softmax is explicit, in transformers' eager order: scaled scores, mask, the sink column, the
+    row maximum subtracted, softmax, sink dropped, then the product with the values.
+    """
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__(config, layer_index)
+        self.sinks = nn.Parameter(torch.empty(self.num_heads))
+        self.scaling = self.head_dim**-0.5
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+        batch, heads, length, dim = q.shape
+        kv_heads, keys = k.shape[1], k.shape[2]
+        # Query head h reads key/value head h // groups (transformers' repeat_kv order); grouping the
+        # queries instead of expanding the keys spares a copy of the cache every step.
+        grouped = q.reshape(batch, kv_heads, heads // kv_heads * length, dim)
+        scores = torch.matmul(grouped, k.transpose(2, 3)).view(batch, heads, length, keys) * self.scaling
+        if is_causal:  # only for a segment without a past: queries and keys are the same positions
+            mask = torch.ones(length, keys, dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            # -inf where the reference adds the dtype's minimum: both give an exact 0 after the
+            # softmax, since the sink keeps every row's maximum finite.
+            scores = scores.masked_fill(~mask, float("-inf"))
+        sinks = self.sinks.view(1, heads, 1, 1).expand(batch, heads, length, 1).to(scores.dtype)
+        logits = torch.cat([scores, sinks], dim=-1)
+        logits = logits - logits.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(logits, dim=-1, dtype=logits.dtype)[..., :-1].to(v.dtype)
+        out = torch.matmul(probs.reshape(batch, kv_heads, heads // kv_heads * length, keys), v)
+        return out.view(batch, heads, length, dim)

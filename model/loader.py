@@ -25,6 +25,7 @@ from .checkpoint import CheckpointReader, MissingTensorsError
 from .config import ModelConfig
 from .families import Family, family_of
 from .head import ClientHead
+from .mxfp4 import dequantize_mxfp4
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -65,11 +66,13 @@ def _checkpoint_name(family: Family, layer: int, key: str) -> str:
 
 def _sources(reader: CheckpointReader, family: Family, layer: int, key: str,
              num_experts: int) -> tuple[str, list[str]] | None:
-    """How parameter ``key`` of block ``layer`` is stored: ("direct", [name]), or ("gate_up" | "down",
-    per-expert names), or None when the checkpoint has neither."""
+    """How parameter ``key`` of block ``layer`` is stored: ("direct", [name]), ("mxfp4", [blocks, scales]),
+    or ("gate_up" | "down", per-expert names), or None when the checkpoint has neither."""
     name = _checkpoint_name(family, layer, key)
     if name in reader:
         return "direct", [name]
+    if f"{name}_blocks" in reader and f"{name}_scales" in reader:  # MXFP4 (GPT-OSS experts)
+        return "mxfp4", [f"{name}_blocks", f"{name}_scales"]
     gate, up, down = family.expert_names
     if key.endswith("experts.gate_up_proj"):
         base = name[: -len("gate_up_proj")]
@@ -92,12 +95,16 @@ def _block_state(reader: CheckpointReader, config: ModelConfig, layer: int, keys
     missing += [n for n in names if n not in reader]
     if missing:
         raise MissingTensorsError(reader.model_dir, sorted(set(missing)))
-    loaded = reader.load(names, dtype=dtype, device=device)
+    packed = {n for plan in plans.values() if plan is not None and plan[0] == "mxfp4" for n in plan[1]}
+    loaded = reader.load([n for n in names if n not in packed], dtype=dtype, device=device)
+    loaded.update(reader.load(packed, device=device))  # packed bytes keep their dtype until dequantized
     state = {}
     for key, (kind, key_names) in plans.items():  # type: ignore[misc]
         tensors = [loaded.pop(n) for n in key_names]
         if kind == "direct":
             state[key] = tensors[0]
+        elif kind == "mxfp4":
+            state[key] = dequantize_mxfp4(*tensors, dtype=dtype)
         elif kind == "gate_up":  # [gate_e; up_e] per expert, gate rows first
             state[key] = torch.stack([torch.cat(tensors[i : i + 2]) for i in range(0, len(tensors), 2)])
         else:

@@ -103,3 +103,51 @@ class SparseMoE(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         return out
+
+
+class TopKSoftmaxRouter(nn.Module):
+    """Top-k of the biased logits, then a softmax over the k chosen only (GPT-OSS): the weights always
+    sum to 1, and the experts not chosen take no part in them."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.bias = nn.Parameter(torch.empty(num_experts))
+        self.top_k = top_k
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """[N, H] rows -> (weights [N, k], expert indices [N, k])."""
+        logits = F.linear(x, self.weight, self.bias)
+        top, indices = torch.topk(logits, self.top_k, dim=-1)
+        return torch.softmax(top, dim=-1, dtype=top.dtype), indices
+
+
+class GptOssExperts(nn.Module):
+    """GPT-OSS experts: biased projections and a clamped SwiGLU, ``(up + 1) * gate * sigmoid(alpha * gate)``
+    with the gate clamped from above and up from both sides at ``limit``.
+
+    Weights as GPT-OSS stores them: ``gate_up_proj`` [E, H, 2I] multiplies from the right, with gate and
+    up interleaved along its last dimension (gate at even, up at odd columns), ``down_proj`` [E, I, H].
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, alpha: float,
+                 limit: float) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj_bias = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.alpha = alpha
+        self.limit = limit
+
+    def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        out = torch.zeros_like(x)
+        for expert, rows, slots in by_expert(indices, self.num_experts):
+            gate_up = x[rows] @ self.gate_up_proj[expert] + self.gate_up_proj_bias[expert]
+            gate = gate_up[..., ::2].clamp(max=self.limit)
+            up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
+            y = ((up + 1) * (gate * torch.sigmoid(gate * self.alpha))) @ self.down_proj[expert]
+            y = (y + self.down_proj_bias[expert]) * weights[rows, slots, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out
