@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .base import Family
 from .dense import LLAMA, MISTRAL, QWEN2, QWEN3
+from .gpt_oss import GPT_OSS
 from .mixtral import MIXTRAL
 from .qwen_moe import QWEN2_MOE, QWEN3_MOE
 
@@ -21,6 +22,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": QWEN3_MOE,
     "qwen2_moe": QWEN2_MOE,
     "mixtral": MIXTRAL,
+    "gpt_oss": GPT_OSS,
 }
 
 
