@@ -98,11 +98,15 @@ def _block_state(reader: CheckpointReader, config: ModelConfig, layer: int, keys
     packed = {n for plan in plans.values() if plan is not None and plan[0] == "mxfp4" for n in plan[1]}
     loaded = reader.load([n for n in names if n not in packed], dtype=dtype, device=device)
     loaded.update(reader.load(packed, device=device))  # packed bytes keep their dtype until dequantized
+    # Tensors read from a file are views of its memory map, which stays mapped (with every page read
+    # through it counted in the node's memory) while any of them lives. When some of this block's
+    # tensors are converted, copy the rest too, so the map goes away with the block's originals.
+    converted = any(plan is not None and plan[0] != "direct" for plan in plans.values())
     state = {}
     for key, (kind, key_names) in plans.items():  # type: ignore[misc]
         tensors = [loaded.pop(n) for n in key_names]
         if kind == "direct":
-            state[key] = tensors[0]
+            state[key] = tensors[0].clone() if converted else tensors[0]
         elif kind == "mxfp4":
             state[key] = dequantize_mxfp4(*tensors, dtype=dtype)
         elif kind == "gate_up":  # [gate_e; up_e] per expert, gate rows first
