@@ -73,3 +73,21 @@ def test_kill_moe_node_mid_generation(checkpoints, swarm, mode):
             failovers = session.failovers
     assert failovers == 1
     assert torch.cat([prompt, torch.stack(new, dim=1)], dim=1).tolist() == expected.tolist()
+
+
+def test_cli_generate_with_a_moe_checkpoint(checkpoints, swarm):
+    """`homeswarm generate --json` through the MoE nodes prints transformers' greedy tokens."""
+    import json
+    import subprocess
+
+    from homeswarm.client.local_swarm import console_script
+
+    prompt = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(9))
+    expected = reference_greedy(checkpoints["mixtral"], prompt, 16)[0, 12:].tolist()
+    done = subprocess.run(
+        [*console_script("homeswarm"), "generate", str(checkpoints["mixtral"]), "--initial-peers",
+         *swarm.initial_peers, "--prompt-ids", ",".join(map(str, prompt[0].tolist())), "--max-new-tokens", "16",
+         "--json"], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["token_ids"] == expected
