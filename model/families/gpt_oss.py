@@ -39,10 +39,13 @@ def _number(d: dict[str, Any], key: str, default: float) -> float:
 
 def _gpt_oss(d: dict[str, Any]) -> dict[str, Any]:
     layer_types = d.get("layer_types")
+    if layer_types is None:  # transformers' default: even layers slide, odd ones attend to everything
+        layers = positive_int(d, "num_hidden_layers")
+        layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
     if not isinstance(layer_types, list):
         raise ValueError(f"config field layer_types must be a list, got {layer_types!r}")
     return {
-        "sliding_window": positive_int(d, "sliding_window"),
+        "sliding_window": positive_int(d, "sliding_window", 128),
         "layer_types": tuple(layer_types),
         "attention_sinks": True,
         "moe": MoEConfig(num_experts=positive_int(d, "num_local_experts"), top_k=positive_int(d, "num_experts_per_tok"),

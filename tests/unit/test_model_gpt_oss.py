@@ -4,6 +4,7 @@ loading a checkpoint whose experts are stored as MXFP4 blocks and scales, as on 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,13 @@ def test_mxfp4_checkpoint_loads_as_transformers_dequantizes_it(checkpoint, tmp_p
         out = ref(ids, output_hidden_states=True)
     head = load_head(packed)
     assert rel_err(head.logits(span(out.hidden_states[0])), out.logits) < 1e-5
+
+
+def test_config_defaults_follow_transformers(checkpoint):
+    """A config.json without layer_types or sliding_window gets transformers' GptOssConfig defaults."""
+    d = json.loads((checkpoint / "config.json").read_text())
+    del d["layer_types"], d["sliding_window"]
+    ref = transformers.GptOssConfig(**{k: v for k, v in d.items() if k not in ("model_type", "transformers_version")})
+    config = ModelConfig.from_dict(d)
+    assert list(config.layer_types) == ref.layer_types
+    assert config.sliding_window == ref.sliding_window
