@@ -2,6 +2,8 @@
 
 It runs its own event loop in a background thread; ``close()`` stops it and every connection.
 Order is preserved: chunks are delivered in arrival order, each ``delay`` seconds after it arrived.
+``bytes_to_target`` counts the bytes received from clients (whether delivered yet or not), so a test can
+tell that a request has left its sender and is held here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class DelayingProxy:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self.bytes_forwarded = 0
+        self.bytes_to_target = 0
         started = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(started,), daemon=True)
         self._thread.start()
@@ -42,12 +45,12 @@ class DelayingProxy:
         except OSError:
             writer.close()
             return
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(src, dst))
+        for src, dst, upstream in ((reader, up_writer, True), (up_reader, writer, False)):
+            task = asyncio.create_task(self._pump(src, dst, upstream))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, upstream: bool) -> None:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def deliver() -> None:
@@ -67,6 +70,8 @@ class DelayingProxy:
         try:
             while data := await src.read(65536):
                 queue.put_nowait((self.loop.time() + self.delay, data))
+                if upstream:
+                    self.bytes_to_target += len(data)
         except (ConnectionError, OSError):
             pass
         finally:
