@@ -6,7 +6,9 @@ listed in ``model.safetensors.index.json``) and read just the tensors asked for.
 Invariants: :meth:`CheckpointReader.load` opens only the shard files that hold the requested names
 and reads only those tensors (``safe_open`` + ``get_tensor`` per name), so a node serving a few blocks
 of a large model never reads, nor maps into memory, the rest; a name the checkpoint lacks is an error
-that lists every missing name, raised before any file is opened.
+that lists every missing name, raised before any file is opened. A float8_e4m3fn weight stored with its
+block scales (``<name>_scale_inv``, the hub's FP8 layout) is read with them and, when a dtype is asked
+for, returned dequantized: callers never see the scales.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import Tensor
+
+from .fp8 import SCALE_SUFFIX, dequantize_fp8, is_fp8
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -98,5 +102,14 @@ class CheckpointReader:
             with safe_open(str(self.model_dir / file_name), framework="pt", device="cpu") as f:
                 for name in file_names:
                     tensor = f.get_tensor(name)
+                    scale_name = name + SCALE_SUFFIX
+                    if dtype is not None and is_fp8(tensor) and scale_name in self._file_of:
+                        scale = (f.get_tensor(scale_name) if self._file_of[scale_name] == file_name
+                                 else self._read_one(scale_name))
+                        tensor = dequantize_fp8(tensor.to(device), scale, dtype)
                     out[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
         return out
+
+    def _read_one(self, name: str) -> Tensor:
+        with safe_open(str(self.model_dir / self._file_of[name]), framework="pt", device="cpu") as f:
+            return f.get_tensor(name)
