@@ -21,7 +21,7 @@ from typing import Any
 
 # model_type values; families/ has a file for each (a unit test keeps the two lists equal)
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral",
-                      "gpt_oss")
+                      "gpt_oss", "deepseek_v3", "kimi_k2")
 
 # RoPE types that leave the plain frequencies unchanged.
 _PLAIN_ROPE_TYPES = ("default", None)

@@ -127,9 +127,16 @@ def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype:
     reader = CheckpointReader(model_dir)
     with torch.device("meta"):
         span = BlockSpan(config, start, end)
+    wide = family_of(config.family).float32_params
     for j, block in enumerate(span.layers):
         keys = list(block.state_dict())
-        block.load_state_dict(_block_state(reader, config, start + j, keys, dtype, device), strict=True, assign=True)
+        narrow = [k for k in keys if not k.endswith(wide)]
+        state = _block_state(reader, config, start + j, narrow, dtype, device)
+        # copies, as _block_state copies tensors beside converted ones: the file's map goes with the block
+        wide_state = _block_state(reader, config, start + j, [k for k in keys if k.endswith(wide)],
+                                  torch.float32, device)
+        state.update({k: v.clone() for k, v in wide_state.items()})
+        block.load_state_dict(state, strict=True, assign=True)
     span.eval()
     span.requires_grad_(False)
     return span

@@ -151,3 +151,41 @@ class GptOssExperts(nn.Module):
             y = (y + self.down_proj_bias[expert]) * weights[rows, slots, None]
             out.index_add_(0, rows, y.to(out.dtype))
         return out
+
+
+class GroupLimitedRouter(nn.Module):
+    """Sigmoid scores with group-limited top-k (DeepSeek-V3, Kimi K2), in float32 throughout.
+
+    The score-correction bias only steers the choice: experts are split into ``n_group`` groups, each
+    group scored by the sum of its two best corrected scores, the best ``topk_group`` groups kept, and
+    the top-k of the kept experts' corrected scores chosen; the weights are the chosen experts' plain
+    scores, renormalised (``normalize``, with the reference's 1e-20 guard) and multiplied by
+    ``scaling_factor``. The weights stay float32, as the reference returns them.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, *, n_group: int, topk_group: int,
+                 normalize: bool, scaling_factor: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.empty(num_experts, dtype=torch.float32))
+        self.num_experts, self.top_k = num_experts, top_k
+        self.n_group, self.topk_group = n_group, topk_group
+        self.normalize, self.scaling_factor = normalize, scaling_factor
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """[N, H] rows -> (float32 weights [N, k], expert indices [N, k])."""
+        logits = F.linear(x.to(torch.float32), self.weight.to(torch.float32))
+        scores = logits.sigmoid()
+        choice = scores + self.e_score_correction_bias
+        per_group = self.num_experts // self.n_group
+        group_scores = choice.view(-1, self.n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+        # The same torch.topk calls (sorted=False included) as the reference, so ties resolve alike.
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        expert_mask = group_mask.unsqueeze(-1).expand(-1, self.n_group, per_group).reshape(-1, self.num_experts)
+        choice = choice.masked_fill(~expert_mask.bool(), float("-inf"))
+        indices = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, indices)
+        if self.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling_factor, indices

@@ -9,6 +9,7 @@ Invariant: the keys of ``FAMILIES`` are exactly ``config.SUPPORTED_FAMILIES``.
 from __future__ import annotations
 
 from .base import Family
+from .deepseek import DEEPSEEK_V3
 from .dense import LLAMA, MISTRAL, QWEN2, QWEN3
 from .gpt_oss import GPT_OSS
 from .mixtral import MIXTRAL
@@ -23,6 +24,8 @@ FAMILIES: dict[str, Family] = {
     "qwen2_moe": QWEN2_MOE,
     "mixtral": MIXTRAL,
     "gpt_oss": GPT_OSS,
+    "deepseek_v3": DEEPSEEK_V3,
+    "kimi_k2": DEEPSEEK_V3,
 }
 
 

@@ -21,6 +21,9 @@ class Family:
     aliases: tuple[tuple[str, str], ...] = ()
     # per-expert checkpoint names: (gate, up, down) as in "experts.{e}.<name>.weight"
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # our parameter names (endings) read and kept in float32 whatever the span's dtype, as the
+    # reference keeps them (DeepSeek's router)
+    float32_params: tuple[str, ...] = ()
 
 
 def positive_int(d: dict[str, Any], key: str, default: Any = None) -> int:
