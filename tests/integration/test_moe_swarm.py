@@ -1,6 +1,7 @@
 """Mixture-of-Experts families through real daemons on 127.0.0.1: greedy generation through a
-2-node swarm equals transformers (64 new tokens, batch 2, a 200-token prompt), and kill -9 of a node
-serving MoE blocks mid-generation still gives exact output.
+2-node swarm equals transformers (64 new tokens, batch 2, a 200-token prompt) for Qwen3-MoE, Qwen2-MoE,
+Mixtral, DeepSeek-V3, Kimi K2 and GPT-OSS, and kill -9 of a node serving MoE blocks mid-generation
+still gives exact output.
 
 One bootstrap peer and two nodes per family are started for the whole module, each family under its
 own model name.
@@ -15,15 +16,32 @@ from homeswarm.client.config import ClientConfig
 from homeswarm.client.local_swarm import LocalSwarm, split_blocks
 from homeswarm.client.model import AutoDistributedModelForCausalLM
 from tests.helpers.checkpoints import reference_greedy
+from tests.helpers.deepseek_checkpoints import make_deepseek_checkpoint, reference_deepseek
+from tests.helpers.gpt_oss_checkpoints import make_gpt_oss_checkpoint
 from tests.helpers.moe_checkpoints import MOE_FAMILIES, make_moe_checkpoint
 
 NUM_LAYERS = 4
+FAMILIES = (*MOE_FAMILIES, "deepseek_v3", "kimi_k2", "gpt_oss")
+
+
+def make(path, family: str, seed: int):
+    if family in ("deepseek_v3", "kimi_k2"):
+        return make_deepseek_checkpoint(path, family, seed=seed)
+    if family == "gpt_oss":
+        return make_gpt_oss_checkpoint(path, seed=seed)
+    return make_moe_checkpoint(path, family, seed=seed)
+
+
+def expected_greedy(path, family: str, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    # transformers has no kimi_k2 model type; the same architecture loads as DeepSeek-V3
+    model = reference_deepseek(path) if family == "kimi_k2" else None
+    return reference_greedy(path, prompt, new_tokens, model)
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
-    return {family: make_moe_checkpoint(root / family, family, seed=10 + i) for i, family in enumerate(MOE_FAMILIES)}
+    return {family: make(root / family, family, seed=10 + i) for i, family in enumerate(FAMILIES)}
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +55,10 @@ def swarm(checkpoints, tmp_path_factory):
         yield swarm
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_batch_of_two_long_prompt_matches_transformers(family, checkpoints, swarm):
     prompt = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(7))
-    expected = reference_greedy(checkpoints[family], prompt, 64)
+    expected = expected_greedy(checkpoints[family], family, prompt, 64)
     with AutoDistributedModelForCausalLM.from_pretrained(checkpoints[family],
                                                          initial_peers=swarm.initial_peers) as model:
         got = model.generate(prompt, max_new_tokens=64)
@@ -50,16 +68,16 @@ def test_greedy_batch_of_two_long_prompt_matches_transformers(family, checkpoint
     assert len(set(got[0, 200:].tolist())) > 3
 
 
-@pytest.mark.parametrize("mode", ["relay", "handoff"])
-def test_kill_moe_node_mid_generation(checkpoints, swarm, mode):
-    family = "qwen3_moe"
-    name = f"moe-failover-{mode}"
+@pytest.mark.parametrize(("family", "mode"), [("qwen3_moe", "handoff"), ("deepseek_v3", "relay")])
+def test_kill_moe_node_mid_generation(checkpoints, swarm, family, mode):
+    """The replacement node rebuilds its cache (for DeepSeek, the compressed latent) from the replay."""
+    name = f"moe-failover-{family}"
     daemons = [swarm.start_node(checkpoints[family], "--model-name", name, "--blocks", blocks,
                                 "--compute-threads", "1", wait=False) for blocks in ("0:2", "2:4", "2:4")]
     for daemon in daemons:
         swarm.wait_ready(daemon)
     prompt = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(8))
-    expected = reference_greedy(checkpoints[family], prompt, 32)
+    expected = expected_greedy(checkpoints[family], family, prompt, 32)
     config = ClientConfig(handoff=False) if mode == "relay" else ClientConfig(handoff_min_rtt=0.0)
     with AutoDistributedModelForCausalLM.from_pretrained(checkpoints[family], initial_peers=swarm.initial_peers,
                                                          model_name=name, config=config) as model:
