@@ -2,12 +2,15 @@
 
 The planning itself is the pure ``homeswarm.routing.planner.plan_route``; this class only gathers
 its inputs. Round-trip times are smoothed (exponential moving average). A failed node is banned for
-``ban_seconds``, doubling with each further failure up to ``max_ban_seconds``.
+``ban_seconds``, doubling with each further failure up to ``max_ban_seconds``. Sessions in several
+threads (the HTTP API's concurrent requests) share one manager: planning, bans and round trips are
+serialized by a lock, which also keeps the DHT's request pipe to one writer at a time.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -43,11 +46,16 @@ class RouteManager:
         self._records_time = -float("inf")
         self._lookup: ServersLookup | None = None  # a background re-read in flight
         self._lookup_started = -float("inf")
+        self._lock = threading.RLock()
 
     def records(self, *, refresh: bool = False) -> list[ServerRecord]:
         """The server records. Older than ``records_max_age``, they are re-read in the background and
         used meanwhile (a DHT lookup can take many round trips; a node that left meanwhile fails over);
         older than ``records_max_stale``, or with ``refresh``, the caller waits for a fresh read."""
+        with self._lock:
+            return self._read_records(refresh)
+
+    def _read_records(self, refresh: bool) -> list[ServerRecord]:
         started = self.clock()
         if refresh:
             self._lookup = None  # it started before whatever made the caller ask for fresh records
@@ -67,16 +75,18 @@ class RouteManager:
         return self._records
 
     def ban(self, peer_id: str) -> None:
-        count = self.failures.get(PeerId(peer_id), 0)
-        duration = min(self.config.ban_seconds * 2**count, self.config.max_ban_seconds)
-        self.failures[PeerId(peer_id)] = count + 1
-        self.bans[PeerId(peer_id)] = self.clock() + duration
+        with self._lock:
+            count = self.failures.get(PeerId(peer_id), 0)
+            duration = min(self.config.ban_seconds * 2**count, self.config.max_ban_seconds)
+            self.failures[PeerId(peer_id)] = count + 1
+            self.bans[PeerId(peer_id)] = self.clock() + duration
         logger.info("avoiding node %s for %.0f s", peer_id[:16], duration)
 
     def record_rtt(self, peer_id: str, rtt: float) -> None:
-        old = self.rtts.get(PeerId(peer_id))
-        alpha = self.config.rtt_smoothing
-        self.rtts[PeerId(peer_id)] = rtt if old is None else (1 - alpha) * old + alpha * rtt
+        with self._lock:
+            old = self.rtts.get(PeerId(peer_id))
+            alpha = self.config.rtt_smoothing
+            self.rtts[PeerId(peer_id)] = rtt if old is None else (1 - alpha) * old + alpha * rtt
 
     def _ping_unknown(self, records: list[ServerRecord]) -> None:
         now = self.clock()
@@ -93,6 +103,10 @@ class RouteManager:
 
     def plan(self, start: int, end: int, *, cache_tokens_needed: int = 0) -> list[Hop]:
         """A chain covering [start, end); MissingBlocksError (naming the blocks) if there is none."""
+        with self._lock:
+            return self._plan(start, end, cache_tokens_needed)
+
+    def _plan(self, start: int, end: int, cache_tokens_needed: int) -> list[Hop]:
         for attempt in range(2):
             records = self.records(refresh=attempt > 0)
             self._ping_unknown([r for r in records if r.start < end and r.end > start])

@@ -17,8 +17,9 @@ class TextCodec:
         path = Path(model_dir) / "tokenizer.json"
         return cls(Tokenizer.from_file(str(path))) if path.is_file() else None
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """``add_special_tokens=False`` for text that already holds them (a rendered chat template)."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
