@@ -1,4 +1,5 @@
-"""The `homeswarm` command: generate through a swarm, run a bootstrap DHT peer, run the demo.
+"""The `homeswarm` command: generate through a swarm, serve it over an OpenAI-compatible HTTP API,
+run a bootstrap DHT peer, run the demo.
 
 Bad input (a missing folder, malformed prompt ids, out-of-range options) prints a message and
 exits with code 2; a swarm that cannot serve the request (missing blocks, failed nodes) exits 1.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -83,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compression of hidden states on the wire (default none: exact; auto picks per hop)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
+    srv = sub.add_parser("serve", help="serve the model through the swarm over an OpenAI-compatible HTTP API")
+    srv.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder (config.json, head weights, tokenizer.json)")
+    srv.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="any peer of the swarm")
+    srv.add_argument("--model-name", help="name the nodes serve the model under, and the model id of the API "
+                     "(default: the folder's name)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request "
+                     "(default: $HOMESWARM_API_KEY when set, else no check)")
+    srv.add_argument("--max-sessions", type=int, default=8,
+                     help="requests generating at once, each with its own sessions; more wait (default 8)")
+    srv.add_argument("--compression", default="none", choices=["none", "float16", "bfloat16", "int8", "auto"],
+                     help="compression of hidden states on the wire (default none: exact)")
+    srv.add_argument("--ready-file", default=None, help="write {address, url, model} here once serving")
+
     dht = sub.add_parser("dht", help="run a bootstrap DHT peer (serves no model)")
     dht.add_argument("--host", default="127.0.0.1")
     dht.add_argument("--port", type=int, default=0)
@@ -100,10 +117,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    model_dir = Path(args.model_dir)
+def _check_checkpoint(model_dir: Path) -> ModelConfig:
+    """Cheap checks of the checkpoint (config, weight names), so bad input fails before any network."""
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"{model_dir} is not a checkpoint folder (no config.json)")
+    try:
+        config = ModelConfig.from_dir(model_dir)
+        CheckpointReader(model_dir)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    return config
+
+
+def _check_peers(peers: Sequence[str]) -> None:
+    for peer in peers:
+        if not peer.startswith("/"):
+            raise UsageError(f"--initial-peers takes multiaddrs (/ip4/HOST/tcp/PORT/p2p/PEER_ID), got {peer!r}")
+
+
+def _join(model_dir: Path, args: argparse.Namespace):  # noqa: ANN202 - the client class loads lazily
+    from homeswarm.client.model import AutoDistributedModelForCausalLM
+    from homeswarm.model import MissingTensorsError
+
+    try:
+        return AutoDistributedModelForCausalLM.from_pretrained(
+            model_dir, initial_peers=args.initial_peers, model_name=args.model_name,
+            config=ClientConfig(compression=args.compression),
+        )
+    except MissingTensorsError as e:
+        raise UsageError(str(e)) from None
+    except Exception as e:  # hivemind raises several types for unreachable or malformed peers
+        raise JoinError(f"could not join the swarm through --initial-peers: {e}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model_dir = Path(args.model_dir)
+    vocab = _check_checkpoint(model_dir).vocab_size
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
     if args.temperature < 0:
@@ -112,15 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("--top-k must be at least 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError("--top-p must be in (0, 1]")
-    try:
-        # cheap checks of the checkpoint (config, weight names), so bad input fails before any network
-        vocab = ModelConfig.from_dir(model_dir).vocab_size
-        CheckpointReader(model_dir)
-    except (OSError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    for peer in args.initial_peers:
-        if not peer.startswith("/"):
-            raise UsageError(f"--initial-peers takes multiaddrs (/ip4/HOST/tcp/PORT/p2p/PEER_ID), got {peer!r}")
+    _check_peers(args.initial_peers)
     codec = TextCodec.for_model(model_dir)
     if args.prompt is not None:
         if codec is None:
@@ -133,18 +174,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if any(not 0 <= i < vocab for i in ids):
         raise UsageError(f"prompt ids must be in 0..{vocab - 1}")
 
-    from homeswarm.client.model import AutoDistributedModelForCausalLM
-    from homeswarm.model import MissingTensorsError
-
-    try:
-        model = AutoDistributedModelForCausalLM.from_pretrained(
-            model_dir, initial_peers=args.initial_peers, model_name=args.model_name,
-            config=ClientConfig(compression=args.compression),
-        )
-    except MissingTensorsError as e:
-        raise UsageError(str(e)) from None
-    except Exception as e:  # hivemind raises several types for unreachable or malformed peers
-        raise JoinError(f"could not join the swarm through --initial-peers: {e}") from None
+    model = _join(model_dir, args)
     try:
         new_ids: list[int] = []
         printed = ""
@@ -173,6 +203,60 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"[{len(new_ids)} tokens in {seconds:.2f} s, {tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     finally:
         model.close()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from homeswarm.client.chat_template import ChatTemplate, ChatTemplateError
+
+    model_dir = Path(args.model_dir)
+    config = _check_checkpoint(model_dir)
+    codec = TextCodec.for_model(model_dir)
+    if codec is None:
+        raise UsageError(f"{model_dir} has no tokenizer.json: the HTTP API needs it to read and write text")
+    try:
+        template = ChatTemplate.for_model(model_dir)
+    except (ChatTemplateError, ValueError, OSError) as e:
+        raise UsageError(f"{model_dir}: {e}") from None
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_sessions < 1:
+        raise UsageError("--max-sessions must be at least 1")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("HOMESWARM_API_KEY") or None
+    if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
+        raise UsageError("--api-key must not be empty nor start or end with spaces")
+    _check_peers(args.initial_peers)
+
+    from homeswarm.client.openai_api.app import ServedModel, create_app
+    from homeswarm.client.openai_api.engine import SwarmEngine
+    from homeswarm.client.openai_api.server import bind, serve
+
+    try:
+        sock = bind(args.host, args.port)  # before joining the swarm: a taken port fails at once
+    except OSError as e:
+        raise UsageError(f"could not listen on {args.host}:{args.port}: {e}") from None
+    try:
+        model = _join(model_dir, args)
+        engine = SwarmEngine(model, codec, max_sessions=args.max_sessions)
+        try:
+            served = ServedModel(id=model.model_name, context_length=config.max_position_embeddings,
+                                 vocab_size=config.vocab_size, chat_template=template, created=int(time.time()))
+            app = create_app(engine, served, api_key=api_key)
+            host, port = sock.getsockname()[:2]
+            print(f"serving {served.id!r} with the OpenAI API at http://{host}:{port}/v1"
+                  + ("" if template else " (no chat template: /v1/chat/completions answers 400)"),
+                  file=sys.stderr, flush=True)
+            # uvicorn restores these handlers after it stops and re-raises the signal it caught: with the
+            # default handlers that would kill us before the sessions and the DHT are closed
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: None)
+            serve(app, engine, sock, ready_file=args.ready_file, ready_info={"model": served.id},
+                  verbose=args.verbose)
+        finally:
+            engine.close()
+            model.close()
+    finally:
+        sock.close()
     return 0
 
 
@@ -209,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         if args.command == "generate":
             code = cmd_generate(args)
+        elif args.command == "serve":
+            code = cmd_serve(args)
         elif args.command == "dht":
             code = cmd_dht(args)
         else:

@@ -1,7 +1,8 @@
-"""LocalSwarm: a bootstrap peer and several `join-swarm` daemons on loopback, as subprocesses.
+"""LocalSwarm: a bootstrap peer, `join-swarm` daemons and `homeswarm serve` APIs on loopback, as subprocesses.
 
 Used by `homeswarm demo` and by the tests. Every process it starts is stopped on ``close()``
-(SIGTERM, then SIGKILL after a timeout), also when start-up fails half way.
+(SIGTERM, then SIGKILL after a timeout; the APIs first, as clients of the nodes), also when start-up
+fails half way.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class LocalSwarm:
         self.env = {**os.environ, **(env or {})}
         self.bootstrap: Daemon | None = None
         self.nodes: list[Daemon] = []
+        self.apis: list[Daemon] = []
         self._count = 0
 
     @property
@@ -110,6 +112,17 @@ class LocalSwarm:
             self._wait_ready(daemon, timeout)
         return daemon
 
+    def start_api(self, model_dir: str | os.PathLike[str], *args: str, wait: bool = True,
+                  timeout: float = 60.0) -> Daemon:
+        """`homeswarm serve` on 127.0.0.1, a free port; its ready file holds ``url`` ("http://HOST:PORT/v1")."""
+        argv = [*console_script("homeswarm"), "serve", str(model_dir), "--initial-peers", *self.initial_peers,
+                "--host", "127.0.0.1", "--port", "0", *args]
+        daemon = self._spawn(argv, "api")
+        self.apis.append(daemon)
+        if wait:
+            self._wait_ready(daemon, timeout)
+        return daemon
+
     def wait_ready(self, daemon: Daemon, timeout: float = 120.0) -> dict[str, Any]:
         return self._wait_ready(daemon, timeout)
 
@@ -135,6 +148,8 @@ class LocalSwarm:
         return daemon.process.returncode
 
     def close(self) -> None:
+        for daemon in self.apis:
+            self.stop(daemon, timeout=15.0)
         for daemon in self.nodes:
             if daemon.process.poll() is None:
                 daemon.process.send_signal(signal.SIGTERM)
