@@ -72,12 +72,26 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
+    def _expert(self, expert: int, x: Tensor) -> Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[expert])
+
     def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        if x.shape[0] == 1:
+            # One row (a decoding step of one sequence): no grouping, gathering or scattering, which
+            # cost as much as the experts' own products at this size. Same sums in the same order:
+            # 0 + y is exactly y, then each further expert in ascending order.
+            out = None
+            for slot, expert in sorted(enumerate(indices[0].tolist()), key=lambda chosen: chosen[1]):
+                # weights[0, slot : slot + 1] is 1-D, so float32 weights promote the product, as the
+                # reference's [rows, 1] weights do (a 0-D tensor would not).
+                y = (self._expert(expert, x) * weights[0, slot : slot + 1]).to(x.dtype)
+                out = y if out is None else out + y
+            assert out is not None
+            return out
         out = torch.zeros_like(x)
         for expert, rows, slots in by_expert(indices, self.num_experts):
-            gate, up = F.linear(x[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
-            y = y * weights[rows, slots, None]
+            y = self._expert(expert, x[rows]) * weights[rows, slots, None]
             out.index_add_(0, rows, y.to(out.dtype))
         return out
 

@@ -211,3 +211,20 @@ def test_missing_expert_is_named(checkpoints, tmp_path):
     with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.experts\.7\.up_proj\.weight"):
         load_span(broken, 0, 2)
     load_span(broken, 2, 4)  # other blocks still load
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_path_equals_the_grouped_path(dtype):
+    """A single row skips the grouping; it must compute bit for bit what the grouped path computes,
+    float32 routing weights (Mixtral, DeepSeek) promoting the product in half precision as there."""
+    experts = Experts(8, 64, 32).to(dtype)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    x = torch.randn(1, 64, generator=gen).to(dtype)
+    for weights in (torch.rand(1, 3, generator=gen), torch.rand(1, 3, generator=gen).to(dtype)):
+        indices = torch.tensor([[6, 1, 3]])
+        one = experts(x, weights, indices)
+        grouped = experts(x.repeat(3, 1), weights.repeat(3, 1), indices.repeat(3, 1))
+        assert torch.equal(one, grouped[:1]) and torch.equal(one, grouped[2:])
