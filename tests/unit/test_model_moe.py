@@ -214,17 +214,23 @@ def test_missing_expert_is_named(checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_row_path_equals_the_grouped_path(dtype):
-    """A single row skips the grouping; it must compute bit for bit what the grouped path computes,
-    float32 routing weights (Mixtral, DeepSeek) promoting the product in half precision as there."""
-    experts = Experts(8, 64, 32).to(dtype)
+def test_one_row_path_equals_the_reference_experts(dtype):
+    """A single row skips the grouping; it must compute bit for bit what transformers' experts compute
+    for that row, float32 routing weights (Mixtral, DeepSeek) promoting the product in half precision
+    as there."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    from tests.helpers.moe_checkpoints import moe_config
+
+    ours = Experts(8, 64, 32).to(dtype)
+    ref = Qwen3MoeExperts(moe_config("qwen3_moe")).to(dtype)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for param in experts.parameters():
+        for param in ours.parameters():
             param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+        ref.gate_up_proj.copy_(ours.gate_up_proj)
+        ref.down_proj.copy_(ours.down_proj)
     x = torch.randn(1, 64, generator=gen).to(dtype)
+    indices = torch.tensor([[6, 1, 3]])
     for weights in (torch.rand(1, 3, generator=gen), torch.rand(1, 3, generator=gen).to(dtype)):
-        indices = torch.tensor([[6, 1, 3]])
-        one = experts(x, weights, indices)
-        grouped = experts(x.repeat(3, 1), weights.repeat(3, 1), indices.repeat(3, 1))
-        assert torch.equal(one, grouped[:1]) and torch.equal(one, grouped[2:])
+        assert torch.equal(ours(x, weights, indices), ref(x, indices, weights))
