@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from homeswarm.model import KVCache, LocalModel, ModelConfig, cache_bytes, load_head, load_span
-from tests.helpers.checkpoints import make_checkpoint
+from tests.helpers.checkpoints import make_checkpoint, reference_greedy
+from tests.helpers.reference import last_hidden_states, reference_in
 
 
 @pytest.fixture(scope="module")
@@ -83,33 +84,56 @@ def test_head_rejects_bad_ids(ckpt):
     assert head.embed(torch.tensor([[0, 255]], dtype=torch.int32)).shape == (1, 2, 64)
 
 
+# Half precision against transformers in the same dtype. They agree to the bit today, but the same maths
+# with other kernel shapes (cached against uncached attention, other row layouts) rounds elsewhere: measured
+# on these families, 0.5-0.6% (bfloat16) and 0.08-0.10% (float16) over a whole pass, up to 1.7% and 0.26%
+# in one step. The bounds are 2-3x those, below how far float32 results are (1.8-3.1% and 0.23-0.40%).
+HALF_TOL = {torch.bfloat16: 0.015, torch.float16: 0.003}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_spans_stay_close(ckpt, dtype):
-    hidden = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(0))
-    full = load_span(ckpt, 0, 4)(hidden)
+def test_half_precision_spans_match_transformers_in_that_dtype(ckpt, dtype):
+    """A span loaded in half precision: its output, its cached steps, the keys and values its cache holds,
+    and greedy generation equal transformers' in the same dtype (within HALF_TOL), and are not float32's."""
+    tol = HALF_TOL[dtype]
+    reference = reference_in(ckpt, dtype)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    expected, _ = last_hidden_states(reference, ids)
+    with torch.no_grad():
+        reference_cache = reference(ids, use_cache=True).cache
+    # float32 embeddings cast to the dtype are transformers' embeddings in that dtype
+    hidden = load_head(ckpt).embed(ids).to(dtype)
     span = load_span(ckpt, 0, 4, dtype=dtype)
     assert all(p.dtype == dtype for p in span.parameters())
-    out = span(hidden.to(dtype))
+    out = span(hidden)
     assert out.dtype == dtype and torch.isfinite(out).all()
-    assert rel_err(out, full) < 0.05
-    # The cached path agrees with the uncached one in this dtype as well.
+    assert rel_err(out, expected) < tol
+    assert rel_err(out, load_span(ckpt, 0, 4)(hidden.float())) > tol / 10  # really computed in the dtype
+    # The cached path: a prefill, then single steps, each checked on its own.
     cache = span.new_cache(2, 24)
-    stepped = torch.cat([span(hidden[:, :20].to(dtype), cache)]
-                        + [span(hidden[:, t:t + 1].to(dtype), cache) for t in range(20, 24)], dim=1)
-    assert rel_err(stepped, out) < 0.02
-    # Whole-model generation runs in this dtype.
-    tokens = LocalModel(ckpt, dtype=dtype).generate_greedy(torch.randint(0, 256, (1, 8)), 4)
-    assert tokens.shape == (1, 12)
+    steps = [span(hidden[:, :20], cache)] + [span(hidden[:, t:t + 1], cache) for t in range(20, 24)]
+    assert cache.dtype == dtype and cache.length == 24
+    assert rel_err(steps[0], expected[:, :20]) < tol
+    assert all(rel_err(step, expected[:, t:t + 1]) < 3 * tol for t, step in zip(range(20, 24), steps[1:], strict=True))
+    # What the cache holds, [batch, kv heads, positions, head dim] per block, as transformers holds it.
+    for i, layer in enumerate(reference_cache.layers):
+        assert rel_err(cache.keys[i][:, :, :24], layer.keys) < tol, i
+        assert rel_err(cache.values[i][:, :, :24], layer.values) < tol, i
+    # Whole-model greedy generation in this dtype: transformers' tokens.
+    prompt = ids[:1, :8]
+    tokens = LocalModel(ckpt, dtype=dtype).generate_greedy(prompt, 6)
+    assert tokens.tolist() == reference_greedy(ckpt, prompt, 6, reference).tolist()
 
 
 def test_cache_truncate_and_reset(ckpt):
     span = load_span(ckpt, 0, 1)
     cache = span.new_cache(1, 8)
-    hidden = torch.randn(1, 5, 64)
+    hidden = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(1))
     first = span(hidden, cache)
     cache.truncate(3)
-    # Replaying the dropped positions gives the same outputs.
-    assert torch.allclose(span(hidden[:, 3:], cache), first[:, 3:], atol=1e-6)
+    # Replaying the dropped positions gives the same outputs (as a whole: the cached path sums in another
+    # order, so single values near zero may differ by more than an element-wise atol of 1e-6).
+    assert rel_err(span(hidden[:, 3:], cache), first[:, 3:]) < 1e-5
     with pytest.raises(ValueError):
         cache.truncate(6)
     cache.reset()
