@@ -84,7 +84,7 @@ def test_kill_mid_generation(swarm, checkpoint, expected, mode):
 def test_kill_before_prefill(swarm, checkpoint, expected):
     daemons = start_nodes(swarm, checkpoint, "fo-prefill", [(0, 3), (0, 3), (3, 6)])
     with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
-                                                         model_name="fo-prefill") as model:
+                                                         model_name="fo-prefill", config=MODES["handoff"]) as model:
         got, failovers = generate_with_kills(model, {-1: lambda s: kill_serving(daemons, s, (0, 3))})
     assert failovers == 1
     assert got.tolist() == expected.tolist()
@@ -125,7 +125,7 @@ def test_failure_during_replay(swarm, checkpoint, expected, monkeypatch):
         state["armed"] = True  # the next step sent to blocks 3..5 is the first replayed one
 
     with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
-                                                         model_name="fo-replay") as model:
+                                                         model_name="fo-replay", config=MODES["relay"]) as model:
         got, failovers = generate_with_kills(model, {10: first_kill})
     assert state["killed"] is not None
     assert failovers == 2
@@ -138,6 +138,6 @@ def test_no_replacement_names_missing_blocks(swarm, checkpoint):
     from homeswarm.routing.planner import MissingBlocksError
 
     with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
-                                                         model_name="fo-none") as model:
+                                                         model_name="fo-none", config=MODES["relay"]) as model:
         with pytest.raises((MissingBlocksError, SessionError), match=r"3-5"):
             generate_with_kills(model, {4: lambda s: kill_serving(daemons, s, (3, 6))})

@@ -2,7 +2,8 @@
 3-node swarm equals transformers for every family, the cache budget, and shutdown on SIGTERM.
 
 One swarm is started for the whole module: a bootstrap peer and 3 nodes per family, each family
-under its own model name.
+under its own model name. Clients hand off (forced: on loopback a ping would choose relaying), except
+where a test relays on purpose; test_swarm_numerics.py compares the numbers in both modes.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from homeswarm.client.config import ClientConfig
 from homeswarm.client.local_swarm import LocalSwarm, split_blocks
 from homeswarm.client.model import AutoDistributedModelForCausalLM
 from homeswarm.client.route import RouteManager
+from homeswarm.client.session import InferenceSession
 from homeswarm.client.transport import ChannelPool, HopFailed, HopStream
 from homeswarm.protocol import node_pb2
 from homeswarm.routing.dht import SwarmDHT
 from homeswarm.routing.planner import MissingBlocksError
 from tests.helpers.checkpoints import FAMILIES, make_checkpoint, reference_greedy, reference_model
+from tests.helpers.reference import node_counters, steps_in
 
 NUM_LAYERS = 6
+HANDOFF = ClientConfig(handoff_min_rtt=0.0)
+RELAY = ClientConfig(handoff=False)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,8 @@ def swarm(checkpoints, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client_models(swarm, checkpoints):
-    models = {family: AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+    models = {family: AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers,
+                                                                      config=HANDOFF)
               for family, path in checkpoints.items()}
     yield models
     for model in models.values():
@@ -72,9 +78,13 @@ def test_greedy_long_prompt_matches_transformers(family, checkpoints, client_mod
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_batch_of_two_matches_transformers(family, checkpoints, client_models):
+    """A batch of two, the client relaying every hop's output: transformers' greedy tokens."""
     prompt = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(2))
     expected = reference_greedy(checkpoints[family], prompt, 16)
-    got = client_models[family].generate(prompt, max_new_tokens=16)
+    model = client_models[family]
+    with InferenceSession(model.routes, model.pool, RELAY, batch_size=2, max_length=40 + 16) as session:
+        assert not session.uses_handoff
+        got = model.generate(prompt, max_new_tokens=16, session=session)
     assert got.tolist() == expected.tolist()
 
 
@@ -93,25 +103,39 @@ def test_sampling_is_seeded_and_within_top_k(checkpoints, client_models):
     assert all(int(t) in top5[i].tolist() for i, t in enumerate(new))
 
 
-def test_stream_yields_tokens_as_generated(client_models):
+def test_stream_yields_each_token_before_the_next_step(swarm, checkpoints, client_models):
+    """generate_stream yields token i as soon as its step is done and sends step i + 1 only once the token
+    is taken: when token i arrives, every node of the route has received exactly i + 1 steps of this
+    generation (their Info counters). The tokens are transformers' greedy ones."""
     model = client_models["qwen2"]
     prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(4))
-    streamed = [int(t[0]) for t in model.generate_stream(prompt, max_new_tokens=6)]
-    full = model.generate(prompt, max_new_tokens=6)
-    assert streamed == full[0, 8:].tolist()
+    peers = {d.info["address"]: d.info["peer_id"] for d in swarm.nodes if d.info is not None}
+    streamed, steps_seen = [], []
+    with model.inference_session(max_length=8 + 6) as session:
+        route = [address for address, _, _ in session.route]
+        before = node_counters(route, peers)
+        for tokens in model.generate_stream(prompt, max_new_tokens=6, session=session):
+            streamed.append(int(tokens[0]))
+            now = node_counters(route, peers)
+            steps_seen.append([steps_in(now[a]) - steps_in(before[a]) for a in route])
+    assert steps_seen == [[i + 1] * len(route) for i in range(6)]
+    assert streamed == reference_greedy(checkpoints["qwen2"], prompt, 6)[0, 8:].tolist()
 
 
 def test_missing_blocks_named_within_seconds(swarm, checkpoints):
-    t0 = time.monotonic()
+    """A model nobody serves: generate fails at once with MissingBlocksError naming the blocks, not after
+    retries. Timed from the call (joining the DHT before it took up to 7 s with one core kept busy by
+    another process; the call itself 0.06-0.15 s)."""
     model = AutoDistributedModelForCausalLM.from_pretrained(
         checkpoints["llama2"], initial_peers=swarm.initial_peers, model_name="nobody-serves-this"
     )
     try:
+        t0 = time.monotonic()
         with pytest.raises(MissingBlocksError, match=r"block\(s\) 0-5 of model 'nobody-serves-this'"):
             model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+        assert time.monotonic() - t0 < 15
     finally:
         model.close()
-    assert time.monotonic() - t0 < 15
 
 
 def test_cache_budget_refuses_with_resource_exhausted(swarm, checkpoints):
@@ -137,7 +161,7 @@ def test_cache_budget_refuses_with_resource_exhausted(swarm, checkpoints):
         assert 0 < first.last_compute_seconds < 30  # the node reports its forward pass's time
         first.close()
         # its memory returns to the budget once closed
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while True:
             try:
                 open_session(80).close()
@@ -159,9 +183,10 @@ def test_sigterm_exits_zero_and_blocks_disappear(swarm, checkpoints):
         routes = RouteManager(dht, pool, "sigterm-test", NUM_LAYERS, ClientConfig(records_max_age=0.0))
         assert [h.peer_id for h in routes.plan(0, NUM_LAYERS)] == [node.info["peer_id"]]
         t0 = time.monotonic()
-        code = LocalSwarm.stop(node, sig=signal.SIGTERM, timeout=20)
+        code = LocalSwarm.stop(node, sig=signal.SIGTERM, timeout=60)
         assert code == 0
-        assert time.monotonic() - t0 < 5 + 5
+        # with no open session it need not wait out its grace: 1.0-1.8 s measured with one core kept busy
+        assert time.monotonic() - t0 < 5 + 10
         # the record lives for 600 s, yet the client stops seeing the node right away
         records = routes.records(refresh=True)
         assert [r.state.value for r in records] == ["offline"]
