@@ -3,7 +3,8 @@
 The hidden states compared are those leaving the last block, before the final norm: an RMSNorm divides
 out any common scale, so a hidden state off by a constant factor would pass a check on normed states or
 on logits alone. A step is checked on its own (a decoding step's one position is not averaged into a
-long prompt's), with the relative error of the whole step's tensor, as the in-process tests do.
+long prompt's), with the relative error of the whole step's tensor, as the in-process tests do. The
+nodes' Info counters tell how the steps travelled and were computed.
 """
 
 from __future__ import annotations
@@ -98,3 +99,8 @@ def node_counters(addresses: list[str], peers: dict[str, str]) -> dict[str, obje
 def node_info(address: str, peer_id: str):
     """One node's Info (its counters since start)."""
     return node_counters([address], {address: peer_id})[address]
+
+
+def steps_in(info) -> int:
+    """Steps a node has received (from the client or pushed by a peer), from its Info."""
+    return info.steps_from_client + info.steps_from_peers

@@ -28,6 +28,7 @@ from tests.helpers.reference import (
     last_hidden_states,
     node_info,
     reference_in,
+    steps_in,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -106,11 +107,6 @@ def slow_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def slow_reference(slow_checkpoint):
     return reference_in(slow_checkpoint, torch.float32)
-
-
-def steps_in(info) -> int:
-    """Steps a node has received, from the client or pushed by a peer."""
-    return info.steps_from_client + info.steps_from_peers
 
 
 class KillInsideStep(threading.Thread):

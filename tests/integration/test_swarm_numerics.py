@@ -46,12 +46,14 @@ MODES = {"relay": ClientConfig(handoff=False), "handoff": ClientConfig(handoff_m
 
 # bfloat16 nodes against transformers in bfloat16. bfloat16 keeps 8 bits of mantissa (a rounding step of
 # 2^-8 = 0.4%), so any change in where a kernel rounds moves results by that order. Through the swarm they
-# agree with transformers to the bit today, but an equally correct path, our cached BlockSpan.forward run
-# in process, is 0.15-0.42% away over a whole generation and up to 1.8% at one position on these
-# checkpoints: the bounds are 3x those, so that a legitimate change of kernels does not fail the test.
-# They still tell bfloat16 compute from float32 compute (1.7-3.0% away): the test checks that too.
-BF16_TOL_WHOLE = 0.012
-BF16_TOL_STEP = 0.055
+# agree with transformers to the bit today, but the same maths with other kernel shapes (cached against
+# uncached attention, other row layouts) was measured 0.5-0.6% away over a whole generation and up to 1.7%
+# in one step, on these families: the bounds are 2.5-3x those, so that a legitimate change of kernels does
+# not fail the test. They stay below how far float32 results are (1.8-3.1%), and the test checks that the
+# result is not the float32 one. Small errors are the float32 tests' to catch (a 1e-4 relative error on
+# the wire flips bfloat16 roundings, which these checkpoints amplify to 1.4-2.2%: near these bounds).
+BF16_TOL_WHOLE = 0.015
+BF16_TOL_STEP = 0.05
 
 
 @dataclass
