@@ -34,7 +34,7 @@ def test_a_dht_that_is_not_ready_in_time_is_killed_and_retried(monkeypatch):
     t0 = time.monotonic()
     with pytest.raises(DHTStartError, match="did not start within"):
         SwarmDHT.create(start_timeout=0.01, attempts=2)
-    assert time.monotonic() - t0 < 30
+    assert time.monotonic() - t0 < 30  # two short attempts, not a hang: 0.5-0.7 s with one core kept busy
     assert len([p for p in started if p != os.getpid()]) >= 2  # two attempts, each killed
     deadline = time.monotonic() + 10
     while any(_alive(p) for p in started) and time.monotonic() < deadline:

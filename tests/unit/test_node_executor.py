@@ -160,11 +160,15 @@ async def test_timed_step_reports_its_batch_compute_time(span, executor, monkeyp
 
     monkeypatch.setattr(type(span), "forward_batch", slow)
     pairs = _prefilled(span, 3, seed=4)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
     results = await asyncio.wait_for(
         asyncio.gather(*(executor.timed_step(span, hidden, a) for hidden, a, _ in pairs)), TIMEOUT
     )
+    elapsed = loop.time() - t0
     seconds = [s for _, s in results]
-    assert all(delay <= s < delay + 5 for s in seconds)
+    # the forward pass, not more: at least its known minimum, at most the whole wait for the results
+    assert all(delay <= s <= elapsed for s in seconds)
     assert len(set(seconds)) == 1  # one batch: one forward pass, its time shared
 
 
@@ -226,6 +230,11 @@ async def _steps(executor, span, *caches):
     )
 
 
+# A batch wait far beyond TIMEOUT: a step that is let go early completes within TIMEOUT, one that waited
+# the whole batch wait fails wait_for(TIMEOUT). No margin between two durations to hold on a busy machine.
+LONG_WAIT = 4 * TIMEOUT
+
+
 async def _paired(span, monkeypatch, batch_wait):
     """An executor that holds batches back ``batch_wait`` s, whose last batch ran sessions a and b:
     (executor, batch sizes so far, a's cache, b's cache)."""
@@ -236,55 +245,62 @@ async def _paired(span, monkeypatch, batch_wait):
     return executor, sizes, a, b
 
 
+def _release(executor, *caches):
+    """Let a drain that still waits (a failed test) go at once, so that no thread outlives the test by
+    LONG_WAIT, then shut the executor down."""
+    executor.batch_wait_seconds = 0.0
+    for cache in caches:
+        executor.forget(cache)  # wakes the waiting drain, which finds its wait over
+    executor.shutdown()
+
+
 async def test_a_batch_waits_for_the_staggered_steps_of_the_last_one(span, monkeypatch):
-    executor, sizes, a, b = await _paired(span, monkeypatch, 5.0)
+    """a's next step arrives first: it waits for b's instead of running alone, and both run as one batch
+    as soon as b's arrives (within TIMEOUT, far less than the batch wait)."""
+    executor, sizes, a, b = await _paired(span, monkeypatch, LONG_WAIT)
     try:
         assert sizes == [2]
-        # a's next step arrives first; the drain waits for b's instead of running a alone
         first = asyncio.ensure_future(executor.step(span, torch.randn(1, 1, 64), a))
         await asyncio.sleep(0.1)
         assert not first.done() and sizes == [2]
-        t0 = asyncio.get_running_loop().time()
         await asyncio.wait_for(asyncio.gather(first, executor.step(span, torch.randn(1, 1, 64), b)), TIMEOUT)
         assert sizes == [2, 2]
-        assert asyncio.get_running_loop().time() - t0 < 2.5  # ran as soon as b arrived, not after the wait
     finally:
-        executor.shutdown()
+        _release(executor, a, b)
 
 
 async def test_the_wait_for_a_session_that_stopped_is_bounded(span, monkeypatch):
+    """When b never sends its next step, a's runs alone once the batch wait is over (not before it); and
+    b, no longer in the last batch, is not waited for again."""
     executor, sizes, a, b = await _paired(span, monkeypatch, 0.2)
     try:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         await asyncio.wait_for(executor.step(span, torch.randn(1, 1, 64), a), TIMEOUT)  # b never comes
+        # The wait itself is what is checked: at least the 0.2 s, and bounded (0.31-0.35 s measured with
+        # one core kept busy by another process; a step that waits for nothing took up to 0.13 s there).
         assert 0.15 <= loop.time() - t0 < 5
-        t0 = loop.time()
+        executor.batch_wait_seconds = LONG_WAIT
         await asyncio.wait_for(executor.step(span, torch.randn(1, 1, 64), a), TIMEOUT)  # b left the batch
-        assert loop.time() - t0 < 0.15
         assert sizes == [2, 1, 1]
     finally:
-        executor.shutdown()
+        _release(executor, a, b)
 
 
 async def test_no_batch_waits_for_a_session_that_ended(span, monkeypatch):
-    executor, sizes, a, b = await _paired(span, monkeypatch, 5.0)
+    """A session whose cache is forgotten (it closed) is not waited for, also by a drain already waiting."""
+    executor, sizes, a, b = await _paired(span, monkeypatch, LONG_WAIT)
+    c = span.new_cache(1, 16)
     try:
         executor.forget(b)  # b's session closed
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
         await asyncio.wait_for(executor.step(span, torch.randn(1, 1, 64), a), TIMEOUT)
-        assert loop.time() - t0 < 2.5  # not the 5 s wait
         # forgetting while a drain already waits lets it go at once
-        c = span.new_cache(1, 16)
         await _steps(executor, span, a, c)
         waiting = asyncio.ensure_future(executor.step(span, torch.randn(1, 1, 64), a))
         await asyncio.sleep(0.1)
         assert not waiting.done()
-        t0 = loop.time()
         executor.forget(c)
         await asyncio.wait_for(waiting, TIMEOUT)
-        assert loop.time() - t0 < 2.5
         assert sizes == [2, 1, 2, 1]
     finally:
-        executor.shutdown()
+        _release(executor, a, b, c)
