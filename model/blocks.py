@@ -173,11 +173,14 @@ class BlockSpan(nn.Module):
             batch, length = hidden.shape[:2]
             past = cache.length if cache is not None else 0
             segments.append(Segment(offset, batch, length, cache, past))
-            positions.append(torch.arange(past, past + length, device=device, dtype=torch.float32).repeat(batch))
+            row_positions = torch.arange(past, past + length, device=device, dtype=torch.float32)
+            positions.append(row_positions.repeat(batch) if batch > 1 else row_positions)
             offset += batch * length
-        cos, sin = self._rope_at(torch.cat(positions), self.dtype, device)
+        # One session (the common case on a node): no concatenation copies.
+        cos, sin = self._rope_at(positions[0] if len(positions) == 1 else torch.cat(positions), self.dtype, device)
         cos, sin = cos[:, None], sin[:, None]  # [N, 1, rope_dim]: broadcast over the heads
-        x = torch.cat([hidden.reshape(-1, hidden.shape[-1]) for hidden, _ in items])
+        rows = [hidden.reshape(-1, hidden.shape[-1]) for hidden, _ in items]
+        x = rows[0] if len(rows) == 1 else torch.cat(rows)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, segments, i)
         for seg in segments:
