@@ -87,18 +87,21 @@ def check_against(reference: transformers.PreTrainedModel, ids: torch.Tensor, ou
     return errors
 
 
-def node_counters(addresses: list[str], peers: dict[str, str]) -> dict[str, object]:
-    """Each node's Info (counters since start), by address; ``peers`` maps address -> peer id."""
-    pool = ChannelPool()
+def node_counters(addresses: list[str], peers: dict[str, str], pool: ChannelPool | None = None) -> dict[str, object]:
+    """Each node's Info (counters since start), by address; ``peers`` maps address -> peer id. A ``pool``
+    given keeps its connections for the next call (for reads that must be quick)."""
+    own = pool is None
+    pool = ChannelPool() if pool is None else pool
     try:
         return {address: ping(pool, peers[address], address, 10)[1] for address in addresses}
     finally:
-        pool.close()
+        if own:
+            pool.close()
 
 
-def node_info(address: str, peer_id: str):
+def node_info(address: str, peer_id: str, pool: ChannelPool | None = None):
     """One node's Info (its counters since start)."""
-    return node_counters([address], {address: peer_id})[address]
+    return node_counters([address], {address: peer_id}, pool)[address]
 
 
 def steps_in(info) -> int:

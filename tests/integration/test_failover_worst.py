@@ -18,7 +18,7 @@ import torch
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.local_swarm import Daemon, LocalSwarm
 from homeswarm.client.model import AutoDistributedModelForCausalLM
-from homeswarm.client.transport import HopStream
+from homeswarm.client.transport import ChannelPool, HopStream
 from tests.helpers.checkpoints import make_checkpoint
 from tests.helpers.proxy import DelayingProxy
 from tests.helpers.reference import (
@@ -121,10 +121,11 @@ class KillInsideStep(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        pool = ChannelPool()
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                info = node_info(self.victim.info["address"], self.victim.info["peer_id"])
+                info = node_info(self.victim.info["address"], self.victim.info["peer_id"], pool)
                 if steps_in(info) > steps_in(self.before):
                     self.last = info
                     LocalSwarm.kill(self.victim)
@@ -133,6 +134,8 @@ class KillInsideStep(threading.Thread):
             raise TimeoutError("the step never reached the node")
         except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
             self.error = e
+        finally:
+            pool.close()
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -199,8 +202,9 @@ def test_kill_while_the_node_pushes_its_output(swarm, tiny_checkpoint, monkeypat
     config = ClientConfig(handoff_min_rtt=0.0, connect_timeout=30)
     with (DelayingProxy("127.0.0.1", port, delay=PUSH_DELAY) as proxy,
           running(swarm, tiny_checkpoint, "push-kill", [(0, 2), (0, 2), (2, 4)],
-                  {2: ["--port", str(port), "--public-address", proxy.address]}) as daemons):
-        receiver = (f"127.0.0.1:{port}", daemons[2].info["peer_id"])  # read without the proxy's delay
+                  {2: ["--port", str(port), "--public-address", proxy.address]}) as daemons,
+          contextlib.closing(ChannelPool()) as pool):
+        receiver = (f"127.0.0.1:{port}", daemons[2].info["peer_id"], pool)  # read without the proxy's delay
 
         def before_step(i: int) -> None:
             if i + 1 == kill_step:
@@ -223,7 +227,7 @@ def test_kill_while_the_node_pushes_its_output(swarm, tiny_checkpoint, monkeypat
               model.inference_session(max_length=ids.shape[1] + new_tokens, batch_size=2) as session):
             assert session.route[1][0] == proxy.address and session.uses_handoff
             victim = serving(daemons, session, (0, 2))
-            pusher = (victim.info["address"], victim.info["peer_id"])
+            pusher = (victim.info["address"], victim.info["peer_id"], pool)
             got, outputs = greedy_steps(model, session, ids, new_tokens, before_step=before_step)
             assert session.failovers == 1
             assert serving(daemons, session, (0, 2)) is not victim
