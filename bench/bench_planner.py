@@ -2,6 +2,8 @@
 
 Each swarm has servers with random spans of 4-16 blocks, random per-block throughputs and random
 round-trip times; a few servers are short of cache or have queued work. Prints a table; asserts nothing.
+Each row times ``--repeats`` calls after one untimed warm-up call; the p95 is the 95th percentile of
+those, so it needs at least 100 of them to be one (the default is 200).
 
     python bench/bench_planner.py [--repeats N]
 """
@@ -59,6 +61,7 @@ def make_swarm(
 def bench(num_servers: int, num_blocks: int, repeats: int) -> tuple[float, float]:
     records, rtts = make_swarm(num_servers, num_blocks, seed=num_servers * 1000 + num_blocks)
     banned = {PeerId(f"peer{i}"): 10.0 for i in range(num_blocks, num_servers, 50)}
+    plan_route(records, 0, num_blocks, rtts=rtts, banned=banned, now=5.0, cache_tokens_needed=2048, model="bench")
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -66,14 +69,15 @@ def bench(num_servers: int, num_blocks: int, repeats: int) -> tuple[float, float
             records, 0, num_blocks, rtts=rtts, banned=banned, now=5.0, cache_tokens_needed=2048, model="bench"
         )
         times.append((time.perf_counter() - t0) * 1000)
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(0.95 * len(times)))]
+    return statistics.median(times), statistics.quantiles(times, n=100, method="inclusive")[94]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=200, help="timed calls per row (at least 100)")
     args = parser.parse_args()
+    if args.repeats < 100:
+        parser.error("--repeats must be at least 100: a 95th percentile of fewer calls is their maximum or close to it")
     print(f"{'servers':>8} {'blocks':>7} {'median ms':>10} {'p95 ms':>8}")
     for num_servers, num_blocks in [
         (10, 32),
