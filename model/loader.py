@@ -26,6 +26,7 @@ from .config import ModelConfig
 from .families import Family, family_of
 from .head import ClientHead
 from .mxfp4 import dequantize_mxfp4
+from .quant import DEFAULT_INT4_GROUP_SIZE, check_quant, quantize_block
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -118,9 +119,15 @@ def _block_state(reader: CheckpointReader, config: ModelConfig, layer: int, keys
 
 
 def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu") -> BlockSpan:
-    """Load blocks ``[start, end)``, reading only their tensors from the checkpoint, one block at a time."""
+              device: str | torch.device = "cpu", quant: str = "none",
+              group_size: int = DEFAULT_INT4_GROUP_SIZE) -> BlockSpan:
+    """Load blocks ``[start, end)``, reading only their tensors from the checkpoint, one block at a time.
+
+    ``quant`` ("none", "int8", "int4" with ``group_size``): quantize each block's linear weights as
+    soon as it is loaded (see :mod:`.quant`), so the float copy of one block only ever exists.
+    """
     _check_dtype(dtype)
+    check_quant(quant, group_size)
     config = ModelConfig.from_dir(model_dir)
     if not 0 <= start < end <= config.num_hidden_layers:
         raise ValueError(f"invalid block range [{start}, {end}) for a model with {config.num_hidden_layers} blocks")
@@ -137,6 +144,8 @@ def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype:
                                   torch.float32, device)
         state.update({k: v.clone() for k, v in wide_state.items()})
         block.load_state_dict(state, strict=True, assign=True)
+        del state, wide_state  # the block alone holds its float weights, until quantized
+        quantize_block(block, quant, group_size)
     span.eval()
     span.requires_grad_(False)
     return span

@@ -1,0 +1,385 @@
+"""Weight-only quantization of a block's linear layers and experts: int8 and int4, on torch's CPU kernels.
+
+Responsibility: turn a loaded block's ``nn.Linear`` layers into :class:`QuantizedLinearInt8` or
+:class:`QuantizedLinearInt4` (drop-in modules: same ``forward`` contract, same bias in the model dtype)
+and its stacked :class:`~.moe.Experts` into :class:`QuantizedExperts`, in place (:func:`quantize_block`,
+called by the loader on one block at a time, so the float copy of one block only ever exists).
+- int8: symmetric, one scale per output channel: ``w = q * scale``, ``q`` in -128..127.
+- int4: asymmetric, one scale and zero point per group of ``group_size`` inputs:
+  ``w = (q - 8) * scale + zero``, ``q`` in 0..15 (the form torch's int4 kernel computes).
+Scales and zero points are stored in bfloat16 (rounded before the weights are quantized against them,
+so every path multiplies by the same numbers), which keeps int4 at 32-weight groups under 0.16x of
+float32.
+
+What runs: on the CPU, up to :data:`KERNEL_MAX_ROWS` rows (decoding steps), torch's kernels
+(``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``) with bfloat16 activations, the
+only ones their x86 code vectorises (float32 and float16 activations are cast to bfloat16 for the
+kernel and the result cast back: measured several times faster than the kernels' scalar float32 code
+and than dequantizing the weight on every call, for a small loss of accuracy, see bench/bench_quant.py).
+More rows (prefill), other devices, and shapes the kernels reject (int8: inputs not a multiple of 16,
+on which torch's bfloat16 kernel reads past the row; int4: outputs not a multiple of 16 or inputs not a
+multiple of the group size) dequantize a few hundred rows at a time into the activations' dtype and
+multiply densely.
+
+Not quantized: embeddings, norms, routers and gates (``gate``, ``router``, ``shared_expert_gate``), and
+expert classes other than :class:`~.moe.Experts` (GPT-OSS's interleaved, biased experts keep the model
+dtype). This module knows nothing of checkpoints or the network.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import int4_pack
+from .moe import Experts, by_expert
+
+QUANT_FORMATS = ("none", "int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
+DEFAULT_INT4_GROUP_SIZE = 64
+# Up to this many rows the kernels beat dequantize-then-matmul; past it the dense product wins.
+KERNEL_MAX_ROWS = 16
+# Modules named so are routers or gates: they stay in the model dtype.
+UNQUANTIZED_NAMES = ("gate", "router", "shared_expert_gate")
+
+_SCALE_DTYPE = torch.bfloat16
+_KERNEL_DTYPE = torch.bfloat16
+_INT8_K_MULTIPLE = 16  # torch's bfloat16 int8 kernel reads 16 inputs at a time, with no tail
+_INT4_N_MULTIPLE = 16
+_DEQUANT_CHUNK_BYTES = 4 << 20  # rows dequantized at once: about 4 MiB of float32, near the cache's size
+_HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def check_quant(quant: str, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> None:
+    """Raise ValueError unless ``quant`` is a known format and ``group_size`` a supported int4 group."""
+    if quant not in QUANT_FORMATS:
+        raise ValueError(f"unknown quantization {quant!r}; use one of {', '.join(QUANT_FORMATS)}")
+    if quant == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+
+
+def matrix_bytes(out_features: int, in_features: int, quant: str, group_size: int = DEFAULT_INT4_GROUP_SIZE,
+                 element_size: int = 4) -> int:
+    """Bytes an ``[out, in]`` weight takes in ``quant`` (with its scales and zero points), biases aside."""
+    check_quant(quant, group_size)
+    scale = _SCALE_DTYPE.itemsize
+    if quant == "int8":
+        return out_features * (in_features + scale)
+    if quant == "int4":
+        groups = -(-in_features // group_size)
+        return out_features * groups * (group_size // 2 + 2 * scale)
+    return out_features * in_features * element_size
+
+
+def _float_weight(weight: Tensor) -> Tensor:
+    if weight.dim() != 2:
+        raise ValueError(f"a weight to quantize must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    w = weight.detach().float()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("cannot quantize a weight holding NaN or infinite values")
+    return w
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``[N, K]`` -> (int8 ``[N, K]``, bfloat16 scales ``[N]``), symmetric per output channel."""
+    w = _float_weight(weight)
+    tiny = torch.finfo(torch.float32).tiny
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=tiny).to(_SCALE_DTYPE)
+    q = torch.round(w / scales.float()[:, None]).clamp_(-128, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return (q.float() * scales.float()[:, None]).to(dtype)
+
+
+def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``[N, K]`` -> (uint8 values ``[N, K']`` in 0..15, bfloat16 scales and zero points ``[N, K' / g]``).
+
+    ``K'`` is ``K`` rounded up to a multiple of ``group_size`` (the padding quantizes zeros).
+    """
+    w = _float_weight(weight)
+    rows, cols = w.shape
+    padded = -(-cols // group_size) * group_size
+    if padded != cols:
+        w = F.pad(w, (0, padded - cols))
+    groups = w.view(rows, padded // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(_SCALE_DTYPE)
+    zeros = (low + 8 * scales.float()).to(_SCALE_DTYPE)
+    q = torch.round((groups - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp_(0, 15)
+    return q.to(torch.uint8).view(rows, padded), scales, zeros
+
+
+def dequantize_int4(q: Tensor, scales: Tensor, zeros: Tensor, in_features: int | None = None,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """Values ``[N, K']``, scales and zero points ``[N, K' / g]`` -> ``[N, in_features]`` weights."""
+    rows, padded = q.shape
+    groups = q.float().view(rows, scales.shape[1], -1)
+    w = ((groups - 8) * scales.float()[..., None] + zeros.float()[..., None]).view(rows, padded)
+    return w[:, : in_features or padded].to(dtype)
+
+
+def _kernel_input(x: Tensor) -> Tensor:
+    """``x`` [M, K] as the kernels read it: bfloat16, contiguous, 64-byte aligned (torch's bfloat16
+    int8 kernel uses aligned loads: a view at an odd offset crashes it)."""
+    x = x.to(_KERNEL_DTYPE).contiguous()
+    return x if x.data_ptr() % 64 == 0 else x.clone()
+
+
+class _QuantizedLinear(nn.Module):
+    """What both linears share: shapes, bias, and the choice between kernel and dense product."""
+
+    in_features: int
+    out_features: int
+    bias: nn.Parameter | None
+
+    def _init_bias(self, bias: Tensor | None) -> None:
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input has {x.shape[-1]} features, the layer takes {self.in_features}")
+        rows = x.reshape(-1, self.in_features)
+        if self.uses_kernel and x.device.type == "cpu" and rows.shape[0] <= KERNEL_MAX_ROWS:
+            y = self.kernel_matmul(rows).to(x.dtype)
+        else:
+            y = self.dense_matmul(rows)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    @property
+    def uses_kernel(self) -> bool:
+        """Whether small batches go through torch's kernel (else every batch takes the dense path)."""
+        raise NotImplementedError
+
+    def kernel_matmul(self, x: Tensor, dtype: torch.dtype = _KERNEL_DTYPE) -> Tensor:
+        """``x @ W.T`` by torch's kernel, activations in ``dtype`` (bfloat16: the vectorised code;
+        float32: the exact, scalar code, for tests). The result is in ``dtype``."""
+        raise NotImplementedError
+
+    def _chunk_rows(self) -> int:
+        """Output channels dequantized at once: a multiple of the weight's row block."""
+        return max(1, _DEQUANT_CHUNK_BYTES // (4 * self.in_features))
+
+    def _dense_chunk(self, x: Tensor, buffer: Tensor, start: int, end: int) -> Tensor:
+        """``x @ W[start:end].T``, dequantizing those rows into ``buffer`` (flat, ``x``'s dtype)."""
+        raise NotImplementedError
+
+    def dense_matmul(self, x: Tensor) -> Tensor:
+        """``x @ W.T`` in ``x``'s dtype, dequantizing a cache-sized chunk of rows at a time into one buffer."""
+        step = min(self._chunk_rows(), self.out_features)
+        buffer = torch.empty(step * self._padded_features(), dtype=x.dtype, device=x.device)
+        parts = [self._dense_chunk(x, buffer, start, min(start + step, self.out_features))
+                 for start in range(0, self.out_features, step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def _padded_features(self) -> int:
+        return self.in_features
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight ``[out_features, in_features]`` as the dense path multiplies by it."""
+        eye = torch.eye(self.in_features, dtype=dtype, device=self.weight.device)
+        return self.dense_matmul(eye).T.contiguous()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class QuantizedLinearInt8(_QuantizedLinear):
+    """int8 weights, one bfloat16 scale per output channel; a drop-in for ``nn.Linear``."""
+
+    def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scales)
+        self._init_bias(bias)
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Tensor | None = None) -> QuantizedLinearInt8:
+        return cls(*quantize_int8(weight), bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> QuantizedLinearInt8:
+        return cls.from_weight(linear.weight, linear.bias)
+
+    @property
+    def uses_kernel(self) -> bool:
+        return _HAS_INT8_KERNEL and self.weight.device.type == "cpu" and self.in_features % _INT8_K_MULTIPLE == 0
+
+    def kernel_matmul(self, x: Tensor, dtype: torch.dtype = _KERNEL_DTYPE) -> Tensor:
+        x = _kernel_input(x) if dtype == _KERNEL_DTYPE else x.to(dtype).contiguous()
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales.to(dtype))
+
+    def _dense_chunk(self, x: Tensor, buffer: Tensor, start: int, end: int) -> Tensor:
+        w = buffer[: (end - start) * self.in_features].view(end - start, self.in_features)
+        # scales first converted: int8 times bfloat16 would multiply in bfloat16
+        torch.mul(self.weight[start:end], self.scales[start:end, None].to(x.dtype), out=w)
+        return F.linear(x, w)
+
+
+class QuantizedLinearInt4(_QuantizedLinear):
+    """4-bit weights with a bfloat16 scale and zero point per group of inputs; a drop-in for ``nn.Linear``.
+
+    ``weight`` is packed for torch's CPU kernel where the kernel takes the shape (``layout`` names the
+    kernel's layout, or is None when it is not one :mod:`.int4_pack` can read), else in the plain
+    layout (``layout == "plain"``, inputs padded to whole groups). ``scales_and_zeros`` is
+    ``[K' / g, N, 2]``, the kernel's form.
+    """
+
+    def __init__(self, packed: Tensor, scales_and_zeros: Tensor, *, in_features: int, group_size: int,
+                 layout: str | None, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features, self.group_size = packed.shape[0], in_features, group_size
+        self.layout = layout
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self._init_bias(bias)
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, group_size: int, bias: Tensor | None = None) -> QuantizedLinearInt4:
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+        rows, cols = weight.shape
+        q, scales, zeros = quantize_int4(weight, group_size)
+        scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
+        if (weight.device.type == "cpu" and int4_pack.kernel_available() and rows % _INT4_N_MULTIPLE == 0
+                and cols % group_size == 0):
+            packed, layout = int4_pack.pack_for_kernel(q), int4_pack.kernel_layout()
+        else:
+            packed, layout = int4_pack.pack_plain(q), "plain"
+        return cls(packed, scales_and_zeros, in_features=cols, group_size=group_size, layout=layout, bias=bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> QuantizedLinearInt4:
+        return cls.from_weight(linear.weight, group_size, linear.bias)
+
+    @property
+    def uses_kernel(self) -> bool:
+        return self.layout != "plain"
+
+    def kernel_matmul(self, x: Tensor, dtype: torch.dtype = _KERNEL_DTYPE) -> Tensor:
+        x = x.to(dtype).contiguous()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size,
+                                                         self.scales_and_zeros.to(dtype))
+
+    def _padded_features(self) -> int:
+        return self.weight.shape[1] * 2
+
+    def _chunk_rows(self) -> int:
+        if self.layout in (None, "plain"):
+            return super()._chunk_rows()
+        block = int4_pack.BLOCK_ROWS[self.layout]
+        return max(block, super()._chunk_rows() // block * block)
+
+    def dense_matmul(self, x: Tensor) -> Tensor:
+        if self.layout is None:  # packed in a layout that only the kernel reads
+            return self.kernel_matmul(x).to(x.dtype)
+        return super().dense_matmul(x)
+
+    def _dense_chunk(self, x: Tensor, buffer: Tensor, start: int, end: int) -> Tensor:
+        rows, padded = end - start, self._padded_features()
+        scales_and_zeros = self.scales_and_zeros[:, start:end].float()  # [G, rows, 2]
+        scales = scales_and_zeros[..., 0].to(x.dtype)
+        # w = q * scale + (zero - 8 * scale): one pass fewer over the chunk than (q - 8) * scale + zero
+        shifts = (scales_and_zeros[..., 1] - 8 * scales_and_zeros[..., 0]).to(x.dtype)
+        if self.layout == "plain":  # rows of inputs: [rows, K']
+            w = int4_pack.unpack_plain(self.weight[start:end], buffer[: rows * padded].view(rows, padded))
+            groups = w.view(rows, -1, self.group_size)
+            groups.mul_(scales.T[..., None]).add_(shifts.T[..., None])
+            return F.linear(x, w[:, : self.in_features])
+        # the kernel's layouts store columns of inputs: [K, rows]
+        wt = int4_pack.unpack_columns(self.weight, self.layout, start, end, self.in_features,  # type: ignore[arg-type]
+                                      out=buffer[: rows * padded].view(padded, rows))
+        groups = wt.view(-1, self.group_size, rows)
+        groups.mul_(scales[:, None]).add_(shifts[:, None])
+        return x @ wt
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}, layout={self.layout}"
+
+
+def quantize_linear(linear: nn.Linear, quant: str, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> nn.Module:
+    """``linear`` in ``quant`` ("none" returns it as it is)."""
+    check_quant(quant, group_size)
+    if quant == "int8":
+        return QuantizedLinearInt8.from_linear(linear)
+    if quant == "int4":
+        return QuantizedLinearInt4.from_linear(linear, group_size)
+    return linear
+
+
+class QuantizedExperts(nn.Module):
+    """:class:`~.moe.Experts` with each expert's two projections quantized; the same ``forward``."""
+
+    def __init__(self, gate_up: list[nn.Module], down: list[nn.Module]) -> None:
+        super().__init__()
+        if len(gate_up) != len(down):
+            raise ValueError(f"{len(gate_up)} gate/up projections but {len(down)} down projections")
+        self.num_experts = len(gate_up)
+        self.gate_up = nn.ModuleList(gate_up)
+        self.down = nn.ModuleList(down)
+
+    @classmethod
+    def from_experts(cls, experts: Experts, quant: str, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> QuantizedExperts:
+        check_quant(quant, group_size)
+        if quant == "none":
+            raise ValueError("QuantizedExperts needs int8 or int4")
+
+        def one(weight: Tensor) -> nn.Module:
+            if quant == "int8":
+                return QuantizedLinearInt8.from_weight(weight)
+            return QuantizedLinearInt4.from_weight(weight, group_size)
+
+        return cls([one(w) for w in experts.gate_up_proj], [one(w) for w in experts.down_proj])
+
+    def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        out = torch.zeros_like(x)
+        for expert, rows, slots in by_expert(indices, self.num_experts):
+            gate, up = self.gate_up[expert](x[rows]).chunk(2, dim=-1)
+            y = self.down[expert](F.silu(gate) * up)
+            y = y * weights[rows, slots, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out
+
+
+def is_quantizable(name: str, module: nn.Module) -> bool:
+    """Whether :func:`quantize_block` replaces the submodule ``name`` (a dotted path) of a block."""
+    if name.rsplit(".", 1)[-1] in UNQUANTIZED_NAMES:
+        return False
+    return type(module) is Experts or isinstance(module, nn.Linear)
+
+
+def quantize_block(block: nn.Module, quant: str, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> nn.Module:
+    """Replace, in place, the linear layers and experts of a loaded block by quantized ones; return it."""
+    check_quant(quant, group_size)
+    if quant == "none":
+        return block
+    targets = [(name, module) for name, module in block.named_modules() if name and is_quantizable(name, module)]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        if isinstance(module, Experts):
+            new: nn.Module = QuantizedExperts.from_experts(module, quant, group_size)
+        else:
+            new = quantize_linear(module, quant, group_size)  # type: ignore[arg-type]
+        setattr(parent, child, new)
+    _own_tensors(block)
+    block.requires_grad_(False)
+    return block
+
+
+def _own_tensors(block: nn.Module) -> None:
+    """Copy the tensors that stay unquantized. Tensors read from a checkpoint may be views of the file's
+    memory map, which stays mapped, with every page read through it counted in the process's memory,
+    while any view lives: a kept norm would keep the whole block's float weights counted."""
+    for module in block.modules():
+        if isinstance(module, (_QuantizedLinear, QuantizedExperts)):
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.clone()
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = buffer.clone()

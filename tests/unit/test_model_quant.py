@@ -1,0 +1,435 @@
+"""Weight-only quantization: each quantized linear against its dequantized reference, the paths taken
+for shapes torch's kernels reject, the int4 packing layouts, quantized experts, a quantized block of
+every supported family against the float one, and the bytes a quantized block takes.
+
+Tolerances (relative to the largest reference output, references in float64 from the dequantized
+weights): 1e-5 where the computation is float32 (the dense path, and the kernels run with float32
+activations); 4e-3 on the kernels' bfloat16 path, which rounds activations and outputs to bfloat16
+(8 significant bits). Blocks of every family against the float block holding the dequantized weights:
+1e-5 on the float32 path; with the kernels, every row within 5% (MoE blocks: 90% of the rows; a row
+whose router choice flips under bfloat16 rounding differs wholly). Against the float weights, on the
+trained demo model: each block's update within 1% (int8) and 8% (int4) of the float block's. (Random
+checkpoints say little about accuracy: their peaked attention amplifies any weight error.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from homeswarm.model import (
+    DEMO_MODEL_DIR,
+    BlockSpan,
+    ModelConfig,
+    int4_pack,
+    load_head,
+    load_span,
+    quant,
+    span_weight_bytes,
+)
+from homeswarm.model.families import FAMILIES
+from homeswarm.model.moe import Experts, GptOssExperts
+from homeswarm.model.quant import (
+    INT4_GROUP_SIZES,
+    KERNEL_MAX_ROWS,
+    QuantizedExperts,
+    QuantizedLinearInt4,
+    QuantizedLinearInt8,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_block,
+    quantize_int4,
+    quantize_int8,
+)
+
+FLOAT_TOL = 1e-5
+BF16_TOL = 4e-3
+
+
+def weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=gen) * (1.5 / cols**0.5)
+
+
+def linear(rows: int, cols: int, *, bias: bool = True, seed: int = 0) -> nn.Linear:
+    layer = nn.Linear(cols, rows, bias=bias)
+    with torch.no_grad():
+        layer.weight.copy_(weight(rows, cols, seed))
+        if bias:
+            layer.bias.copy_(torch.randn(rows, generator=torch.Generator().manual_seed(seed + 1)))
+    return layer
+
+
+def quantized(layer: nn.Linear, fmt: str, group_size: int = 64) -> nn.Module:
+    if fmt == "int8":
+        return QuantizedLinearInt8.from_linear(layer)
+    return QuantizedLinearInt4.from_linear(layer, group_size)
+
+
+def reference_weight(layer: nn.Linear, fmt: str, group_size: int = 64) -> torch.Tensor:
+    if fmt == "int8":
+        return dequantize_int8(*quantize_int8(layer.weight))
+    return dequantize_int4(*quantize_int4(layer.weight, group_size), layer.in_features)
+
+
+def reference(x: torch.Tensor, layer: nn.Linear, fmt: str, group_size: int = 64) -> torch.Tensor:
+    y = x.double() @ reference_weight(layer, fmt, group_size).double().T
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+def rel_max(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def rel_fro(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# --- quantization itself -----------------------------------------------------------------------------
+
+
+def test_int8_is_symmetric_per_channel_and_within_half_a_step():
+    w = weight(48, 96)
+    w[3] = 0.0  # an all-zero channel quantizes to zeros, not NaN
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.dtype == torch.bfloat16 and scales.shape == (48,)
+    assert int(q.abs().max()) <= 127
+    error = (dequantize_int8(q, scales) - w).abs()
+    assert bool((error <= scales.float()[:, None] * 0.5 * (1 + 1e-2)).all())
+    assert not bool(q[3].any())
+
+
+@pytest.mark.parametrize("group_size", INT4_GROUP_SIZES)
+def test_int4_is_asymmetric_per_group_and_within_half_a_step(group_size):
+    w = weight(32, 256) + 0.3  # off-centre groups: the zero point matters
+    q, scales, zeros = quantize_int4(w, group_size)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and q.shape == (32, 256)
+    assert scales.shape == zeros.shape == (32, 256 // group_size)
+    step = scales.float().repeat_interleave(group_size, dim=1)
+    error = (dequantize_int4(q, scales, zeros) - w).abs()
+    assert bool((error <= step * 0.5 * (1 + 2e-2)).all())
+
+
+def test_int4_pads_inputs_to_whole_groups():
+    w = weight(16, 80)
+    q, scales, zeros = quantize_int4(w, 64)
+    assert q.shape == (16, 128) and scales.shape == (16, 2)
+    assert dequantize_int4(q, scales, zeros, 80).shape == (16, 80)
+
+
+def test_non_finite_weights_are_refused():
+    w = weight(16, 64)
+    w[1, 2] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_int8(w)
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_int4(w, 32)
+
+
+@pytest.mark.parametrize(("fmt", "group_size"), [("int3", 64), ("int4", 16), ("int4", 256), ("INT8", 64)])
+def test_unknown_formats_and_group_sizes_are_refused(fmt, group_size):
+    with pytest.raises(ValueError):
+        quant.check_quant(fmt, group_size)
+    with pytest.raises(ValueError):
+        load_span(DEMO_MODEL_DIR, 0, 1, quant=fmt, group_size=group_size)
+
+
+# --- the int4 layouts --------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not int4_pack.kernel_available(), reason="this torch has no int4 CPU kernel")
+def test_the_kernel_layout_is_known_and_read_back_exactly():
+    layout = int4_pack.kernel_layout()
+    assert layout is not None, "torch packs int4 weights in a layout int4_pack does not know"
+    block = int4_pack.BLOCK_ROWS[layout]
+    for rows in (16, 48, 64, 80, 176):
+        values = torch.randint(0, 16, (rows, 96), generator=torch.Generator().manual_seed(rows))
+        packed = int4_pack.pack_for_kernel(values)
+        assert torch.equal(int4_pack.unpack_columns(packed, layout, 0, rows, 96).T, values.to(torch.uint8))
+        for start in range(0, rows, block):  # chunk by chunk, as the dense path reads it
+            end = min(start + block, rows)
+            part = int4_pack.unpack_columns(packed, layout, start, end, 96, out=torch.empty(96, end - start))
+            assert torch.equal(part.T, values[start:end].float())
+
+
+def test_the_plain_layout_round_trips():
+    values = torch.randint(0, 16, (7, 10), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(int4_pack.unpack_plain(int4_pack.pack_plain(values)), values.to(torch.uint8))
+
+
+# --- quantized linears against their dequantized reference --------------------------------------------
+
+# (out, in): shapes the kernels take, and shapes they reject
+KERNEL_SHAPES = [(64, 64), (48, 128), (80, 192), (256, 512)]
+REJECTED = {
+    "int8": [(32, 24), (64, 40), (10, 200)],  # inputs not a multiple of 16
+    "int4": [(40, 64), (24, 128), (64, 96), (33, 200)],  # outputs not a multiple of 16, inputs of the group
+}
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize(("rows", "cols"), KERNEL_SHAPES)
+def test_kernel_shapes_match_the_dequantized_reference(fmt, rows, cols):
+    layer = linear(rows, cols)
+    module = quantized(layer, fmt)
+    assert module.uses_kernel
+    for batch in (1, 3, KERNEL_MAX_ROWS):  # the kernel's rows
+        x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+        # float32 activations: torch's exact (scalar) kernel code, which checks our packing and scales
+        exact = module.kernel_matmul(x, torch.float32) + layer.bias
+        assert rel_max(exact, reference(x, layer, fmt)) < FLOAT_TOL
+        # what forward runs: bfloat16 activations through the vectorised code
+        assert rel_max(module(x), reference(x.bfloat16().float(), layer, fmt)) < BF16_TOL
+    x = torch.randn(2, 20, cols)  # more rows: dequantized chunks, a dense float32 product
+    assert 40 > KERNEL_MAX_ROWS
+    assert rel_max(module(x), reference(x, layer, fmt)) < FLOAT_TOL
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_rejected_shapes_take_the_dense_path(fmt, monkeypatch):
+    def no_kernel(*args: object) -> None:
+        raise AssertionError("the kernel must not run on a shape it rejects")
+
+    for rows, cols in REJECTED[fmt]:
+        layer = linear(rows, cols, bias=rows % 2 == 0)
+        module = quantized(layer, fmt)
+        assert not module.uses_kernel
+        monkeypatch.setattr(module, "kernel_matmul", no_kernel)
+        for batch in (1, 5, 40):
+            x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+            assert rel_max(module(x), reference(x, layer, fmt)) < FLOAT_TOL, (rows, cols, batch)
+
+
+@pytest.mark.parametrize("group_size", INT4_GROUP_SIZES)
+def test_every_group_size_matches_its_reference(group_size):
+    layer = linear(64, 256)
+    module = QuantizedLinearInt4.from_linear(layer, group_size)
+    assert module.uses_kernel and module.group_size == group_size
+    x = torch.randn(1, 256)
+    assert rel_max(module.kernel_matmul(x, torch.float32) + layer.bias, reference(x, layer, "int4", group_size)) \
+        < FLOAT_TOL
+    x = torch.randn(40, 256)
+    assert rel_max(module(x), reference(x, layer, "int4", group_size)) < FLOAT_TOL
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_large_weights_are_dequantized_in_chunks(fmt):
+    # more output rows than one dequantized chunk holds, and a last partial chunk
+    layer = linear(16 * (quant._DEQUANT_CHUNK_BYTES // (4 * 64)) + 80, 64)
+    module = quantized(layer, fmt)
+    assert module._chunk_rows() < module.out_features
+    x = torch.randn(KERNEL_MAX_ROWS + 1, 64)
+    assert rel_max(module(x), reference(x, layer, fmt)) < FLOAT_TOL
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_activations(fmt, dtype):
+    layer = linear(64, 128).to(dtype)
+    module = quantized(layer, fmt)
+    assert module.bias.dtype == dtype
+    for batch in (1, 40):
+        x = torch.randn(batch, 128).to(dtype)
+        y = module(x)
+        assert y.dtype == dtype and y.shape == (batch, 64)
+        # half-precision products and sums: their own rounding on top of the bfloat16 kernel's
+        assert rel_max(y, reference(x.float(), layer.float(), fmt)) < 2e-2
+
+
+def test_a_misaligned_view_is_fed_to_the_int8_kernel_safely():
+    layer = linear(32, 64)
+    module = QuantizedLinearInt8.from_linear(layer)
+    flat = torch.randn(64 + 1).bfloat16()
+    x = flat[1:].view(1, 64)  # 2 bytes past an aligned address: torch's kernel would crash on it
+    assert rel_max(module(x).float(), reference(x.float(), layer, "int8")) < BF16_TOL
+
+
+# --- experts and blocks ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_experts_match_experts_with_dequantized_weights(fmt):
+    experts = Experts(4, 64, 32)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(4, 64, 64, generator=gen) / 8)
+        experts.down_proj.copy_(torch.randn(4, 64, 32, generator=gen) / 6)
+    q = QuantizedExperts.from_experts(experts, fmt, 32)
+    dequantized = Experts(4, 64, 32)
+    with torch.no_grad():
+        dequantized.gate_up_proj.copy_(torch.stack([m.dequantized_weight() for m in q.gate_up]))
+        dequantized.down_proj.copy_(torch.stack([m.dequantized_weight() for m in q.down]))
+    x = torch.randn(6, 64, generator=gen)
+    weights = torch.rand(6, 2, generator=gen)
+    indices = torch.tensor([[0, 1], [1, 2], [3, 0], [0, 2], [1, 3], [2, 0]])
+    # up to 4 rows per expert: the bfloat16 kernels, twice in a row
+    assert rel_max(q(x, weights, indices), dequantized(x, weights, indices).double()) < 2 * BF16_TOL
+    x = torch.randn(4 * (KERNEL_MAX_ROWS + 1), 64, generator=gen)
+    weights = torch.rand(len(x), 1, generator=gen)
+    indices = torch.arange(len(x))[:, None] % 4
+    assert rel_max(q(x, weights, indices), dequantized(x, weights, indices).double()) < FLOAT_TOL
+
+
+def _dense(family: str) -> Callable[[Path], Path]:
+    from tests.helpers.checkpoints import make_checkpoint
+
+    return lambda path: make_checkpoint(path, family)
+
+
+def _moe(family: str) -> Callable[[Path], Path]:
+    from tests.helpers.moe_checkpoints import make_moe_checkpoint
+
+    return lambda path: make_moe_checkpoint(path, family)
+
+
+def _gpt_oss(path: Path) -> Path:
+    from tests.helpers.gpt_oss_checkpoints import make_gpt_oss_checkpoint
+
+    return make_gpt_oss_checkpoint(path)
+
+
+def _deepseek(variant: str) -> Callable[[Path], Path]:
+    def make(path: Path) -> Path:
+        from tests.helpers.deepseek_checkpoints import make_deepseek_checkpoint
+
+        return make_deepseek_checkpoint(path, variant)
+
+    return make
+
+
+# a tiny checkpoint for every supported model_type: a new family without one fails here
+MAKERS: dict[str, Callable[[Path], Path]] = {
+    "llama": _dense("llama3"), "mistral": _dense("mistral"), "qwen2": _dense("qwen2"), "qwen3": _dense("qwen3"),
+    "qwen3_moe": _moe("qwen3_moe"), "qwen2_moe": _moe("qwen2_moe"), "mixtral": _moe("mixtral"),
+    "gpt_oss": _gpt_oss, "deepseek_v3": _deepseek("deepseek_v3"), "kimi_k2": _deepseek("kimi_k2"),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """family -> a tiny random checkpoint of it, written on first use."""
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = MAKERS[family](tmp_path_factory.mktemp(family))
+        return made[family]
+
+    return get
+
+
+def with_dequantized_weights(path: Path, span: BlockSpan) -> BlockSpan:
+    """The float span of ``path`` whose quantized layers hold what ``span``'s quantized ones dequantize to."""
+    twin = load_span(path, span.start, span.end)
+    inside_experts = [f"{name}." for name, m in span.named_modules() if isinstance(m, QuantizedExperts)]
+    with torch.no_grad():
+        for name, module in span.named_modules():
+            if any(name.startswith(prefix) for prefix in inside_experts):
+                continue
+            if isinstance(module, QuantizedExperts):
+                experts = twin.get_submodule(name)
+                experts.gate_up_proj.copy_(torch.stack([m.dequantized_weight() for m in module.gate_up]))
+                experts.down_proj.copy_(torch.stack([m.dequantized_weight() for m in module.down]))
+            elif isinstance(module, (QuantizedLinearInt8, QuantizedLinearInt4)):
+                twin.get_submodule(name).weight.copy_(module.dequantized_weight())
+    return twin
+
+
+def run(span: BlockSpan, seed: int = 0) -> list[torch.Tensor]:
+    """A 12-token prefill (dense path) and three decoding steps (kernels) at batch 2, as rows."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = span.config.hidden_size
+    cache = span.new_cache(2, 16)
+    inputs = [torch.randn(2, 12, hidden, generator=gen)] + [torch.randn(2, 1, hidden, generator=gen) for _ in range(3)]
+    return [span(x, cache).reshape(-1, hidden) for x in inputs]
+
+
+def row_errors(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    return (got - want).norm(dim=-1) / want.norm(dim=-1)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_block_of_every_family_runs_quantized(family, fmt, checkpoints, monkeypatch):
+    path = checkpoints(family)
+    config = ModelConfig.from_dir(path)
+    span = load_span(path, 0, config.num_hidden_layers, quant=fmt, group_size=32)
+    for name, module in span.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        assert not isinstance(module, nn.Linear) or last in quant.UNQUANTIZED_NAMES, f"{name} left in float"
+        assert type(module) is not Experts, f"{name} left in float"
+    assert any(isinstance(m, (QuantizedLinearInt8, QuantizedLinearInt4)) for m in span.modules())
+    if family == "gpt_oss":  # its interleaved, biased experts keep the model dtype
+        assert any(isinstance(m, GptOssExperts) for m in span.modules())
+    elif config.moe is not None:
+        assert any(isinstance(m, QuantizedExperts) for m in span.modules())
+    twin = run(with_dequantized_weights(path, span))
+
+    # with the kernels, as a node runs: bfloat16 activations in the decoding steps (and, in MoE blocks,
+    # for experts given few rows); a row whose router choice flips under that rounding differs wholly
+    errors = torch.cat([row_errors(got, want) for got, want in zip(run(span), twin, strict=True)])
+    assert bool(torch.isfinite(errors).all())
+    flipped = float((errors > 0.05).float().mean())
+    assert flipped <= (0.1 if config.moe is not None else 0.0), (family, fmt, errors.max().item())
+
+    # every product dense and float32: the same computation as the float block with those weights
+    monkeypatch.setattr(quant, "KERNEL_MAX_ROWS", 0)
+    for got, want in zip(run(span), twin, strict=True):
+        assert rel_max(got, want.double()) < FLOAT_TOL
+
+
+@pytest.mark.parametrize(("fmt", "group_size", "tolerance"),
+                         [("int8", 64, 0.01), ("int4", 32, 0.08), ("int4", 64, 0.08), ("int4", 128, 0.08)])
+def test_the_demo_models_quantized_blocks_stay_close_to_float(fmt, group_size, tolerance):
+    # a trained model: each block's update (output minus input) within 1% (int8) or 8% (int4) of the
+    # float block's; measured 0.3% and 3-5%
+    head = load_head(DEMO_MODEL_DIR)
+    ids = torch.randint(0, head.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    x = head.embed(ids)
+    for layer in range(head.config.num_hidden_layers):
+        exact = load_span(DEMO_MODEL_DIR, layer, layer + 1)
+        span = load_span(DEMO_MODEL_DIR, layer, layer + 1, quant=fmt, group_size=group_size)
+        for rows in (x, x[:, -1:]):  # a prefill and one decoding step
+            want = exact(rows)
+            assert rel_fro(span(rows) - rows, want - rows) < tolerance, (layer, rows.shape)
+        x = exact(x)
+
+
+# --- bytes -------------------------------------------------------------------------------------------
+
+
+def nbytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+@pytest.mark.parametrize(("fmt", "group_size", "ratio"),
+                         [("int8", 64, 0.27), ("int4", 32, 0.16), ("int4", 64, 0.16), ("int4", 128, 0.16)])
+def test_quantized_blocks_take_their_share_of_float32_bytes(fmt, group_size, ratio):
+    config = ModelConfig.from_dir(DEMO_MODEL_DIR)
+    for layer in range(config.num_hidden_layers):
+        float_bytes = nbytes(load_span(DEMO_MODEL_DIR, layer, layer + 1))
+        span = load_span(DEMO_MODEL_DIR, layer, layer + 1, quant=fmt, group_size=group_size)
+        assert nbytes(span) <= ratio * float_bytes
+        assert nbytes(span) == span_weight_bytes(config, layer, layer + 1, torch.float32, fmt, group_size)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_span_weight_bytes_counts_quantized_bytes(family, fmt, checkpoints):
+    path = checkpoints(family)
+    config = ModelConfig.from_dir(path)
+    span = load_span(path, 0, config.num_hidden_layers, quant=fmt, group_size=32)
+    params = sum(p.numel() * p.element_size() for p in span.parameters())
+    buffers = sum(b.numel() * b.element_size() for m in span.modules()
+                  if isinstance(m, (QuantizedLinearInt8, QuantizedLinearInt4)) for b in m.buffers())
+    assert params + buffers == span_weight_bytes(config, 0, config.num_hidden_layers, torch.float32, fmt, 32)
+
+
+def test_quantize_block_with_none_changes_nothing():
+    block = nn.Sequential(nn.Linear(16, 16))
+    assert quantize_block(block, "none") is block and isinstance(block[0], nn.Linear)
