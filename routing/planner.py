@@ -8,6 +8,7 @@ The chain minimises expected time per decoding step; a hop on server ``s`` over 
     per_block(s) = 1 / throughput (UNKNOWN_THROUGHPUT_COST when the server announces 0)
 
 Invariants: the hops are contiguous and cover [start, end) exactly; the chain is optimal for this cost.
+``plan_exact_route`` plans the same way over the servers that announce unquantized weights only.
 
 Why only block boundaries where some server's span starts or ends (clipped to [start, end)) need be
 considered: the cost is linear in where a hop hands over to the next, so a hand-over point can always
@@ -56,6 +57,21 @@ class MissingBlocksError(RuntimeError):
         super().__init__(
             f"no server in the swarm serves block(s) {format_blocks(self.blocks)} of model {model!r}"
         )
+
+
+class QuantizedOnlyError(MissingBlocksError):
+    """Exact weights were demanded, and some blocks are served only by nodes with quantized weights."""
+
+    def __init__(self, model: str, quantized: Mapping[int, Collection[str]], missing: Collection[int] = ()):
+        self.model = model
+        self.blocks = sorted({*quantized, *missing})
+        self.quantized_blocks = sorted(quantized)
+        formats = sorted({f for fs in quantized.values() for f in fs})
+        message = (f"block(s) {format_blocks(quantized)} of model {model!r} are served only by quantized nodes "
+                   f"({', '.join(formats)}), and exact weights were demanded (exact=True / --exact)")
+        if missing:
+            message += f"; no server at all serves block(s) {format_blocks(missing)}"
+        RuntimeError.__init__(self, message)
 
 
 def format_blocks(blocks: Iterable[int]) -> str:
@@ -192,3 +208,35 @@ def plan_route(
         hops.append(Hop(servers[int(came_from[i])], p, q))
         q = p
     return hops[::-1]
+
+
+def plan_exact_route(
+    records: Iterable[ServerRecord],
+    start: int,
+    end: int,
+    *,
+    rtts: Mapping[PeerId, float] | None = None,
+    banned: Mapping[PeerId, float] | Collection[PeerId] = (),
+    now: float = 0.0,
+    cache_tokens_needed: int = 0,
+    model: str = "",
+) -> list[Hop]:
+    """:func:`plan_route` through servers with unquantized weights only (``record.quant == "none"``).
+
+    Raises QuantizedOnlyError, naming the blocks, when quantized servers would cover blocks that no
+    unquantized one does (a plain MissingBlocksError when nobody serves them at all).
+    """
+    records = list(records)
+    try:
+        return plan_route([r for r in records if r.exact], start, end, rtts=rtts, banned=banned, now=now,
+                          cache_tokens_needed=cache_tokens_needed, model=model)
+    except MissingBlocksError as e:
+        quantized: dict[int, set[str]] = {}
+        for record in usable_servers(records, banned=banned, now=now):
+            if not record.exact:
+                for block in range(max(record.start, start), min(record.end, end)):
+                    quantized.setdefault(block, set()).add(record.quant)
+        covered = {b: quantized[b] for b in e.blocks if b in quantized}
+        if not covered:
+            raise
+        raise QuantizedOnlyError(model, covered, [b for b in e.blocks if b not in quantized]) from None

@@ -3,8 +3,8 @@
 A record travels through the DHT as a plain dict of primitives. Records come from other peers and
 are untrusted: ``ServerRecord.from_dict`` validates every field and raises ``InvalidRecord`` on
 anything malformed, so the planner only ever sees well-formed data. Optional fields (``public_name``,
-``queue``) may be absent (records from older nodes) but are validated when present; unknown keys are
-ignored, so newer nodes can add fields.
+``queue``, ``quant``) may be absent (records from older nodes) but are validated when present; unknown
+keys are ignored, so newer nodes can add fields.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ _MAX_BLOCKS = 100_000
 _DTYPES = frozenset({"float32", "bfloat16", "float16"})
 _MAX_QUEUE = 1_000_000
 _MAX_PUBLIC_NAME = 64
+# weight formats a node may announce: "none" is the checkpoint's own weights in the record's dtype
+QUANT_FORMATS = ("none", "int8", "int4")
 
 
 class InvalidRecord(ValueError):
@@ -50,6 +52,12 @@ class ServerRecord:
     cache_tokens_left: int  # free KV cache, tokens of batch size 1
     public_name: str = ""
     queue: int = 0  # requests waiting in the node's compute queue when it announced (optional field)
+    quant: str = "none"  # weight format of the linear layers: none (exact), int8, int4 (optional field)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the node computes with the checkpoint's own weights (no quantization)."""
+        return self.quant == "none"
 
     @property
     def num_blocks(self) -> int:
@@ -78,6 +86,7 @@ class ServerRecord:
                 cache_tokens_left=_int(data, "cache_tokens_left", 0, 2**53),
                 public_name=_optional_str(data, "public_name")[:_MAX_PUBLIC_NAME],
                 queue=_int(data, "queue", 0, _MAX_QUEUE) if "queue" in data else 0,
+                quant=_choice(data, "quant", QUANT_FORMATS) if "quant" in data else "none",
             )
         except ValueError as e:
             raise InvalidRecord(str(e)) from None
@@ -94,6 +103,13 @@ def _str(data: dict, key: str, max_len: int) -> str:
     value = data.get(key)
     if not isinstance(value, str) or not value or len(value) > max_len:
         raise InvalidRecord(f"field {key!r} must be a non-empty string of at most {max_len} chars")
+    return value
+
+
+def _choice(data: dict, key: str, allowed: tuple[str, ...]) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidRecord(f"field {key!r} must be one of {', '.join(allowed)}")
     return value
 
 

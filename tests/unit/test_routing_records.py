@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from homeswarm.routing.records import InvalidRecord, PeerId, ServerRecord, ServerState
+from homeswarm.routing.records import QUANT_FORMATS, InvalidRecord, PeerId, ServerRecord, ServerState
 
 
 def good() -> dict:
@@ -23,6 +23,7 @@ def good() -> dict:
         "cache_tokens_left": 8192,
         "public_name": "alice's pc",
         "queue": 2,
+        "quant": "int8",
     }
 
 
@@ -41,8 +42,9 @@ def test_from_dict_reads_every_field():
         cache_tokens_left=8192,
         public_name="alice's pc",
         queue=2,
+        quant="int8",
     )
-    assert r.num_blocks == 8
+    assert r.num_blocks == 8 and not r.exact
 
 
 def test_round_trip():
@@ -62,9 +64,23 @@ def test_round_trip_every_state(state):
 
 def test_optional_fields_default():
     data = good()
-    del data["public_name"], data["queue"]
+    del data["public_name"], data["queue"], data["quant"]
     r = ServerRecord.from_dict(data)
     assert r.public_name == "" and r.queue == 0
+    assert r.quant == "none" and r.exact  # an older node's record: its weights are the checkpoint's
+
+
+@pytest.mark.parametrize("quant", QUANT_FORMATS)
+def test_every_weight_format_round_trips(quant):
+    r = ServerRecord.from_dict({**good(), "quant": quant})
+    assert r.quant == quant and r.exact == (quant == "none")
+    assert ServerRecord.from_dict(r.to_dict()) == r
+
+
+def test_weight_formats_are_the_ones_nodes_quantize_to():
+    from homeswarm.model.quant import QUANT_FORMATS as MODEL_FORMATS
+
+    assert QUANT_FORMATS == MODEL_FORMATS
 
 
 def test_unknown_keys_ignored_and_long_name_truncated():
@@ -109,6 +125,9 @@ BAD_FIELDS = [
     ("dtype", "int8"), ("dtype", "float64"), ("dtype", ""), ("dtype", 16),
     # optional string
     ("public_name", 5), ("public_name", None), ("public_name", {"a": 1}),
+    # weight format: present, it must be one that nodes announce
+    ("quant", "int3"), ("quant", "INT8"), ("quant", ""), ("quant", None), ("quant", 8), ("quant", ["int8"]),
+    ("quant", "none "),
 ]  # fmt: skip
 
 
