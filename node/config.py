@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from homeswarm.model.quant import DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES, QUANT_FORMATS
 from homeswarm.routing.records import is_valid_address
 
 
@@ -37,6 +38,11 @@ class NodeConfig:
     public_address: str | None = _opt(None, "HOST:PORT announced to the swarm, when it differs from the bind address")
     dtype: str = _opt("float32", "compute and weight dtype", choices=["float32", "bfloat16", "float16"])
     device: str = _opt("cpu", "torch device for the blocks (cpu, cuda, cuda:1, ...)")
+    quant: str = _opt("none", "weight format of the blocks' linear layers and experts, quantized at load: none "
+                      "(the checkpoint's weights, exact), int8 (per output channel, ~1/4 of float32's bytes), int4 "
+                      "(per group of inputs, ~1/7); announced to the swarm", choices=list(QUANT_FORMATS))
+    quant_group_size: int = _opt(DEFAULT_INT4_GROUP_SIZE, "inputs per int4 scale and zero point (smaller: more "
+                                 "accurate, more bytes)", choices=list(INT4_GROUP_SIZES))
     public_name: str = _opt("", "a name shown on the swarm dashboard")
     ready_file: str | None = _opt(None, "once serving, write a JSON object about this node here (atomically)")
     max_cache_tokens: int | None = _opt(
@@ -70,6 +76,10 @@ class NodeConfig:
             raise ConfigError("ports must be in 0..65535")
         if self.public_address is not None and not is_valid_address(self.public_address):
             raise ConfigError(f"--public-address must be HOST:PORT with a port in 1..65535, got {self.public_address!r}")
+        if self.quant not in QUANT_FORMATS:
+            raise ConfigError(f"--quant must be one of {', '.join(QUANT_FORMATS)}, got {self.quant!r}")
+        if self.quant_group_size not in INT4_GROUP_SIZES:
+            raise ConfigError(f"--quant-group-size must be one of {INT4_GROUP_SIZES}, got {self.quant_group_size}")
         if self.max_cache_tokens is not None and self.max_cache_tokens < 1:
             raise ConfigError("--max-cache-tokens must be positive")
         for name in ("inline_compute_ms", "batch_wait_ms"):

@@ -106,10 +106,13 @@ async def _serve_with_dht(
         else:
             block_range = (0, total_blocks)
     start, end = block_range
-    logger.info("loading blocks %d..%d of %s (%s, %s, %.1f MiB of weights)", start, end - 1, model_name,
-                config.dtype, config.device, span_weight_bytes(model_config, start, end, dtype) / 2**20)
+    weight_bytes = span_weight_bytes(model_config, start, end, dtype, config.quant, config.quant_group_size)
+    quant = config.quant if config.quant != "int4" else f"int4, groups of {config.quant_group_size}"
+    logger.info("loading blocks %d..%d of %s (%s, %s, weights %s: %.1f MiB)", start, end - 1, model_name,
+                config.dtype, config.device, quant, weight_bytes / 2**20)
     t0 = time.perf_counter()
-    span = await asyncio.to_thread(load_span, config.model_dir, start, end, dtype=dtype, device=config.device)
+    span = await asyncio.to_thread(load_span, config.model_dir, start, end, dtype=dtype, device=config.device,
+                                   quant=config.quant, group_size=config.quant_group_size)
     logger.info("loaded in %.1f s; measuring throughput", time.perf_counter() - t0)
     throughput = await asyncio.to_thread(measure_block_throughput, span)
 
@@ -127,6 +130,7 @@ async def _serve_with_dht(
         peer_id=dht.peer_id,
         throughput=throughput,
         software_version=software_version(),
+        quant=config.quant,
     )
     service = NodeService(
         span,
@@ -162,6 +166,7 @@ async def _serve_with_dht(
             cache_tokens_left=sessions.free_tokens,
             queue=executor.queue_length,
             public_name=config.public_name,
+            quant=config.quant,
         )
 
     announcer = Announcer(dht, make_record, total_blocks, config.announce_ttl)

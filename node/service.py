@@ -98,6 +98,7 @@ class NodeIdentity:
     peer_id: str = ""
     throughput: float = 0.0  # steps per second through one block
     software_version: str = ""
+    quant: str = "none"  # weight format of the linear layers (none, int8, int4)
 
 
 class NodeService(node_pb2_grpc.NodeServicer):
@@ -190,6 +191,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             forward_passes=self.executor.batches,
             batched_steps=self.executor.batched_steps,
             inline_steps=self.executor.inline_steps,
+            quant=self.identity.quant,
         )
 
     async def Forward(

@@ -130,3 +130,27 @@ def test_bad_compute_timings(flag, value):
 def test_inline_compute_ms_default_and_off():
     assert parse("m", "--new-swarm").inline_compute_ms == 5.0
     assert parse("m", "--new-swarm", "--inline-compute-ms", "0").inline_compute_ms == 0.0
+
+
+def test_quant_flags():
+    c = parse("m", "--new-swarm")
+    assert c.quant == "none" and c.quant_group_size == 64
+    c = parse("m", "--new-swarm", "--quant", "int4", "--quant-group-size", "32")
+    assert c.quant == "int4" and c.quant_group_size == 32 and isinstance(c.quant_group_size, int)
+    assert parse("m", "--new-swarm", "--quant", "int8").quant == "int8"
+
+
+@pytest.mark.parametrize("argv", [["--quant", "int3"], ["--quant", "INT8"], ["--quant", ""], ["--quant-group-size", "16"],
+                                  ["--quant-group-size", "256"], ["--quant-group-size", "x"]])
+def test_bad_quant_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse("m", "--new-swarm", *argv)
+    assert e.value.code == 2
+    assert "--quant" in capsys.readouterr().err
+
+
+def test_quant_checked_when_built_in_code():
+    with pytest.raises(ConfigError, match="--quant"):
+        NodeConfig(model_dir="m", new_swarm=True, quant="fp8").validate()
+    with pytest.raises(ConfigError, match="--quant-group-size"):
+        NodeConfig(model_dir="m", new_swarm=True, quant="int4", quant_group_size=48).validate()
