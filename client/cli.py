@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compression", default="none", choices=["none", "float16", "bfloat16", "int8", "auto"],
                      help="compression of hidden states on the wire (default none: exact; auto picks per hop)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.add_argument("--exact", action="store_true", help="route only through nodes serving the checkpoint's own "
+                     "weights (not int8/int4 quantized ones); fails when only quantized nodes serve some blocks")
+    # SUPPRESS: the subcommand's flag must not reset `homeswarm -v generate`
+    gen.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                     help="log what the client does, and print the route the generation used (nodes, blocks, "
+                     "weight formats)")
 
     srv = sub.add_parser("serve", help="serve the model through the swarm over an OpenAI-compatible HTTP API")
     srv.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder (config.json, head weights, tokenizer.json)")
@@ -142,7 +148,7 @@ def _join(model_dir: Path, args: argparse.Namespace):  # noqa: ANN202 - the clie
     try:
         return AutoDistributedModelForCausalLM.from_pretrained(
             model_dir, initial_peers=args.initial_peers, model_name=args.model_name,
-            config=ClientConfig(compression=args.compression),
+            config=ClientConfig(compression=args.compression, exact=getattr(args, "exact", False)),
         )
     except MissingTensorsError as e:
         raise UsageError(str(e)) from None
@@ -175,15 +181,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"prompt ids must be in 0..{vocab - 1}")
 
     model = _join(model_dir, args)
+    session = None
     try:
         new_ids: list[int] = []
         printed = ""
         t0 = time.perf_counter()
         first_token_s = None
+        # a session of our own, to tell which route the generation used
+        session = model.inference_session(max_length=len(ids) + args.max_new_tokens, batch_size=1)
         for tokens in model.generate_stream(
             [ids], max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
             temperature=args.temperature if args.temperature > 0 else 1.0,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed, session=session,
         ):
             if first_token_s is None:
                 first_token_s = time.perf_counter() - t0
@@ -196,12 +205,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         text = codec.decode(new_ids) if codec else ""
         decode_s = seconds - (first_token_s or 0.0)
         tokens_per_s = (len(new_ids) - 1) / decode_s if len(new_ids) > 1 and decode_s > 0 else 0.0
+        route = [{"peer_id": hop.peer_id, "address": hop.address, "blocks": [hop.start, hop.end],
+                  "quant": hop.server.quant, "dtype": hop.server.dtype} for hop in session.hops]
         if args.json:
-            print(json.dumps({"token_ids": new_ids, "text": text, "seconds": seconds, "tokens_per_s": tokens_per_s}))
+            out = {"token_ids": new_ids, "text": text, "seconds": seconds, "tokens_per_s": tokens_per_s}
+            print(json.dumps({**out, "route": route} if args.verbose else out))
         else:
             sys.stdout.write("\n")
             print(f"[{len(new_ids)} tokens in {seconds:.2f} s, {tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+        if args.verbose:
+            failed = f" (after {session.failovers} node failure(s))" if session.failovers else ""
+            print(f"route{failed}:", file=sys.stderr)
+            for hop in route:
+                print(f"  blocks {hop['blocks'][0]}..{hop['blocks'][1] - 1}: {hop['address']} "
+                      f"(peer {hop['peer_id']}, weights {hop['quant']}, {hop['dtype']})", file=sys.stderr)
     finally:
+        if session is not None:
+            session.close()
         model.close()
     return 0
 

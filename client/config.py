@@ -29,6 +29,8 @@ class ClientConfig:
     auto_compression_rtt: float = _opt(0.005, "with compression=auto, hops whose round trip is at least this "
                                        "many seconds get float16")
     dtype: str = _opt("float32", "dtype of the client's embeddings and LM head")
+    exact: bool = _opt(False, "route only through nodes that serve the checkpoint's own weights (no int8 or "
+                       "int4 quantization); by default any node is accepted")
     handoff: bool = _opt(True, "nodes pass hidden states straight to the next node (N+1 legs a step, not 2N)")
     handoff_min_rtt: float = _opt(
         0.001, "use hand-off only when the route's nodes are on average at least this many seconds of round "

@@ -8,6 +8,7 @@ token (padding finished ones), greedy unless ``do_sample``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -43,9 +44,13 @@ class DistributedModelForCausalLM:
         initial_peers: Sequence[str],
         model_name: str | None = None,
         config: ClientConfig | None = None,
+        exact: bool | None = None,
     ):
+        """``exact``: route only through nodes serving unquantized weights (overrides ``config.exact``)."""
         self.model_dir = Path(model_dir)
         self.config = config or ClientConfig()
+        if exact is not None:
+            self.config = dataclasses.replace(self.config, exact=exact)
         self.model_config = ModelConfig.from_dir(self.model_dir)
         self.model_name = model_name or self.model_dir.resolve().name
         raw = json.loads((self.model_dir / "config.json").read_text())

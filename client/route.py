@@ -1,7 +1,8 @@
 """Route management: server records from the DHT, measured round-trip times, bans; plans via routing.
 
 The planning itself is the pure ``homeswarm.routing.planner.plan_route``; this class only gathers
-its inputs. Round-trip times are smoothed (exponential moving average). A failed node is banned for
+its inputs (with ``ClientConfig.exact``, ``plan_exact_route``: nodes with unquantized weights only).
+Round-trip times are smoothed (exponential moving average). A failed node is banned for
 ``ban_seconds``, doubling with each further failure up to ``max_ban_seconds``. Sessions in several
 threads (the HTTP API's concurrent requests) share one manager: planning, bans and round trips are
 serialized by a lock, which also keeps the DHT's request pipe to one writer at a time.
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.transport import ChannelPool, HopFailed, ping
 from homeswarm.routing.dht import ServersLookup, SwarmDHT
-from homeswarm.routing.planner import Hop, MissingBlocksError, plan_route
+from homeswarm.routing.planner import Hop, MissingBlocksError, plan_exact_route, plan_route
 from homeswarm.routing.records import PeerId, ServerRecord
 
 logger = logging.getLogger(__name__)
@@ -110,8 +111,9 @@ class RouteManager:
         for attempt in range(2):
             records = self.records(refresh=attempt > 0)
             self._ping_unknown([r for r in records if r.start < end and r.end > start])
+            plan = plan_exact_route if self.config.exact else plan_route  # exact: unquantized nodes only
             try:
-                return plan_route(
+                return plan(
                     records,
                     start,
                     end,

@@ -21,6 +21,7 @@ from homeswarm.client.route import RouteManager
 from homeswarm.client.transport import ChannelPool, HopFailed, HopStream
 from homeswarm.protocol import parse_compression
 from homeswarm.routing.planner import Hop
+from homeswarm.routing.records import ServerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class _OpenHop:
     end: int
     stream: HopStream | None
     inputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step_id, hidden) sent
+    server: ServerRecord | None = None  # the record the hop was planned from
 
 
 def use_handoff(config: ClientConfig, rtts: list[float | None]) -> bool:
@@ -116,7 +118,7 @@ class InferenceSession:
             opened: list[_OpenHop] = []
             try:
                 for hop in route:
-                    opened.append(_OpenHop(hop.start, hop.end, self._open_stream(hop)))
+                    opened.append(_OpenHop(hop.start, hop.end, self._open_stream(hop), server=hop.server))
                 return opened
             except HopFailed as e:
                 for h in opened:
@@ -252,6 +254,11 @@ class InferenceSession:
     def route(self) -> list[tuple[str, int, int]]:
         """(address, start, end) of every hop, in order."""
         return [(h.stream.address if h.stream else "?", h.start, h.end) for h in self._hops]
+
+    @property
+    def hops(self) -> list[Hop]:
+        """Every hop of the current route, in order, with the server record it was planned from."""
+        return [Hop(h.server, h.start, h.end) for h in self._hops if h.server is not None]
 
     def close(self) -> None:
         self._closed = True

@@ -1,0 +1,121 @@
+"""Quantized nodes through real daemons on 127.0.0.1, serving the bundled demo model.
+
+One swarm for the module: a bootstrap peer; a `--quant int8` node and a `--quant int4` node, each the
+only node of its model name; and, under a third name, an int4 node beside an unquantized one. Greedy
+generation through the quantized nodes is compared with float32 (the agreement is printed and held to
+a floor measured on this prompt: 32 of 32 tokens for int8, 25 to 32 for int4 by group size); a client
+demanding exact weights (ClientConfig(exact=True), `homeswarm generate --exact`) is refused, naming the
+blocks, where only quantized nodes serve them, and otherwise routes through the unquantized node only,
+getting exactly float32's tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from homeswarm.client.config import ClientConfig
+from homeswarm.client.local_swarm import LocalSwarm, console_script
+from homeswarm.client.model import AutoDistributedModelForCausalLM
+from homeswarm.client.tokenizer import TextCodec
+from homeswarm.client.transport import ping
+from homeswarm.model import DEMO_MODEL_DIR, LocalModel
+from homeswarm.routing.planner import QuantizedOnlyError
+
+PROMPT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+NEW_TOKENS = 32
+FLOOR = {"int8": 28, "int4": 16}  # tokens equal to float32's, of 32
+MIXED = "demo-mixed"
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    with LocalSwarm(tmp_path_factory.mktemp("swarm")) as swarm:
+        swarm.start_bootstrap()
+        nodes = [("demo-int8", "int8"), ("demo-int4", "int4"), (MIXED, "int4"), (MIXED, "none")]
+        daemons = [swarm.start_node(DEMO_MODEL_DIR, "--model-name", name, "--quant", quant, "--compute-threads", "1",
+                                    wait=False) for name, quant in nodes]
+        for daemon in daemons:
+            swarm.wait_ready(daemon, timeout=180)
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def prompt_ids() -> list[int]:
+    codec = TextCodec.for_model(DEMO_MODEL_DIR)
+    assert codec is not None
+    return codec.encode(PROMPT)
+
+
+@pytest.fixture(scope="module")
+def float32_tokens(prompt_ids) -> list[int]:
+    ids = LocalModel(DEMO_MODEL_DIR).generate_greedy(torch.tensor([prompt_ids]), NEW_TOKENS)
+    return ids[0, len(prompt_ids):].tolist()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_greedy_through_quantized_nodes_stays_close_to_float32(fmt, swarm, prompt_ids, float32_tokens):
+    with AutoDistributedModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, initial_peers=swarm.initial_peers,
+                                                         model_name=f"demo-{fmt}") as model:
+        got = model.generate([prompt_ids], max_new_tokens=NEW_TOKENS)[0, len(prompt_ids):].tolist()
+        with model.inference_session(max_length=8) as session:
+            hops = session.hops
+        assert [(h.start, h.end, h.server.quant) for h in hops] == [(0, 4, fmt)]
+        _, info = ping(model.pool, hops[0].peer_id, hops[0].address, timeout=10)
+        assert info.quant == fmt
+    # a stop on EOS would leave the positions after it unequal
+    equal = sum(a == b for a, b in zip(got, float32_tokens, strict=False))
+    print(f"\n{fmt}: {equal} of {NEW_TOKENS} greedy tokens equal to float32's")
+    assert equal >= FLOOR[fmt]
+
+
+def test_exact_client_refuses_a_route_of_quantized_nodes(swarm, prompt_ids):
+    with AutoDistributedModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, initial_peers=swarm.initial_peers,
+                                                         model_name="demo-int8",
+                                                         config=ClientConfig(exact=True)) as model:
+        with pytest.raises(QuantizedOnlyError) as caught:
+            model.generate([prompt_ids], max_new_tokens=2)
+    assert caught.value.blocks == [0, 1, 2, 3]
+    assert "block(s) 0-3 of model 'demo-int8' are served only by quantized nodes (int8)" in str(caught.value)
+
+
+def test_exact_client_routes_through_the_unquantized_node(swarm, prompt_ids, float32_tokens):
+    with AutoDistributedModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, initial_peers=swarm.initial_peers,
+                                                         model_name=MIXED, exact=True) as model:
+        assert model.config.exact
+        with model.inference_session(max_length=len(prompt_ids) + NEW_TOKENS) as session:
+            assert [h.server.quant for h in session.hops] == ["none"]
+            tokens = list(model.generate_stream([prompt_ids], max_new_tokens=NEW_TOKENS, session=session))
+            got = [int(t[0]) for t in tokens]
+    assert got == float32_tokens[: len(got)] and len(got) >= 8  # exact weights: float32's very tokens
+
+
+def generate_cli(swarm: LocalSwarm, prompt_ids: list[int], *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [*console_script("homeswarm"), "generate", str(DEMO_MODEL_DIR), "--initial-peers", *swarm.initial_peers,
+            "--prompt-ids", ",".join(map(str, prompt_ids)), "--max-new-tokens", str(NEW_TOKENS), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "HOMESWARM_LOG_LEVEL": "WARNING"})
+
+
+def test_generate_exact_fails_in_one_line_where_only_quantized_nodes_serve(swarm, prompt_ids):
+    result = generate_cli(swarm, prompt_ids, "--model-name", "demo-int4", "--exact")
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("homeswarm: error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "block(s) 0-3 of model 'demo-int4' are served only by quantized nodes (int4)" in errors[0]
+
+
+def test_generate_exact_verbose_shows_an_unquantized_route(swarm, prompt_ids, float32_tokens):
+    result = generate_cli(swarm, prompt_ids, "--model-name", MIXED, "--exact", "--verbose", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert [(hop["blocks"], hop["quant"], hop["dtype"]) for hop in out["route"]] == [([0, 4], "none", "float32")]
+    assert out["token_ids"] == float32_tokens[: len(out["token_ids"])]
+    route = result.stderr[result.stderr.index("route:"):].splitlines()
+    assert len(route) == 2 and "blocks 0..3" in route[1] and "weights none" in route[1], result.stderr
+    print(result.stderr[result.stderr.index("route:"):], file=sys.stderr)
