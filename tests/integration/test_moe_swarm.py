@@ -59,8 +59,9 @@ def swarm(checkpoints, tmp_path_factory):
 def test_greedy_batch_of_two_long_prompt_matches_transformers(family, checkpoints, swarm):
     prompt = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(7))
     expected = expected_greedy(checkpoints[family], family, prompt, 64)
-    with AutoDistributedModelForCausalLM.from_pretrained(checkpoints[family],
-                                                         initial_peers=swarm.initial_peers) as model:
+    # relayed, as forced (the hand-off path runs in the failover test below)
+    with AutoDistributedModelForCausalLM.from_pretrained(checkpoints[family], initial_peers=swarm.initial_peers,
+                                                         config=ClientConfig(handoff=False)) as model:
         got = model.generate(prompt, max_new_tokens=64)
         with model.inference_session(max_length=8) as session:
             assert [(a, b) for _, a, b in session.route] == split_blocks(NUM_LAYERS, 2)
