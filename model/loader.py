@@ -16,6 +16,7 @@ either under those names (transformers 5's fused layout) or from per-expert tens
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -120,11 +121,13 @@ def _block_state(reader: CheckpointReader, config: ModelConfig, layer: int, keys
 
 def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu", quant: str = "none",
-              group_size: int = DEFAULT_INT4_GROUP_SIZE) -> BlockSpan:
+              group_size: int = DEFAULT_INT4_GROUP_SIZE, on_block: Callable[[int], None] | None = None
+              ) -> BlockSpan:
     """Load blocks ``[start, end)``, reading only their tensors from the checkpoint, one block at a time.
 
     ``quant`` ("none", "int8", "int4" with ``group_size``): quantize each block's linear weights as
     soon as it is loaded (see :mod:`.quant`), so the float copy of one block only ever exists.
+    ``on_block(i)`` is called once block ``i`` is loaded (a progress bar).
     """
     _check_dtype(dtype)
     check_quant(quant, group_size)
@@ -146,6 +149,8 @@ def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype:
         block.load_state_dict(state, strict=True, assign=True)
         del state, wide_state  # the block alone holds its float weights, until quantized
         quantize_block(block, quant, group_size)
+        if on_block is not None:
+            on_block(start + j)
     span.eval()
     span.requires_grad_(False)
     return span

@@ -33,9 +33,12 @@ class InvalidRecord(ValueError):
 
 
 class ServerState(str, enum.Enum):
-    JOINING = "joining"
+    JOINING = "joining"  # loading its span: counted by block choice, not routed to
     ONLINE = "online"
     OFFLINE = "offline"
+    # stepped aside for the machine's owner (--idle-only), back when the machine is idle again; not routed
+    # to. Nodes that predate this state drop such records as malformed, which routes around them just the same.
+    BUSY = "busy"
 
 
 @dataclass(frozen=True)
