@@ -41,7 +41,7 @@ class InfoRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("protocol_version", "model", "start_block", "end_block", "dtype", "peer_id", "throughput", "cache_tokens_left", "active_sessions", "software_version", "steps_from_client", "steps_from_peers", "pushes_sent", "forward_passes", "batched_steps", "inline_steps", "quant")
+    __slots__ = ("protocol_version", "model", "start_block", "end_block", "dtype", "peer_id", "throughput", "cache_tokens_left", "active_sessions", "software_version", "steps_from_client", "steps_from_peers", "pushes_sent", "forward_passes", "batched_steps", "inline_steps", "quant", "uptime_seconds")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class InfoResponse(_message.Message):
     BATCHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     INLINE_STEPS_FIELD_NUMBER: _ClassVar[int]
     QUANT_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     model: str
     start_block: int
@@ -76,7 +77,8 @@ class InfoResponse(_message.Message):
     batched_steps: int
     inline_steps: int
     quant: str
-    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., peer_id: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_tokens_left: _Optional[int] = ..., active_sessions: _Optional[int] = ..., software_version: _Optional[str] = ..., steps_from_client: _Optional[int] = ..., steps_from_peers: _Optional[int] = ..., pushes_sent: _Optional[int] = ..., forward_passes: _Optional[int] = ..., batched_steps: _Optional[int] = ..., inline_steps: _Optional[int] = ..., quant: _Optional[str] = ...) -> None: ...
+    uptime_seconds: float
+    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., peer_id: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_tokens_left: _Optional[int] = ..., active_sessions: _Optional[int] = ..., software_version: _Optional[str] = ..., steps_from_client: _Optional[int] = ..., steps_from_peers: _Optional[int] = ..., pushes_sent: _Optional[int] = ..., forward_passes: _Optional[int] = ..., batched_steps: _Optional[int] = ..., inline_steps: _Optional[int] = ..., quant: _Optional[str] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("protocol_version", "hidden", "start_block", "end_block", "response_compression")
