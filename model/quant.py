@@ -11,7 +11,7 @@ Scales and zero points are stored in bfloat16 (rounded before the weights are qu
 so every path multiplies by the same numbers), which keeps int4 at 32-weight groups under 0.16x of
 float32.
 
-What runs: on the CPU, up to :data:`KERNEL_MAX_ROWS` rows (decoding steps), torch's kernels
+What runs: on the CPU, up to ``kernel_max_rows`` rows (decoding steps), torch's kernels
 (``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``) with bfloat16 activations, the
 only ones their x86 code vectorises (float32 and float16 activations are cast to bfloat16 for the
 kernel and the result cast back: measured several times faster than the kernels' scalar float32 code
@@ -38,8 +38,6 @@ from .moe import Experts, by_expert
 QUANT_FORMATS = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
 DEFAULT_INT4_GROUP_SIZE = 64
-# Up to this many rows the kernels beat dequantize-then-matmul; past it the dense product wins.
-KERNEL_MAX_ROWS = 16
 # Modules named so are routers or gates: they stay in the model dtype.
 UNQUANTIZED_NAMES = ("gate", "router", "shared_expert_gate")
 
@@ -134,6 +132,9 @@ class _QuantizedLinear(nn.Module):
     in_features: int
     out_features: int
     bias: nn.Parameter | None
+    # Up to this many rows the kernel beats dequantize-then-multiply (measured on a 2048x5632 weight,
+    # bench/bench_quant.py); past it the dense product wins.
+    kernel_max_rows: int
 
     def _init_bias(self, bias: Tensor | None) -> None:
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -142,7 +143,7 @@ class _QuantizedLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the layer takes {self.in_features}")
         rows = x.reshape(-1, self.in_features)
-        if self.uses_kernel and x.device.type == "cpu" and rows.shape[0] <= KERNEL_MAX_ROWS:
+        if self.uses_kernel and x.device.type == "cpu" and rows.shape[0] <= self.kernel_max_rows:
             y = self.kernel_matmul(rows).to(x.dtype)
         else:
             y = self.dense_matmul(rows)
@@ -164,17 +165,26 @@ class _QuantizedLinear(nn.Module):
         """Output channels dequantized at once: a multiple of the weight's row block."""
         return max(1, _DEQUANT_CHUNK_BYTES // (4 * self.in_features))
 
-    def _dense_chunk(self, x: Tensor, buffer: Tensor, start: int, end: int) -> Tensor:
-        """``x @ W[start:end].T``, dequantizing those rows into ``buffer`` (flat, ``x``'s dtype)."""
+    def _dense_scales(self, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """What dequantizing takes besides the packed weight, in ``dtype``, for every row at once (converting
+        chunk by chunk costs many tiny operations)."""
+        raise NotImplementedError
+
+    def _dense_chunk(self, x: Tensor, scales: tuple[Tensor, ...], buffer: Tensor, start: int, end: int,
+                     out: Tensor) -> None:
+        """``out[:, start:end] = x @ W[start:end].T``, dequantizing those rows into ``buffer`` (flat,
+        ``x``'s dtype)."""
         raise NotImplementedError
 
     def dense_matmul(self, x: Tensor) -> Tensor:
         """``x @ W.T`` in ``x``'s dtype, dequantizing a cache-sized chunk of rows at a time into one buffer."""
         step = min(self._chunk_rows(), self.out_features)
+        scales = self._dense_scales(x.dtype)
         buffer = torch.empty(step * self._padded_features(), dtype=x.dtype, device=x.device)
-        parts = [self._dense_chunk(x, buffer, start, min(start + step, self.out_features))
-                 for start in range(0, self.out_features, step)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        out = torch.empty(x.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        for start in range(0, self.out_features, step):
+            self._dense_chunk(x, scales, buffer, start, min(start + step, self.out_features), out)
+        return out
 
     def _padded_features(self) -> int:
         return self.in_features
@@ -190,6 +200,8 @@ class _QuantizedLinear(nn.Module):
 
 class QuantizedLinearInt8(_QuantizedLinear):
     """int8 weights, one bfloat16 scale per output channel; a drop-in for ``nn.Linear``."""
+
+    kernel_max_rows = 48
 
     def __init__(self, q: Tensor, scales: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
@@ -214,11 +226,16 @@ class QuantizedLinearInt8(_QuantizedLinear):
         x = _kernel_input(x) if dtype == _KERNEL_DTYPE else x.to(dtype).contiguous()
         return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales.to(dtype))
 
-    def _dense_chunk(self, x: Tensor, buffer: Tensor, start: int, end: int) -> Tensor:
+    def _dense_scales(self, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        # converted first: int8 times bfloat16 scales would multiply in bfloat16
+        return (self.scales.to(dtype)[:, None],)
+
+    def _dense_chunk(self, x: Tensor, scales: tuple[Tensor, ...], buffer: Tensor, start: int, end: int,
+                     out: Tensor) -> None:
         w = buffer[: (end - start) * self.in_features].view(end - start, self.in_features)
-        # scales first converted: int8 times bfloat16 would multiply in bfloat16
-        torch.mul(self.weight[start:end], self.scales[start:end, None].to(x.dtype), out=w)
-        return F.linear(x, w)
+        # a conversion, then a multiplication: each vectorised (torch.mul of int8 by float is not, 6x slower)
+        w.copy_(self.weight[start:end]).mul_(scales[0][start:end])
+        torch.mm(x, w.T, out=out[:, start:end])
 
 
 class QuantizedLinearInt4(_QuantizedLinear):
@@ -229,6 +246,9 @@ class QuantizedLinearInt4(_QuantizedLinear):
     layout (``layout == "plain"``, inputs padded to whole groups). ``scales_and_zeros`` is
     ``[K' / g, N, 2]``, the kernel's form.
     """
+
+    # unpacking 4-bit weights costs more than converting int8 ones: the kernel wins longer
+    kernel_max_rows = 128
 
     def __init__(self, packed: Tensor, scales_and_zeros: Tensor, *, in_features: int, group_size: int,
                  layout: str | None, bias: Tensor | None = None) -> None:
@@ -280,23 +300,29 @@ class QuantizedLinearInt4(_QuantizedLinear):
             return self.kernel_matmul(x).to(x.dtype)
         return super().dense_matmul(x)
 
-    def _dense_chunk(self, x: Tensor, buffer: Tensor, start: int, end: int) -> Tensor:
+    def _dense_scales(self, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        scales_and_zeros = self.scales_and_zeros.float()  # [G, N, 2]
+        scales = scales_and_zeros[..., 0]
+        # w = q * scale + (zero - 8 * scale): two passes over the chunk, where (q - 8) * scale + zero takes three
+        shifts = scales_and_zeros[..., 1] - 8 * scales
+        if self.layout == "plain":  # [N, G, 1], for rows of inputs
+            return scales.T.to(dtype)[..., None], shifts.T.to(dtype)[..., None]
+        return scales.to(dtype)[:, None], shifts.to(dtype)[:, None]  # [G, 1, N], for columns of inputs
+
+    def _dense_chunk(self, x: Tensor, scales: tuple[Tensor, ...], buffer: Tensor, start: int, end: int,
+                     out: Tensor) -> None:
         rows, padded = end - start, self._padded_features()
-        scales_and_zeros = self.scales_and_zeros[:, start:end].float()  # [G, rows, 2]
-        scales = scales_and_zeros[..., 0].to(x.dtype)
-        # w = q * scale + (zero - 8 * scale): one pass fewer over the chunk than (q - 8) * scale + zero
-        shifts = (scales_and_zeros[..., 1] - 8 * scales_and_zeros[..., 0]).to(x.dtype)
+        scale, shift = scales
         if self.layout == "plain":  # rows of inputs: [rows, K']
             w = int4_pack.unpack_plain(self.weight[start:end], buffer[: rows * padded].view(rows, padded))
-            groups = w.view(rows, -1, self.group_size)
-            groups.mul_(scales.T[..., None]).add_(shifts.T[..., None])
-            return F.linear(x, w[:, : self.in_features])
+            w.view(rows, -1, self.group_size).mul_(scale[start:end]).add_(shift[start:end])
+            torch.mm(x, w[:, : self.in_features].T, out=out[:, start:end])
+            return
         # the kernel's layouts store columns of inputs: [K, rows]
         wt = int4_pack.unpack_columns(self.weight, self.layout, start, end, self.in_features,  # type: ignore[arg-type]
                                       out=buffer[: rows * padded].view(padded, rows))
-        groups = wt.view(-1, self.group_size, rows)
-        groups.mul_(scales[:, None]).add_(shifts[:, None])
-        return x @ wt
+        wt.view(-1, self.group_size, rows).mul_(scale[..., start:end]).add_(shift[..., start:end])
+        torch.mm(x, wt, out=out[:, start:end])
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}, layout={self.layout}"

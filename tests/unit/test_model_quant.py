@@ -6,14 +6,16 @@ Tolerances (relative to the largest reference output, references in float64 from
 weights): 1e-5 where the computation is float32 (the dense path, and the kernels run with float32
 activations); 4e-3 on the kernels' bfloat16 path, which rounds activations and outputs to bfloat16
 (8 significant bits). Blocks of every family against the float block holding the dequantized weights:
-1e-5 on the float32 path; with the kernels, every row within 5% (MoE blocks: 90% of the rows; a row
-whose router choice flips under bfloat16 rounding differs wholly). Against the float weights, on the
+1e-5 on the float32 path; with the kernels, the median row within 5% and every row within 8% (MoE
+blocks: the median only, as a row whose router choice flips under bfloat16 rounding differs wholly;
+measured medians 1-3%, dense maxima under 4.5%). Against the float weights, on the
 trained demo model: each block's update within 1% (int8) and 8% (int4) of the float block's. (Random
 checkpoints say little about accuracy: their peaked attention amplifies any weight error.)
 """
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +38,6 @@ from homeswarm.model.families import FAMILIES
 from homeswarm.model.moe import Experts, GptOssExperts
 from homeswarm.model.quant import (
     INT4_GROUP_SIZES,
-    KERNEL_MAX_ROWS,
     QuantizedExperts,
     QuantizedLinearInt4,
     QuantizedLinearInt8,
@@ -178,16 +179,16 @@ def test_kernel_shapes_match_the_dequantized_reference(fmt, rows, cols):
     layer = linear(rows, cols)
     module = quantized(layer, fmt)
     assert module.uses_kernel
-    for batch in (1, 3, KERNEL_MAX_ROWS):  # the kernel's rows
+    for batch in (1, 3, module.kernel_max_rows):  # the kernel's rows
         x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
         # float32 activations: torch's exact (scalar) kernel code, which checks our packing and scales
         exact = module.kernel_matmul(x, torch.float32) + layer.bias
         assert rel_max(exact, reference(x, layer, fmt)) < FLOAT_TOL
         # what forward runs: bfloat16 activations through the vectorised code
         assert rel_max(module(x), reference(x.bfloat16().float(), layer, fmt)) < BF16_TOL
-    x = torch.randn(2, 20, cols)  # more rows: dequantized chunks, a dense float32 product
-    assert 40 > KERNEL_MAX_ROWS
+    x = torch.randn(module.kernel_max_rows + 1, cols)  # more rows: dequantized chunks, a dense float32 product
     assert rel_max(module(x), reference(x, layer, fmt)) < FLOAT_TOL
+    assert rel_max(module(x.view(1, *x.shape)), reference(x, layer, fmt)) < FLOAT_TOL  # any leading dims
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -213,7 +214,7 @@ def test_every_group_size_matches_its_reference(group_size):
     x = torch.randn(1, 256)
     assert rel_max(module.kernel_matmul(x, torch.float32) + layer.bias, reference(x, layer, "int4", group_size)) \
         < FLOAT_TOL
-    x = torch.randn(40, 256)
+    x = torch.randn(module.kernel_max_rows + 1, 256)
     assert rel_max(module(x), reference(x, layer, "int4", group_size)) < FLOAT_TOL
 
 
@@ -223,7 +224,7 @@ def test_large_weights_are_dequantized_in_chunks(fmt):
     layer = linear(16 * (quant._DEQUANT_CHUNK_BYTES // (4 * 64)) + 80, 64)
     module = quantized(layer, fmt)
     assert module._chunk_rows() < module.out_features
-    x = torch.randn(KERNEL_MAX_ROWS + 1, 64)
+    x = torch.randn(module.kernel_max_rows + 1, 64)
     assert rel_max(module(x), reference(x, layer, fmt)) < FLOAT_TOL
 
 
@@ -233,7 +234,7 @@ def test_half_precision_activations(fmt, dtype):
     layer = linear(64, 128).to(dtype)
     module = quantized(layer, fmt)
     assert module.bias.dtype == dtype
-    for batch in (1, 40):
+    for batch in (1, 200):  # the kernel, then the dense path
         x = torch.randn(batch, 128).to(dtype)
         y = module(x)
         assert y.dtype == dtype and y.shape == (batch, 64)
@@ -269,7 +270,7 @@ def test_quantized_experts_match_experts_with_dequantized_weights(fmt):
     indices = torch.tensor([[0, 1], [1, 2], [3, 0], [0, 2], [1, 3], [2, 0]])
     # up to 4 rows per expert: the bfloat16 kernels, twice in a row
     assert rel_max(q(x, weights, indices), dequantized(x, weights, indices).double()) < 2 * BF16_TOL
-    x = torch.randn(4 * (KERNEL_MAX_ROWS + 1), 64, generator=gen)
+    x = torch.randn(4 * (q.gate_up[0].kernel_max_rows + 1), 64, generator=gen)
     weights = torch.rand(len(x), 1, generator=gen)
     indices = torch.arange(len(x))[:, None] % 4
     assert rel_max(q(x, weights, indices), dequantized(x, weights, indices).double()) < FLOAT_TOL
@@ -370,15 +371,18 @@ def test_a_block_of_every_family_runs_quantized(family, fmt, checkpoints, monkey
         assert any(isinstance(m, QuantizedExperts) for m in span.modules())
     twin = run(with_dequantized_weights(path, span))
 
-    # with the kernels, as a node runs: bfloat16 activations in the decoding steps (and, in MoE blocks,
-    # for experts given few rows); a row whose router choice flips under that rounding differs wholly
+    # with the kernels, as a node runs: bfloat16 activations (these random checkpoints' peaked attention
+    # amplifies their rounding to a median row error of 1-3%); in MoE blocks a row whose router choice
+    # flips under that rounding differs wholly, so only the median holds there
     errors = torch.cat([row_errors(got, want) for got, want in zip(run(span), twin, strict=True)])
     assert bool(torch.isfinite(errors).all())
-    flipped = float((errors > 0.05).float().mean())
-    assert flipped <= (0.1 if config.moe is not None else 0.0), (family, fmt, errors.max().item())
+    assert errors.median() < 0.05, (family, fmt, errors.median().item())
+    if config.moe is None:
+        assert errors.max() < 0.08, (family, fmt, errors.max().item())
 
     # every product dense and float32: the same computation as the float block with those weights
-    monkeypatch.setattr(quant, "KERNEL_MAX_ROWS", 0)
+    monkeypatch.setattr(QuantizedLinearInt8, "kernel_max_rows", 0)
+    monkeypatch.setattr(QuantizedLinearInt4, "kernel_max_rows", 0)
     for got, want in zip(run(span), twin, strict=True):
         assert rel_max(got, want.double()) < FLOAT_TOL
 
@@ -433,3 +437,21 @@ def test_span_weight_bytes_counts_quantized_bytes(family, fmt, checkpoints):
 def test_quantize_block_with_none_changes_nothing():
     block = nn.Sequential(nn.Linear(16, 16))
     assert quantize_block(block, "none") is block and isinstance(block[0], nn.Linear)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_a_quantized_span_keeps_no_view_of_the_checkpoint_file():
+    # a kept view would keep the file mapped, with every float weight read through it counted as ours
+    def mapped() -> int:
+        return sum("model.safetensors" in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+    gc.collect()
+    before = mapped()  # other tests' spans may map the file too
+    exact = load_span(DEMO_MODEL_DIR, 0, 2)
+    assert mapped() > before  # what the check would see
+    del exact
+    gc.collect()
+    span = load_span(DEMO_MODEL_DIR, 0, 2, quant="int8")
+    gc.collect()
+    assert mapped() == before
+    assert span(torch.randn(1, 3, span.config.hidden_size)).shape == (1, 3, span.config.hidden_size)
