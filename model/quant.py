@@ -37,7 +37,9 @@ from .moe import Experts, by_expert
 
 QUANT_FORMATS = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
-DEFAULT_INT4_GROUP_SIZE = 64
+# groups of 32: on the demo model a third less KL divergence from float32 than 64, at 0.156x of float32's
+# bytes (bench/bench_quant.py)
+DEFAULT_INT4_GROUP_SIZE = 32
 # Modules named so are routers or gates: they stay in the model dtype.
 UNQUANTIZED_NAMES = ("gate", "router", "shared_expert_gate")
 

@@ -39,8 +39,8 @@ class NodeConfig:
     dtype: str = _opt("float32", "compute and weight dtype", choices=["float32", "bfloat16", "float16"])
     device: str = _opt("cpu", "torch device for the blocks (cpu, cuda, cuda:1, ...)")
     quant: str = _opt("none", "weight format of the blocks' linear layers and experts, quantized at load: none "
-                      "(the checkpoint's weights, exact), int8 (per output channel, ~1/4 of float32's bytes), int4 "
-                      "(per group of inputs, ~1/7); announced to the swarm", choices=list(QUANT_FORMATS))
+                      "(the checkpoint's weights, exact), int8 (per output channel, 0.25x float32's bytes), int4 "
+                      "(per group of inputs, 0.13-0.16x); announced to the swarm", choices=list(QUANT_FORMATS))
     quant_group_size: int = _opt(DEFAULT_INT4_GROUP_SIZE, "inputs per int4 scale and zero point (smaller: more "
                                  "accurate, more bytes)", choices=list(INT4_GROUP_SIZES))
     public_name: str = _opt("", "a name shown on the swarm dashboard")

@@ -134,9 +134,9 @@ def test_inline_compute_ms_default_and_off():
 
 def test_quant_flags():
     c = parse("m", "--new-swarm")
-    assert c.quant == "none" and c.quant_group_size == 64
-    c = parse("m", "--new-swarm", "--quant", "int4", "--quant-group-size", "32")
-    assert c.quant == "int4" and c.quant_group_size == 32 and isinstance(c.quant_group_size, int)
+    assert c.quant == "none" and c.quant_group_size == 32
+    c = parse("m", "--new-swarm", "--quant", "int4", "--quant-group-size", "128")
+    assert c.quant == "int4" and c.quant_group_size == 128 and isinstance(c.quant_group_size, int)
     assert parse("m", "--new-swarm", "--quant", "int8").quant == "int8"
 
 
