@@ -6,6 +6,11 @@ that had used gRPC channels hung inside ``os.fork`` when it started its next cli
 forked straight from this process only while no gRPC thread runs in it; otherwise it is forked from a
 fork server (a clean process started by exec, with hivemind already imported).
 
+The DHT process goes with its owner, however the owner ends: it leaves the owner's process group (a
+signal to the group, such as Ctrl-C or a service manager's SIGTERM, reaches the owner alone, which then
+announces offline through the DHT and stops it in order), exits on SIGTERM taking its p2pd with it, and
+a watchdog thread in it exits the same way once the owner process is gone (killed with SIGKILL, say).
+
 Layout in the DHT: every block ``i`` of model ``M`` has key ``homeswarm/M/block/i`` whose subkeys are
 peer ids and whose values are ``ServerRecord.to_dict()``; key ``homeswarm/models`` has one subkey
 per model with ``{"num_blocks": L}``. Values expire unless refreshed. Everything read back is
@@ -14,12 +19,14 @@ validated: a malformed or inconsistent record is dropped (and logged), never pas
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import multiprocessing.popen_forkserver
 import os
 import signal
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from functools import partial
@@ -34,6 +41,8 @@ from homeswarm.routing.records import InvalidRecord, PeerId, ServerRecord
 logger = logging.getLogger(__name__)
 
 MODELS_KEY = "homeswarm/models"
+_DEATH_CHECK = 1.0  # seconds between checks, while waiting on a DHT call, that the DHT process still runs
+OWNER_POLL = 0.5  # seconds between the DHT process's checks that its owner still runs
 START_TIMEOUT = 60.0  # a DHT peer is normally ready in well under a second; bootstrapping is bounded too
 CALL_TIMEOUT = 60.0  # one store or lookup; hivemind bounds each network request, this bounds a dead DHT process
 
@@ -85,7 +94,7 @@ class SwarmDHT:
             raise ValueError(f"start_method must be auto, fork or forkserver, got {start_method!r}")
         if start_method == "auto":
             start_method = "forkserver" if _grpc_threads_running() else "fork"
-        dht_class = hivemind.DHT if start_method == "fork" else _ForkServerDHT
+        dht_class = _ManagedDHT if start_method == "fork" else _ForkServerDHT
         ip_proto = "ip6" if ":" in host else "ip4"
         for attempt in range(1, attempts + 1):
             dht = dht_class(
@@ -95,6 +104,7 @@ class SwarmDHT:
                 client_mode=client_mode,
                 num_workers=4,
             )
+            dht.owner = (os.getpid(), _start_time(os.getpid()))
             dht.start()
             try:
                 dht.wait_until_ready(start_timeout)
@@ -144,13 +154,21 @@ class SwarmDHT:
         return models
 
     def _wait(self, future: Any, what: str) -> Any:
-        """A DHT call's result, or DHTTimeout: a DHT process that died never settles its futures."""
-        try:
-            return future.result(self.call_timeout)
-        except FutureTimeoutError:
-            future.cancel()
-            alive = "" if self.dht.is_alive() else " (the DHT process has exited)"
-            raise DHTTimeout(f"{what} took more than {self.call_timeout:g} s{alive}") from None
+        """A DHT call's result, or DHTTimeout: a DHT process that died never settles its futures, so the
+        wait also ends, within a second, once the process is gone (killed along with its p2pd, say)."""
+        deadline = time.monotonic() + self.call_timeout
+        while True:
+            try:
+                return future.result(max(0.0, min(_DEATH_CHECK, deadline - time.monotonic())))
+            except FutureTimeoutError:
+                alive = self.dht.is_alive()
+                if alive and time.monotonic() < deadline:
+                    continue
+                future.cancel()
+                if time.monotonic() < deadline:
+                    raise DHTTimeout(f"{what} did not finish: the DHT process has exited") from None
+                raise DHTTimeout(f"{what} took more than {self.call_timeout:g} s"
+                                 + ("" if alive else " (the DHT process has exited)")) from None
 
     def shutdown(self) -> None:
         self.dht.shutdown()
@@ -223,7 +241,80 @@ def _grpc_threads_running() -> bool:
     return False
 
 
-class _ForkServerDHT(hivemind.DHT):
+class _ManagedDHT(hivemind.DHT):
+    """hivemind's DHT process, made to end with the process that started it (see the module docstring)."""
+
+    owner: tuple[int, int | None] = (0, None)  # (pid, start time) of the process that started it
+
+    def run(self) -> None:
+        _manage_dht_process(*self.owner)
+        super().run()
+
+
+def _manage_dht_process(owner_pid: int, owner_start: int | None) -> None:
+    """In the DHT process, before hivemind starts: leave the owner's process group, exit on SIGTERM and
+    when the owner is gone, in both cases with p2pd."""
+    try:
+        os.setpgid(0, 0)
+    except OSError as e:  # a platform without process groups: the owner's group signals reach us too
+        logger.debug("the DHT process stays in its owner's process group: %s", e)
+    # forked from the owner, we inherit its signal handlers (its event loop's, which do nothing here)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGTERM, lambda *_: _exit_with_children(0))
+    if owner_pid:
+        threading.Thread(target=_watch_owner, args=(owner_pid, owner_start), name="owner-watchdog",
+                         daemon=True).start()
+
+
+def _watch_owner(owner_pid: int, owner_start: int | None) -> None:
+    while _process_alive(owner_pid, owner_start):
+        time.sleep(OWNER_POLL)
+    logger.warning("the process that started this DHT peer is gone; stopping")
+    _exit_with_children(0)
+
+
+def _exit_with_children(code: int) -> None:
+    """Stop p2pd (SIGTERM, then SIGKILL after a second) and exit at once."""
+    children = _children(os.getpid())
+    for pid in children:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and any(_process_alive(pid, None) for pid in children):
+        time.sleep(0.02)
+    for pid in children:
+        _kill_process_tree(pid)
+    os._exit(code)
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), telling it from a later one with its pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _process_alive(pid: int, start: int | None) -> bool:
+    """Whether ``pid`` runs (a zombie does not), and is the process that started at ``start`` if given."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return not os.path.exists("/proc/self")  # without /proc, kill(pid, 0) is all we know
+    if fields[0] in ("Z", "X"):
+        return False
+    return start is None or int(fields[19]) == start
+
+
+class _ForkServerDHT(_ManagedDHT):
     """hivemind's DHT process, forked from the fork server rather than from this process."""
 
     @staticmethod

@@ -47,13 +47,15 @@ def test_ties_broken_by_total_then_start():
     assert choose_blocks(records, 10, 2) == (2, 4)
 
 
-def test_ignores_servers_not_online():
+def test_counts_joining_servers_and_ignores_offline_and_busy_ones():
     records = [
-        rec("a", 0, 4, state=ServerState.JOINING),
-        rec("b", 4, 8),
+        rec("a", 0, 4, state=ServerState.JOINING),  # loading: it will serve 0..3 soon
+        rec("b", 4, 8, throughput=5.0),
         rec("c", 0, 4, state=ServerState.OFFLINE),
+        rec("d", 4, 8, state=ServerState.BUSY),
     ]
-    assert choose_blocks(records, 8, 4) == (0, 4)
+    assert block_coverage(records, 8) == [10.0] * 4 + [5.0] * 4
+    assert choose_blocks(records, 8, 4) == (4, 8)
 
 
 def test_n_larger_than_total_takes_everything():
