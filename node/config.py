@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from homeswarm.model.quant import DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES, QUANT_FORMATS
+from homeswarm.node.capacity import DEFAULT_CACHE_SHARE, parse_size
+from homeswarm.routing.block_chooser import DEFAULT_IMBALANCE
 from homeswarm.routing.records import is_valid_address
 
 
@@ -29,7 +31,8 @@ class NodeConfig:
     model_dir: str = field(metadata={"help": "checkpoint folder (config.json + safetensors)", "positional": True})
     model_name: str | None = _opt(None, "name nodes and clients meet under (default: the folder's name)")
     blocks: str | None = _opt(None, "serve blocks A..B-1, written A:B")
-    num_blocks: int | None = _opt(None, "serve N blocks, chosen where the swarm is weakest")
+    num_blocks: int | None = _opt(None, "serve N blocks, chosen where the swarm is weakest (default: as many as "
+                                  "fit --max-memory)")
     new_swarm: bool = _opt(False, "start a new swarm instead of joining one")
     initial_peers: tuple[str, ...] = _opt((), "multiaddrs of peers already in the swarm", nargs="+")
     host: str = _opt("127.0.0.1", "address the gRPC service binds to")
@@ -48,6 +51,33 @@ class NodeConfig:
     max_cache_tokens: int | None = _opt(
         None, "KV cache budget, in tokens of batch size 1 (default: a quarter of free memory)"
     )
+    max_memory: str | None = _opt(None, "memory for the blocks' weights and the KV cache, e.g. 4GiB, 500MB "
+                                  "(default: half the memory available at start; 90%% of a GPU's free memory)")
+    cache_share: float = _opt(DEFAULT_CACHE_SHARE, "share of --max-memory kept for the KV cache when "
+                              "--max-cache-tokens is not given")
+    max_threads: int = _opt(0, "at most this many threads compute (0: torch's default)")
+    throughput: float | None = _opt(None, "announce this many steps per second through one block instead of "
+                                    "the self-test's (default: the self-test, cached per model, blocks, dtype, "
+                                    "weight format and device)")
+    idle_only: bool = _opt(False, "serve only while the machine is otherwise idle: step aside (announce busy, "
+                           "end sessions after --busy-grace, free the memory) when its owner uses it")
+    idle_cpu_busy: float = _opt(0.5, "with --idle-only: the share of all CPU cores other processes may use "
+                                "before the owner counts as working")
+    idle_users: tuple[str, ...] = _opt((), "with --idle-only: count only these users' processes (names or "
+                                       "uids) as the owner's (default: every process but the node's)", nargs="+")
+    idle_input_after: float = _opt(300.0, "with --idle-only: seconds without keyboard or mouse input before "
+                                   "the owner counts as away (0: ignore input)")
+    busy_after: float = _opt(10.0, "with --idle-only: seconds a CPU load must last before the node steps aside "
+                             "(input and battery power act at once)")
+    idle_after: float = _opt(60.0, "with --idle-only: seconds the owner must be away before the node serves again")
+    idle_check_interval: float = _opt(2.0, "with --idle-only: seconds between measurements of the machine's use")
+    busy_grace: float = _opt(10.0, "with --idle-only: seconds open sessions get when the owner comes back "
+                             "(their clients then go on with other nodes)")
+    serve_on_battery: bool = _opt(False, "with --idle-only: serve on battery power too")
+    rebalance_interval: float = _opt(300.0, "without --blocks: seconds between checks whether moving to other "
+                                     "blocks would strengthen the swarm's weakest ones (0: never move)")
+    rebalance_imbalance: float = _opt(DEFAULT_IMBALANCE, "move only to lift blocks whose throughput is this "
+                                      "fraction below the average block's")
     max_batch_size: int = _opt(16, "largest batch a session may open")
     max_session_length: int = _opt(8192, "most tokens one session may hold")
     session_idle_timeout: float = _opt(300.0, "close a session after this many seconds without a step")
@@ -91,7 +121,30 @@ class NodeConfig:
         for name in ("session_idle_timeout", "shutdown_grace", "announce_ttl"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+        self._validate_volunteer()
         return self
+
+    def _validate_volunteer(self) -> None:
+        if self.max_memory is not None:
+            try:
+                parse_size(self.max_memory)
+            except ValueError as e:
+                raise ConfigError(f"--max-memory: {e}") from None
+        if not 0 < self.cache_share < 1:
+            raise ConfigError(f"--cache-share must be between 0 and 1, got {self.cache_share}")
+        if self.max_threads < 0:
+            raise ConfigError(f"--max-threads must be >= 0, got {self.max_threads}")
+        if self.throughput is not None and not 0 < self.throughput < float("inf"):
+            raise ConfigError(f"--throughput must be a positive number, got {self.throughput}")
+        if not 0 < self.idle_cpu_busy <= 1:
+            raise ConfigError(f"--idle-cpu-busy must be in (0, 1], got {self.idle_cpu_busy}")
+        for name in ("idle_input_after", "busy_after", "idle_after", "busy_grace", "rebalance_interval"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a number >= 0, got {getattr(self, name)}")
+        if not 0 <= self.rebalance_imbalance < 1:
+            raise ConfigError(f"--rebalance-imbalance must be in [0, 1), got {self.rebalance_imbalance}")
+        if not 0 < self.idle_check_interval < float("inf"):
+            raise ConfigError(f"--idle-check-interval must be positive, got {self.idle_check_interval}")
 
     def block_range(self) -> tuple[int, int] | None:
         if self.blocks is None:
@@ -119,7 +172,7 @@ class NodeConfig:
             if f.type in ("bool", bool):
                 parser.add_argument(flag, action="store_true", help=help_text)
                 continue
-            kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
+            kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(str(f.type), str)
             default_text = "" if f.default in (None, (), "") else f" (default: {f.default})"
             parser.add_argument(flag, type=kind, default=f.default, help=help_text + default_text, **meta)
         return parser
@@ -127,6 +180,7 @@ class NodeConfig:
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> NodeConfig:
         args = vars(cls.parser().parse_args(argv))
-        if args.get("initial_peers") is not None:
-            args["initial_peers"] = tuple(args["initial_peers"])
+        for name, value in args.items():
+            if isinstance(value, list):  # nargs="+" flags: tuples, as the frozen config holds them
+                args[name] = tuple(value)
         return cls(**args).validate()

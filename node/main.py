@@ -1,15 +1,18 @@
 """`join-swarm`: the one place that builds a node's components, starts them, and stops them.
 
 ``main()`` alone parses arguments, sets up logging, installs uvloop and the signal handlers.
-Order of start-up: checkpoint config (fail fast on a bad folder), DHT, block choice, weights,
-throughput self-test, gRPC server, announcement, ready file. On SIGTERM/SIGINT: stop admitting
-sessions, announce offline (so clients stop routing here at once, before records expire), give open
-sessions up to ``shutdown_grace`` seconds, then stop and exit 0.
+Order of start-up: checkpoint config (fail fast on a bad folder), DHT, then serving periods
+(``node.volunteer.run_volunteer``: block choice, "joining", weights, throughput, then
+``_serve_with_dht``: gRPC server, announcement, ready file). A period ends on SIGTERM/SIGINT (exit 0
+after it), when the machine's owner comes back (``--idle-only``) or when the node moves to other blocks:
+it stops admitting sessions, announces offline or busy (so clients stop routing here at once, before
+records expire), gives open sessions their grace (``shutdown_grace``, ``busy_grace``), then stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import logging
 import os
@@ -23,17 +26,16 @@ import grpc
 import torch
 from grpc_reflection.v1alpha import reflection
 
-from homeswarm.model import ModelConfig, cache_bytes, load_span, parse_dtype, span_weight_bytes
+from homeswarm.model import ModelConfig, cache_bytes, parse_dtype
 from homeswarm.node.announcer import Announcer
 from homeswarm.node.config import ConfigError, NodeConfig
 from homeswarm.node.executor import ComputeExecutor
 from homeswarm.node.service import NodeIdentity, NodeService
 from homeswarm.node.sessions import SessionManager
-from homeswarm.node.throughput import measure_block_throughput
+from homeswarm.node.volunteer import LoadedSpan, PeriodEnd, PeriodEnds, run_volunteer
 from homeswarm.protocol import PROTOCOL_VERSION, node_pb2, node_pb2_grpc
 from homeswarm.protocol.limits import GRPC_OPTIONS
 from homeswarm.protocol.ready_file import write_ready_file
-from homeswarm.routing.block_chooser import choose_blocks
 from homeswarm.routing.dht import SwarmDHT
 from homeswarm.routing.records import PeerId, ServerRecord, ServerState
 
@@ -84,43 +86,26 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     except Exception as e:  # hivemind raises several types for unreachable or malformed peers
         raise ConfigError(f"could not start or join the DHT: {e}") from None
     try:
-        return await _serve_with_dht(config, stop, dht, model_config, dtype, model_name, block_range)
+        return await run_volunteer(config, stop, dht, model_config, dtype, model_name, block_range,
+                                   available_memory_bytes(torch.device(config.device)), _serve_with_dht)
     finally:
         dht.shutdown()
 
 
 async def _serve_with_dht(
     config: NodeConfig,
-    stop: asyncio.Event,
+    stop: PeriodEnds,
     dht: SwarmDHT,
     model_config: ModelConfig,
     dtype: torch.dtype,
     model_name: str,
-    block_range: tuple[int, int] | None,
-) -> int:
+    loaded: LoadedSpan,
+) -> PeriodEnd:
+    """One serving period: serve ``loaded`` until ``stop`` says why to end, then end in order."""
     total_blocks = model_config.num_hidden_layers
-    if block_range is None:
-        if config.num_blocks is not None:
-            records = await asyncio.to_thread(dht.get_servers, model_name, 0, total_blocks)
-            block_range = choose_blocks(records, total_blocks, config.num_blocks)
-        else:
-            block_range = (0, total_blocks)
-    start, end = block_range
-    weight_bytes = span_weight_bytes(model_config, start, end, dtype, config.quant, config.quant_group_size)
-    quant = config.quant if config.quant != "int4" else f"int4, groups of {config.quant_group_size}"
-    logger.info("loading blocks %d..%d of %s (%s, %s, weights %s: %.1f MiB)", start, end - 1, model_name,
-                config.dtype, config.device, quant, weight_bytes / 2**20)
-    t0 = time.perf_counter()
-    span = await asyncio.to_thread(load_span, config.model_dir, start, end, dtype=dtype, device=config.device,
-                                   quant=config.quant, group_size=config.quant_group_size)
-    logger.info("loaded in %.1f s; measuring throughput", time.perf_counter() - t0)
-    throughput = await asyncio.to_thread(measure_block_throughput, span)
-
+    span, throughput, budget = loaded.span, loaded.throughput, loaded.cache_budget
+    start, end = span.start, span.end
     bytes_per_token = cache_bytes(model_config, end - start, 1, 1, dtype)
-    if config.max_cache_tokens is not None:
-        budget = config.max_cache_tokens * bytes_per_token
-    else:
-        budget = available_memory_bytes(span.device) // 4
     sessions = SessionManager(budget, bytes_per_token)
     executor = ComputeExecutor(inline_max_seconds=config.inline_compute_ms / 1000,
                                batch_wait_seconds=config.batch_wait_ms / 1000)
@@ -190,15 +175,16 @@ async def _serve_with_dht(
     )
     logger.info("others join with: join-swarm MODEL_DIR --initial-peers %s", maddrs[0] if maddrs else "?")
 
-    await stop.wait()
-    logger.info("shutting down: announcing offline, %d open session(s)", len(sessions))
+    period_end = await stop.wait()
+    logger.info("%s: announcing %s, %d open session(s)", period_end.why, period_end.state.value, len(sessions))
     sessions.draining = True
+    sessions.drain_message = period_end.refusal
     refresher.cancel()
     try:
-        await asyncio.wait_for(announcer.announce(ServerState.OFFLINE), timeout=5)
+        await asyncio.wait_for(announcer.announce(period_end.state), timeout=5)
     except Exception as e:
-        logger.warning("could not announce offline: %s", e)
-    deadline = time.monotonic() + config.shutdown_grace
+        logger.warning("could not announce %s: %s", period_end.state.value, e)
+    deadline = time.monotonic() + period_end.grace
     while len(sessions) and time.monotonic() < deadline:
         service.sessions_changed.clear()
         try:
@@ -211,8 +197,8 @@ async def _serve_with_dht(
     await service.peers.close()
     announcer.close()
     executor.shutdown()
-    logger.info("stopped")
-    return 0
+    logger.info("stopped serving blocks %d..%d", start, end - 1)
+    return period_end
 
 
 def setup_logging() -> None:
@@ -240,6 +226,10 @@ async def _run(config: NodeConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     if config.compute_threads > 0:
         torch.set_num_threads(config.compute_threads)
+    if config.max_threads > 0:
+        torch.set_num_threads(min(torch.get_num_threads(), config.max_threads))
+        with contextlib.suppress(RuntimeError):  # settable only before torch's first parallel work
+            torch.set_num_interop_threads(min(torch.get_num_interop_threads(), config.max_threads))
     return await serve(config, stop)
 
 

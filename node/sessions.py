@@ -49,6 +49,7 @@ class SessionManager:
         self.bytes_per_token = bytes_per_token
         self.sessions: dict[SessionId, Session] = {}
         self.draining = False
+        self.drain_message = "this node is shutting down and takes no new sessions"  # why, while draining
 
     @property
     def used_bytes(self) -> int:
@@ -70,7 +71,7 @@ class SessionManager:
         now: float,
     ) -> Session:
         if self.draining:
-            raise SessionRefused(Refusal.DRAINING, "this node is shutting down and takes no new sessions")
+            raise SessionRefused(Refusal.DRAINING, self.drain_message)
         free = self.budget_bytes - self.used_bytes
         if reserved_bytes > free:
             raise SessionRefused(

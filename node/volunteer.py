@@ -1,0 +1,469 @@
+"""A volunteer node's life around its serving periods: choose a span, load it, serve, step aside, move.
+
+``run_volunteer`` loops over serving periods. Before each: wait while the machine's owner uses it
+(``--idle-only``, announcing "busy"), choose the span (``--blocks``, else as many blocks as fit the
+memory budget, placed where the swarm is weakest), announce "joining" with it so that nodes starting
+together spread out, load it (progress bar) and take its throughput (``--throughput``, the cache, or
+the self-test). A period is ``serve_span`` (``main._serve_with_dht``): it serves until a
+:class:`PeriodEnd` comes, from a signal (stop), the idle watch (the owner is back: busy) or the
+rebalancer (the swarm's weakest blocks need this node more than its current ones: move), announces what comes next,
+gives open sessions their grace and returns. Then the weights are released, and the loop goes on or,
+after a stop, ends.
+
+The decisions are the pure functions of :mod:`homeswarm.routing.block_chooser`, :mod:`.idle` and
+:mod:`.capacity`; this module only feeds them measurements and DHT reads, and acts on their answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import enum
+import gc
+import logging
+import pwd
+import random
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from homeswarm.model import BlockSpan, ModelConfig, cache_bytes, load_span, span_weight_bytes
+from homeswarm.node.announcer import Announcer
+from homeswarm.node.capacity import (
+    blocks_that_fit,
+    cache_budget,
+    default_budget,
+    format_size,
+    parse_size,
+    weight_budget,
+)
+from homeswarm.node.config import ConfigError, NodeConfig
+from homeswarm.node.idle import IdleState, IdleThresholds, initial_state, step
+from homeswarm.node.idle_probe import MachineProbe
+from homeswarm.node.throughput import (
+    SELF_TEST_STEPS,
+    ThroughputCache,
+    ThroughputKey,
+    config_digest,
+    measure_block_throughput,
+)
+from homeswarm.protocol import PROTOCOL_VERSION
+from homeswarm.routing.block_chooser import choose_blocks, plan_move, yield_span
+from homeswarm.routing.dht import SwarmDHT
+from homeswarm.routing.records import PeerId, ServerRecord, ServerState
+
+logger = logging.getLogger("homeswarm.node")
+
+JOIN_SETTLE = 1.0  # seconds for other nodes' "joining" records to arrive before a choice is confirmed
+JOIN_ROUNDS = 3  # at most this many re-choices after collisions with nodes joining at the same time
+
+
+# --- how a serving period ends -------------------------------------------------------------------
+
+
+class EndReason(enum.Enum):
+    STOP = "stop"
+    BUSY = "busy"
+    MOVE = "move"
+
+
+@dataclass(frozen=True)
+class PeriodEnd:
+    reason: EndReason
+    state: ServerState  # announced for the span being left
+    grace: float  # seconds open sessions get before they are closed
+    refusal: str  # what a session opened meanwhile is told
+    destination: tuple[int, int] | None = None  # the next span, for a move
+    why: str = ""
+
+    @classmethod
+    def stop(cls, grace: float) -> PeriodEnd:
+        return cls(EndReason.STOP, ServerState.OFFLINE, grace, "this node is shutting down and takes no new sessions",
+                   why="shutting down")
+
+    @classmethod
+    def busy(cls, grace: float, why: str) -> PeriodEnd:
+        return cls(EndReason.BUSY, ServerState.BUSY, grace,
+                   "this node's machine is in use by its owner; it takes no new sessions", why=f"stepping aside ({why})")
+
+    @classmethod
+    def move(cls, grace: float, destination: tuple[int, int]) -> PeriodEnd:
+        start, end = destination
+        return cls(EndReason.MOVE, ServerState.OFFLINE, grace, "this node is moving to other blocks",
+                   destination, why=f"moving to blocks {start}..{end - 1}, where the swarm is weaker")
+
+
+class PeriodEnds:
+    """The first reason the current serving period ends; a stop (a signal) always wins."""
+
+    def __init__(self, stop: asyncio.Event, stop_grace: float):
+        self.stop_event = stop
+        self.stop_grace = stop_grace
+        self._end: PeriodEnd | None = None
+        self._event = asyncio.Event()
+
+    def set(self, end: PeriodEnd) -> None:
+        if self._end is None:
+            self._end = end
+            self._event.set()
+
+    def reset(self) -> None:
+        self._end = None
+        self._event.clear()
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_event.is_set()
+
+    async def wait(self) -> PeriodEnd:
+        waiters = [asyncio.ensure_future(self.stop_event.wait()), asyncio.ensure_future(self._event.wait())]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if self.stop_event.is_set() or self._end is None:
+            return PeriodEnd.stop(self.stop_grace)
+        return self._end
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int  # bytes for weights and KV cache
+    given: bool  # --max-memory was given (else the default fraction of available memory)
+    num_blocks: int  # how many blocks to serve when no --blocks is given
+
+
+def plan_memory(config: NodeConfig, model: ModelConfig, dtype: torch.dtype, available: int) -> MemoryPlan:
+    """The memory budget and, without --blocks or --num-blocks, how many blocks fit in it."""
+    given = config.max_memory is not None
+    budget = parse_size(config.max_memory) if given else default_budget(available, torch.device(config.device).type)
+    total = model.num_hidden_layers
+    if config.num_blocks is not None:
+        return MemoryPlan(budget, given, min(config.num_blocks, total))
+    if config.blocks is not None:
+        return MemoryPlan(budget, given, 0)
+    layer_bytes = [span_weight_bytes(model, i, i + 1, dtype, config.quant, config.quant_group_size)
+                   for i in range(total)]
+    split = weight_budget(budget, cache_share=config.cache_share, cache_tokens=config.max_cache_tokens,
+                          token_bytes_per_block=cache_bytes(model, 1, 1, 1, dtype))
+    n = blocks_that_fit(layer_bytes, split.per_block_cache, split.weights)
+    if n == 0:
+        raise ConfigError(
+            f"not even one block fits in the memory budget of {format_size(budget)} "
+            f"({'--max-memory' if given else 'half the available memory'}): the smallest takes "
+            f"{format_size(min(layer_bytes))} of weights, and the KV cache needs its share (--cache-share "
+            f"{config.cache_share:g} or --max-cache-tokens); give more memory or a smaller --quant"
+        )
+    logger.info("%d of %d blocks fit in the memory budget of %s (%s)", n, total, format_size(budget),
+                "--max-memory" if given else "the default: a share of the available memory")
+    return MemoryPlan(budget, given, n)
+
+
+def span_cache_budget(config: NodeConfig, plan: MemoryPlan, model: ModelConfig, dtype: torch.dtype,
+                      start: int, end: int) -> int:
+    """KV cache bytes for a node serving [start, end)."""
+    weights = span_weight_bytes(model, start, end, dtype, config.quant, config.quant_group_size)
+    token_bytes = cache_bytes(model, end - start, 1, 1, dtype)
+    budget = cache_budget(plan.budget, weights, cache_tokens=config.max_cache_tokens, token_bytes=token_bytes)
+    if config.max_cache_tokens is None and budget < config.cache_share * plan.budget:
+        if plan.given:
+            raise ConfigError(
+                f"blocks {start}..{end - 1} take {format_size(weights)} of weights, which leaves "
+                f"{format_size(budget)} of --max-memory {format_size(plan.budget)} for the KV cache, less than "
+                f"its share (--cache-share {config.cache_share:g}); serve fewer blocks or give more memory"
+            )
+        budget = int(config.cache_share * plan.budget)  # explicit blocks beyond the default budget
+    return budget
+
+
+def release_memory(device: torch.device) -> None:
+    """Give freed weights back to the system, not only to the allocator (glibc keeps freed heap)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedSpan:
+    span: BlockSpan
+    throughput: float  # steps per second through one block
+    cache_budget: int  # bytes of KV cache this node offers
+
+
+def _load(config: NodeConfig, dtype: torch.dtype, start: int, end: int, throughput: float | None,
+          cache: ThroughputCache, key: ThroughputKey) -> tuple[BlockSpan, float]:
+    """Load the span and take its throughput, under one progress bar (shown on a terminal only)."""
+    steps = 0 if throughput is not None else SELF_TEST_STEPS
+    with tqdm(total=end - start + steps, desc=f"loading blocks {start}..{end - 1}", unit="step",
+              disable=None, leave=False) as bar:
+        span = load_span(config.model_dir, start, end, dtype=dtype, device=config.device, quant=config.quant,
+                         group_size=config.quant_group_size, on_block=lambda _: bar.update(1))
+        if throughput is None:
+            bar.set_description("throughput self-test")
+            throughput = measure_block_throughput(span, on_step=lambda: bar.update(1))
+            cache.put(key, throughput, time.time())
+    return span, throughput
+
+
+# --- the idle watch ------------------------------------------------------------------------------
+
+
+class IdleWatch:
+    """Feeds the pure idle policy with measurements every ``interval`` s; ends the period when it turns."""
+
+    def __init__(self, probe: MachineProbe, thresholds: IdleThresholds, interval: float, ends: PeriodEnds,
+                 grace: float, clock: Callable[[], float] = time.monotonic):
+        self.probe, self.thresholds, self.interval = probe, thresholds, interval
+        self.ends, self.grace, self.clock = ends, grace, clock
+        self.state = IdleState(serving=True)
+        self._changed = asyncio.Event()
+
+    async def start(self) -> None:
+        """Take the first state from two measurements (a CPU share needs an interval)."""
+        await asyncio.to_thread(self.probe.measure, self.clock())
+        await asyncio.sleep(min(self.interval, 1.0))
+        self.state = initial_state(await asyncio.to_thread(self.probe.measure, self.clock()), self.thresholds)
+        logger.info("idle watch: %s", "the machine is idle" if self.state.serving else f"busy: {self.state.reason}")
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                measurement = await asyncio.to_thread(self.probe.measure, self.clock())
+            except Exception as e:  # a probe failing once must not stop the node
+                logger.warning("measuring the machine's use failed: %s", e)
+                continue
+            before = self.state.serving
+            self.state = step(self.state, measurement, self.thresholds)
+            if self.state.serving == before:
+                continue
+            self._changed.set()
+            if self.state.serving:
+                logger.info("the machine is idle again: serving")
+            else:
+                logger.info("the owner is back: %s", self.state.reason)
+                self.ends.set(PeriodEnd.busy(self.grace, self.state.reason))
+
+    async def wait_serving(self, stop: asyncio.Event) -> bool:
+        """Wait until the policy says serve (True) or a stop comes (False)."""
+        while not self.state.serving and not stop.is_set():
+            self._changed.clear()
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._changed.wait())]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+        return not stop.is_set()
+
+
+def idle_users(names: tuple[str, ...]) -> frozenset[int] | None:
+    if not names:
+        return None
+    uids = set()
+    for name in names:
+        if name.isdigit():
+            uids.add(int(name))
+            continue
+        try:
+            uids.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            raise ConfigError(f"--idle-users: no user {name!r} on this machine") from None
+    return frozenset(uids)
+
+
+# --- rebalancing ---------------------------------------------------------------------------------
+
+
+async def rebalance(dht: SwarmDHT, model: str, total_blocks: int, me: PeerId, ends: PeriodEnds, *,
+                    interval: float, imbalance: float, grace: float, rng: random.Random) -> None:
+    """Every ``interval`` s (jittered, so that nodes do not check in step), weigh a move; confirm it after
+    a random wait (a node that moved meanwhile announced "joining" where it went) and end the period."""
+    while True:
+        await asyncio.sleep(interval * rng.uniform(0.5, 1.5))
+        destination = None
+        for confirm in (False, True):
+            if confirm:
+                await asyncio.sleep(rng.uniform(JOIN_SETTLE, 2 * JOIN_SETTLE))
+            try:
+                records = await asyncio.to_thread(dht.get_servers, model, 0, total_blocks)
+            except Exception as e:  # the DHT may be briefly unreachable; the next check will tell
+                logger.warning("reading the swarm for rebalancing failed: %s", e)
+                destination = None
+                break
+            destination = plan_move(records, total_blocks, me, imbalance=imbalance)
+            if destination is None:
+                break
+        if destination is not None:
+            ends.set(PeriodEnd.move(grace, destination))
+            return
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def free_port(host: str) -> int:
+    """A port free now on ``host``: the node keeps one address across its serving periods."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class _Presence:
+    """What the node announces between serving periods (joining, busy)."""
+
+    start: int = 0
+    end: int = 1
+    throughput: float = 0.0
+
+
+ServeSpan = Callable[..., Awaitable[PeriodEnd]]
+
+
+async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, model: ModelConfig,
+                        dtype: torch.dtype, model_name: str, block_range: tuple[int, int] | None,
+                        available_memory: int, serve_span: ServeSpan) -> int:
+    total = model.num_hidden_layers
+    me = PeerId(dht.peer_id)
+    rng = random.Random()
+    memory = plan_memory(config, model, dtype, available_memory)
+    if config.port == 0:
+        config = dataclasses.replace(config, port=free_port(config.host))
+    address = config.public_address or f"{config.host}:{config.port}"
+    cache = ThroughputCache()
+    presence = _Presence()
+
+    def record(state: ServerState) -> ServerRecord:
+        return ServerRecord(peer_id=me, address=address, model=model_name, start=presence.start, end=presence.end,
+                            state=state, protocol_version=PROTOCOL_VERSION, dtype=config.dtype,
+                            throughput=presence.throughput, cache_tokens_left=0, public_name=config.public_name,
+                            quant=config.quant)
+
+    announcer = Announcer(dht, record, total, config.announce_ttl)
+    refresher: asyncio.Task | None = None
+
+    async def announce(state: ServerState) -> None:
+        nonlocal refresher
+        try:
+            await asyncio.wait_for(announcer.announce(state), timeout=config.announce_ttl / 3)
+        except Exception as e:  # the refresher tries again
+            logger.warning("announcing %s failed: %s", state.value, e)
+        if refresher is None:
+            refresher = asyncio.create_task(announcer.run())
+
+    def quiet() -> None:
+        nonlocal refresher
+        if refresher is not None:
+            refresher.cancel()
+            refresher = None
+
+    def key(start: int, end: int) -> ThroughputKey:
+        return ThroughputKey(model_name, config_digest(config.model_dir), start, end, config.dtype,
+                             config.quant if config.quant != "int4" else f"int4g{config.quant_group_size}",
+                             str(torch.device(config.device)), torch.get_num_threads())
+
+    async def choose() -> tuple[int, int]:
+        if block_range is not None:
+            return block_range
+        records = await asyncio.to_thread(dht.get_servers, model_name, 0, total)
+        return choose_blocks([r for r in records if r.peer_id != me], total, memory.num_blocks)
+
+    ends = PeriodEnds(stop, config.shutdown_grace)
+    watch = None
+    watch_task = None
+    if config.idle_only:
+        thresholds = IdleThresholds(cpu_busy=config.idle_cpu_busy, input_idle=config.idle_input_after,
+                                    busy_after=config.busy_after, idle_after=config.idle_after,
+                                    serve_on_battery=config.serve_on_battery)
+        watch = IdleWatch(MachineProbe(users=idle_users(config.idle_users)), thresholds,
+                          config.idle_check_interval, ends, config.busy_grace)
+        await watch.start()
+        watch_task = asyncio.create_task(watch.run())
+    next_span: tuple[int, int] | None = None
+    try:
+        while not stop.is_set():
+            if watch is not None and not watch.state.serving:
+                presence.start, presence.end = next_span or await choose()
+                logger.info("the machine is in use (%s): waiting until it is idle", watch.state.reason)
+                await announce(ServerState.BUSY)
+                if not await watch.wait_serving(stop):
+                    break
+                next_span = None
+            start, end = next_span or await choose()
+            next_span = None
+            ends.reset()
+            throughput = config.throughput or await asyncio.to_thread(cache.get, key(start, end), time.time())
+            estimate = throughput or await asyncio.to_thread(cache.estimate, key(start, end), time.time())
+            presence.start, presence.end, presence.throughput = start, end, estimate or 0.0
+            await announce(ServerState.JOINING)
+            if block_range is None:
+                for _ in range(JOIN_ROUNDS):
+                    await asyncio.sleep(rng.uniform(JOIN_SETTLE, 1.5 * JOIN_SETTLE))
+                    records = await asyncio.to_thread(dht.get_servers, model_name, 0, total)
+                    if not yield_span(records, total, me, (start, end)):
+                        break
+                    start, end = choose_blocks([r for r in records if r.peer_id != me], total, end - start)
+                    logger.info("another node is joining at the same blocks; taking %d..%d instead", start, end - 1)
+                    presence.start, presence.end = start, end
+                    await announce(ServerState.JOINING)
+            weights = span_weight_bytes(model, start, end, dtype, config.quant, config.quant_group_size)
+            budget = span_cache_budget(config, memory, model, dtype, start, end)
+            quant = config.quant if config.quant != "int4" else f"int4, groups of {config.quant_group_size}"
+            logger.info("loading blocks %d..%d of %s (%s, %s, weights %s: %s; KV cache %s)", start, end - 1,
+                        model_name, config.dtype, config.device, quant, format_size(weights), format_size(budget))
+            t0 = time.perf_counter()
+            span, throughput = await asyncio.to_thread(_load, config, dtype, start, end, throughput, cache,
+                                                       key(start, end))
+            logger.info("loaded in %.1f s; %.0f steps/s per block (%s)", time.perf_counter() - t0, throughput,
+                        "given" if config.throughput else "measured or cached")
+            presence.throughput = throughput
+            quiet()
+            loaded = LoadedSpan(span, throughput, budget)
+            del span
+            mover = None
+            if block_range is None and config.rebalance_interval > 0:
+                mover = asyncio.create_task(rebalance(
+                    dht, model_name, total, me, ends, interval=config.rebalance_interval,
+                    imbalance=config.rebalance_imbalance, grace=config.shutdown_grace, rng=rng))
+            try:
+                end_of_period = await serve_span(config, ends, dht, model, dtype, model_name, loaded)
+            finally:
+                if mover is not None:
+                    mover.cancel()
+            device = loaded.span.device
+            del loaded
+            release_memory(device)
+            if end_of_period.reason == EndReason.STOP:
+                return 0
+            if end_of_period.reason == EndReason.MOVE:
+                next_span = end_of_period.destination
+            else:
+                next_span = (start, end) if block_range is not None else None
+        quiet()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(announcer.announce(ServerState.OFFLINE), timeout=5)
+        return 0
+    finally:
+        quiet()
+        if watch_task is not None:
+            watch_task.cancel()
+        announcer.close()
