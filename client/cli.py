@@ -1,5 +1,5 @@
 """The `homeswarm` command: generate through a swarm, serve it over an OpenAI-compatible HTTP API,
-run a bootstrap DHT peer, run the demo.
+show what a swarm serves, run a bootstrap DHT peer, run the demo.
 
 Bad input (a missing folder, malformed prompt ids, out-of-range options) prints a message and
 exits with code 2; a swarm that cannot serve the request (missing blocks, failed nodes) exits 1.
@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--compression", default="none", choices=["none", "float16", "bfloat16", "int8", "auto"],
                      help="compression of hidden states on the wire (default none: exact)")
     srv.add_argument("--ready-file", default=None, help="write {address, url, model} here once serving")
+
+    status = sub.add_parser("status", help="show what the swarm serves: per model its blocks, who serves them, "
+                            "their state, throughput, free cache and weight format")
+    status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="any peer of the swarm")
+    status.add_argument("--model-name", action="append", default=None, metavar="NAME",
+                        help="show only this model (repeatable; default: every model announced)")
+    status.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     dht = sub.add_parser("dht", help="run a bootstrap DHT peer (serves no model)")
     dht.add_argument("--host", default="127.0.0.1")
@@ -280,6 +287,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from homeswarm.client.status import format_report, swarm_report
+    from homeswarm.routing.dht import SwarmDHT
+
+    _check_peers(args.initial_peers)
+    try:
+        dht = SwarmDHT.create(args.initial_peers, client_mode=True)
+    except Exception as e:  # hivemind raises several types for unreachable or malformed peers
+        raise JoinError(f"could not join the swarm through --initial-peers: {e}") from None
+    try:
+        models = dht.list_models()
+        if args.model_name:
+            models = {name: models.get(name, 0) for name in args.model_name}
+        records = {name: dht.get_servers(name, 0, total) for name, total in models.items() if total > 0}
+    finally:
+        dht.shutdown()
+    report = swarm_report(models, records)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
 def cmd_dht(args: argparse.Namespace) -> int:
     from homeswarm.protocol.ready_file import write_ready_file
     from homeswarm.routing.dht import SwarmDHT
@@ -317,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = cmd_serve(args)
         elif args.command == "dht":
             code = cmd_dht(args)
+        elif args.command == "status":
+            code = cmd_status(args)
         else:
             from homeswarm.client.demo import run_demo
 
