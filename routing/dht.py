@@ -153,6 +153,11 @@ class SwarmDHT:
                     models[name] = value["num_blocks"]
         return models
 
+    def num_peers(self) -> int:
+        """Peers in this DHT peer's routing table. A lookup drops the peers that fail to answer, so after
+        one, 0 means no peer of the swarm is reachable (not merely that nothing is announced)."""
+        return self._wait(self.dht.run_coroutine(_count_peers, return_future=True), "counting peers")
+
     def _wait(self, future: Any, what: str) -> Any:
         """A DHT call's result, or DHTTimeout: a DHT process that died never settles its futures, so the
         wait also ends, within a second, once the process is gone (killed along with its p2pd, say)."""
@@ -220,6 +225,10 @@ async def _store_many(
 
 async def _get_many(keys: list[str], dht: hivemind.DHT, node: DHTNode) -> dict[str, Any]:
     return await node.get_many(keys, sufficient_expiration_time=float("inf"))
+
+
+async def _count_peers(dht: hivemind.DHT, node: DHTNode) -> int:
+    return len(node.protocol.routing_table.uid_to_peer_id)
 
 
 _GRPC_THREAD_NAMES = ("event_engine", "grpc", "lifeguard")  # gRPC core's native threads
