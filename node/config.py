@@ -92,6 +92,9 @@ class NodeConfig:
         5.0, "with a single session open, run its steps that took under this many ms on the event loop "
         "instead of the compute thread, saving two thread hand-offs (0: never)"
     )
+    metrics_port: int | None = _opt(
+        None, "serve Prometheus metrics at http://HOST:PORT/metrics on the gRPC bind address (0 picks a free port)"
+    )
 
     def validate(self) -> NodeConfig:
         if self.new_swarm == bool(self.initial_peers):
@@ -104,6 +107,8 @@ class NodeConfig:
             raise ConfigError(f"--num-blocks must be at least 1, got {self.num_blocks}")
         if not 0 <= self.port < 65536 or not 0 <= self.dht_port < 65536:
             raise ConfigError("ports must be in 0..65535")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         if self.public_address is not None and not is_valid_address(self.public_address):
             raise ConfigError(f"--public-address must be HOST:PORT with a port in 1..65535, got {self.public_address!r}")
         if self.quant not in QUANT_FORMATS:

@@ -79,6 +79,8 @@ class ComputeExecutor:
         self._drain_scheduled = False
         self.batches = 0  # forward_batch calls so far
         self.batched_steps = 0  # steps they ran
+        # called on the compute (or caller's) thread after each forward pass: (steps, seconds); metrics
+        self.on_batch: Callable[[int, float], None] | None = None
 
     @property
     def queue_length(self) -> int:
@@ -277,6 +279,8 @@ class ComputeExecutor:
             self._last_seconds[id(ready[0].span), ready[0].tokens] = seconds
         self.batches += 1
         self.batched_steps += len(ready)
+        if self.on_batch is not None:
+            self.on_batch(len(ready), seconds)
         return [(item, output, None) for item, output in zip(ready, outputs, strict=True)]
 
     def shutdown(self) -> None:

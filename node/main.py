@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -30,6 +31,7 @@ from homeswarm.model import ModelConfig, cache_bytes, parse_dtype
 from homeswarm.node.announcer import Announcer
 from homeswarm.node.config import ConfigError, NodeConfig
 from homeswarm.node.executor import ComputeExecutor
+from homeswarm.node.metrics import CacheUse, NodeMetrics, serve_metrics
 from homeswarm.node.service import NodeIdentity, NodeService
 from homeswarm.node.sessions import SessionManager
 from homeswarm.node.volunteer import LoadedSpan, PeriodEnd, PeriodEnds, run_volunteer
@@ -85,9 +87,12 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
         )
     except Exception as e:  # hivemind raises several types for unreachable or malformed peers
         raise ConfigError(f"could not start or join the DHT: {e}") from None
+    metrics = NodeMetrics()  # one for the process: its counters carry on across serving periods
     try:
-        return await run_volunteer(config, stop, dht, model_config, dtype, model_name, block_range,
-                                   available_memory_bytes(torch.device(config.device)), _serve_with_dht)
+        with serve_metrics(metrics, config.host, config.metrics_port) as metrics_address:
+            return await run_volunteer(config, stop, dht, model_config, dtype, model_name, block_range,
+                                       available_memory_bytes(torch.device(config.device)),
+                                       partial(_serve_with_dht, metrics=metrics, metrics_address=metrics_address))
     finally:
         dht.shutdown()
 
@@ -100,6 +105,9 @@ async def _serve_with_dht(
     dtype: torch.dtype,
     model_name: str,
     loaded: LoadedSpan,
+    *,
+    metrics: NodeMetrics,
+    metrics_address: str | None = None,
 ) -> PeriodEnd:
     """One serving period: serve ``loaded`` until ``stop`` says why to end, then end in order."""
     total_blocks = model_config.num_hidden_layers
@@ -109,6 +117,10 @@ async def _serve_with_dht(
     sessions = SessionManager(budget, bytes_per_token)
     executor = ComputeExecutor(inline_max_seconds=config.inline_compute_ms / 1000,
                                batch_wait_seconds=config.batch_wait_ms / 1000)
+    executor.on_batch = metrics.batch
+    metrics.live = lambda: CacheUse(budget_bytes=sessions.budget_bytes, used_bytes=sessions.used_bytes,
+                                    free_tokens=sessions.free_tokens, sessions=len(sessions),
+                                    queued_steps=executor.queue_length)
     identity = NodeIdentity(
         model=model_name,
         dtype=config.dtype,
@@ -125,6 +137,7 @@ async def _serve_with_dht(
         max_batch_size=config.max_batch_size,
         max_session_length=config.max_session_length,
         session_idle_timeout=config.session_idle_timeout,
+        metrics=metrics,
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
     node_pb2_grpc.add_NodeServicer_to_server(service, server)
@@ -167,6 +180,8 @@ async def _serve_with_dht(
                 "address": address,
                 "model": model_name,
                 "blocks": [start, end],
+                # only with --metrics-port: where it serves (the port may have been 0)
+                **({"metrics_address": metrics_address} if metrics_address else {}),
             },
         )
     logger.info(
@@ -195,6 +210,7 @@ async def _serve_with_dht(
         logger.info("closing %d session(s) still open after the grace period", len(sessions))
     await server.stop(grace=0.5)
     await service.peers.close()
+    metrics.live = None
     announcer.close()
     executor.shutdown()
     logger.info("stopped serving blocks %d..%d", start, end - 1)

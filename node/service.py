@@ -25,6 +25,7 @@ import torch
 
 from homeswarm.model import BlockSpan, cache_bytes
 from homeswarm.node.executor import ComputeExecutor
+from homeswarm.node.metrics import NodeMetrics
 from homeswarm.node.peers import PeerChannels
 from homeswarm.node.sessions import Refusal, Session, SessionManager, SessionRefused
 from homeswarm.protocol import (
@@ -114,6 +115,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         session_idle_timeout: float,
         clock: Callable[[], float] = time.monotonic,
         push_timeout: float = 10.0,
+        metrics: NodeMetrics | None = None,
     ):
         self.span = span
         self.identity = identity
@@ -129,6 +131,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self.peers = PeerChannels()
         self.stats = NodeStats()
         self._live: dict[str, _LiveSession] = {}
+        self.metrics = metrics if metrics is not None else NodeMetrics()
+        self.started = clock()
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -162,8 +166,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
     def _encode(self, hidden: torch.Tensor, compression: int) -> node_pb2.Tensor:
         return serialize_tensor(hidden.cpu(), compression)
 
-    @staticmethod
-    async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+        self.metrics.error(code.name.lower())
         await context.abort(code, message)
 
     async def _check_version(self, version: int, context: grpc.aio.ServicerContext) -> None:
@@ -192,6 +196,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             batched_steps=self.executor.batched_steps,
             inline_steps=self.executor.inline_steps,
             quant=self.identity.quant,
+            uptime_seconds=self.clock() - self.started,
         )
 
     async def Forward(
@@ -210,9 +215,12 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 )
         except BadRequest as e:
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self.metrics.bytes_received.inc(request.ByteSize())
         span = self._subspan(request.start_block, request.end_block)
         output = await self.executor.run(span.forward, hidden)
-        return node_pb2.ForwardResponse(hidden=self._encode(output, request.response_compression))
+        response = node_pb2.ForwardResponse(hidden=self._encode(output, request.response_compression))
+        self.metrics.bytes_sent.inc(response.ByteSize())
+        return response
 
     async def Inference(
         self, request_iterator: AsyncIterator[node_pb2.InferenceRequest], context: grpc.aio.ServicerContext
@@ -250,6 +258,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
                     continue
                 response = await self._process(live, item, context)
                 if response is not None:
+                    self.metrics.bytes_sent.inc(response.ByteSize())
                     yield response
         finally:
             reader.cancel()
@@ -267,6 +276,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         """Moves the client's steps into the session's inbox, where pushes from peers also land."""
         try:
             async for request in request_iterator:
+                self.metrics.bytes_received.inc(request.ByteSize())
                 if request.WhichOneof("kind") != "step":
                     live.inbox.put_nowait(BadRequest("a session is already open on this stream; send steps"))
                     return
@@ -288,6 +298,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if live.inbox.qsize() >= _MAX_INBOX:
             await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "the session's inbox is full")
+        self.metrics.bytes_received.inc(request.ByteSize())
         live.inbox.put_nowait(_Inbound(request.step.step_id, hidden, list(request.step.next), from_peer=True))
         return node_pb2.PushResponse()
 
@@ -296,6 +307,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
     ) -> node_pb2.InferenceResponse | None:
         """Run one step; None for a duplicate of a step already done (a push that lost a race)."""
         session = live.session
+        taken_up = time.perf_counter()
         if item.step_id <= live.last_step_id:
             if item.from_peer:
                 return None
@@ -318,6 +330,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         except BadRequest as e:
             if item.from_peer:
                 logger.warning("dropping a bad push: %s", e)
+                self.metrics.error("invalid_argument")
                 return None
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if item.from_peer:
@@ -326,7 +339,13 @@ class NodeService(node_pb2_grpc.NodeServicer):
             self.stats.steps_from_client += 1
         span = self._subspan(session.start, session.end)
         # a single session has nothing to batch with: a short step may skip the compute thread
-        output, seconds = await self.executor.timed_step(span, hidden, session.cache, inline_ok=len(self._live) == 1)
+        try:
+            output, seconds = await self.executor.timed_step(span, hidden, session.cache,
+                                                             inline_ok=len(self._live) == 1)
+        except Exception:
+            self.metrics.error("compute")
+            raise
+        self.metrics.step("peer" if item.from_peer else "client", time.perf_counter() - taken_up)
         session.steps += 1
         session.last_active = self.clock()
         result = node_pb2.StepResult(
@@ -363,8 +382,10 @@ class NodeService(node_pb2_grpc.NodeServicer):
             error = f"hand-off to {target.address} failed: {e}"
         else:
             self.stats.pushes_sent += 1
+            self.metrics.bytes_sent.inc(request.ByteSize())
             return
         logger.info("%s", error)
+        self.metrics.error("handoff")
         live.inbox.put_nowait(node_pb2.HandoffFailed(step_id=step_id, error=error))
 
     async def _open(self, request: node_pb2.OpenSession, context: grpc.aio.ServicerContext) -> Session:
@@ -396,5 +417,6 @@ class NodeService(node_pb2_grpc.NodeServicer):
             )
         except SessionRefused as e:
             await self._abort(context, _REFUSAL_CODES[e.reason], str(e))
+        self.metrics.sessions_opened.inc()
         self.sessions_changed.set()
         return session
