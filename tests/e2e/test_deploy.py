@@ -1,0 +1,141 @@
+"""deploy/: the systemd unit passes `systemd-analyze verify`, the compose file holds together, and the
+Dockerfile builds an image whose container serves blocks to a swarm on this machine.
+
+Each check needs a tool of the host; where it is missing the test is skipped, saying which.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from homeswarm import AutoDistributedModelForCausalLM
+from homeswarm.client.local_swarm import LocalSwarm
+from homeswarm.model import DEMO_MODEL_DIR, ModelConfig
+from homeswarm.routing.dht import SwarmDHT
+from homeswarm.routing.records import ServerState
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+
+
+def container_engine() -> str | None:
+    """Why no container can run here, or None when one can."""
+    if shutil.which("docker") is None:
+        return "no docker client on this machine"
+    try:
+        info = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "no container engine answers here (docker info timed out)"
+    if info.returncode != 0:
+        last = (info.stderr.strip().splitlines() or ["?"])[-1]
+        return f"no container engine runs here (docker info failed: {last})"
+    return None
+
+
+# --- systemd -------------------------------------------------------------------------------------
+
+
+def test_the_unit_is_restarted_unprivileged_niced_and_capped():
+    unit = (DEPLOY / "join-swarm.service").read_text()
+    for setting in ("Restart=on-failure", "User=homeswarm", "Nice=19", "MemoryMax=", "KillMode=mixed",
+                    "RestartPreventExitStatus=2", "NoNewPrivileges=yes", "WantedBy=multi-user.target"):
+        assert re.search(rf"^{re.escape(setting)}", unit, re.MULTILINE), setting
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here")
+def test_systemd_analyze_verify_passes(tmp_path):
+    # as installed: ExecStart names this environment's join-swarm (verify checks that it exists)
+    unit = (DEPLOY / "join-swarm.service").read_text()
+    join_swarm = Path(sys.executable).parent / "join-swarm"
+    assert join_swarm.exists()
+    unit = unit.replace("/opt/homeswarm/bin/join-swarm", str(join_swarm))
+    path = tmp_path / "join-swarm.service"
+    path.write_text(unit)
+    result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    # warnings (a value out of range, an unknown key) leave the exit code at 0: none may appear
+    assert [line for line in result.stderr.splitlines() if str(path) in line or "join-swarm" in line] == []
+
+
+# --- compose -------------------------------------------------------------------------------------
+
+
+def test_the_compose_file_runs_a_bootstrap_peer_and_nodes():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"bootstrap", "node"} <= set(services)
+    assert services["bootstrap"]["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
+    assert services["node"]["image"] == services["bootstrap"]["image"]
+    script = "\n".join(services["node"]["entrypoint"])
+    assert "exec join-swarm" in script and "--initial-peers" in script and "/dns4/bootstrap/tcp/31331/p2p/" in script
+    bootstrap = "\n".join(services["bootstrap"]["entrypoint"])
+    assert "homeswarm dht --host 0.0.0.0 --port 31331" in bootstrap
+    assert services["node"]["init"] is True  # signals reach join-swarm, which stops its children itself
+
+
+def test_the_build_context_keeps_what_the_install_needs():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    folders = set(re.findall(r'^"homeswarm[.\w]*" = "(\w+)"', pyproject, re.MULTILINE))
+    assert {"pkg", "protocol", "routing", "model", "node", "client"} <= folders
+    assert not (folders | {"pyproject.toml", "README.md"}) & ignored
+
+
+# --- the image -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(3600)
+def test_the_image_builds_and_its_container_serves_blocks(tmp_path):
+    reason = container_engine()
+    if reason is not None:
+        pytest.skip(reason)
+    tag = f"homeswarm-test:{uuid.uuid4().hex[:12]}"
+    name = f"homeswarm-test-{uuid.uuid4().hex[:12]}"
+    build = subprocess.run(["docker", "build", "-f", str(DEPLOY / "Dockerfile"), "-t", tag, str(ROOT)],
+                           capture_output=True, text=True, timeout=3000)
+    assert build.returncode == 0, build.stderr[-5000:]
+    num_blocks = ModelConfig.from_dir(DEMO_MODEL_DIR).num_hidden_layers
+    try:
+        with LocalSwarm(tmp_path) as swarm:
+            swarm.start_bootstrap()
+            # the host's network: the container's node and this machine's peers reach each other on loopback
+            run = subprocess.run(
+                ["docker", "run", "-d", "--init", "--name", name, "--network", "host", "--entrypoint", "/bin/sh", tag,
+                 "-c", 'exec join-swarm "$(python -c "from homeswarm.model import DEMO_MODEL_DIR as d; print(d)")" '
+                 f'--model-name demo --initial-peers {swarm.initial_peers[0]} --host 127.0.0.1 '
+                 f'--blocks 0:{num_blocks} --throughput 100'],
+                capture_output=True, text=True, timeout=60,
+            )
+            assert run.returncode == 0, run.stderr
+            dht = SwarmDHT.create(swarm.initial_peers, client_mode=True)
+            try:
+                deadline = time.monotonic() + 300
+                while not any(r.state == ServerState.ONLINE for r in dht.get_servers("demo", 0, num_blocks)):
+                    logs = subprocess.run(["docker", "logs", name], capture_output=True, text=True).stderr
+                    assert time.monotonic() < deadline, f"the container's node did not come online:\n{logs[-3000:]}"
+                    time.sleep(1)
+            finally:
+                dht.shutdown()
+            with AutoDistributedModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, initial_peers=swarm.initial_peers,
+                                                                 model_name="demo") as model:
+                out = model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=4)
+            assert out.shape == (1, 8)
+            stop = subprocess.run(["docker", "stop", "-t", "60", name], capture_output=True, text=True, timeout=90)
+            assert stop.returncode == 0
+            state = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", name], capture_output=True,
+                                   text=True, timeout=30)
+            assert state.stdout.strip() == "0"  # SIGTERM: an orderly stop
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+        subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=120)

@@ -1,0 +1,252 @@
+"""join-swarm as a volunteer daemon, through real daemons on loopback: automatic block choice, a fourth
+node joining where the swarm is weakest, `homeswarm status`, and stopping however it comes (kill -9,
+SIGTERM to the main process, SIGTERM to the whole process group) with no process left behind.
+
+One swarm serves the module: a bootstrap peer and three nodes started together with no --blocks and a
+--max-memory that holds 4 of the model's 12 blocks; each announces a fixed --throughput, so that which
+span is weakest does not hang on self-tests of a busy machine. The tests run in order and later ones
+stop the nodes that earlier ones used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from homeswarm import AutoDistributedModelForCausalLM
+from homeswarm.client.local_swarm import Daemon, LocalSwarm, console_script
+from homeswarm.model import ModelConfig, span_weight_bytes
+from homeswarm.routing.block_chooser import choose_blocks
+from homeswarm.routing.dht import SwarmDHT
+from homeswarm.routing.planner import format_blocks
+from homeswarm.routing.records import ServerState
+from tests.helpers.checkpoints import make_checkpoint, reference_greedy
+
+NUM_LAYERS = 12
+MODEL = "volunteer"
+PROMPT = [5, 17, 42, 99, 3, 250]
+NEW_TOKENS = 8
+THROUGHPUTS = (100.0, 300.0, 200.0)  # steps/s per block the three first nodes announce
+
+
+# --- process helpers -----------------------------------------------------------------------------
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid -> command name of every descendant of ``pid`` (from /proc)."""
+    found: dict[int, str] = {}
+    stack = [pid]
+    while stack:
+        for task in Path(f"/proc/{stack.pop()}/task").glob("*/children"):
+            try:
+                children = [int(c) for c in task.read_text().split()]
+            except OSError:
+                continue
+            for child in children:
+                try:
+                    found[child] = Path(f"/proc/{child}/comm").read_text().strip()
+                except OSError:
+                    continue
+                stack.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    """The pids still running after up to ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+def kill_leftovers(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny12", "llama3", num_layers=NUM_LAYERS, seed=5)
+
+
+@pytest.fixture(scope="module")
+def max_memory(ckpt) -> str:
+    """Room for 4 blocks' weights once the KV cache keeps its quarter (and not for 5)."""
+    block = span_weight_bytes(ModelConfig.from_dir(ckpt), 0, 1, torch.float32)
+    return str(int(4.5 * block / 0.75))
+
+
+@pytest.fixture(scope="module")
+def swarm(ckpt, max_memory, tmp_path_factory):
+    work = tmp_path_factory.mktemp("swarm")
+    with LocalSwarm(work, env={"XDG_CACHE_HOME": str(work / "cache")}) as swarm:
+        swarm.start_bootstrap()
+        nodes = [swarm.start_node(ckpt, "--model-name", MODEL, "--max-memory", max_memory, "--throughput",
+                                  str(throughput), "--compute-threads", "1", wait=False)
+                 for throughput in THROUGHPUTS]
+        for node in nodes:
+            swarm.wait_ready(node, timeout=180)
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def dht(swarm):
+    dht = SwarmDHT.create(swarm.initial_peers, client_mode=True)
+    yield dht
+    dht.shutdown()
+
+
+def blocks_of(node: Daemon) -> tuple[int, int]:
+    assert node.info is not None
+    start, end = node.info["blocks"]
+    return start, end
+
+
+def records_settled(dht: SwarmDHT, count: int, timeout: float = 30.0) -> list:
+    """The online records once ``count`` nodes announce online (announcements reach the DHT in ms)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = [r for r in dht.get_servers(MODEL, 0, NUM_LAYERS) if r.state == ServerState.ONLINE]
+        if len(records) == count or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_three_nodes_without_blocks_cover_the_model_and_generate_exactly(swarm, ckpt):
+    spans = sorted(blocks_of(node) for node in swarm.nodes)
+    assert spans == [(0, 4), (4, 8), (8, 12)], spans  # 4 blocks each fit; started together, they spread
+    for node in swarm.nodes:
+        assert "4 of 12 blocks fit in the memory budget" in node.log()
+    expected = reference_greedy(ckpt, torch.tensor([PROMPT]), NEW_TOKENS)
+    with AutoDistributedModelForCausalLM.from_pretrained(ckpt, initial_peers=swarm.initial_peers,
+                                                         model_name=MODEL) as model:
+        out = model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS)
+    assert out.tolist() == expected.tolist()
+
+
+@pytest.mark.timeout(240)
+def test_a_fourth_node_joins_where_the_swarm_is_weakest(swarm, ckpt, max_memory, dht):
+    records = records_settled(dht, 3)
+    weakest = next(blocks_of(n) for n, t in zip(swarm.nodes, THROUGHPUTS, strict=True) if t == min(THROUGHPUTS))
+    assert choose_blocks(records, NUM_LAYERS, 4) == weakest
+    fourth = swarm.start_node(ckpt, "--model-name", MODEL, "--max-memory", max_memory, "--throughput", "150",
+                              "--compute-threads", "1", timeout=180)
+    assert blocks_of(fourth) == weakest
+
+
+@pytest.mark.timeout(240)
+def test_status_shows_what_the_swarm_serves(swarm, dht):
+    records_settled(dht, 4)
+    result = subprocess.run([*console_script("homeswarm"), "status", "--initial-peers", *swarm.initial_peers,
+                             "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    model = json.loads(result.stdout)["models"][MODEL]
+    assert model["num_blocks"] == NUM_LAYERS and model["missing_blocks"] == []
+    assert model["online_servers"] == 4
+    servers = {s["address"]: s for s in model["servers"]}
+    for node in swarm.nodes:
+        server = servers[node.info["address"]]
+        assert server["blocks"] == node.info["blocks"] and server["state"] == "online"
+        assert server["quant"] == "none" and server["dtype"] == "float32" and server["cache_tokens_left"] > 0
+    assert sorted(s["throughput"] for s in model["servers"]) == sorted([*THROUGHPUTS, 150.0])
+    # the text table names every server
+    text = subprocess.run([*console_script("homeswarm"), "status", "--initial-peers", *swarm.initial_peers],
+                          capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0 and "every block served" in text.stdout
+    assert all(node.info["address"] in text.stdout for node in swarm.nodes)
+
+
+@pytest.mark.timeout(120)
+def test_kill_9_leaves_no_process_behind(swarm):
+    node = swarm.nodes[3]
+    pid = node.process.pid
+    children = descendants(pid)
+    assert "p2pd" in children.values() and "join-swarm" in children.values(), children  # the DHT process
+    os.kill(pid, signal.SIGKILL)  # the main process alone, as the OOM killer would
+    node.process.wait(10)
+    left = wait_gone(list(children), timeout=15)  # the DHT process sees its owner gone within a second
+    kill_leftovers(left)
+    assert not left, {p: children[p] for p in left}
+    assert not group_members(pid)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("target", ["main process", "process group"])
+def test_sigterm_stops_the_node_and_its_children_in_order(swarm, target):
+    node = next(n for n in swarm.nodes[:3] if n.process.poll() is None)
+    pid = node.process.pid
+    children = descendants(pid)
+    t0 = time.monotonic()
+    if target == "main process":
+        os.kill(pid, signal.SIGTERM)
+    else:
+        os.killpg(pid, signal.SIGTERM)  # what a service manager or a shell's job control sends
+    try:
+        code = node.process.wait(30)
+    except subprocess.TimeoutExpired:
+        LocalSwarm.kill(node)
+        kill_leftovers(list(children))
+        pytest.fail(f"SIGTERM to the {target}: still running after 30 s:\n{node.log()[-3000:]}")
+    assert code == 0, node.log()[-3000:]
+    left = wait_gone(list(children), timeout=30 - (time.monotonic() - t0))
+    kill_leftovers(left)
+    assert not left, {p: children[p] for p in left}
+    assert "Traceback" not in node.log(), node.log()[-3000:]
+    assert "announcing offline" in node.log()  # in order: the DHT was still up to announce it
+
+
+@pytest.mark.timeout(180)
+def test_a_client_then_fails_fast_naming_the_blocks_nobody_serves(swarm, ckpt):
+    running = [n for n in swarm.nodes if n.process.poll() is None]
+    served = {b for n in running for b in range(*blocks_of(n))}
+    missing = sorted(set(range(NUM_LAYERS)) - served)
+    assert missing  # two of the first three nodes are gone
+    t0 = time.monotonic()
+    result = subprocess.run(
+        [*console_script("homeswarm"), "generate", str(ckpt), "--initial-peers", *swarm.initial_peers,
+         "--model-name", MODEL, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "4", "--json"],
+        capture_output=True, text=True, timeout=150,
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"no server in the swarm serves block(s) {format_blocks(missing)} of model {MODEL!r}" in result.stderr
+    # start-up (imports, a DHT peer: 15-35 s on a loaded 2-core machine) and one read of the records; a
+    # client that waited for nodes to come back, or retried until some timeout, would take minutes
+    assert time.monotonic() - t0 < 90
