@@ -104,7 +104,6 @@ def test_a_cpu_load_sends_the_node_aside_and_it_comes_back(swarm, ckpt, dht):
         tokens = [int(next(stream)[0]) for _ in range(3)]
         assert [hop.peer_id for hop in session.hops] == [idle.info["peer_id"]]  # the fast node serves it
         try:
-            t0 = time.monotonic()
             load = [subprocess.Popen(["sh", "-c", "while :; do :; done"], user=NOBODY, start_new_session=True)
                     for _ in range(os.cpu_count() or 1)]
             took = wait_state(dht, idle.info["peer_id"], ServerState.BUSY, timeout=60)
