@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     dht.add_argument("--port", type=int, default=0)
     dht.add_argument("--ready-file", default=None, help="write {peer_id, dht_maddrs} here once up")
 
+    # listed for --help only: main() hands `homeswarm dashboard ...` to the dashboard's own command line
+    sub.add_parser("dashboard", add_help=False, help="serve the swarm's health: a web page, a JSON API and "
+                   "Prometheus metrics, with history (options: homeswarm dashboard --help)")
+
     demo = sub.add_parser("demo", help="start a local swarm with the demo model and generate text")
     demo.add_argument("--prompt", default="ROMEO:\n")
     demo.add_argument("--max-new-tokens", type=int, default=120)
@@ -330,7 +334,16 @@ def cmd_dht(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_dashboard(argv: Sequence[str]) -> None:
+    """Replace this process with the dashboard's (client code never imports the dashboard)."""
+    os.execv(sys.executable, [sys.executable, "-m", "homeswarm.dashboard", *argv])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = [a for a in argv[:2] if a in ("-v", "--verbose")]
+    if argv[len(flags):len(flags) + 1] == ["dashboard"]:
+        run_dashboard([*argv[len(flags) + 1:], *(["--verbose"] if flags else [])])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
