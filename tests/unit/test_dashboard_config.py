@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from homeswarm.dashboard.config import ConfigError, DashboardConfig, default_db_path
 
 PEER = "/ip4/127.0.0.1/tcp/4000/p2p/QmPeer"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_contract_flags_and_defaults(monkeypatch, tmp_path):
@@ -43,3 +45,14 @@ def test_missing_peers_is_a_usage_error():
     with pytest.raises(SystemExit) as e:
         DashboardConfig.from_args([])
     assert e.value.code == 2
+
+
+def test_the_compose_file_runs_the_dashboard_with_flags_it_takes():
+    yaml = pytest.importorskip("yaml")
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    script = compose["services"]["dashboard"]["entrypoint"][-1].replace("\\\n", " ")
+    (command,) = [line for line in script.splitlines() if line.strip().startswith("exec homeswarm dashboard")]
+    config = DashboardConfig.from_args(shlex.split(command)[3:])
+    assert config.initial_peers[0].startswith("/dns4/bootstrap/tcp/31331/p2p/")
+    assert (config.host, config.port) == ("0.0.0.0", 8080)
+    assert config.db_path.parent == Path("/var/lib/homeswarm/dashboard") and "dashboard" in compose["volumes"]
