@@ -289,21 +289,51 @@ def idle_users(names: tuple[str, ...]) -> frozenset[int] | None:
     return frozenset(uids)
 
 
+# --- reading the swarm ---------------------------------------------------------------------------
+
+
+class Sightings:
+    """The servers seen in the DHT reads of the last ``ttl`` seconds, the latest record per peer.
+
+    A single read can miss a server (a DHT peer that holds its records was slow to answer under load and
+    is skipped for a while), and a swarm that looks as if it had a gap makes a node move for nothing.
+    A record stays valid in the DHT for ``ttl`` seconds, so one seen within that time (and not replaced
+    by a newer one, e.g. "offline") counts as still announced. Time is passed in."""
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self._seen: dict[PeerId, tuple[float, ServerRecord]] = {}
+
+    def update(self, records: list[ServerRecord], now: float) -> list[ServerRecord]:
+        for record in records:
+            self._seen[record.peer_id] = (now, record)
+        self._seen = {peer: seen for peer, seen in self._seen.items() if now - seen[0] <= self.ttl}
+        return [record for _, record in self._seen.values()]
+
+
+async def read_swarm(dht: SwarmDHT, model: str, total_blocks: int, sightings: Sightings) -> list[ServerRecord]:
+    records = await asyncio.to_thread(dht.get_servers, model, 0, total_blocks)
+    return sightings.update(records, time.monotonic())
+
+
 # --- rebalancing ---------------------------------------------------------------------------------
 
 
 async def rebalance(dht: SwarmDHT, model: str, total_blocks: int, me: PeerId, ends: PeriodEnds, *,
-                    interval: float, imbalance: float, grace: float, rng: random.Random) -> None:
-    """Every ``interval`` s (jittered, so that nodes do not check in step), weigh a move; confirm it after
-    a random wait (a node that moved meanwhile announced "joining" where it went) and end the period."""
+                    interval: float, imbalance: float, grace: float, sightings: Sightings,
+                    rng: random.Random) -> None:
+    """Every ``interval`` s (jittered, so that nodes do not check in step), weigh a move; confirm it a
+    refresh period later (a node that moved meanwhile announced "joining" where it went, a server that one
+    read missed has announced again) and end the period."""
+    settle = max(JOIN_SETTLE, sightings.ttl / 3)
     while True:
         await asyncio.sleep(interval * rng.uniform(0.5, 1.5))
         destination = None
         for confirm in (False, True):
             if confirm:
-                await asyncio.sleep(rng.uniform(JOIN_SETTLE, 2 * JOIN_SETTLE))
+                await asyncio.sleep(rng.uniform(settle, 1.5 * settle))
             try:
-                records = await asyncio.to_thread(dht.get_servers, model, 0, total_blocks)
+                records = await read_swarm(dht, model, total_blocks, sightings)
             except Exception as e:  # the DHT may be briefly unreachable; the next check will tell
                 logger.warning("reading the swarm for rebalancing failed: %s", e)
                 destination = None
@@ -381,10 +411,12 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
                              config.quant if config.quant != "int4" else f"int4g{config.quant_group_size}",
                              str(torch.device(config.device)), torch.get_num_threads())
 
+    sightings = Sightings(config.announce_ttl)
+
     async def choose() -> tuple[int, int]:
         if block_range is not None:
             return block_range
-        records = await asyncio.to_thread(dht.get_servers, model_name, 0, total)
+        records = await read_swarm(dht, model_name, total, sightings)
         return choose_blocks([r for r in records if r.peer_id != me], total, memory.num_blocks)
 
     ends = PeriodEnds(stop, config.shutdown_grace)
@@ -399,10 +431,12 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
         await watch.start()
         watch_task = asyncio.create_task(watch.run())
     next_span: tuple[int, int] | None = None
+    last_span: tuple[int, int] | None = None
     try:
         while not stop.is_set():
             if watch is not None and not watch.state.serving:
-                presence.start, presence.end = next_span or await choose()
+                # the record shows the span the node served last (or would serve), marked busy
+                presence.start, presence.end = next_span or last_span or await choose()
                 logger.info("the machine is in use (%s): waiting until it is idle", watch.state.reason)
                 await announce(ServerState.BUSY)
                 if not await watch.wait_serving(stop):
@@ -418,7 +452,7 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
             if block_range is None:
                 for _ in range(JOIN_ROUNDS):
                     await asyncio.sleep(rng.uniform(JOIN_SETTLE, 1.5 * JOIN_SETTLE))
-                    records = await asyncio.to_thread(dht.get_servers, model_name, 0, total)
+                    records = await read_swarm(dht, model_name, total, sightings)
                     if not yield_span(records, total, me, (start, end)):
                         break
                     start, end = choose_blocks([r for r in records if r.peer_id != me], total, end - start)
@@ -436,6 +470,10 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
             logger.info("loaded in %.1f s; %.0f steps/s per block (%s)", time.perf_counter() - t0, throughput,
                         "given" if config.throughput else "measured or cached")
             presence.throughput = throughput
+            last_span = (start, end)
+            if stop.is_set():
+                del span
+                break  # stopped while loading: nothing was announced online, nothing to drain
             quiet()
             loaded = LoadedSpan(span, throughput, budget)
             del span
@@ -443,7 +481,8 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
             if block_range is None and config.rebalance_interval > 0:
                 mover = asyncio.create_task(rebalance(
                     dht, model_name, total, me, ends, interval=config.rebalance_interval,
-                    imbalance=config.rebalance_imbalance, grace=config.shutdown_grace, rng=rng))
+                    imbalance=config.rebalance_imbalance, grace=config.shutdown_grace, sightings=sightings,
+                    rng=rng))
             try:
                 end_of_period = await serve_span(config, ends, dht, model, dtype, model_name, loaded)
             finally:
