@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 
-from homeswarm.dashboard.history import History, sample_of
+from homeswarm.dashboard.history import History, Sample, sample_of
 from homeswarm.dashboard.probe import Prober
 from homeswarm.dashboard.state import Probe, RefreshStatus, SwarmState, build_state
 from homeswarm.routing.dht import SwarmDHT
@@ -62,7 +62,7 @@ class Monitor:
         self.state = SwarmState(updated=0.0)
         self.status = RefreshStatus()
         self._versions: dict[PeerId, str] = {}  # last software version each peer reported
-        self.refreshed = asyncio.Event()  # set after each refresh attempt (tests and start-up wait on it)
+        self.refreshed = asyncio.Event()  # set once the first refresh attempt has ended
 
     async def run(self) -> None:
         """Refresh and sample until cancelled."""
@@ -120,10 +120,7 @@ class Monitor:
         except Exception as e:  # noqa: BLE001 - a full disk must not stop the dashboard serving
             logger.warning("could not write the history: %s", e)
 
-    def _write(self, samples: dict, now: float) -> None:
+    def _write(self, samples: dict[str, Sample], now: float) -> None:
         if samples:
             self.history.add(samples)
         self.history.compact(now)
-
-    def model_names(self) -> Sequence[str]:
-        return [m.name for m in self.state.models]

@@ -91,7 +91,7 @@ def coverage_bar(model: ModelView) -> str:
             '<span><i class="c2"></i>2</span><span><i class="c3"></i>3 or more</span></div>')
 
 
-def _server_row(server: ServerView, num_blocks: int, now: float) -> str:
+def _server_row(server: ServerView, num_blocks: int) -> str:
     probe = server.probe
     name = escape(server.public_name) if server.public_name else f"<code>{escape(server.peer_id[-10:])}</code>"
     left = server.start / num_blocks * 100
@@ -139,7 +139,7 @@ def model_section(model: ModelView, samples: Sequence[Sample], now: float) -> st
                f"{_plural(model.num_blocks, 'block')} covered"
                + (f" ({missing} without a server)" if missing else "")
                + f" · weakest block {_num(model.weakest_throughput)} steps/s")
-    rows = "".join(_server_row(s, model.num_blocks, now) for s in model.servers)
+    rows = "".join(_server_row(s, model.num_blocks) for s in model.servers)
     table = (f'<div class="scroll"><table><thead><tr>{"".join(f"<th>{h}</th>" for h in _HEADERS)}</tr></thead>'
              f"<tbody>{rows}</tbody></table></div>" if model.servers else '<p class="muted">No server announced.</p>')
     name = escape(model.name)

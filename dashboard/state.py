@@ -58,7 +58,7 @@ class ServerView:
 
     @property
     def connection(self) -> str | None:
-        """"direct" when its announced address answered; unknown otherwise (it may be reached by relay)."""
+        """Direct when its announced address answered; unknown (None) otherwise: it may be reached by relay."""
         return "direct" if self.probe.reachable else None
 
 

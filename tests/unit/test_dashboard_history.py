@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 
@@ -26,7 +27,7 @@ def history(tmp_path):
     h.close()
 
 
-def fill(history: History, start: float, end: float, value: callable, model: str = "m") -> None:
+def fill(history: History, start: float, end: float, value: Callable[[float], float], model: str = "m") -> None:
     t = start
     while t < end:
         history.add({model: sample(t, value(t))})
