@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -185,6 +186,22 @@ def span_cache_budget(config: NodeConfig, plan: MemoryPlan, model: ModelConfig, 
             )
         budget = int(config.cache_share * plan.budget)  # explicit blocks beyond the default budget
     return budget
+
+
+def cgroup_memory_left() -> int | None:
+    """Bytes the memory limit of this process's cgroup (a container's, a service's) still allows, where
+    one is set: a container sees its host's memory in /proc/meminfo, not its own limit."""
+    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_path).read_text().strip()
+            usage = int(Path(usage_path).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max", or v1's huge number: no limit
+            return max(0, int(limit) - usage)
+    return None
 
 
 def release_memory(device: torch.device) -> None:
@@ -375,7 +392,8 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
     total = model.num_hidden_layers
     me = PeerId(dht.peer_id)
     rng = random.Random()
-    memory = plan_memory(config, model, dtype, available_memory)
+    left = cgroup_memory_left() if torch.device(config.device).type == "cpu" else None
+    memory = plan_memory(config, model, dtype, available_memory if left is None else min(available_memory, left))
     if config.port == 0:
         config = dataclasses.replace(config, port=free_port(config.host))
     address = config.public_address or f"{config.host}:{config.port}"
@@ -496,6 +514,7 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
             if end_of_period.reason == EndReason.MOVE:
                 next_span = end_of_period.destination
             else:
+                logger.info("released the memory of blocks %d..%d until the machine is idle again", start, end - 1)
                 next_span = (start, end) if block_range is not None else None
         quiet()
         with contextlib.suppress(Exception):

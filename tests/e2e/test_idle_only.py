@@ -124,6 +124,7 @@ def test_a_cpu_load_sends_the_node_aside_and_it_comes_back(swarm, ckpt, dht):
                 process.kill()
                 process.wait()
             session.close()
+    assert "released the memory of blocks 0..3 until the machine is idle again" in idle.log()
     wait_state(dht, idle.info["peer_id"], ServerState.ONLINE, timeout=90)  # idle_after of quiet, a reload
     open_session(idle.info["address"], idle.info["peer_id"])  # it takes sessions again
     assert idle.process.poll() is None and steady.process.poll() is None
