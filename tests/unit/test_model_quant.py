@@ -219,11 +219,11 @@ def test_every_group_size_matches_its_reference(group_size):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_large_weights_are_dequantized_in_chunks(fmt):
-    # more output rows than one dequantized chunk holds, and a last partial chunk
-    layer = linear(16 * (quant._DEQUANT_CHUNK_BYTES // (4 * 64)) + 80, 64)
+def test_large_weights_are_dequantized_in_chunks(fmt, monkeypatch):
+    monkeypatch.setattr(quant, "_DEQUANT_CHUNK_BYTES", 64 * 4 * 64)  # 64 rows of 64 float32 inputs
+    layer = linear(16 * 64 + 80, 64)  # 16 whole chunks and a partial one (80 rows: a partial 64-row block)
     module = quantized(layer, fmt)
-    assert module._chunk_rows() < module.out_features
+    assert module._chunk_rows() == 64
     x = torch.randn(module.kernel_max_rows + 1, 64)
     assert rel_max(module(x), reference(x, layer, fmt)) < FLOAT_TOL
 
