@@ -26,12 +26,9 @@ from tests.helpers.deepseek_checkpoints import (
     reference_deepseek,
     write_fp8,
 )
+from tests.helpers.reference import rel_err
 
 NUM_LAYERS = 4
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def prompt(batch: int, length: int, seed: int = 1) -> torch.Tensor:

@@ -26,13 +26,10 @@ from tests.helpers.gpt_oss_checkpoints import (
     make_gpt_oss_checkpoint,
     make_mxfp4_checkpoint,
 )
+from tests.helpers.reference import rel_err
 
 NUM_LAYERS = 4
 HIDDEN = 64
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def prompt(batch: int, length: int, seed: int = 1) -> torch.Tensor:

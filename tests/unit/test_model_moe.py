@@ -14,12 +14,9 @@ from homeswarm.model import LocalModel, ModelConfig, load_head, load_span
 from homeswarm.model.moe import Experts, SoftmaxTopKRouter
 from tests.helpers.checkpoints import reference_greedy, reference_model
 from tests.helpers.moe_checkpoints import MOE_FAMILIES, make_moe_checkpoint
+from tests.helpers.reference import rel_err
 
 NUM_LAYERS = 4
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def prompt(batch: int, length: int, seed: int = 1) -> torch.Tensor:
