@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
+from .mlp import fuse_linears
 from .norms import RMSNorm
 from .rope import apply_rope
 
@@ -99,13 +100,36 @@ class Attention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qkv_proj: nn.Module | None = None  # set by fuse()
+        self._qkv_sizes = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                           self.num_kv_heads * self.head_dim)
+
+    def fuse(self) -> bool:
+        """Replace q_proj, k_proj and v_proj by one ``qkv_proj`` (their weights and biases stacked in
+        that order) when all three are plain ``nn.Linear``; return whether it did (idempotent). The
+        outputs are the same dot products; only the kernel's blocking may change a sum's last bit."""
+        if self.qkv_proj is not None:
+            return True
+        fused = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        if fused is None:
+            return False
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+        return True
+
+    def project(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries [N, heads, dim], keys and values [N, kv_heads, dim] of the rows ``h`` [N, hidden]."""
+        rows = h.shape[0]
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(h).split(self._qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        return (q.view(rows, self.num_heads, self.head_dim), k.view(rows, self.num_kv_heads, self.head_dim),
+                v.view(rows, self.num_kv_heads, self.head_dim))
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, segments: list[Segment], index: int) -> Tensor:
         """``h`` [N, hidden] normed rows; cos/sin [N, 1, rope_dim] per row; returns [N, hidden]."""
-        rows = h.shape[0]
-        q = self.q_proj(h).view(rows, self.num_heads, self.head_dim)
-        k = self.k_proj(h).view(rows, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(h).view(rows, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project(h)
         if self.qk_norm:  # Qwen3 normalizes each head before RoPE
             q = self.q_norm(q)
             k = self.k_norm(k)

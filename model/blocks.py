@@ -41,6 +41,15 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def fuse_projections(module: nn.Module) -> int:
+    """Fuse the projections that read the same input (q/k/v, gate/up) in every submodule that can
+    (:meth:`Attention.fuse <.attention.Attention.fuse>`, :meth:`GatedMLP.fuse <.mlp.GatedMLP.fuse>`:
+    plain ``nn.Linear`` layers only); return how many modules fused. The loader calls it on each
+    loaded block before quantizing, so a fused projection is quantized as one matrix."""
+    fusable = [m for m in module.modules() if callable(getattr(m, "fuse", None)) and m is not module]
+    return sum(bool(m.fuse()) for m in fusable)
+
+
 def build_block(config: ModelConfig, layer: int) -> nn.Module:
     """Block ``layer`` (absolute index) of a model, as its family composes it."""
     from .families import family_of  # the families build on this module

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .blocks import BlockSpan
+from .blocks import BlockSpan, fuse_projections
 from .checkpoint import CheckpointReader, MissingTensorsError
 from .config import ModelConfig
 from .families import Family, family_of
@@ -121,13 +121,15 @@ def _block_state(reader: CheckpointReader, config: ModelConfig, layer: int, keys
 
 def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu", quant: str = "none",
-              group_size: int = DEFAULT_INT4_GROUP_SIZE, on_block: Callable[[int], None] | None = None
-              ) -> BlockSpan:
+              group_size: int = DEFAULT_INT4_GROUP_SIZE, on_block: Callable[[int], None] | None = None,
+              fuse: bool = True) -> BlockSpan:
     """Load blocks ``[start, end)``, reading only their tensors from the checkpoint, one block at a time.
 
     ``quant`` ("none", "int8", "int4" with ``group_size``): quantize each block's linear weights as
     soon as it is loaded (see :mod:`.quant`), so the float copy of one block only ever exists.
     ``on_block(i)`` is called once block ``i`` is loaded (a progress bar).
+    ``fuse``: stack the q/k/v and the gate/up projections of each block into one matrix each, before
+    quantizing (:func:`~.blocks.fuse_projections`), so a decoding step runs fewer, larger products.
     """
     _check_dtype(dtype)
     check_quant(quant, group_size)
@@ -148,6 +150,8 @@ def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype:
         state.update({k: v.clone() for k, v in wide_state.items()})
         block.load_state_dict(state, strict=True, assign=True)
         del state, wide_state  # the block alone holds its float weights, until quantized
+        if fuse:
+            fuse_projections(block)
         quantize_block(block, quant, group_size)
         if on_block is not None:
             on_block(start + j)

@@ -18,7 +18,7 @@ def test_subspan_matches_span_loaded_alone(checkpoint):
     whole = load_span(checkpoint, 0, 4)
     part = whole.subspan(1, 3)
     alone = load_span(checkpoint, 1, 3)
-    assert part.layers[0].mlp.up_proj.weight.data_ptr() == whole.layers[1].mlp.up_proj.weight.data_ptr()
+    assert part.layers[0].mlp.down_proj.weight.data_ptr() == whole.layers[1].mlp.down_proj.weight.data_ptr()
     hidden = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(part(hidden), alone(hidden), rtol=0, atol=0)
     cache_a, cache_b = part.new_cache(2, 16), alone.new_cache(2, 16)
