@@ -81,6 +81,9 @@ class NodeConfig:
     max_batch_size: int = _opt(16, "largest batch a session may open")
     max_session_length: int = _opt(8192, "most tokens one session may hold")
     session_idle_timeout: float = _opt(300.0, "close a session after this many seconds without a step")
+    max_sessions_per_peer: int = _opt(64, "sessions one remote host may hold open here at once (0: no limit)")
+    max_requests_per_peer: float = _opt(1000.0, "calls per second one remote host may make here, in bursts of "
+                                        "twice that (0: no limit); steps of an open session do not count")
     shutdown_grace: float = _opt(10.0, "on SIGTERM/SIGINT, seconds open sessions get to finish")
     announce_ttl: float = _opt(30.0, "seconds an announcement lives; refreshed every third of that")
     compute_threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
@@ -117,7 +120,7 @@ class NodeConfig:
             raise ConfigError(f"--quant-group-size must be one of {INT4_GROUP_SIZES}, got {self.quant_group_size}")
         if self.max_cache_tokens is not None and self.max_cache_tokens < 1:
             raise ConfigError("--max-cache-tokens must be positive")
-        for name in ("inline_compute_ms", "batch_wait_ms"):
+        for name in ("inline_compute_ms", "batch_wait_ms", "max_sessions_per_peer", "max_requests_per_peer"):
             if not 0 <= getattr(self, name) < float("inf"):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a number >= 0, got {getattr(self, name)}")
         for name in ("max_batch_size", "max_session_length"):

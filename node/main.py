@@ -31,7 +31,9 @@ from homeswarm.model import ModelConfig, cache_bytes, parse_dtype
 from homeswarm.node.announcer import Announcer
 from homeswarm.node.config import ConfigError, NodeConfig
 from homeswarm.node.executor import ComputeExecutor
+from homeswarm.node.handoff_targets import HandoffTargets
 from homeswarm.node.metrics import CacheUse, NodeMetrics, serve_metrics
+from homeswarm.node.peer_limits import PeerLimits
 from homeswarm.node.service import NodeIdentity, NodeService
 from homeswarm.node.sessions import SessionManager
 from homeswarm.node.volunteer import LoadedSpan, PeriodEnd, PeriodEnds, run_volunteer
@@ -138,6 +140,8 @@ async def _serve_with_dht(
         max_session_length=config.max_session_length,
         session_idle_timeout=config.session_idle_timeout,
         metrics=metrics,
+        peer_limits=PeerLimits(max_sessions=config.max_sessions_per_peer, rate=config.max_requests_per_peer),
+        handoff_targets=HandoffTargets(lambda block: dht.get_servers(model_name, block, block + 1)),
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
     node_pb2_grpc.add_NodeServicer_to_server(service, server)

@@ -5,9 +5,13 @@ the chain (server-to-server hand-off); steps run in step_id order, a duplicate (
 race against the client's relay of the same step) is answered from the last result, never computed
 twice, so the KV cache never holds a position twice.
 
-Every request is checked before any compute: protocol version (FAILED_PRECONDITION), model and
-block range, batch size, length and tensor shape (INVALID_ARGUMENT), cache budget
-(RESOURCE_EXHAUSTED), draining for shutdown (UNAVAILABLE). Compute runs on the executor's thread;
+Every request is checked before any compute, and a tensor's declared shape and dtype before its
+values are decoded: protocol version, on every message of a stream (FAILED_PRECONDITION); model and
+block range, batch size, length, shape, dtype, NaN/inf, session ids, step order (each step the one
+after the last), hand-off targets (only nodes the DHT's records name for the block after the span)
+(INVALID_ARGUMENT); cache budget, open sessions and request rate per peer host (RESOURCE_EXHAUSTED);
+draining for shutdown (UNAVAILABLE). A client's stream is read no faster than its steps are taken up
+(at most ``_MAX_INBOX`` waiting), so nobody can queue unbounded work or memory here. Compute runs on the executor's thread;
 only a short step of a node's single session may run on the event loop (see ``ComputeExecutor``).
 A session's cache is released however its stream ends.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -25,7 +30,9 @@ import torch
 
 from homeswarm.model import BlockSpan, cache_bytes
 from homeswarm.node.executor import ComputeExecutor
+from homeswarm.node.handoff_targets import HandoffTargets, TargetsUnknown
 from homeswarm.node.metrics import NodeMetrics
+from homeswarm.node.peer_limits import PeerLimits, peer_host
 from homeswarm.node.peers import PeerChannels
 from homeswarm.node.sessions import Refusal, Session, SessionManager, SessionRefused
 from homeswarm.protocol import (
@@ -37,6 +44,7 @@ from homeswarm.protocol import (
     node_pb2_grpc,
     serialize_tensor,
 )
+from homeswarm.routing.records import is_valid_address
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +53,16 @@ _REFUSAL_CODES = {
     Refusal.DRAINING: grpc.StatusCode.UNAVAILABLE,
 }
 _COMPRESSIONS = frozenset(node_pb2.Compression.values())
-
-
+_HIDDEN_DTYPES = ("float32", "bfloat16", "float16")
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")  # what SessionManager hands out (uuid4().hex)
 
 _MAX_INBOX = 64
 
 
 class BadRequest(Exception):
-    pass
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT):
+        self.code = code
+        super().__init__(message)
 
 
 async def _get_within(inbox: asyncio.Queue, timeout: float):  # noqa: ANN202
@@ -83,6 +93,8 @@ class _LiveSession:
     last_step_id: int = 0
     last_response: node_pb2.InferenceResponse | None = None
     pushes: set[asyncio.Task] = field(default_factory=set)
+    # the client's steps read from its stream and not yet taken up: reading waits while it is full
+    client_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(_MAX_INBOX))
 
 
 @dataclass
@@ -116,7 +128,11 @@ class NodeService(node_pb2_grpc.NodeServicer):
         clock: Callable[[], float] = time.monotonic,
         push_timeout: float = 10.0,
         metrics: NodeMetrics | None = None,
+        peer_limits: PeerLimits | None = None,
+        handoff_targets: HandoffTargets | None = None,
     ):
+        """``peer_limits``: per-host sessions and request rate (None: unlimited); ``handoff_targets``:
+        which addresses outputs may be pushed to (None: any well-formed address, for tests alone)."""
         self.span = span
         self.identity = identity
         self.sessions = sessions
@@ -133,6 +149,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self._live: dict[str, _LiveSession] = {}
         self.metrics = metrics if metrics is not None else NodeMetrics()
         self.started = clock()
+        self.peer_limits = peer_limits
+        self.handoff_targets = handoff_targets
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -149,19 +167,54 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 f"blocks [{start}, {end}) are not within this node's span [{self.span.start}, {self.span.end})"
             )
 
-    def _decode_hidden(self, message: node_pb2.Tensor, batch_size: int | None) -> torch.Tensor:
+    def _decode_hidden(self, message: node_pb2.Tensor, batch_size: int | None, max_tokens: int) -> torch.Tensor:
+        """The hidden states of a request; the declared dtype and shape are checked before decoding, so
+        a message never makes the node allocate more than a valid one of its session could."""
+        hidden_size = self.span.config.hidden_size
+        shape = list(message.shape)
+        if message.dtype not in _HIDDEN_DTYPES:
+            raise BadRequest(f"hidden states must be {', '.join(_HIDDEN_DTYPES)}, got dtype {message.dtype!r}")
+        if len(shape) != 3 or shape[-1] != hidden_size or shape[0] < 1 or shape[1] < 1:
+            raise BadRequest(f"hidden states must be [batch, tokens, {hidden_size}], got {shape}")
+        if batch_size is not None and shape[0] != batch_size:
+            raise BadRequest(f"the session was opened for batch {batch_size}, got {shape[0]}")
+        if shape[0] > self.max_batch_size or shape[1] > max_tokens:
+            raise BadRequest(f"at most batch {self.max_batch_size} x {max_tokens} tokens, got {shape[:2]}")
         try:
-            hidden = deserialize_tensor(message)
+            hidden = deserialize_tensor(message, max_elements=shape[0] * shape[1] * hidden_size)
         except CodecError as e:
             raise BadRequest(f"bad tensor: {e}") from None
-        hidden_size = self.span.config.hidden_size
-        if hidden.dim() != 3 or hidden.shape[-1] != hidden_size or hidden.shape[0] == 0 or hidden.shape[1] == 0:
-            raise BadRequest(f"hidden states must be [batch, tokens, {hidden_size}], got {list(hidden.shape)}")
-        if batch_size is not None and hidden.shape[0] != batch_size:
-            raise BadRequest(f"the session was opened for batch {batch_size}, got {hidden.shape[0]}")
-        if not hidden.is_floating_point():
-            raise BadRequest(f"hidden states must be floating point, got {hidden.dtype}")
+        if not bool(torch.isfinite(hidden).all()):
+            raise BadRequest("hidden states contain NaN or infinite values")
         return hidden.to(self.span.device, self.span.dtype)
+
+    async def _check_next(self, session: Session, next_hops: list[node_pb2.NextHop]) -> None:
+        """BadRequest unless every hand-off hop is well-formed and the first is a node serving the block
+        after the session's span; TargetsUnknown when the swarm's records cannot be read."""
+        if not next_hops:
+            return
+        following = self.span.config.num_hidden_layers - session.end
+        if len(next_hops) > following:
+            raise BadRequest(f"{len(next_hops)} next hops, but {following} blocks follow blocks "
+                             f"{session.start}..{session.end - 1}")
+        for hop in next_hops:
+            if not is_valid_address(hop.address):
+                raise BadRequest(f"bad next hop address {hop.address[:80]!r}")
+            if not _SESSION_ID.fullmatch(hop.session_id):
+                raise BadRequest(f"bad next hop session id {hop.session_id[:80]!r}")
+        if self.handoff_targets is not None:
+            why = await self.handoff_targets.check(next_hops[0].address, session.end)
+            if why is not None:
+                raise BadRequest(why)
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> str:
+        """The calling peer's host, after counting the request against its rate limit."""
+        host = peer_host(context.peer() or "")
+        if self.peer_limits is not None:
+            why = self.peer_limits.request(host, self.clock())
+            if why is not None:
+                await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+        return host
 
     def _encode(self, hidden: torch.Tensor, compression: int) -> node_pb2.Tensor:
         return serialize_tensor(hidden.cpu(), compression)
@@ -178,6 +231,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
     # --- RPCs ----------------------------------------------------------------------------------
 
     async def Info(self, request: node_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> node_pb2.InfoResponse:
+        await self._admit(context)
         return node_pb2.InfoResponse(
             protocol_version=PROTOCOL_VERSION,
             model=self.identity.model,
@@ -202,17 +256,13 @@ class NodeService(node_pb2_grpc.NodeServicer):
     async def Forward(
         self, request: node_pb2.ForwardRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.ForwardResponse:
+        await self._admit(context)
         await self._check_version(request.protocol_version, context)
         try:
             self._check_range(request.start_block, request.end_block)
             if request.response_compression not in _COMPRESSIONS:
                 raise BadRequest(f"unknown compression {request.response_compression}")
-            hidden = self._decode_hidden(request.hidden, None)
-            if hidden.shape[0] > self.max_batch_size or hidden.shape[1] > self.max_session_length:
-                raise BadRequest(
-                    f"at most batch {self.max_batch_size} x {self.max_session_length} tokens, "
-                    f"got {list(hidden.shape[:2])}"
-                )
+            hidden = self._decode_hidden(request.hidden, None, self.max_session_length)
         except BadRequest as e:
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.metrics.bytes_received.inc(request.ByteSize())
@@ -225,6 +275,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
     async def Inference(
         self, request_iterator: AsyncIterator[node_pb2.InferenceRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[node_pb2.InferenceResponse]:
+        host = await self._admit(context)
         try:
             first = await asyncio.wait_for(anext(request_iterator), self.session_idle_timeout)
         except (StopAsyncIteration, asyncio.TimeoutError):
@@ -232,7 +283,16 @@ class NodeService(node_pb2_grpc.NodeServicer):
         await self._check_version(first.protocol_version, context)
         if first.WhichOneof("kind") != "open":
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must open the session")
-        session = await self._open(first.open, context)
+        if self.peer_limits is not None:
+            why = self.peer_limits.open_session(host, self.clock())
+            if why is not None:
+                await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+        try:
+            session = await self._open(first.open, context)
+        except BaseException:
+            if self.peer_limits is not None:
+                self.peer_limits.close_session(host)
+            raise
         live = _LiveSession(session, first.open.response_compression)
         self._live[session.session_id] = live
         reader = asyncio.create_task(self._read_client(request_iterator, live))
@@ -251,7 +311,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 if item is None:
                     return
                 if isinstance(item, BadRequest):
-                    await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(item))
+                    await self._abort(context, item.code, str(item))
                     return
                 if isinstance(item, node_pb2.HandoffFailed):
                     yield node_pb2.InferenceResponse(handoff_failed=item)
@@ -267,6 +327,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
             self._live.pop(session.session_id, None)
             self.executor.forget(session.cache)
             self.sessions.close(session.session_id)
+            if self.peer_limits is not None:
+                self.peer_limits.close_session(host)
             self.sessions_changed.set()
             logger.debug("session %s closed after %d steps", session.session_id, session.steps)
 
@@ -277,9 +339,14 @@ class NodeService(node_pb2_grpc.NodeServicer):
         try:
             async for request in request_iterator:
                 self.metrics.bytes_received.inc(request.ByteSize())
+                error = check_protocol_version(request.protocol_version)
+                if error is not None:
+                    live.inbox.put_nowait(BadRequest(error, grpc.StatusCode.FAILED_PRECONDITION))
+                    return
                 if request.WhichOneof("kind") != "step":
                     live.inbox.put_nowait(BadRequest("a session is already open on this stream; send steps"))
                     return
+                await live.client_slots.acquire()  # released when the step is taken up
                 live.inbox.put_nowait(_Inbound(request.step.step_id, request.step.hidden, list(request.step.next),
                                                from_peer=False))
         except (asyncio.CancelledError, grpc.RpcError):
@@ -288,14 +355,21 @@ class NodeService(node_pb2_grpc.NodeServicer):
             live.inbox.put_nowait(None)
 
     async def Push(self, request: node_pb2.PushRequest, context: grpc.aio.ServicerContext) -> node_pb2.PushResponse:
+        await self._admit(context)
         await self._check_version(request.protocol_version, context)
+        if not _SESSION_ID.fullmatch(request.session_id):
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"malformed session id {request.session_id[:80]!r}")
         live = self._live.get(request.session_id)
         if live is None:
             await self._abort(context, grpc.StatusCode.NOT_FOUND, f"no open session {request.session_id!r} here")
         try:
-            hidden = self._decode_hidden(request.step.hidden, live.session.batch_size)
+            hidden = self._decode_hidden(request.step.hidden, live.session.batch_size, live.session.max_length)
+            await self._check_next(live.session, list(request.step.next))
         except BadRequest as e:
-            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self._abort(context, e.code, str(e))
+        except TargetsUnknown as e:
+            await self._abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
         if live.inbox.qsize() >= _MAX_INBOX:
             await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "the session's inbox is full")
         self.metrics.bytes_received.inc(request.ByteSize())
@@ -308,6 +382,16 @@ class NodeService(node_pb2_grpc.NodeServicer):
         """Run one step; None for a duplicate of a step already done (a push that lost a race)."""
         session = live.session
         taken_up = time.perf_counter()
+        if not item.from_peer:
+            live.client_slots.release()
+        if item.step_id > live.last_step_id + 1:
+            message = (f"step {item.step_id} is out of order: the session is at step {live.last_step_id}, "
+                       f"the next must be {live.last_step_id + 1}")
+            if item.from_peer:
+                logger.warning("dropping a push: %s", message)
+                self.metrics.error("invalid_argument")
+                return None
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, message)
         if item.step_id <= live.last_step_id:
             if item.from_peer:
                 return None
@@ -318,21 +402,27 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"step {item.step_id} is out of order: the session is at step {live.last_step_id}",
             )
+        handoff_unknown = None
         try:
             hidden = item.hidden
             if not isinstance(hidden, torch.Tensor):
-                hidden = self._decode_hidden(hidden, session.batch_size)
+                hidden = self._decode_hidden(hidden, session.batch_size, session.max_length)
             if session.cache.length + hidden.shape[1] > session.max_length:
                 raise BadRequest(
                     f"the session holds {session.cache.length} of {session.max_length} tokens; "
                     f"{hidden.shape[1]} more do not fit"
                 )
+            if not item.from_peer:  # a push's next hops were checked when it arrived
+                try:
+                    await self._check_next(session, item.next)
+                except TargetsUnknown as e:  # not the client's fault: it relays this step instead
+                    handoff_unknown, item.next = f"hand-off not attempted: {e}", []
         except BadRequest as e:
             if item.from_peer:
                 logger.warning("dropping a bad push: %s", e)
                 self.metrics.error("invalid_argument")
                 return None
-            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self._abort(context, e.code, str(e))
         if item.from_peer:
             self.stats.steps_from_peers += 1
         else:
@@ -359,6 +449,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
             task = asyncio.create_task(self._push(live, item.next, item.step_id, result.hidden))
             live.pushes.add(task)
             task.add_done_callback(live.pushes.discard)
+        if handoff_unknown is not None:
+            live.inbox.put_nowait(node_pb2.HandoffFailed(step_id=item.step_id, error=handoff_unknown))
         response = node_pb2.InferenceResponse(result=result)
         live.last_step_id = item.step_id
         live.last_response = response

@@ -69,6 +69,13 @@ class SwarmDHT:
     def __init__(self, dht: hivemind.DHT, call_timeout: float = CALL_TIMEOUT):
         self.dht = dht
         self.call_timeout = call_timeout
+        # hivemind sends each call down one pipe; threads (announcer, hand-off checks) take turns at it
+        self._send_lock = threading.Lock()
+
+    def _call(self, coro: Any) -> Any:
+        """A future of ``coro`` run in the DHT process."""
+        with self._send_lock:
+            return self.dht.run_coroutine(coro, return_future=True)
 
     @classmethod
     def create(
@@ -129,8 +136,7 @@ class SwarmDHT:
         keys = [block_key(record.model, i) for i in range(record.start, record.end)] + [MODELS_KEY]
         values: list[Any] = [record.to_dict()] * record.num_blocks + [{"num_blocks": num_blocks}]
         subkeys = [record.peer_id] * record.num_blocks + [record.model]
-        self._wait(self.dht.run_coroutine(partial(_store_many, keys, values, subkeys, expiration_time),
-                                          return_future=True), "announcing")
+        self._wait(self._call(partial(_store_many, keys, values, subkeys, expiration_time)), "announcing")
 
     def get_servers(self, model: str, start: int, end: int) -> list[ServerRecord]:
         """Every valid record announced for blocks [start, end), one per peer (the freshest)."""
@@ -139,12 +145,14 @@ class SwarmDHT:
     def lookup_servers(self, model: str, start: int, end: int) -> ServersLookup:
         """Start reading the records of blocks [start, end) without waiting for them."""
         keys = [block_key(model, i) for i in range(start, end)]
-        future = self.dht.run_coroutine(partial(_get_many, keys), return_future=True)
+        future = self._call(partial(_get_many, keys))
         return ServersLookup(self, future, model, start, end)
 
     def list_models(self) -> dict[str, int]:
         """Model name -> number of blocks, for every model some node announces."""
-        entry = self._wait(self.dht.get(MODELS_KEY, latest=True, return_future=True), "listing models")
+        with self._send_lock:
+            future = self.dht.get(MODELS_KEY, latest=True, return_future=True)
+        entry = self._wait(future, "listing models")
         models: dict[str, int] = {}
         if entry is not None and isinstance(entry.value, dict):
             for name, item in entry.value.items():
@@ -156,7 +164,7 @@ class SwarmDHT:
     def num_peers(self) -> int:
         """Peers in this DHT peer's routing table. A lookup drops the peers that fail to answer, so after
         one, 0 means no peer of the swarm is reachable (not merely that nothing is announced)."""
-        return self._wait(self.dht.run_coroutine(_count_peers, return_future=True), "counting peers")
+        return self._wait(self._call(_count_peers), "counting peers")
 
     def _wait(self, future: Any, what: str) -> Any:
         """A DHT call's result, or DHTTimeout: a DHT process that died never settles its futures, so the

@@ -82,7 +82,8 @@ def test_bad_pushes_get_clear_statuses(swarm):
     step = node_pb2.Step(step_id=1, hidden=serialize_tensor(torch.randn(1, 1, 64)))
     try:
         with pytest.raises(grpc.RpcError) as unknown:
-            stub.Push(node_pb2.PushRequest(protocol_version=PROTOCOL_VERSION, session_id="nope", step=step), timeout=10)
+            stub.Push(node_pb2.PushRequest(protocol_version=PROTOCOL_VERSION, session_id="0" * 32, step=step),
+                      timeout=10)
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         assert "no open session" in unknown.value.details()
         with pytest.raises(grpc.RpcError) as old:
