@@ -37,7 +37,8 @@ from homeswarm.node.peer_limits import PeerLimits
 from homeswarm.node.service import NodeIdentity, NodeService
 from homeswarm.node.sessions import SessionManager
 from homeswarm.node.volunteer import LoadedSpan, PeriodEnd, PeriodEnds, run_volunteer
-from homeswarm.protocol import PROTOCOL_VERSION, node_pb2, node_pb2_grpc
+from homeswarm.node.wire import add_node_service
+from homeswarm.protocol import PROTOCOL_VERSION, node_pb2
 from homeswarm.protocol.limits import GRPC_OPTIONS
 from homeswarm.protocol.ready_file import write_ready_file
 from homeswarm.routing.dht import SwarmDHT
@@ -144,7 +145,7 @@ async def _serve_with_dht(
         handoff_targets=HandoffTargets(lambda block: dht.get_servers(model_name, block, block + 1)),
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    node_pb2_grpc.add_NodeServicer_to_server(service, server)
+    add_node_service(service, server)
     reflection.enable_server_reflection(
         (node_pb2.DESCRIPTOR.services_by_name["Node"].full_name, reflection.SERVICE_NAME), server
     )

@@ -35,6 +35,7 @@ from homeswarm.node.metrics import NodeMetrics
 from homeswarm.node.peer_limits import PeerLimits, peer_host
 from homeswarm.node.peers import PeerChannels
 from homeswarm.node.sessions import Refusal, Session, SessionManager, SessionRefused
+from homeswarm.node.wire import MalformedRequest
 from homeswarm.protocol import (
     PROTOCOL_VERSION,
     CodecError,
@@ -207,13 +208,16 @@ class NodeService(node_pb2_grpc.NodeServicer):
             if why is not None:
                 raise BadRequest(why)
 
-    async def _admit(self, context: grpc.aio.ServicerContext) -> str:
-        """The calling peer's host, after counting the request against its rate limit."""
+    async def _admit(self, context: grpc.aio.ServicerContext, request: object = None) -> str:
+        """The calling peer's host, after counting the request against its rate limit and checking that
+        it parsed."""
         host = peer_host(context.peer() or "")
         if self.peer_limits is not None:
             why = self.peer_limits.request(host, self.clock())
             if why is not None:
                 await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+        if isinstance(request, MalformedRequest):
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(request))
         return host
 
     def _encode(self, hidden: torch.Tensor, compression: int) -> node_pb2.Tensor:
@@ -231,7 +235,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
     # --- RPCs ----------------------------------------------------------------------------------
 
     async def Info(self, request: node_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> node_pb2.InfoResponse:
-        await self._admit(context)
+        await self._admit(context, request)
         return node_pb2.InfoResponse(
             protocol_version=PROTOCOL_VERSION,
             model=self.identity.model,
@@ -256,7 +260,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
     async def Forward(
         self, request: node_pb2.ForwardRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.ForwardResponse:
-        await self._admit(context)
+        await self._admit(context, request)
         await self._check_version(request.protocol_version, context)
         try:
             self._check_range(request.start_block, request.end_block)
@@ -280,6 +284,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
             first = await asyncio.wait_for(anext(request_iterator), self.session_idle_timeout)
         except (StopAsyncIteration, asyncio.TimeoutError):
             return
+        if isinstance(first, MalformedRequest):
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(first))
         await self._check_version(first.protocol_version, context)
         if first.WhichOneof("kind") != "open":
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must open the session")
@@ -338,6 +344,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
         """Moves the client's steps into the session's inbox, where pushes from peers also land."""
         try:
             async for request in request_iterator:
+                if isinstance(request, MalformedRequest):
+                    live.inbox.put_nowait(BadRequest(str(request)))
+                    return
                 self.metrics.bytes_received.inc(request.ByteSize())
                 error = check_protocol_version(request.protocol_version)
                 if error is not None:
@@ -355,7 +364,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             live.inbox.put_nowait(None)
 
     async def Push(self, request: node_pb2.PushRequest, context: grpc.aio.ServicerContext) -> node_pb2.PushResponse:
-        await self._admit(context)
+        await self._admit(context, request)
         await self._check_version(request.protocol_version, context)
         if not _SESSION_ID.fullmatch(request.session_id):
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,

@@ -240,3 +240,13 @@ def test_still_exact_after_bad_input(swarm, checkpoint, handoff):
                                                          config=config) as model:
         got = model.generate(prompt, max_new_tokens=6)
     assert got.tolist() == reference_greedy(checkpoint, prompt, 6).tolist()
+
+
+def test_bytes_that_are_not_a_message(swarm):
+    with grpc.insecure_channel(swarm.nodes[0].info["address"]) as channel:
+        with pytest.raises(grpc.RpcError) as error:
+            channel.unary_unary("/homeswarm.v1.Node/Forward")(b"\x00", timeout=10)
+        assert_status(error.value, grpc.StatusCode.INVALID_ARGUMENT, "malformed ForwardRequest")
+        with pytest.raises(grpc.RpcError) as error:
+            list(channel.stream_stream("/homeswarm.v1.Node/Inference")(iter([b"\xff\xff"]), timeout=10))
+        assert_status(error.value, grpc.StatusCode.INVALID_ARGUMENT, "malformed InferenceRequest")
