@@ -8,7 +8,8 @@ and reads only those tensors (``safe_open`` + ``get_tensor`` per name), so a nod
 of a large model never reads, nor maps into memory, the rest; a name the checkpoint lacks is an error
 that lists every missing name, raised before any file is opened. A float8_e4m3fn weight stored with its
 block scales (``<name>_scale_inv``, the hub's FP8 layout) is read with them and, when a dtype is asked
-for, returned dequantized: callers never see the scales.
+for, returned dequantized: callers never see the scales. Integer tensors (packed quantized weights)
+keep their dtype whatever float dtype is asked for.
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ class CheckpointReader:
                         scale = (f.get_tensor(scale_name) if self._file_of[scale_name] == file_name
                                  else self._read_one(scale_name))
                         tensor = dequantize_fp8(tensor.to(device), scale, dtype)
-                    out[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+                    # integer tensors are packed quantized weights: a float dtype is not theirs
+                    keep = dtype is None or not (tensor.is_floating_point() or tensor.is_complex())
+                    out[name] = tensor.to(device=device, dtype=tensor.dtype if keep else dtype)
         return out
 
     def _read_one(self, name: str) -> Tensor:

@@ -21,7 +21,7 @@ from typing import Any
 
 # model_type values; families/ has a file for each (a unit test keeps the two lists equal)
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral",
-                      "gpt_oss", "deepseek_v3", "kimi_k2")
+                      "gpt_oss", "deepseek_v3", "kimi_k2", "bitnet")
 
 # RoPE types that leave the plain frequencies unchanged.
 _PLAIN_ROPE_TYPES = ("default", None)
@@ -105,6 +105,7 @@ class ModelConfig:
     moe: MoEConfig | None = None
     mla: MLAConfig | None = None
     attention_sinks: bool = False  # a learned per-head logit that takes part in the softmax (GPT-OSS)
+    bitnet_linear_class: str | None = None  # how BitNet's ternary layers scale (quantization_config)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -173,9 +174,10 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported model_type {family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}"
             )
-        hidden_act = d.get("hidden_act", "silu")
-        if hidden_act != "silu":
-            raise ValueError(f"unsupported hidden_act {hidden_act!r} for {family}; only 'silu' is supported")
+        activation = "relu2" if family == "bitnet" else "silu"  # BitNet's squared ReLU
+        hidden_act = d.get("hidden_act", activation)
+        if hidden_act != activation:
+            raise ValueError(f"unsupported hidden_act {hidden_act!r} for {family}; only {activation!r} is supported")
         if d.get("mlp_bias", False):
             raise ValueError(f"mlp_bias=True is not supported ({family})")
         partial = d.get("partial_rotary_factor", 1.0)

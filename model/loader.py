@@ -103,7 +103,9 @@ def _block_state(reader: CheckpointReader, config: ModelConfig, layer: int, keys
     # Tensors read from a file are views of its memory map, which stays mapped (with every page read
     # through it counted in the node's memory) while any of them lives. When some of this block's
     # tensors are converted, copy the rest too, so the map goes away with the block's originals.
-    converted = any(plan is not None and plan[0] != "direct" for plan in plans.values())
+    # Integer tensors are packed weights, converted by their module (BitNet's ternary layers).
+    converted = (any(plan is not None and plan[0] != "direct" for plan in plans.values())
+                 or any(not t.is_floating_point() for t in loaded.values()))
     state = {}
     for key, (kind, key_names) in plans.items():  # type: ignore[misc]
         tensors = [loaded.pop(n) for n in key_names]
@@ -136,6 +138,8 @@ def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype:
     config = ModelConfig.from_dir(model_dir)
     if not 0 <= start < end <= config.num_hidden_layers:
         raise ValueError(f"invalid block range [{start}, {end}) for a model with {config.num_hidden_layers} blocks")
+    if quant != "none" and config.family == "bitnet":
+        raise ValueError(f"a BitNet checkpoint's weights are ternary already; serve it with quant 'none', not {quant!r}")
     reader = CheckpointReader(model_dir)
     with torch.device("meta"):
         span = BlockSpan(config, start, end)

@@ -150,14 +150,16 @@ class _QuantizedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the layer takes {self.in_features}")
-        rows = x.reshape(-1, self.in_features)
-        if self.uses_kernel and x.device.type == "cpu" and rows.shape[0] <= self.kernel_max_rows:
-            y = self.kernel_matmul(rows).to(x.dtype)
-        else:
-            y = self.dense_matmul(rows)
+        y = self.matmul(x.reshape(-1, self.in_features))
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
+
+    def matmul(self, rows: Tensor) -> Tensor:
+        """``rows @ W.T`` in ``rows``' dtype (``rows`` [M, in_features]): the kernel or the dense product."""
+        if self.uses_kernel and rows.device.type == "cpu" and rows.shape[0] <= self.kernel_max_rows:
+            return self.kernel_matmul(rows).to(rows.dtype)
+        return self.dense_matmul(rows)
 
     @property
     def uses_kernel(self) -> bool:

@@ -39,6 +39,9 @@ def block_parameters(config: ModelConfig, layer: int) -> tuple[int, int]:
 
 def _module_bytes(name: str, module: nn.Module, element: int, quant: str, group_size: int) -> int:
     """Bytes of ``module``'s own weights (its whole subtree), quantized as :func:`quantize_block` would."""
+    stored_bytes = getattr(module, "stored_bytes", None)
+    if stored_bytes is not None:  # a layer that keeps the checkpoint's own packed form (BitNet's)
+        return stored_bytes(element)
     if quant != "none" and is_quantizable(name, module):
         if isinstance(module, Experts):
             _, two_i, hidden = module.gate_up_proj.shape

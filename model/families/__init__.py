@@ -9,6 +9,7 @@ Invariant: the keys of ``FAMILIES`` are exactly ``config.SUPPORTED_FAMILIES``.
 from __future__ import annotations
 
 from .base import Family
+from .bitnet import BITNET
 from .deepseek import DEEPSEEK_V3
 from .dense import LLAMA, MISTRAL, QWEN2, QWEN3
 from .gpt_oss import GPT_OSS
@@ -26,6 +27,7 @@ FAMILIES: dict[str, Family] = {
     "gpt_oss": GPT_OSS,
     "deepseek_v3": DEEPSEEK_V3,
     "kimi_k2": DEEPSEEK_V3,
+    "bitnet": BITNET,
 }
 
 
