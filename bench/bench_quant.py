@@ -1,12 +1,16 @@
 """Quantized weights: speed of a Llama block too big for the CPU cache, and accuracy on the demo model.
 
-    python bench/bench_quant.py [--part speed|accuracy|all] [--rounds 9] [--steps 20] [--threads 0]
+    python bench/bench_quant.py [--part speed|accuracy|ternary|all] [--rounds 9] [--steps 20] [--threads 0]
 
 Speed: one Llama block of hidden 2048, MLP 5632, 32 heads, 4 key/value heads (a TinyLlama block,
 176 MB in float32), in float32, bfloat16, int8 and int4 (each group size): a decoding step at batch 1
 after a 128-token prefill, and a 512-token prefill. Every round times each format once, in an order
 that rotates from round to round; the table gives the median time and the median of the per-round
 ratios to float32, since this machine's speed drifts within minutes (other work shares its cores).
+
+Ternary: BitNet b1.58 2B4T's block shape (hidden 2560, MLP 6912, 20 heads, 5 key/value heads) with random
+ternary weights loaded from the hub's packed form, in bfloat16 (torch's int4 kernel) and float32 (exact
+dense products), against a float Llama block of the same shape; and the bytes a BitNet block holds.
 
 Accuracy, on the bundled demo model against float32, the way llama.cpp's ``perplexity
 --kl-divergence`` reports it: perplexity of a held-out paragraph (written for this benchmark, so the
@@ -108,7 +112,56 @@ def speed(args: argparse.Namespace) -> None:
     spans["int8"] = quantize_block(random_span(config, torch.float32), "int8")
     for group in INT4_GROUP_SIZES:
         spans[f"int4 g{group}"] = quantize_block(random_span(config, torch.float32), "int4", group)
-    hidden = config.hidden_size
+    compare(spans, args, "one Llama block, hidden 2048, MLP 5632")
+
+
+def ternary_span(config: ModelConfig, dtype: torch.dtype) -> BlockSpan:
+    """A BitNet block with random ternary weights, loaded from the hub's packed form."""
+    span = BlockSpan(config, 0, 1)
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for name, tensor in span.state_dict().items():
+        if name.endswith("weight_scale"):
+            state[name] = torch.ones(1, dtype=dtype)
+        elif tensor.dtype == torch.uint8:  # four ternary codes (0, 1, 2) a byte
+            codes = torch.randint(0, 3, (4, *tensor.shape), generator=gen, dtype=torch.uint8)
+            state[name] = codes[0] | codes[1] << 2 | codes[2] << 4 | codes[3] << 6
+        else:
+            state[name] = torch.ones(tensor.shape, dtype=dtype)
+    span.load_state_dict(state, assign=True)
+    return span.eval().requires_grad_(False)
+
+
+def ternary(args: argparse.Namespace) -> None:
+    """BitNet b1.58 2B4T's block shape: ternary weights against a float Llama block of the same shape."""
+    shape = {"hidden_size": 2560, "intermediate_size": 6912, "num_attention_heads": 20, "num_key_value_heads": 5,
+             "num_hidden_layers": 1, "vocab_size": 128256, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+             "rope_theta": 500000.0}
+    llama = ModelConfig.from_dict({"model_type": "llama", **shape})
+    bitnet = ModelConfig.from_dict({"model_type": "bitnet", "hidden_act": "relu2", **shape,
+                                    "quantization_config": {"quant_method": "bitnet", "linear_class": "bitlinear",
+                                                            "quantization_mode": "offline"}})
+    base = random_span(llama, torch.float32)
+    spans = {"float32": base, "bfloat16": random_span(llama, torch.bfloat16),
+             "ternary, bfloat16 (kernel)": ternary_span(bitnet, torch.bfloat16),
+             "ternary, float32 (exact)": ternary_span(bitnet, torch.float32)}
+    # what a node holds (the unit scales are shared by every layer of a shape, so not per block)
+    held = {name: sum(t.numel() * t.element_size() for t in span.state_dict().values()) for name, span in spans.items()}
+    float_bytes = held["float32"]
+    ternary_float = 4 * sum(m.in_features * m.out_features for m in spans["ternary, float32 (exact)"].modules()
+                            if hasattr(m, "stored_bytes"))
+    ternary_float += 4 * sum(t.numel() for n, t in spans["ternary, float32 (exact)"].state_dict().items()
+                             if n.endswith("norm.weight"))
+    print(f"\nbytes held per block: BitNet {held['ternary, float32 (exact)'] / 2**20:.1f} MiB, "
+          f"{held['ternary, float32 (exact)'] / ternary_float:.3f}x of the same block in float32 "
+          f"({ternary_float / 2**20:.1f} MiB; the Llama block, without sub-norms: {float_bytes / 2**20:.1f} MiB)")
+    compare(spans, args, "BitNet b1.58 2B4T's block, hidden 2560, MLP 6912, against a float Llama block")
+
+
+def compare(spans: dict[str, BlockSpan], args: argparse.Namespace, what: str) -> None:
+    """Paired rounds of a decoding step and a 512-token prefill through each span; "float32" is the base."""
+    base = spans["float32"]
+    hidden = base.config.hidden_size
 
     def decode(span: BlockSpan) -> Callable[[], float]:
         cache = span.new_cache(1, 128 + args.steps * (args.rounds + 2))
@@ -147,7 +200,7 @@ def speed(args: argparse.Namespace) -> None:
             ratios = [f / t for f, t in zip(times["float32"], times[name], strict=True)]
             rows.append([name, f"{nbytes(spans[name]) / 2**20:.1f}", f"{nbytes(spans[name]) / nbytes(base):.3f}",
                          f"{statistics.median(times[name]) * 1e3:.2f}", f"{statistics.median(ratios):.2f}x"])
-        print(f"\n{title}: one Llama block, hidden 2048, MLP 5632 ({args.rounds} rounds, torch threads "
+        print(f"\n{title}: {what} ({args.rounds} rounds, torch threads "
               f"{torch.get_num_threads()}, CPU capability {torch.backends.cpu.get_cpu_capability()})")
         print(table(["format", "MiB", "of float32", "median ms", "speed vs float32 (median of ratios)"], rows))
 
@@ -234,7 +287,7 @@ def accuracy(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["speed", "accuracy", "all"], default="all")
+    parser.add_argument("--part", choices=["speed", "accuracy", "ternary", "all"], default="all")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=20, help="decoding steps timed per round and format")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -249,6 +302,8 @@ def main() -> None:
         torch.set_num_threads(threads)
     if args.part in ("speed", "all"):
         speed(args)
+    if args.part in ("ternary", "all"):
+        ternary(args)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 The layout is ``microsoft/bitnet-b1.58-2B-4T``'s: every projection's ``weight`` is uint8 ``[out / 4, in]``
 packed by transformers' own ``pack_weights`` (four ternary values a byte), its ``weight_scale`` one
 bfloat16 value, ``quantization_config`` says ``quant_method: bitnet``; embeddings and norms are float32
-here (random, norms around 1 but far enough from it that a skipped norm shows). The reference is
+here (random, norms around 1 but far enough from it that a skipped norm shows), and the LM head untied
+(tied, a random model repeats its input token). The reference is
 ``BitNetForCausalLM`` with transformers' own BitNet layers put in by ``replace_with_bitnet_linear`` and the
 file loaded into them (``from_pretrained`` would need the accelerate package for this quantizer), run
 eagerly (its ``torch.compile`` decorators only fuse the same operations).
@@ -29,7 +30,7 @@ _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 def bitnet_config(*, linear_class: str = "bitlinear", num_layers: int = 4, **overrides: Any) -> transformers.BitNetConfig:
     kwargs: dict[str, Any] = dict(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=1024, tie_word_embeddings=True,
+        num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=1024, tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
         bos_token_id=None, eos_token_id=None, pad_token_id=None,
     )

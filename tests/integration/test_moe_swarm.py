@@ -1,7 +1,8 @@
 """Mixture-of-Experts families through real daemons on 127.0.0.1: greedy generation through a
 2-node swarm equals transformers (64 new tokens, batch 2, a 200-token prompt) for Qwen3-MoE, Qwen2-MoE,
 Mixtral, DeepSeek-V3, Kimi K2 and GPT-OSS, and kill -9 of a node serving MoE blocks mid-generation
-still gives exact output.
+still gives exact output. The same swarm serves a BitNet b1.58 checkpoint (packed ternary weights) to
+the same check: another family whose checkpoint's weights are not plain floats.
 
 One bootstrap peer and two nodes per family are started for the whole module, each family under its
 own model name.
@@ -15,13 +16,14 @@ import torch
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.local_swarm import LocalSwarm, split_blocks
 from homeswarm.client.model import AutoDistributedModelForCausalLM
+from tests.helpers.bitnet_checkpoints import eager, make_bitnet_checkpoint, reference_bitnet
 from tests.helpers.checkpoints import reference_greedy
 from tests.helpers.deepseek_checkpoints import make_deepseek_checkpoint, reference_deepseek
 from tests.helpers.gpt_oss_checkpoints import make_gpt_oss_checkpoint
 from tests.helpers.moe_checkpoints import MOE_FAMILIES, make_moe_checkpoint
 
 NUM_LAYERS = 4
-FAMILIES = (*MOE_FAMILIES, "deepseek_v3", "kimi_k2", "gpt_oss")
+FAMILIES = (*MOE_FAMILIES, "deepseek_v3", "kimi_k2", "gpt_oss", "bitnet")
 
 
 def make(path, family: str, seed: int):
@@ -29,12 +31,17 @@ def make(path, family: str, seed: int):
         return make_deepseek_checkpoint(path, family, seed=seed)
     if family == "gpt_oss":
         return make_gpt_oss_checkpoint(path, seed=seed)
+    if family == "bitnet":
+        return make_bitnet_checkpoint(path, seed=seed)
     return make_moe_checkpoint(path, family, seed=seed)
 
 
 def expected_greedy(path, family: str, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     # transformers has no kimi_k2 model type; the same architecture loads as DeepSeek-V3
     model = reference_deepseek(path) if family == "kimi_k2" else None
+    if family == "bitnet":
+        with eager():
+            return reference_greedy(path, prompt, new_tokens, reference_bitnet(path))
     return reference_greedy(path, prompt, new_tokens, model)
 
 
