@@ -43,6 +43,7 @@ from homeswarm.protocol.limits import GRPC_OPTIONS
 from homeswarm.protocol.ready_file import write_ready_file
 from homeswarm.routing.dht import SwarmDHT
 from homeswarm.routing.records import PeerId, ServerRecord, ServerState
+from homeswarm.routing.signing import NodeKey
 
 logger = logging.getLogger("homeswarm.node")
 
@@ -86,7 +87,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     logger.info("starting the DHT peer")
     try:
         dht = await asyncio.to_thread(
-            SwarmDHT.create, config.initial_peers, host=config.host, port=config.dht_port
+            SwarmDHT.create, config.initial_peers, host=config.host, port=config.dht_port, key=NodeKey()
         )
     except Exception as e:  # hivemind raises several types for unreachable or malformed peers
         raise ConfigError(f"could not start or join the DHT: {e}") from None

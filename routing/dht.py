@@ -12,7 +12,8 @@ announces offline through the DHT and stops it in order), exits on SIGTERM takin
 a watchdog thread in it exits the same way once the owner process is gone (killed with SIGKILL, say).
 
 Layout in the DHT: every block ``i`` of model ``M`` has key ``homeswarm/M/block/i`` whose subkeys are
-peer ids and whose values are ``ServerRecord.to_dict()``; key ``homeswarm/models`` has one subkey
+``<peer id>[owner:<the node's public key>]`` and whose values are ``ServerRecord.to_dict()``, signed
+with that key (``routing.signing``: every DHT peer drops records that are unsigned or not their signer's); key ``homeswarm/models`` has one subkey
 per model with ``{"num_blocks": L}``. Values expire unless refreshed. Everything read back is
 validated: a malformed or inconsistent record is dropped (and logged), never passed on.
 """
@@ -20,11 +21,13 @@ validated: a malformed or inconsistent record is dropped (and logged), never pas
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import multiprocessing.popen_forkserver
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -37,6 +40,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils import get_dht_time
 
 from homeswarm.routing.records import InvalidRecord, PeerId, ServerRecord
+from homeswarm.routing.signing import NodeKey, owner_of
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +70,10 @@ def dht_time() -> float:
 class SwarmDHT:
     """A started hivemind DHT peer plus homeswarm's view of it."""
 
-    def __init__(self, dht: hivemind.DHT, call_timeout: float = CALL_TIMEOUT):
+    def __init__(self, dht: hivemind.DHT, call_timeout: float = CALL_TIMEOUT, key: NodeKey | None = None):
         self.dht = dht
         self.call_timeout = call_timeout
+        self.key = key  # a node's: its identity and the signer of its records (None: reads only)
         # hivemind sends each call down one pipe; threads (announcer, hand-off checks) take turns at it
         self._send_lock = threading.Lock()
 
@@ -88,6 +93,7 @@ class SwarmDHT:
         start_timeout: float = START_TIMEOUT,
         attempts: int = 2,
         start_method: str = "auto",
+        key: NodeKey | None = None,
     ) -> SwarmDHT:
         """Start a DHT peer in its own process, waiting at most ``start_timeout`` s per attempt.
 
@@ -96,6 +102,8 @@ class SwarmDHT:
         end. Where the fork itself could hang (gRPC threads running here), the fork server is used.
 
         ``start_method``: "fork", "forkserver", or "auto" (fork while no gRPC thread runs here).
+        ``key``: a node's key, which becomes the peer's identity and signs what it announces; every peer
+        (with or without a key) validates the records it stores and reads.
         """
         if start_method not in ("auto", "fork", "forkserver"):
             raise ValueError(f"start_method must be auto, fork or forkserver, got {start_method!r}")
@@ -103,6 +111,19 @@ class SwarmDHT:
             start_method = "forkserver" if _grpc_threads_running() else "fork"
         dht_class = _ManagedDHT if start_method == "fork" else _ForkServerDHT
         ip_proto = "ip6" if ":" in host else "ip4"
+        validators = (key or _READER_KEY()).validators(MODELS_KEY)
+        with tempfile.TemporaryDirectory(prefix="homeswarm-id-") as folder:
+            identity: dict[str, Any] = {}
+            if key is not None:  # p2pd reads it once, at start
+                identity = {"identity_path": os.path.join(folder, "identity.key"), "check_if_identity_free": False}
+                key.write_identity(identity["identity_path"])
+            return cls._start(dht_class, initial_peers, host, port, ip_proto, client_mode, start_timeout, attempts,
+                              validators, identity, key)
+
+    @classmethod
+    def _start(cls, dht_class: type, initial_peers: Sequence[str], host: str, port: int, ip_proto: str,
+               client_mode: bool, start_timeout: float, attempts: int, validators: list, identity: dict[str, Any],
+               key: NodeKey | None) -> SwarmDHT:
         for attempt in range(1, attempts + 1):
             dht = dht_class(
                 initial_peers=list(initial_peers),
@@ -110,6 +131,8 @@ class SwarmDHT:
                 host_maddrs=[f"/{ip_proto}/{host}/tcp/{port}"],
                 client_mode=client_mode,
                 num_workers=4,
+                record_validators=validators,
+                **identity,
             )
             dht.owner = (os.getpid(), _start_time(os.getpid()))
             dht.start()
@@ -121,7 +144,7 @@ class SwarmDHT:
                 _kill_process_tree(dht.pid)
                 dht.join(5)
                 continue
-            return cls(dht)
+            return cls(dht, key=key)
         raise DHTStartError(f"the DHT did not start within {start_timeout:g} s, {attempts} attempts")
 
     @property
@@ -133,9 +156,11 @@ class SwarmDHT:
 
     def announce(self, record: ServerRecord, num_blocks: int, expiration_time: float) -> None:
         """Store the record under every block it serves, and the model in the model index."""
+        if self.key is None or record.peer_id != self.key.peer_id:
+            raise ValueError("a DHT peer announces only records of its own key's peer id")
         keys = [block_key(record.model, i) for i in range(record.start, record.end)] + [MODELS_KEY]
         values: list[Any] = [record.to_dict()] * record.num_blocks + [{"num_blocks": num_blocks}]
-        subkeys = [record.peer_id] * record.num_blocks + [record.model]
+        subkeys = [self.key.subkey()] * record.num_blocks + [record.model]
         self._wait(self._call(partial(_store_many, keys, values, subkeys, expiration_time)), "announcing")
 
     def get_servers(self, model: str, start: int, end: int) -> list[ServerRecord]:
@@ -203,6 +228,12 @@ class ServersLookup:
         return _parse_servers(found, self.model, self.start, self.end)
 
 
+@functools.lru_cache(maxsize=1)
+def _READER_KEY() -> NodeKey:  # noqa: N802
+    """The key of a peer that only reads (client, bootstrap peer, dashboard): it validates, never signs."""
+    return NodeKey()
+
+
 def _parse_servers(found: dict[str, Any], model: str, start: int, end: int) -> list[ServerRecord]:
     best: dict[PeerId, tuple[float, ServerRecord]] = {}
     for block in range(start, end):
@@ -216,7 +247,7 @@ def _parse_servers(found: dict[str, Any], model: str, start: int, end: int) -> l
             except (InvalidRecord, AttributeError) as e:
                 logger.debug("dropping a malformed record under %s: %s", key, e)
                 continue
-            if record.peer_id != subkey or record.model != model or not record.start <= block < record.end:
+            if owner_of(subkey) != record.peer_id or record.model != model or not record.start <= block < record.end:
                 logger.debug("dropping an inconsistent record under %s from %s", key, subkey)
                 continue
             expiration = item.expiration_time
