@@ -17,7 +17,10 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .prequant import PrequantSpec
 
 # model_type values; families/ has a file for each (a unit test keeps the two lists equal)
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral",
@@ -106,6 +109,7 @@ class ModelConfig:
     mla: MLAConfig | None = None
     attention_sinks: bool = False  # a learned per-head logit that takes part in the softmax (GPT-OSS)
     bitnet_linear_class: str | None = None  # how BitNet's ternary layers scale (quantization_config)
+    prequant: PrequantSpec | None = None  # linear weights stored as 4-bit GPTQ or compressed-tensors ints
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -214,6 +218,12 @@ class ModelConfig:
             torch_dtype=d.get("torch_dtype", d.get("dtype")),
         )
         from .families import family_of  # the families build on this module
+        from .prequant import read_prequant
+
+        try:
+            fields["prequant"] = read_prequant(d)
+        except ValueError as e:
+            raise ValueError(f"{family}: quantization_config: {e}") from None
 
         try:
             fields.update(family_of(family).read(d))

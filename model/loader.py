@@ -144,6 +144,8 @@ def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype:
     with torch.device("meta"):
         span = BlockSpan(config, start, end)
     wide = family_of(config.family).float32_params
+    if config.prequant is not None:  # 4-bit weights' scales: read in float32 (exact for 16-bit ones) in any span dtype
+        wide += (".scales", ".weight_scale")
     for j, block in enumerate(span.layers):
         keys = list(block.state_dict())
         narrow = [k for k in keys if not k.endswith(wide)]

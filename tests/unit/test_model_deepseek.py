@@ -16,6 +16,8 @@ from homeswarm.model import CheckpointReader, LocalModel, ModelConfig, cache_byt
 from homeswarm.model.fp8 import dequantize_fp8
 from homeswarm.model.kv_cache import values_per_token
 from homeswarm.model.moe import GroupLimitedRouter
+from homeswarm.model.quant import QuantizedLinearInt8
+from homeswarm.model.sizes import span_weight_bytes
 from tests.helpers.checkpoints import reference_greedy
 from tests.helpers.deepseek_checkpoints import (
     DEEPSEEK_VARIANTS,
@@ -244,6 +246,47 @@ def test_fp8_checkpoint_loads_dequantized(checkpoints, tmp_path):
     ids = prompt(1, 101, seed=4)
     assert torch.equal(LocalModel(fp8, spans=[(0, 2), (2, 4)]).generate_greedy(ids, 8),
                        reference_greedy(dequantized, ids, 8, ref))
+
+
+def test_fp8_checkpoint_loads_as_int8_one_block_at_a_time(checkpoints, tmp_path, monkeypatch):
+    """``--quant int8`` on an FP8 checkpoint: each block's FP8 weights are dequantized and quantized to
+    int8 before the next block is read (the float copy of one block only), giving what the same
+    quantization of the dequantized checkpoint gives."""
+    import homeswarm.model.loader as loader
+
+    fp8, dequantized = tmp_path / "fp8", tmp_path / "dequantized"
+    write_fp8(checkpoints["deepseek_v3"], fp8, dequantized)
+    events: list[tuple[str, int]] = []
+    read, quantize = CheckpointReader.load, loader.quantize_block
+
+    def logged_read(self, names, *args, **kwargs):
+        names = list(names)
+        events.extend(("read", int(n.split(".")[2])) for n in names if n.startswith("model.layers."))
+        return read(self, names, *args, **kwargs)
+
+    def logged_quantize(block, *args, **kwargs):
+        events.append(("quantize", len([e for e in events if e[0] == "quantize"])))
+        return quantize(block, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointReader, "load", logged_read)
+    monkeypatch.setattr(loader, "quantize_block", logged_quantize)
+    a = load_span(fp8, 0, NUM_LAYERS, quant="int8")
+    for i, (kind, layer) in enumerate(events):
+        if kind == "read":  # every earlier block already quantized, none later
+            assert sorted({q for k, q in events[:i] if k == "quantize"}) == list(range(layer)), events[: i + 1]
+    monkeypatch.undo()
+    b = load_span(dequantized, 0, NUM_LAYERS, quant="int8")
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    # what the node counts: parameters and the quantized layers' buffers (the routers' float32
+    # correction biases are buffers it leaves out, 96 bytes here)
+    held = sum(p.numel() * p.element_size() for p in a.parameters())
+    held += sum(b.numel() * b.element_size() for m in a.modules() if isinstance(m, QuantizedLinearInt8)
+                for b in m.buffers(recurse=False))
+    config = ModelConfig.from_dir(fp8)
+    assert held == span_weight_bytes(config, 0, NUM_LAYERS, torch.float32, "int8")
+    assert all(m.weight.dtype == torch.int8 for m in a.modules() if isinstance(m, QuantizedLinearInt8))
 
 
 def test_multi_token_prediction_layer_is_never_read(checkpoints, tmp_path, monkeypatch):
