@@ -2,13 +2,15 @@
 
 ``run_volunteer`` loops over serving periods. Before each: wait while the machine's owner uses it
 (``--idle-only``, announcing "busy"), choose the span (``--blocks``, else as many blocks as fit the
-memory budget, placed where the swarm is weakest), announce "joining" with it so that nodes starting
-together spread out, load it (progress bar) and take its throughput (``--throughput``, the cache, or
-the self-test). A period is ``serve_span`` (``main._serve_with_dht``): it serves until a
-:class:`PeriodEnd` comes, from a signal (stop), the idle watch (the owner is back: busy) or the
-rebalancer (the swarm's weakest blocks need this node more than its current ones: move), announces what comes next,
-gives open sessions their grace and returns. Then the weights are released, and the loop goes on or,
-after a stop, ends.
+memory budget, placed where the swarm is weakest), claim it (announce "joining" and re-read the swarm
+until no higher-ranked node claims it too: :mod:`.placement`), load it (progress bar) and take its
+throughput (``--throughput``, the cache, or the self-test). A period is ``serve_span``
+(``main._serve_with_dht``): it serves until a :class:`PeriodEnd` comes, from a signal (stop), the idle
+watch (the owner is back: busy), the claim watch (a node that joined at the same moment keeps these
+blocks: move) or the rebalancer (the swarm's weakest blocks need this node more than its current ones:
+move), announces what comes next, gives open sessions their grace and returns. Then the weights are
+released, and the loop goes on or, after a stop, ends. If the DHT process dies on its own, the node
+stops as after a signal and exits with status 1.
 
 The decisions are the pure functions of :mod:`homeswarm.routing.block_chooser`, :mod:`.idle` and
 :mod:`.capacity`; this module only feeds them measurements and DHT reads, and acts on their answers.
@@ -31,6 +33,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm import tqdm
@@ -48,6 +51,7 @@ from homeswarm.node.capacity import (
 from homeswarm.node.config import ConfigError, NodeConfig
 from homeswarm.node.idle import IdleState, IdleThresholds, initial_state, step
 from homeswarm.node.idle_probe import MachineProbe
+from homeswarm.node.placement import JOIN_SETTLE, Sightings, read_swarm, rebalance, settle_claim, watch_claim
 from homeswarm.node.throughput import (
     SELF_TEST_STEPS,
     ThroughputCache,
@@ -56,14 +60,13 @@ from homeswarm.node.throughput import (
     measure_block_throughput,
 )
 from homeswarm.protocol import PROTOCOL_VERSION
-from homeswarm.routing.block_chooser import choose_blocks, plan_move, yield_span
+from homeswarm.routing.block_chooser import choose_blocks
 from homeswarm.routing.dht import SwarmDHT
 from homeswarm.routing.records import PeerId, ServerRecord, ServerState
 
 logger = logging.getLogger("homeswarm.node")
 
-JOIN_SETTLE = 1.0  # seconds for other nodes' "joining" records to arrive before a choice is confirmed
-JOIN_ROUNDS = 3  # at most this many re-choices after collisions with nodes joining at the same time
+DHT_CHECK = 1.0  # seconds between checks that the DHT process still runs
 
 
 # --- how a serving period ends -------------------------------------------------------------------
@@ -306,63 +309,6 @@ def idle_users(names: tuple[str, ...]) -> frozenset[int] | None:
     return frozenset(uids)
 
 
-# --- reading the swarm ---------------------------------------------------------------------------
-
-
-class Sightings:
-    """The servers seen in the DHT reads of the last ``ttl`` seconds, the latest record per peer.
-
-    A single read can miss a server (a DHT peer that holds its records was slow to answer under load and
-    is skipped for a while), and a swarm that looks as if it had a gap makes a node move for nothing.
-    A record stays valid in the DHT for ``ttl`` seconds, so one seen within that time (and not replaced
-    by a newer one, e.g. "offline") counts as still announced. Time is passed in."""
-
-    def __init__(self, ttl: float):
-        self.ttl = ttl
-        self._seen: dict[PeerId, tuple[float, ServerRecord]] = {}
-
-    def update(self, records: list[ServerRecord], now: float) -> list[ServerRecord]:
-        for record in records:
-            self._seen[record.peer_id] = (now, record)
-        self._seen = {peer: seen for peer, seen in self._seen.items() if now - seen[0] <= self.ttl}
-        return [record for _, record in self._seen.values()]
-
-
-async def read_swarm(dht: SwarmDHT, model: str, total_blocks: int, sightings: Sightings) -> list[ServerRecord]:
-    records = await asyncio.to_thread(dht.get_servers, model, 0, total_blocks)
-    return sightings.update(records, time.monotonic())
-
-
-# --- rebalancing ---------------------------------------------------------------------------------
-
-
-async def rebalance(dht: SwarmDHT, model: str, total_blocks: int, me: PeerId, ends: PeriodEnds, *,
-                    interval: float, imbalance: float, grace: float, sightings: Sightings,
-                    rng: random.Random) -> None:
-    """Every ``interval`` s (jittered, so that nodes do not check in step), weigh a move; confirm it a
-    refresh period later (a node that moved meanwhile announced "joining" where it went, a server that one
-    read missed has announced again) and end the period."""
-    settle = max(JOIN_SETTLE, sightings.ttl / 3)
-    while True:
-        await asyncio.sleep(interval * rng.uniform(0.5, 1.5))
-        destination = None
-        for confirm in (False, True):
-            if confirm:
-                await asyncio.sleep(rng.uniform(settle, 1.5 * settle))
-            try:
-                records = await read_swarm(dht, model, total_blocks, sightings)
-            except Exception as e:  # the DHT may be briefly unreachable; the next check will tell
-                logger.warning("reading the swarm for rebalancing failed: %s", e)
-                destination = None
-                break
-            destination = plan_move(records, total_blocks, me, imbalance=imbalance)
-            if destination is None:
-                break
-        if destination is not None:
-            ends.set(PeriodEnd.move(grace, destination))
-            return
-
-
 # --- the loop ------------------------------------------------------------------------------------
 
 
@@ -384,6 +330,32 @@ class _Presence:
 
 
 ServeSpan = Callable[..., Awaitable[PeriodEnd]]
+T = TypeVar("T")
+
+
+async def until_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """``work``'s result, or None (``work`` cancelled) once ``stop`` is set."""
+    task, stopped = asyncio.ensure_future(work), asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
+
+
+async def watch_dht(dht: SwarmDHT, stop: asyncio.Event, lost: asyncio.Event) -> None:
+    """Stop the node (it then exits with status 1, so that a service manager restarts it) once its DHT
+    process is gone: killed on its own, the node could no longer announce or be found."""
+    while dht.is_alive():
+        await asyncio.sleep(DHT_CHECK)
+    logger.error("the DHT process has exited; stopping")
+    lost.set()
+    stop.set()
 
 
 async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, model: ModelConfig,
@@ -429,15 +401,23 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
                              config.quant if config.quant != "int4" else f"int4g{config.quant_group_size}",
                              str(torch.device(config.device)), torch.get_num_threads())
 
-    sightings = Sightings(config.announce_ttl)
+    sightings = Sightings()
+
+    async def read() -> list[ServerRecord]:
+        return await read_swarm(dht, model_name, total, sightings)
 
     async def choose() -> tuple[int, int]:
         if block_range is not None:
             return block_range
-        records = await read_swarm(dht, model_name, total, sightings)
-        return choose_blocks([r for r in records if r.peer_id != me], total, memory.num_blocks)
+        return choose_blocks([r for r in await read() if r.peer_id != me], total, memory.num_blocks)
+
+    async def announce_claim(claim: ServerRecord) -> None:
+        presence.start, presence.end = claim.start, claim.end
+        await announce(ServerState.JOINING)
 
     ends = PeriodEnds(stop, config.shutdown_grace)
+    dht_lost = asyncio.Event()
+    dht_watch = asyncio.create_task(watch_dht(dht, stop, dht_lost))
     watch = None
     watch_task = None
     if config.idle_only:
@@ -460,6 +440,9 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
                 if not await watch.wait_serving(stop):
                     break
                 next_span = None
+            if next_span is None and last_span is None and block_range is None:
+                # nodes started in the same moment (a swarm rebooted, say) read the swarm at different moments
+                await until_stopped(asyncio.sleep(rng.uniform(0, JOIN_SETTLE)), stop)
             start, end = next_span or await choose()
             next_span = None
             ends.reset()
@@ -468,15 +451,11 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
             presence.start, presence.end, presence.throughput = start, end, estimate or 0.0
             await announce(ServerState.JOINING)
             if block_range is None:
-                for _ in range(JOIN_ROUNDS):
-                    await asyncio.sleep(rng.uniform(JOIN_SETTLE, 1.5 * JOIN_SETTLE))
-                    records = await read_swarm(dht, model_name, total, sightings)
-                    if not yield_span(records, total, me, (start, end)):
-                        break
-                    start, end = choose_blocks([r for r in records if r.peer_id != me], total, end - start)
-                    logger.info("another node is joining at the same blocks; taking %d..%d instead", start, end - 1)
-                    presence.start, presence.end = start, end
-                    await announce(ServerState.JOINING)
+                claim = await until_stopped(settle_claim(read, total, record(ServerState.JOINING), announce_claim,
+                                                         rng), stop)
+                if claim is None:
+                    break
+                start, end = claim.start, claim.end
             weights = span_weight_bytes(model, start, end, dtype, config.quant, config.quant_group_size)
             budget = span_cache_budget(config, memory, model, dtype, start, end)
             quant = config.quant if config.quant != "int4" else f"int4, groups of {config.quant_group_size}"
@@ -495,22 +474,30 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
             quiet()
             loaded = LoadedSpan(span, throughput, budget)
             del span
-            mover = None
-            if block_range is None and config.rebalance_interval > 0:
-                mover = asyncio.create_task(rebalance(
-                    dht, model_name, total, me, ends, interval=config.rebalance_interval,
-                    imbalance=config.rebalance_imbalance, grace=config.shutdown_grace, sightings=sightings,
-                    rng=rng))
+            movers = []
+            if block_range is None:
+
+                def move(destination: tuple[int, int]) -> None:
+                    ends.set(PeriodEnd.move(config.shutdown_grace, destination))
+
+                movers.append(asyncio.create_task(watch_claim(
+                    read, total, lambda: record(ServerState.ONLINE), move, rng,
+                    duration=max(config.announce_ttl, 3 * JOIN_SETTLE), imbalance=config.rebalance_imbalance)))
+                if config.rebalance_interval > 0:
+                    movers.append(asyncio.create_task(rebalance(
+                        read, total, me, move, interval=config.rebalance_interval,
+                        imbalance=config.rebalance_imbalance, settle=max(JOIN_SETTLE, config.announce_ttl / 3),
+                        rng=rng)))
             try:
                 end_of_period = await serve_span(config, ends, dht, model, dtype, model_name, loaded)
             finally:
-                if mover is not None:
+                for mover in movers:
                     mover.cancel()
             device = loaded.span.device
             del loaded
             release_memory(device)
             if end_of_period.reason == EndReason.STOP:
-                return 0
+                return 1 if dht_lost.is_set() else 0
             if end_of_period.reason == EndReason.MOVE:
                 next_span = end_of_period.destination
             else:
@@ -519,9 +506,10 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
         quiet()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(announcer.announce(ServerState.OFFLINE), timeout=5)
-        return 0
+        return 1 if dht_lost.is_set() else 0
     finally:
         quiet()
+        dht_watch.cancel()
         if watch_task is not None:
             watch_task.cancel()
         announcer.close()

@@ -8,6 +8,10 @@ as a typical one (the median of the known). Busy and offline nodes serve nothing
 Choice: the window of ``n`` blocks whose weakest block is weakest (a gap has coverage 0), ties broken by
 the smaller total coverage, then by the lower start, so that identical inputs give identical choices.
 
+Claims (:func:`recheck_claim`): nodes that start in the same moment choose before they see each other's
+"joining" records, so each re-checks its claim once the others' have arrived; of two overlapping claims,
+an online one outranks a joining one, then the smaller peer id wins, and only the outranked node gives way.
+
 Rebalancing (:func:`plan_move`) uses that same choice for a serving node, with itself taken out, and
 moves only when it is worth a reload. Compare the block coverages before and after the move, each sorted
 from the weakest up: at the first one that differs, coverage must have risen (so none of the weaker ones
@@ -122,14 +126,36 @@ def plan_move(
     return (start, end) if worth_moving(after, before, imbalance) else None
 
 
-def yield_span(records: Sequence[ServerRecord], total_blocks: int, me: PeerId, span: tuple[int, int]) -> bool:
-    """Whether a joining node ``me`` that picked ``span`` should pick again: another joining node with a
-    smaller peer id picked an overlapping span at the same time (the larger id yields, so two colliding
-    nodes never both move), and the choice without ``me`` is now elsewhere."""
-    start, end = span
+_CLAIM_RANK = {ServerState.ONLINE: 0, ServerState.JOINING: 1}  # who keeps a span two nodes claim
+
+
+def recheck_claim(
+    records: Sequence[ServerRecord], total_blocks: int, mine: ServerRecord, *, imbalance: float = DEFAULT_IMBALANCE
+) -> tuple[int, int] | None:
+    """Where a node that has just claimed a span (``mine``: announced "joining" there, or online there
+    since moments ago) should go instead, or None where it keeps the span.
+
+    Nodes that start in the same moment read the swarm before seeing each other's claims and may all pick
+    the same span; so each one, after announcing its claim, reads again and calls this. Overlapping claims
+    are ranked, online before joining, then by peer id (the smaller first), and only the lower-ranked node
+    of a collision gives way: two colliding nodes never both move, and nodes that re-check until their
+    claims stop colliding end up as if they had joined one after another in that order. The node goes
+    where :func:`choose_blocks` sends it with itself taken out, and only if that is elsewhere (a node
+    that chose to serve beside an online one, there where the swarm is weakest, stays). A joining node has
+    loaded nothing yet and just goes there; an online one moves only if :func:`plan_move` finds the move
+    worth a reload (a gap always is)."""
+    rank = _CLAIM_RANK.get(mine.state)
+    if rank is None:
+        return None
+    others = [r for r in records if r.peer_id != mine.peer_id]
     collided = any(
-        r.peer_id < me and r.state == ServerState.JOINING and r.start < end and start < r.end
-        for r in records if r.peer_id != me
+        r.state in _CLAIM_RANK and (_CLAIM_RANK[r.state], r.peer_id) < (rank, mine.peer_id)
+        and r.start < mine.end and mine.start < r.end
+        for r in others
     )
-    others = [r for r in records if r.peer_id != me]
-    return collided and choose_blocks(others, total_blocks, end - start) != span
+    if not collided:
+        return None
+    if mine.state == ServerState.ONLINE:
+        return plan_move([*others, mine], total_blocks, mine.peer_id, imbalance=imbalance)
+    choice = choose_blocks(others, total_blocks, mine.num_blocks)
+    return None if choice == (mine.start, mine.end) else choice

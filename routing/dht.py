@@ -10,6 +10,8 @@ The DHT process goes with its owner, however the owner ends: it leaves the owner
 signal to the group, such as Ctrl-C or a service manager's SIGTERM, reaches the owner alone, which then
 announces offline through the DHT and stops it in order), exits on SIGTERM taking its p2pd with it, and
 a watchdog thread in it exits the same way once the owner process is gone (killed with SIGKILL, say).
+p2pd in turn goes with the DHT process however that ends, SIGKILL included (Linux's parent-death
+signal); the owner notices a dead DHT process through :meth:`SwarmDHT.is_alive`.
 
 Layout in the DHT: every block ``i`` of model ``M`` has key ``homeswarm/M/block/i`` whose subkeys are
 ``<peer id>[owner:<the node's public key>]`` and whose values are ``ServerRecord.to_dict()``, signed
@@ -20,13 +22,16 @@ validated: a malformed or inconsistent record is dropped (and logged), never pas
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
 import functools
 import io
 import logging
 import multiprocessing.popen_forkserver
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -151,6 +156,10 @@ class SwarmDHT:
     def peer_id(self) -> str:
         return self.dht.peer_id.to_base58()
 
+    def is_alive(self) -> bool:
+        """Whether the DHT process still runs (it may have been killed on its own)."""
+        return self.dht.is_alive()
+
     def visible_maddrs(self) -> list[str]:
         return [str(m) for m in self.dht.get_visible_maddrs()]
 
@@ -166,6 +175,10 @@ class SwarmDHT:
     def get_servers(self, model: str, start: int, end: int) -> list[ServerRecord]:
         """Every valid record announced for blocks [start, end), one per peer (the freshest)."""
         return self.lookup_servers(model, start, end).result()
+
+    def get_servers_timed(self, model: str, start: int, end: int) -> list[tuple[float, ServerRecord]]:
+        """Like :meth:`get_servers`, each record with its expiration time (DHT time, see :func:`dht_time`)."""
+        return self.lookup_servers(model, start, end).result_timed()
 
     def lookup_servers(self, model: str, start: int, end: int) -> ServersLookup:
         """Start reading the records of blocks [start, end) without waiting for them."""
@@ -224,6 +237,10 @@ class ServersLookup:
 
     def result(self) -> list[ServerRecord]:
         """The valid records, one per peer (the freshest); DHTTimeout if the DHT does not answer."""
+        return [record for _, record in self.result_timed()]
+
+    def result_timed(self) -> list[tuple[float, ServerRecord]]:
+        """The same records, each with its expiration time."""
         found: dict[str, Any] = self._dht._wait(self._future, "reading server records")
         return _parse_servers(found, self.model, self.start, self.end)
 
@@ -234,7 +251,7 @@ def _READER_KEY() -> NodeKey:  # noqa: N802
     return NodeKey()
 
 
-def _parse_servers(found: dict[str, Any], model: str, start: int, end: int) -> list[ServerRecord]:
+def _parse_servers(found: dict[str, Any], model: str, start: int, end: int) -> list[tuple[float, ServerRecord]]:
     best: dict[PeerId, tuple[float, ServerRecord]] = {}
     for block in range(start, end):
         key = block_key(model, block)
@@ -253,7 +270,7 @@ def _parse_servers(found: dict[str, Any], model: str, start: int, end: int) -> l
             expiration = item.expiration_time
             if record.peer_id not in best or best[record.peer_id][0] < expiration:
                 best[record.peer_id] = (expiration, record)
-    return [record for _, record in best.values()]
+    return list(best.values())
 
 
 async def _store_many(
@@ -309,9 +326,44 @@ def _manage_dht_process(owner_pid: int, owner_start: int | None) -> None:
     # forked from the owner, we inherit its signal handlers (its event loop's, which do nothing here)
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGTERM, lambda *_: _exit_with_children(0))
+    _children_die_with_us()
     if owner_pid:
         threading.Thread(target=_watch_owner, args=(owner_pid, owner_start), name="owner-watchdog",
                          daemon=True).start()
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _children_die_with_us() -> None:
+    """Have every process that asyncio starts in this process (hivemind starts p2pd so) receive SIGKILL
+    when this process dies, however it dies (SIGKILL included): Linux's parent-death signal, armed in
+    the child between fork and exec. hivemind offers no hook for how it starts p2pd, so this wraps
+    asyncio's ``create_subprocess_exec`` in this process only (the DHT process, which runs hivemind
+    alone). Elsewhere than on Linux nothing changes: the exits above stop p2pd in order."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError) as e:
+        logger.debug("no prctl here, so p2pd outlives a killed DHT process: %s", e)
+        return
+    parent = os.getpid()
+
+    def arm() -> None:  # runs in the child, between fork and exec
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    original = asyncio.subprocess.create_subprocess_exec
+
+    async def create_subprocess_exec(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        kwargs.setdefault("preexec_fn", arm)
+        return await original(*args, **kwargs)
+
+    asyncio.subprocess.create_subprocess_exec = create_subprocess_exec
+    asyncio.create_subprocess_exec = create_subprocess_exec
 
 
 def _watch_owner(owner_pid: int, owner_start: int | None) -> None:

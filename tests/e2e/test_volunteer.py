@@ -3,11 +3,11 @@ node joining where the swarm is weakest, `homeswarm status`, stopping however it
 main process, kill -9, SIGTERM to the whole process group) with no process left behind, a node moving
 into the gap a stopped one left, and a client naming the blocks nobody serves once too many are gone.
 
-One swarm serves the module: a bootstrap peer and three nodes started one after another with no --blocks and a
---max-memory that holds 4 of the model's 12 blocks; each announces a fixed --throughput, so that which
-span is weakest does not hang on self-tests of a busy machine. Only the fourth node rebalances (every
-second), so that the others stay where the tests expect them. The tests run in order and later ones
-stop the nodes that earlier ones used.
+One swarm serves the module: a bootstrap peer and three nodes started in the same moment with no --blocks
+and a --max-memory that holds 4 of the model's 12 blocks; each announces a fixed --throughput, so that
+which span is weakest does not hang on self-tests of a busy machine. Only the fourth node rebalances
+(every second), so that the others stay where the tests expect them. The tests run in order and later
+ones stop the nodes that earlier ones used; the last one kills the DHT process of the last node left.
 """
 
 from __future__ import annotations
@@ -119,12 +119,12 @@ def swarm(ckpt, max_memory, tmp_path_factory):
     work = tmp_path_factory.mktemp("swarm")
     with LocalSwarm(work, env={"XDG_CACHE_HOME": str(work / "cache")}) as swarm:
         swarm.start_bootstrap()
-        # One after another: two nodes started in the same moment on a loaded machine have been seen to
-        # pick the same span (their joining records crossed), which this module is not about.
-        for throughput in THROUGHPUTS:
-            swarm.start_node(ckpt, "--model-name", MODEL, "--max-memory", max_memory, "--throughput",
-                             str(throughput), "--compute-threads", "1", "--rebalance-interval", "0",
-                             "--announce-ttl", TTL, timeout=180)
+        nodes = [swarm.start_node(ckpt, "--model-name", MODEL, "--max-memory", max_memory, "--throughput",
+                                  str(throughput), "--compute-threads", "1", "--rebalance-interval", "0",
+                                  "--announce-ttl", TTL, wait=False)
+                 for throughput in THROUGHPUTS]
+        for node in nodes:
+            swarm.wait_ready(node, timeout=180)
         yield swarm
 
 
@@ -156,10 +156,22 @@ def records_settled(dht: SwarmDHT, count: int, timeout: float = 30.0) -> list:
 # --- tests ---------------------------------------------------------------------------------------
 
 
+def settled_spans(swarm: LocalSwarm, dht: SwarmDHT, timeout: float = 60.0) -> list[tuple[int, int]]:
+    """The nodes' spans once their ready files agree with the online records in the DHT (a node that
+    finds, after loading, that one which started with it keeps the same span moves, and rewrites it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = sorted(blocks_of(node) for node in swarm.nodes)
+        online = sorted((r.start, r.end) for r in dht.get_servers(MODEL, 0, NUM_LAYERS) if r.state == ServerState.ONLINE)
+        if online == spans or time.monotonic() > deadline:
+            return spans
+        time.sleep(0.2)
+
+
 @pytest.mark.timeout(240)
-def test_three_nodes_without_blocks_cover_the_model_and_generate_exactly(swarm, ckpt):
-    spans = sorted(blocks_of(node) for node in swarm.nodes)
-    assert spans == [(0, 4), (4, 8), (8, 12)], spans  # 4 blocks each fit; each joins where nobody serves
+def test_three_nodes_started_together_cover_the_model_and_generate_exactly(swarm, ckpt, dht):
+    spans = settled_spans(swarm, dht)
+    assert spans == [(0, 4), (4, 8), (8, 12)], spans  # 4 blocks each fit; each claims a span nobody else does
     for node in swarm.nodes:
         assert "4 of 12 blocks fit in the memory budget" in node.log()
     expected = reference_greedy(ckpt, torch.tensor([PROMPT]), NEW_TOKENS)
@@ -295,3 +307,24 @@ def test_a_client_then_fails_fast_naming_the_blocks_nobody_serves(swarm, ckpt, d
     # start-up (imports, a DHT peer: 15-35 s on a loaded 2-core machine) and one read of the records; a
     # client that waited for nodes to come back, or retried until some timeout, would take minutes
     assert time.monotonic() - t0 < 90
+
+
+@pytest.mark.timeout(120)
+def test_kill_9_of_the_dht_process_stops_the_node_and_leaves_nothing_behind(swarm):
+    node = swarm.nodes[3]
+    pid = node.process.pid
+    children = descendants(pid)
+    dht_process = next(p for p, name in children.items() if "p2pd" in descendants(p).values())
+    os.kill(dht_process, signal.SIGKILL)  # p2pd gets its parent-death signal; the node notices within a second
+    try:
+        code = node.process.wait(30)
+    except subprocess.TimeoutExpired:
+        LocalSwarm.kill(node)
+        kill_leftovers(list(children))
+        pytest.fail(f"still running 30 s after its DHT process was killed:\n{node.log()[-3000:]}")
+    assert code == 1, node.log()[-3000:]  # a failure: a service manager restarts it
+    assert "the DHT process has exited; stopping" in node.log()
+    left = wait_gone(list(children), timeout=10)
+    kill_leftovers(left)
+    assert not left, {p: children[p] for p in left}
+    assert not group_members(pid) and not group_members(dht_process)

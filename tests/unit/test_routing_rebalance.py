@@ -1,4 +1,4 @@
-"""Rebalancing: plan_move and yield_span, and a swarm of hundreds of joining and leaving nodes simulated
+"""Rebalancing: plan_move and recheck_claim, and a swarm of hundreds of joining and leaving nodes simulated
 with them (pure: records in, decisions out, no sockets). Coverage converges, and nodes do not churn."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from homeswarm.routing.block_chooser import (
     block_coverage,
     choose_blocks,
     plan_move,
+    recheck_claim,
     worth_moving,
-    yield_span,
 )
 from homeswarm.routing.records import PeerId, ServerRecord, ServerState
 
@@ -92,12 +92,75 @@ def test_busy_and_offline_nodes_count_for_nothing():
     assert block_coverage(records, 8) == [0.0] * 8
 
 
-def test_of_two_nodes_joining_on_one_span_the_larger_id_yields():
-    records = [rec("a", 0, 4, state=ServerState.JOINING), rec("b", 0, 4, state=ServerState.JOINING)]
-    assert not yield_span(records, 12, PeerId("a"), (0, 4))
-    assert yield_span(records, 12, PeerId("b"), (0, 4))
-    records = [rec("a", 0, 4, state=ServerState.JOINING), rec("b", 4, 8, state=ServerState.JOINING)]
-    assert not yield_span(records, 12, PeerId("b"), (4, 8))  # no overlap, nothing to yield
+def joining(peer: str, start: int, end: int, throughput: float = 10.0) -> ServerRecord:
+    return rec(peer, start, end, throughput, ServerState.JOINING)
+
+
+def test_of_two_nodes_joining_on_one_span_the_larger_id_gives_way():
+    records = [joining("a", 0, 4), joining("b", 0, 4)]
+    assert recheck_claim(records, 12, joining("a", 0, 4)) is None
+    assert recheck_claim(records, 12, joining("b", 0, 4)) == (4, 8)
+    records = [joining("a", 0, 4), joining("b", 4, 8)]
+    assert recheck_claim(records, 12, joining("b", 4, 8)) is None  # no overlap, nothing to give way to
+
+
+def test_a_joining_node_gives_way_to_an_online_one_whatever_their_ids():
+    # "b" went online on 4..7 while "a", which had read the swarm before, picked 4..7 too
+    records = [rec("c", 0, 4), rec("b", 4, 8), joining("a", 4, 8)]
+    assert recheck_claim(records, 12, joining("a", 4, 8)) == (8, 12)
+    # ...but of two online nodes that joined together, the larger id moves, and into a gap only
+    records = [rec("c", 0, 4), rec("a", 4, 8), rec("b", 4, 8)]
+    assert recheck_claim(records, 12, rec("a", 4, 8)) is None
+    assert recheck_claim(records, 12, rec("b", 4, 8)) == (8, 12)
+    # an online node never gives way to a joining one: the joining one goes instead
+    assert recheck_claim([rec("b", 4, 8), joining("a", 4, 8)], 12, rec("b", 4, 8)) is None
+
+
+def test_a_node_that_chose_to_serve_beside_another_keeps_its_span():
+    # the weakest span is 0..3 (10 steps/s): a fifth node joins there on purpose, beside "a"
+    records = [rec("a", 0, 4, 10.0), rec("b", 4, 8, 30.0), rec("c", 8, 12, 20.0)]
+    assert choose_blocks(records, 12, 4) == (0, 4)
+    assert recheck_claim([*records, joining("0", 0, 4)], 12, joining("0", 0, 4)) is None
+    assert recheck_claim([*records, rec("0", 0, 4)], 12, rec("0", 0, 4)) is None
+    # an online node moves only where the move is worth a reload: here it would lift 20 to 20 + 10 only
+    records = [rec("a", 0, 4, 10.0), rec("b", 4, 8, 30.0), rec("c", 8, 12, 22.0), rec("d", 0, 4, 10.0)]
+    assert recheck_claim(records, 12, rec("d", 0, 4, 10.0)) is None
+
+
+def test_busy_offline_and_unknown_claims_take_no_part():
+    records = [rec("a", 0, 4, state=ServerState.BUSY), rec("b", 0, 4, state=ServerState.OFFLINE)]
+    assert recheck_claim(records, 12, joining("c", 0, 4)) is None
+    assert recheck_claim([joining("a", 0, 4)], 12, rec("c", 0, 4, state=ServerState.BUSY)) is None
+
+
+def test_the_record_of_the_node_itself_is_ignored():
+    # a read may return the node's own older claim on another span
+    records = [joining("b", 0, 4), joining("b", 4, 8), joining("a", 0, 4)]
+    assert recheck_claim(records, 12, joining("b", 4, 8)) is None
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_nodes_rechecking_in_any_order_end_as_if_they_joined_one_by_one(seed):
+    """Any number of nodes claim spans at once; each re-checks (in a random order, seeing the current
+    claims) until no claim changes: they end on distinct spans covering the model, within n rounds."""
+    rng = random.Random(seed)
+    n = rng.randint(2, 6)
+    peers = [f"p{rng.randrange(10**6):06d}" for _ in range(n)]
+    claims = {p: joining(p, 0, 4) for p in peers}  # all read an empty swarm
+    for _ in range(n + 1):
+        changed = False
+        for p in rng.sample(peers, n):
+            destination = recheck_claim(list(claims.values()), 12, claims[p])
+            if destination is not None:
+                claims[p] = joining(p, *destination)
+                changed = True
+        if not changed:
+            break
+    else:
+        pytest.fail("claims did not settle")
+    # spread evenly: every span held by n // 3 or n // 3 + 1 of the nodes (each counts 10 steps/s)
+    coverage = block_coverage(claims.values(), 12)
+    assert min(coverage) == 10.0 * (n // 3) and max(coverage) == 10.0 * -(-n // 3), coverage
 
 
 # --- a simulated swarm ---------------------------------------------------------------------------
