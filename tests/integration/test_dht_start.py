@@ -1,9 +1,13 @@
 """Starting a DHT peer is bounded: a DHT process that does not get ready in time is killed (with the
-p2pd daemon it started) and the start retried, and the caller gets an error instead of a hang."""
+p2pd daemon it started) and the start retried, and the caller gets an error instead of a hang. A DHT
+process killed on its own takes p2pd with it."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -89,3 +93,37 @@ def test_with_grpc_threads_running_the_dht_comes_from_the_fork_server(monkeypatc
 def test_start_method_is_checked():
     with pytest.raises(ValueError, match="start_method"):
         SwarmDHT.create(start_method="spawn")
+
+
+_ORPHAN_CHECK = r"""
+import ctypes, os, signal, sys, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphaned descendants become our children
+from homeswarm.routing.dht import SwarmDHT, _children
+dht = SwarmDHT.create(start_method=sys.argv[1])
+p2pd = _children(dht.dht.pid)
+assert len(p2pd) == 1, p2pd
+os.kill(p2pd[0], signal.SIGSTOP)  # a p2pd that writes nothing would not die of a broken pipe either
+os.kill(dht.dht.pid, signal.SIGKILL)
+deadline = time.monotonic() + 10
+while time.monotonic() < deadline:
+    pid, status = os.waitpid(-1, os.WNOHANG)
+    if pid == p2pd[0]:
+        print(os.WTERMSIG(status) if os.WIFSIGNALED(status) else -os.WEXITSTATUS(status))
+        break
+    time.sleep(0.01)
+else:
+    os.kill(p2pd[0], signal.SIGKILL)
+    print("alive")
+"""
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_p2pd_dies_with_a_killed_dht_process(start_method):
+    """kill -9 of the DHT process (not of its owner, whose death the DHT process watches for): the
+    kernel's parent-death signal ends p2pd. Run in a child process that adopts orphans, to see how p2pd
+    ended: killed by that signal, not left running nor ended some other way."""
+    result = subprocess.run([sys.executable, "-c", _ORPHAN_CHECK, start_method], capture_output=True, text=True,
+                            timeout=80)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == str(int(signal.SIGKILL)), result.stdout
