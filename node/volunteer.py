@@ -22,10 +22,8 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
-import enum
 import gc
 import logging
-import pwd
 import random
 import socket
 import sys
@@ -49,8 +47,10 @@ from homeswarm.node.capacity import (
     weight_budget,
 )
 from homeswarm.node.config import ConfigError, NodeConfig
-from homeswarm.node.idle import IdleState, IdleThresholds, initial_state, step
+from homeswarm.node.idle import IdleThresholds
 from homeswarm.node.idle_probe import MachineProbe
+from homeswarm.node.idle_watch import IdleWatch, idle_users
+from homeswarm.node.period import EndReason, PeriodEnd, PeriodEnds
 from homeswarm.node.placement import JOIN_SETTLE, Sightings, read_swarm, rebalance, settle_claim, watch_claim
 from homeswarm.node.throughput import (
     SELF_TEST_STEPS,
@@ -67,75 +67,6 @@ from homeswarm.routing.records import PeerId, ServerRecord, ServerState
 logger = logging.getLogger("homeswarm.node")
 
 DHT_CHECK = 1.0  # seconds between checks that the DHT process still runs
-
-
-# --- how a serving period ends -------------------------------------------------------------------
-
-
-class EndReason(enum.Enum):
-    STOP = "stop"
-    BUSY = "busy"
-    MOVE = "move"
-
-
-@dataclass(frozen=True)
-class PeriodEnd:
-    reason: EndReason
-    state: ServerState  # announced for the span being left
-    grace: float  # seconds open sessions get before they are closed
-    refusal: str  # what a session opened meanwhile is told
-    destination: tuple[int, int] | None = None  # the next span, for a move
-    why: str = ""
-
-    @classmethod
-    def stop(cls, grace: float) -> PeriodEnd:
-        return cls(EndReason.STOP, ServerState.OFFLINE, grace, "this node is shutting down and takes no new sessions",
-                   why="shutting down")
-
-    @classmethod
-    def busy(cls, grace: float, why: str) -> PeriodEnd:
-        return cls(EndReason.BUSY, ServerState.BUSY, grace,
-                   "this node's machine is in use by its owner; it takes no new sessions", why=f"stepping aside ({why})")
-
-    @classmethod
-    def move(cls, grace: float, destination: tuple[int, int]) -> PeriodEnd:
-        start, end = destination
-        return cls(EndReason.MOVE, ServerState.OFFLINE, grace, "this node is moving to other blocks",
-                   destination, why=f"moving to blocks {start}..{end - 1}, where the swarm is weaker")
-
-
-class PeriodEnds:
-    """The first reason the current serving period ends; a stop (a signal) always wins."""
-
-    def __init__(self, stop: asyncio.Event, stop_grace: float):
-        self.stop_event = stop
-        self.stop_grace = stop_grace
-        self._end: PeriodEnd | None = None
-        self._event = asyncio.Event()
-
-    def set(self, end: PeriodEnd) -> None:
-        if self._end is None:
-            self._end = end
-            self._event.set()
-
-    def reset(self) -> None:
-        self._end = None
-        self._event.clear()
-
-    @property
-    def stopping(self) -> bool:
-        return self.stop_event.is_set()
-
-    async def wait(self) -> PeriodEnd:
-        waiters = [asyncio.ensure_future(self.stop_event.wait()), asyncio.ensure_future(self._event.wait())]
-        try:
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-        if self.stop_event.is_set() or self._end is None:
-            return PeriodEnd.stop(self.stop_grace)
-        return self._end
 
 
 # --- memory --------------------------------------------------------------------------------------
@@ -240,73 +171,6 @@ def _load(config: NodeConfig, dtype: torch.dtype, start: int, end: int, throughp
             throughput = measure_block_throughput(span, on_step=lambda: bar.update(1))
             cache.put(key, throughput, time.time())
     return span, throughput
-
-
-# --- the idle watch ------------------------------------------------------------------------------
-
-
-class IdleWatch:
-    """Feeds the pure idle policy with measurements every ``interval`` s; ends the period when it turns."""
-
-    def __init__(self, probe: MachineProbe, thresholds: IdleThresholds, interval: float, ends: PeriodEnds,
-                 grace: float, clock: Callable[[], float] = time.monotonic):
-        self.probe, self.thresholds, self.interval = probe, thresholds, interval
-        self.ends, self.grace, self.clock = ends, grace, clock
-        self.state = IdleState(serving=True)
-        self._changed = asyncio.Event()
-
-    async def start(self) -> None:
-        """Take the first state from two measurements (a CPU share needs an interval)."""
-        await asyncio.to_thread(self.probe.measure, self.clock())
-        await asyncio.sleep(min(self.interval, 1.0))
-        self.state = initial_state(await asyncio.to_thread(self.probe.measure, self.clock()), self.thresholds)
-        logger.info("idle watch: %s", "the machine is idle" if self.state.serving else f"busy: {self.state.reason}")
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                measurement = await asyncio.to_thread(self.probe.measure, self.clock())
-            except Exception as e:  # a probe failing once must not stop the node
-                logger.warning("measuring the machine's use failed: %s", e)
-                continue
-            before = self.state.serving
-            self.state = step(self.state, measurement, self.thresholds)
-            if self.state.serving == before:
-                continue
-            self._changed.set()
-            if self.state.serving:
-                logger.info("the machine is idle again: serving")
-            else:
-                logger.info("the owner is back: %s", self.state.reason)
-                self.ends.set(PeriodEnd.busy(self.grace, self.state.reason))
-
-    async def wait_serving(self, stop: asyncio.Event) -> bool:
-        """Wait until the policy says serve (True) or a stop comes (False)."""
-        while not self.state.serving and not stop.is_set():
-            self._changed.clear()
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._changed.wait())]
-            try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
-        return not stop.is_set()
-
-
-def idle_users(names: tuple[str, ...]) -> frozenset[int] | None:
-    if not names:
-        return None
-    uids = set()
-    for name in names:
-        if name.isdigit():
-            uids.add(int(name))
-            continue
-        try:
-            uids.add(pwd.getpwnam(name).pw_uid)
-        except KeyError:
-            raise ConfigError(f"--idle-users: no user {name!r} on this machine") from None
-    return frozenset(uids)
 
 
 # --- the loop ------------------------------------------------------------------------------------
