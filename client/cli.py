@@ -324,6 +324,9 @@ def cmd_dht(args: argparse.Namespace) -> int:
     except Exception as e:
         raise UsageError(f"could not start the DHT on {args.host}:{args.port}: {e}") from None
     try:
+        from homeswarm.routing.relay import serve_reachability_checks
+
+        serve_reachability_checks(dht)  # its p2pd also relays for nodes that cannot be dialled
         maddrs = dht.visible_maddrs()
         if args.ready_file:
             write_ready_file(args.ready_file, {"peer_id": dht.peer_id, "dht_maddrs": maddrs})

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from homeswarm.client.session import InferenceSession
 from homeswarm.client.transport import ChannelPool
 from homeswarm.model import ModelConfig, load_head, parse_dtype
 from homeswarm.routing.dht import SwarmDHT
+from homeswarm.routing.relay import forwarder_address
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class DistributedModelForCausalLM:
         if not initial_peers:
             raise ValueError("initial_peers is empty: give the multiaddr of at least one peer of the swarm")
         self.dht = SwarmDHT.create(list(initial_peers), client_mode=True)
-        self.pool = ChannelPool()
+        self.pool = ChannelPool(partial(forwarder_address, self.dht))  # relayed nodes: through libp2p
         self.routes = RouteManager(
             self.dht, self.pool, self.model_name, self.model_config.num_hidden_layers, self.config
         )

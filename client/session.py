@@ -202,7 +202,8 @@ class InferenceSession:
         stream = self._hops[index].stream
         assert stream is not None
         rest = self._hops[index + 1 :] if handoff else []
-        stream.send(step_id, hidden, [(h.stream.address, h.stream.session_id) for h in rest if h.stream])
+        stream.send(step_id, hidden, [(h.stream.address, h.stream.session_id, h.stream.peer_id) for h in rest
+                                  if h.stream])
 
     def _handoff_failed(self, index: int, step_id: int) -> bool:
         """Whether hop ``index`` reports (after its result) that it could not push to the next hop.

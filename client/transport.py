@@ -3,6 +3,10 @@
 The client is synchronous end to end (the node is the asyncio side): each hop's bidirectional
 stream is fed from a queue, and every wait on it is bounded by a timeout that cancels the call, so
 a dead or stalled node surfaces as ``HopFailed`` within that timeout instead of a hang.
+
+``ChannelPool`` hides how a node is reached: a node whose record names relays is dialled through a
+loopback forwarder that carries the connection over libp2p (``homeswarm.routing.relay``); every other
+node at its address. Callers pass the peer id along with the address and never see the difference.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -40,18 +44,46 @@ class HopFailed(Exception):
 
 
 class ChannelPool:
-    def __init__(self) -> None:
+    def __init__(self, forwarder: Callable[[str, Sequence[str]], str] | None = None) -> None:
+        """``forwarder(peer_id, relays)``: a loopback HOST:PORT that reaches a relayed node (None: no relaying)."""
         self._channels: dict[str, grpc.Channel] = {}
+        self._relays: dict[str, tuple[str, ...]] = {}
+        self._forwarder = forwarder
         self._lock = threading.Lock()
 
-    def get(self, address: str) -> grpc.Channel:
+    def note_relays(self, peer_id: str, relays: Sequence[str]) -> None:
+        """Reach ``peer_id`` through ``relays`` from now on (empty: at its address). From its newest record."""
         with self._lock:
-            if address not in self._channels:
-                self._channels[address] = grpc.insecure_channel(address, options=GRPC_OPTIONS)
-            return self._channels[address]
+            if tuple(relays) != self._relays.get(peer_id, ()):
+                old = self._channels.pop(f"relayed:{peer_id}", None)
+                if old is not None and not relays:
+                    old.close()  # it became reachable directly; sessions already open keep their calls
+                self._relays[peer_id] = tuple(relays)
 
-    def stub(self, address: str) -> node_pb2_grpc.NodeStub:
-        return node_pb2_grpc.NodeStub(self.get(address))
+    def relays(self, peer_id: str) -> tuple[str, ...]:
+        with self._lock:
+            return self._relays.get(peer_id, ())
+
+    def get(self, address: str, peer_id: str = "") -> grpc.Channel:
+        with self._lock:
+            relays = self._relays.get(peer_id, ()) if peer_id else ()
+            key = f"relayed:{peer_id}" if relays else address
+            if key not in self._channels:
+                target = address
+                if relays:
+                    if self._forwarder is None:
+                        raise HopFailed(peer_id, address, "the node is reached through relays, and this client "
+                                        "has no libp2p peer to use them", grpc.StatusCode.UNAVAILABLE)
+                    try:
+                        target = self._forwarder(peer_id, relays)
+                    except Exception as e:  # noqa: BLE001 - a malformed relay, or the DHT process gone
+                        raise HopFailed(peer_id, address, f"no relayed path: {e}",
+                                        grpc.StatusCode.UNAVAILABLE) from None
+                self._channels[key] = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+            return self._channels[key]
+
+    def stub(self, address: str, peer_id: str = "") -> node_pb2_grpc.NodeStub:
+        return node_pb2_grpc.NodeStub(self.get(address, peer_id))
 
     def close(self) -> None:
         with self._lock:
@@ -66,7 +98,7 @@ def ping(pool: ChannelPool, peer_id: str, address: str, timeout: float) -> tuple
     The round trip is timed on a second call: the first may include opening the connection (TCP and
     HTTP/2 set-up, several round trips), which would make a near node look far.
     """
-    stub = pool.stub(address)
+    stub = pool.stub(address, peer_id)
     request = node_pb2.InfoRequest(protocol_version=PROTOCOL_VERSION)
     try:
         stub.Info(request, timeout=timeout)
@@ -106,7 +138,8 @@ class HopStream:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self.last_compute_seconds = 0.0  # the node's forward pass for the last result received
-        self._call = pool.stub(address).Inference(iter(self._queue.get, _CLOSE))
+        self._pool = pool
+        self._call = pool.stub(address, peer_id).Inference(iter(self._queue.get, _CLOSE))
         self._responses: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._read, name=f"hop-{address}", daemon=True).start()
         self._queue.put(
@@ -160,8 +193,8 @@ class HopStream:
             raise self._fail("the node closed the session")
         return item
 
-    def send(self, step_id: int, hidden: torch.Tensor, next_hops: Sequence[tuple[str, str]] = ()) -> None:
-        """Queue a step; with ``next_hops`` ((address, session_id), ...) the node hands its output on."""
+    def send(self, step_id: int, hidden: torch.Tensor, next_hops: Sequence[tuple[str, str, str]] = ()) -> None:
+        """Queue a step; with ``next_hops`` ((address, session_id, peer_id), ...) the node hands its output on."""
         if self._closed:
             raise HopFailed(self.peer_id, self.address, "the session is closed")
         self._queue.put(
@@ -170,7 +203,8 @@ class HopStream:
                 step=node_pb2.Step(
                     step_id=step_id,
                     hidden=serialize_tensor(hidden, self.compression),
-                    next=[node_pb2.NextHop(address=a, session_id=s) for a, s in next_hops],
+                    next=[node_pb2.NextHop(address=a, session_id=s, peer_id=p, relays=self._pool.relays(p))
+                          for a, s, p in next_hops],
                 ),
             )
         )

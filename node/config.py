@@ -39,6 +39,9 @@ class NodeConfig:
     port: int = _opt(0, "gRPC port (0 picks a free port)")
     dht_port: int = _opt(0, "DHT (libp2p) port (0 picks a free port)")
     public_address: str | None = _opt(None, "HOST:PORT announced to the swarm, when it differs from the bind address")
+    reachability: str = _opt("auto", "how others reach the gRPC service: auto (ask peers to dial it back; if none "
+                             "can, relayed), direct (dial --public-address or the bind address), relayed "
+                             "(through libp2p relays: the --initial-peers)", choices=["auto", "direct", "relayed"])
     dtype: str = _opt("float32", "compute and weight dtype", choices=["float32", "bfloat16", "float16"])
     device: str = _opt("cpu", "torch device for the blocks (cpu, cuda, cuda:1, ...)")
     quant: str = _opt("none", "weight format of the blocks' linear layers and experts, quantized at load: none "
@@ -114,6 +117,10 @@ class NodeConfig:
             raise ConfigError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         if self.public_address is not None and not is_valid_address(self.public_address):
             raise ConfigError(f"--public-address must be HOST:PORT with a port in 1..65535, got {self.public_address!r}")
+        if self.reachability not in ("auto", "direct", "relayed"):
+            raise ConfigError(f"--reachability must be auto, direct or relayed, got {self.reachability!r}")
+        if self.reachability == "relayed" and not self.initial_peers:
+            raise ConfigError("--reachability relayed needs --initial-peers: they serve as the node's relays")
         if self.quant not in QUANT_FORMATS:
             raise ConfigError(f"--quant must be one of {', '.join(QUANT_FORMATS)}, got {self.quant!r}")
         if self.quant_group_size not in INT4_GROUP_SIZES:

@@ -6,6 +6,8 @@ announced for the block right after the session's span. Addresses seen in the re
 for ``ttl`` seconds; an address not among them triggers a fresh read, at most one per block every
 ``min_refresh`` seconds. Records themselves are only as trustworthy as the DHT's validation makes them
 (signed by their node's key); nothing stops a node from announcing someone else's address.
+A relayed target is dialled through the relays its record names (``relays_of``), never through relays
+a client names.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class HandoffTargets:
         self.clock = clock
         self._known: dict[int, tuple[float, frozenset[str]]] = {}  # block -> (read at, addresses)
         self._locks: dict[int, asyncio.Lock] = {}
+        self._relays: dict[tuple[str, str], tuple[str, ...]] = {}  # (address, peer id) -> relays, from records
 
     async def check(self, address: str, block: int) -> str | None:
         """Why ``address`` is not a node serving ``block`` (None if it is); TargetsUnknown if unsure."""
@@ -53,8 +56,13 @@ class HandoffTargets:
                 except Exception as e:  # noqa: BLE001 - a DHT that does not answer: unknown, not refused
                     raise TargetsUnknown(f"could not read the records of block {block}: {e}") from None
                 addresses = frozenset(r.address for r in records if r.start <= block < r.end)
+                self._relays.update({(r.address, r.peer_id): r.relays for r in records})
                 read_at = started
                 self._known[block] = (read_at, addresses)
         if address in addresses:
             return None
         return f"hand-off target {address} is not a node serving block {block} in the swarm's records"
+
+    def relays_of(self, address: str, peer_id: str) -> tuple[str, ...]:
+        """The relays that the record of ``peer_id`` at ``address`` names (empty: dial it directly)."""
+        return self._relays.get((address, peer_id), ())

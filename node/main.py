@@ -34,6 +34,7 @@ from homeswarm.node.executor import ComputeExecutor
 from homeswarm.node.handoff_targets import HandoffTargets
 from homeswarm.node.metrics import CacheUse, NodeMetrics, serve_metrics
 from homeswarm.node.peer_limits import PeerLimits
+from homeswarm.node.reachability import start_dht
 from homeswarm.node.service import NodeIdentity, NodeService
 from homeswarm.node.sessions import SessionManager
 from homeswarm.node.volunteer import LoadedSpan, PeriodEnd, PeriodEnds, run_volunteer
@@ -43,6 +44,7 @@ from homeswarm.protocol.limits import GRPC_OPTIONS
 from homeswarm.protocol.ready_file import write_ready_file
 from homeswarm.routing.dht import SwarmDHT
 from homeswarm.routing.records import PeerId, ServerRecord, ServerState
+from homeswarm.routing.relay import forwarder_address, serve_grpc
 from homeswarm.routing.signing import NodeKey
 
 logger = logging.getLogger("homeswarm.node")
@@ -85,18 +87,14 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
         raise ConfigError(f"--blocks {config.blocks}: the model has only {total_blocks} blocks")
 
     logger.info("starting the DHT peer")
-    try:
-        dht = await asyncio.to_thread(
-            SwarmDHT.create, config.initial_peers, host=config.host, port=config.dht_port, key=NodeKey()
-        )
-    except Exception as e:  # hivemind raises several types for unreachable or malformed peers
-        raise ConfigError(f"could not start or join the DHT: {e}") from None
+    dht, relays, config = await start_dht(config, NodeKey())  # checks how others reach it (node.reachability)
     metrics = NodeMetrics()  # one for the process: its counters carry on across serving periods
     try:
         with serve_metrics(metrics, config.host, config.metrics_port) as metrics_address:
             return await run_volunteer(config, stop, dht, model_config, dtype, model_name, block_range,
                                        available_memory_bytes(torch.device(config.device)),
-                                       partial(_serve_with_dht, metrics=metrics, metrics_address=metrics_address))
+                                       partial(_serve_with_dht, metrics=metrics, metrics_address=metrics_address,
+                                               relays=relays))
     finally:
         dht.shutdown()
 
@@ -112,6 +110,7 @@ async def _serve_with_dht(
     *,
     metrics: NodeMetrics,
     metrics_address: str | None = None,
+    relays: tuple[str, ...] = (),
 ) -> PeriodEnd:
     """One serving period: serve ``loaded`` until ``stop`` says why to end, then end in order."""
     total_blocks = model_config.num_hidden_layers
@@ -145,6 +144,7 @@ async def _serve_with_dht(
         peer_limits=PeerLimits(max_sessions=config.max_sessions_per_peer, rate=config.max_requests_per_peer),
         handoff_targets=HandoffTargets(lambda block: dht.get_servers(model_name, block, block + 1)),
     )
+    service.peers.forwarder = partial(asyncio.to_thread, forwarder_address, dht)  # hand-off to relayed nodes
     server = grpc.aio.server(options=SERVER_OPTIONS)
     add_node_service(service, server)
     reflection.enable_server_reflection(
@@ -155,6 +155,8 @@ async def _serve_with_dht(
         raise ConfigError(f"could not bind the gRPC service to {config.host}:{config.port}")
     await server.start()
     address = config.public_address or f"{config.host}:{port}"
+    if relays:  # unreachable: clients come through libp2p streams from the relays
+        await asyncio.to_thread(serve_grpc, dht, config.host, port)
 
     def make_record(state: ServerState) -> ServerRecord:
         return ServerRecord(
@@ -171,6 +173,7 @@ async def _serve_with_dht(
             queue=executor.queue_length,
             public_name=config.public_name,
             quant=config.quant,
+            relays=relays,
         )
 
     announcer = Announcer(dht, make_record, total_blocks, config.announce_ttl)

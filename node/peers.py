@@ -1,6 +1,12 @@
-"""asyncio gRPC channels from this node to other nodes, for server-to-server hand-off."""
+"""asyncio gRPC channels from this node to other nodes, for server-to-server hand-off.
+
+A next node that announces relays is dialled through a loopback forwarder (``forwarder``: peer id and
+relays in, ``127.0.0.1:PORT`` out; see ``homeswarm.routing.relay``); one channel per peer then.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
 
 import grpc
 
@@ -13,11 +19,17 @@ class PeerChannels:
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.forwarder: Callable[[str, Sequence[str]], Awaitable[str]] | None = None
 
-    def stub(self, address: str) -> node_pb2_grpc.NodeStub:
-        if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
-        return node_pb2_grpc.NodeStub(self._channels[address])
+    async def stub(self, address: str, peer_id: str = "", relays: Sequence[str] = ()) -> node_pb2_grpc.NodeStub:
+        key = f"relayed:{peer_id}" if relays else address
+        if key not in self._channels:
+            if relays:
+                if self.forwarder is None or not peer_id:
+                    raise ValueError("a relayed next node needs its peer id and this node's DHT")
+                address = await self.forwarder(peer_id, tuple(relays))
+            self._channels[key] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        return node_pb2_grpc.NodeStub(self._channels[key])
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -476,10 +476,13 @@ class NodeService(node_pb2_grpc.NodeServicer):
             step=node_pb2.Step(step_id=step_id, hidden=hidden, next=next_hops[1:]),
         )
         try:
-            await self.peers.stub(target.address).Push(request, timeout=self.push_timeout)
+            relays = (self.handoff_targets.relays_of(target.address, target.peer_id) if self.handoff_targets
+                      else tuple(target.relays))  # without records (tests), the client's word
+            stub = await self.peers.stub(target.address, target.peer_id, relays)
+            await stub.Push(request, timeout=self.push_timeout)
         except grpc.aio.AioRpcError as e:
             error = f"hand-off to {target.address} failed: {e.code().name}: {e.details()}"
-        except (ValueError, RuntimeError) as e:  # e.g. a malformed address
+        except (ValueError, RuntimeError, OSError) as e:  # e.g. a malformed address, no relayed path
             error = f"hand-off to {target.address} failed: {e}"
         else:
             self.stats.pushes_sent += 1

@@ -137,12 +137,16 @@ class Step(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., next: _Optional[_Iterable[_Union[NextHop, _Mapping]]] = ...) -> None: ...
 
 class NextHop(_message.Message):
-    __slots__ = ("address", "session_id")
+    __slots__ = ("address", "session_id", "peer_id", "relays")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    RELAYS_FIELD_NUMBER: _ClassVar[int]
     address: str
     session_id: str
-    def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    peer_id: str
+    relays: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, address: _Optional[str] = ..., session_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., relays: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("protocol_version", "session_id", "step")

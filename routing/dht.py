@@ -99,6 +99,7 @@ class SwarmDHT:
         attempts: int = 2,
         start_method: str = "auto",
         key: NodeKey | None = None,
+        relays: Sequence[str] = (),
     ) -> SwarmDHT:
         """Start a DHT peer in its own process, waiting at most ``start_timeout`` s per attempt.
 
@@ -109,6 +110,11 @@ class SwarmDHT:
         ``start_method``: "fork", "forkserver", or "auto" (fork while no gRPC thread runs here).
         ``key``: a node's key, which becomes the peer's identity and signs what it announces; every peer
         (with or without a key) validates the records it stores and reads.
+
+        ``relays``: multiaddrs of relay peers, for a peer that others cannot dial. Its p2pd then takes
+        reservations on exactly these relays at once (libp2p's relay discovery waits minutes for enough
+        candidates), counts itself as unreachable, and joins the DHT as a client, as such a peer cannot
+        answer the DHT's requests directly (see ``homeswarm.routing.relay``).
         """
         if start_method not in ("auto", "fork", "forkserver"):
             raise ValueError(f"start_method must be auto, fork or forkserver, got {start_method!r}")
@@ -116,6 +122,10 @@ class SwarmDHT:
             start_method = "forkserver" if _grpc_threads_running() else "fork"
         dht_class = _ManagedDHT if start_method == "fork" else _ForkServerDHT
         ip_proto = "ip6" if ":" in host else "ip4"
+        relay_options: dict[str, Any] = {}
+        if relays:
+            client_mode = True
+            relay_options = dict(use_auto_relay=True, trusted_relays=list(relays), force_reachability="private")
         validators = (key or _READER_KEY()).validators(MODELS_KEY)
         with tempfile.TemporaryDirectory(prefix="homeswarm-id-") as folder:
             identity: dict[str, Any] = {}
@@ -123,12 +133,12 @@ class SwarmDHT:
                 identity = {"identity_path": os.path.join(folder, "identity.key"), "check_if_identity_free": False}
                 key.write_identity(identity["identity_path"])
             return cls._start(dht_class, initial_peers, host, port, ip_proto, client_mode, start_timeout, attempts,
-                              validators, identity, key)
+                              validators, identity, key, relay_options)
 
     @classmethod
     def _start(cls, dht_class: type, initial_peers: Sequence[str], host: str, port: int, ip_proto: str,
                client_mode: bool, start_timeout: float, attempts: int, validators: list, identity: dict[str, Any],
-               key: NodeKey | None) -> SwarmDHT:
+               key: NodeKey | None, relay_options: dict[str, Any]) -> SwarmDHT:
         for attempt in range(1, attempts + 1):
             dht = dht_class(
                 initial_peers=list(initial_peers),
@@ -138,7 +148,9 @@ class SwarmDHT:
                 num_workers=4,
                 record_validators=validators,
                 **identity,
+                **relay_options,
             )
+            dht.static_relays_only = bool(relay_options)
             dht.owner = (os.getpid(), _start_time(os.getpid()))
             dht.start()
             try:
@@ -220,6 +232,10 @@ class SwarmDHT:
                     raise DHTTimeout(f"{what} did not finish: the DHT process has exited") from None
                 raise DHTTimeout(f"{what} took more than {self.call_timeout:g} s"
                                  + ("" if alive else " (the DHT process has exited)")) from None
+
+    def call(self, coroutine_fn: Any, what: str) -> Any:
+        """Run ``coroutine_fn(dht, node)`` in the DHT process and wait (bounded) for its result."""
+        return self._wait(self._call(coroutine_fn), what)
 
     def shutdown(self) -> None:
         self.dht.shutdown()
@@ -310,9 +326,12 @@ class _ManagedDHT(hivemind.DHT):
     """hivemind's DHT process, made to end with the process that started it (see the module docstring)."""
 
     owner: tuple[int, int | None] = (0, None)  # (pid, start time) of the process that started it
+    static_relays_only = False  # reserve slots on the trusted relays only, without relay discovery
 
     def run(self) -> None:
         _manage_dht_process(*self.owner)
+        if self.static_relays_only:
+            _disable_relay_discovery()
         super().run()
 
 
@@ -371,6 +390,18 @@ def _watch_owner(owner_pid: int, owner_start: int | None) -> None:
         time.sleep(OWNER_POLL)
     logger.warning("the process that started this DHT peer is gone; stopping")
     _exit_with_children(0)
+
+
+def _disable_relay_discovery() -> None:
+    """In the DHT process: start p2pd with ``-relayDiscovery=false`` (hivemind has no option for it).
+
+    With discovery on, p2pd's autorelay waits for four relay candidates, or three minutes, before it
+    reserves a slot; with the trusted relays as its only, static, candidates it reserves at once.
+    """
+    from hivemind.p2p import P2P
+
+    make_args = P2P._make_process_args
+    P2P._make_process_args = staticmethod(lambda *args, **kwargs: make_args(*args, **kwargs, relayDiscovery=False))
 
 
 def _exit_with_children(code: int) -> None:

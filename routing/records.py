@@ -3,7 +3,7 @@
 A record travels through the DHT as a plain dict of primitives. Records come from other peers and
 are untrusted: ``ServerRecord.from_dict`` validates every field and raises ``InvalidRecord`` on
 anything malformed, so the planner only ever sees well-formed data. Optional fields (``public_name``,
-``queue``, ``quant``) may be absent (records from older nodes) but are validated when present; unknown
+``queue``, ``quant``, ``relays``) may be absent (records from older nodes) but are validated when present; unknown
 keys are ignored, so newer nodes can add fields.
 """
 
@@ -24,6 +24,8 @@ _MAX_BLOCKS = 100_000
 _DTYPES = frozenset({"float32", "bfloat16", "float16"})
 _MAX_QUEUE = 1_000_000
 _MAX_PUBLIC_NAME = 64
+_MAX_RELAYS = 8
+_MAX_MADDR = 512
 # weight formats a node may announce: "none" is the checkpoint's own weights in the record's dtype
 QUANT_FORMATS = ("none", "int8", "int4")
 
@@ -56,6 +58,14 @@ class ServerRecord:
     public_name: str = ""
     queue: int = 0  # requests waiting in the node's compute queue when it announced (optional field)
     quant: str = "none"  # weight format of the linear layers: none (exact), int8, int4 (optional field)
+    # multiaddrs (/ip4/.../tcp/.../p2p/RELAY_ID) of the libp2p relays through which a node that cannot be
+    # dialled is reached; empty: clients dial ``address`` directly (optional field)
+    relays: tuple[str, ...] = ()
+
+    @property
+    def relayed(self) -> bool:
+        """Whether the node is reached through a relay rather than by dialling ``address``."""
+        return bool(self.relays)
 
     @property
     def exact(self) -> bool:
@@ -69,6 +79,10 @@ class ServerRecord:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["state"] = self.state.value
+        if self.relays:
+            data["relays"] = list(self.relays)
+        else:
+            del data["relays"]  # direct nodes announce what nodes without the field announce
         return data
 
     @classmethod
@@ -90,6 +104,7 @@ class ServerRecord:
                 public_name=_optional_str(data, "public_name")[:_MAX_PUBLIC_NAME],
                 queue=_int(data, "queue", 0, _MAX_QUEUE) if "queue" in data else 0,
                 quant=_choice(data, "quant", QUANT_FORMATS) if "quant" in data else "none",
+                relays=_relays(data) if "relays" in data else (),
             )
         except ValueError as e:
             raise InvalidRecord(str(e)) from None
@@ -114,6 +129,17 @@ def _choice(data: dict, key: str, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise InvalidRecord(f"field {key!r} must be one of {', '.join(allowed)}")
     return value
+
+
+def _relays(data: dict) -> tuple[str, ...]:
+    value = data.get("relays")
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) > _MAX_RELAYS
+        or not all(isinstance(m, str) and m.startswith("/") and "/p2p/" in m and len(m) <= _MAX_MADDR for m in value)
+    ):
+        raise InvalidRecord(f"field 'relays' must be a list of at most {_MAX_RELAYS} multiaddrs ending in /p2p/ID")
+    return tuple(value)
 
 
 def _optional_str(data: dict, key: str) -> str:

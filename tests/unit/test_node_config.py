@@ -154,3 +154,13 @@ def test_quant_checked_when_built_in_code():
         NodeConfig(model_dir="m", new_swarm=True, quant="fp8").validate()
     with pytest.raises(ConfigError, match="--quant-group-size"):
         NodeConfig(model_dir="m", new_swarm=True, quant="int4", quant_group_size=48).validate()
+
+
+def test_reachability_modes():
+    peers = ["--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/X"]
+    assert NodeConfig.from_args(["m", *peers]).reachability == "auto"
+    assert NodeConfig.from_args(["m", *peers, "--reachability", "relayed"]).reachability == "relayed"
+    with pytest.raises(ConfigError, match="relayed needs --initial-peers"):
+        NodeConfig.from_args(["m", "--new-swarm", "--reachability", "relayed"])
+    with pytest.raises(SystemExit):
+        NodeConfig.from_args(["m", *peers, "--reachability", "sometimes"])

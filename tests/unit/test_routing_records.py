@@ -157,3 +157,21 @@ def test_rejects_empty_span(start, end):
 def test_invalid_record_is_a_value_error():
     with pytest.raises(ValueError):
         ServerRecord.from_dict({**good(), "start": "x"})
+
+
+RELAY = "/ip4/203.0.113.7/tcp/31337/p2p/12D3KooWCksSUkqXhXK5QzeYA3SQ8biVy5jJRDtYeuWZmRACVVkt"
+
+
+def test_relays_round_trip_and_direct_records_omit_them():
+    relayed = ServerRecord.from_dict({**good(), "relays": [RELAY]})
+    assert relayed.relayed and relayed.relays == (RELAY,)
+    assert ServerRecord.from_dict(relayed.to_dict()) == relayed
+    direct = ServerRecord.from_dict(good())
+    assert not direct.relayed and "relays" not in direct.to_dict()
+
+
+@pytest.mark.parametrize("relays", ["/ip4/1.2.3.4/tcp/1/p2p/X", [RELAY] * 9, ["ip4/1.2.3.4/tcp/1/p2p/X"],
+                                    ["/ip4/1.2.3.4/tcp/1"], [7], ["/p2p/" + "x" * 600]])
+def test_rejects_malformed_relays(relays):
+    with pytest.raises(InvalidRecord, match="relays"):
+        ServerRecord.from_dict({**good(), "relays": relays})
