@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     dht.add_argument("--host", default="127.0.0.1")
     dht.add_argument("--port", type=int, default=0)
     dht.add_argument("--ready-file", default=None, help="write {peer_id, dht_maddrs} here once up")
+    dht.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
+                     help="join an existing swarm as one more bootstrap peer and relay (default: start one)")
 
     # listed for --help only: main() hands `homeswarm dashboard ...` to the dashboard's own command line
     sub.add_parser("dashboard", add_help=False, help="serve the swarm's health: a web page, a JSON API and "
@@ -316,11 +318,12 @@ def cmd_dht(args: argparse.Namespace) -> int:
     from homeswarm.protocol.ready_file import write_ready_file
     from homeswarm.routing.dht import SwarmDHT
 
+    _check_peers(args.initial_peers)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        dht = SwarmDHT.create((), host=args.host, port=args.port)
+        dht = SwarmDHT.create(args.initial_peers, host=args.host, port=args.port)
     except Exception as e:
         raise UsageError(f"could not start the DHT on {args.host}:{args.port}: {e}") from None
     try:

@@ -60,6 +60,7 @@ class LocalSwarm:
         self.bootstrap: Daemon | None = None
         self.nodes: list[Daemon] = []
         self.apis: list[Daemon] = []
+        self.others: list[Daemon] = []
         self._count = 0
 
     @property
@@ -98,9 +99,17 @@ class LocalSwarm:
             time.sleep(0.05)
         raise TimeoutError(f"{daemon.process.args} not ready after {timeout:g} s:\n{daemon.log()[-3000:]}")
 
-    def start_bootstrap(self, timeout: float = 60.0) -> dict[str, Any]:
-        self.bootstrap = self._spawn([*console_script("homeswarm"), "dht", "--host", "127.0.0.1"], "dht")
+    def start_bootstrap(self, timeout: float = 60.0, host: str = "127.0.0.1") -> dict[str, Any]:
+        self.bootstrap = self._spawn([*console_script("homeswarm"), "dht", "--host", host], "dht")
         return self._wait_ready(self.bootstrap, timeout)
+
+    def start_process(self, argv: Sequence[str], name: str, *, wait: bool = True, timeout: float = 120.0) -> Daemon:
+        """Any daemon that takes ``--ready-file`` (run under ``ip netns exec``, say); stopped with the swarm."""
+        daemon = self._spawn(argv, name)
+        self.others.append(daemon)
+        if wait:
+            self._wait_ready(daemon, timeout)
+        return daemon
 
     def start_node(self, model_dir: str | os.PathLike[str], *args: str, wait: bool = True,
                    timeout: float = 120.0) -> Daemon:
@@ -150,10 +159,10 @@ class LocalSwarm:
     def close(self) -> None:
         for daemon in self.apis:
             self.stop(daemon, timeout=15.0)
-        for daemon in self.nodes:
+        for daemon in [*self.nodes, *self.others]:
             if daemon.process.poll() is None:
                 daemon.process.send_signal(signal.SIGTERM)
-        for daemon in [*self.nodes, *([self.bootstrap] if self.bootstrap else [])]:
+        for daemon in [*self.nodes, *self.others, *([self.bootstrap] if self.bootstrap else [])]:
             self.stop(daemon, timeout=15.0)
         if self._tmp is not None:
             self._tmp.cleanup()
