@@ -47,10 +47,12 @@ def nat(checkpoint, tmp_path_factory):
         pytest.skip(f"no network namespace for a node behind NAT: {reason}")
     with netns.unreachable_namespace() as ns, LocalSwarm(tmp_path_factory.mktemp("swarm")) as swarm:
         swarm.start_bootstrap(host=ns.outside_ip)
+        # started side by side: the relay and the direct node need only the bootstrap peer
         relay = swarm.start_process([*console_script("homeswarm"), "dht", "--host", ns.outside_ip,
-                                     "--initial-peers", *swarm.initial_peers], "relay")
+                                     "--initial-peers", *swarm.initial_peers], "relay", wait=False)
         direct = swarm.start_node(checkpoint, "--host", ns.outside_ip, "--blocks", "0:2", "--compute-threads", "1",
                                   wait=False)
+        swarm.wait_ready(relay)
         hidden = swarm.start_process([*ns.exec_prefix(), *console_script("join-swarm"), str(checkpoint),
                                       "--initial-peers", *relay.info["dht_maddrs"], "--host", ns.inside_ip,
                                       "--blocks", "2:4", "--compute-threads", "1"], "hidden", wait=False)
