@@ -73,8 +73,10 @@ class RouteManager:
         elif age > self.config.records_max_age and self._lookup is None:
             self._lookup = self.dht.lookup_servers(self.model, 0, self.num_blocks)
             self._lookup_started = started
-        for record in self._records:  # the pool dials relayed nodes through their relays
-            self.pool.note_relays(record.peer_id, record.relays)
+        if self.pool is not None:  # the pool dials relayed nodes through their relays
+            for record in self._records:
+                if isinstance(record, ServerRecord):
+                    self.pool.note_relays(record.peer_id, record.relays)
         return self._records
 
     def ban(self, peer_id: str) -> None:
