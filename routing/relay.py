@@ -47,6 +47,7 @@ _CIRCUIT_CODE = b"\xa2\x02"
 _grpc_target: tuple[str, int] | None = None
 _grpc_handler_added = False
 _forwarders: dict[str, tuple[asyncio.AbstractServer, list[str]]] = {}
+_paths: dict[str, str] = {}  # peer id -> the libp2p address its last stream went through
 _dial_backs = asyncio.Semaphore(8)  # helpers dial at most this many addresses at once
 
 
@@ -157,7 +158,8 @@ async def _open_forwarder(peer_id: str, relays: list[str], _dht: Any, node: Any)
         try:
             # a no-op while connected (directly, after a hole punch, or through a relay)
             await p2p._client.connect(peer, [circuit_maddr(r) for r in known])
-            _info, p2p_reader, p2p_writer = await p2p.call_binary_stream_handler(peer, GRPC_PROTOCOL)
+            info, p2p_reader, p2p_writer = await p2p.call_binary_stream_handler(peer, GRPC_PROTOCOL)
+            _paths[peer_id] = str(info.addr)
         except Exception as e:  # noqa: BLE001 - p2pd's control failures come in several types
             logger.info("no libp2p stream to %s: %s", peer_id[:16], e)
             writer.close()
@@ -175,6 +177,16 @@ def forwarder_address(dht: SwarmDHT, peer_id: str, relays: Sequence[str]) -> str
     """``127.0.0.1:PORT`` where a TCP connection reaches ``peer_id``'s gRPC service through ``relays``."""
     port = dht.call(partial(_open_forwarder, peer_id, list(relays)), f"opening a relayed path to {peer_id[:16]}")
     return f"127.0.0.1:{port}"
+
+
+async def _stream_path(peer_id: str, _dht: Any, _node: Any) -> str | None:
+    return _paths.get(peer_id)
+
+
+def stream_path(dht: SwarmDHT, peer_id: str) -> str | None:
+    """The libp2p address that the last stream to ``peer_id`` went through (``.../p2p-circuit`` while
+    relayed), or None if none was opened."""
+    return dht.call(partial(_stream_path, peer_id), "reading a relayed path")
 
 
 # --- the reachability check --------------------------------------------------------------------------

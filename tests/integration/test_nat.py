@@ -21,6 +21,7 @@ from homeswarm.client.local_swarm import LocalSwarm, console_script
 from homeswarm.client.model import AutoDistributedModelForCausalLM
 from homeswarm.client.transport import ping
 from homeswarm.routing.dht import _kill_process_tree
+from homeswarm.routing.relay import stream_path
 from tests.helpers import netns
 from tests.helpers.checkpoints import make_checkpoint, reference_greedy
 
@@ -82,7 +83,9 @@ def test_generation_through_relayed_node_with_handoff(nat, checkpoint, expected)
         before = ping(model.pool, hidden.info["peer_id"], hidden.info["address"], 10)[1]
         got = model.generate(PROMPT, max_new_tokens=NEW_TOKENS)
         after = ping(model.pool, hidden.info["peer_id"], hidden.info["address"], 10)[1]
+        path = stream_path(model.dht, hidden.info["peer_id"])
     assert got.tolist() == expected.tolist()
+    assert path is not None and path.endswith("/p2p-circuit")  # the client's connection went through the relay
     # every step came to the relayed node from the direct one (hand-off), none from the client
     assert after.steps_from_peers - before.steps_from_peers == NEW_TOKENS
     assert after.steps_from_client == before.steps_from_client
