@@ -54,11 +54,12 @@ def build_block(config: ModelConfig, layer: int) -> nn.Module:
     """Block ``layer`` (absolute index) of a model, as its family composes it."""
     from .families import family_of  # the families build on this module
 
-    block = family_of(config.family).block(config, layer)
+    family = family_of(config.family)
+    block = family.block(config, layer)
     if config.prequant is not None:  # linear weights stored as 4-bit integers: layers that read them
         from .prequant import replace_prequantized
 
-        replace_prequantized(block, config.prequant)
+        replace_prequantized(block, config.prequant, layer, family.expert_names, family.aliases)
     return block
 
 

@@ -8,7 +8,7 @@ into :class:`~.quant.QuantizedLinearInt4`'s form: no float copy of a weight is e
   (eight inputs a word, the first in the low bits), ``qzeros`` int32 ``[K / g, N / 8]`` (eight outputs a
   word), ``scales`` ``[K / g, N]``, ``g_idx`` ``[K]``; ``w = (q - (z + 1)) * scale`` (the format keeps
   zero points minus one; ``gptq_v2`` does not).
-- compressed-tensors ``pack-quantized`` (Kimi K2 Thinking's experts): ``weight_packed`` int32
+- compressed-tensors ``pack-quantized`` (Kimi K2 Thinking's routed experts): ``weight_packed`` int32
   ``[N, K / 8]`` (eight inputs a word, stored as ``q + 8``), ``weight_scale`` ``[N, K / g]``, an optional
   ``weight_zero_point`` ``[N / 8, K / g]`` (packed the same way), ``weight_shape`` ``[2]``;
   ``w = (q - zero_point) * scale``.
@@ -17,6 +17,8 @@ Our form is ``w = (v - 8) * scale + zero`` with ``v`` in 0..15, so ``v`` is the 
 weights (zero points 0) in the checkpoint's 16-bit scale dtype, asymmetric ones in float32; so the
 dense path (prefill, float32 checks) multiplies by exactly the checkpoint's weights. The kernel, as for
 every int4 layer, reads them in bfloat16.
+Mixture-of-Experts blocks: routed experts stored so (one layer per expert and projection) become a
+:class:`PrequantExperts`.
 Invariants: only layers in the checkpoint's target list become quantized modules (routers, the LM head
 and ``ignore``/``modules_to_not_convert`` entries stay as they are); a layout, bit width or grouping this
 module cannot read exactly (activation order with a shuffled ``g_idx``, 8 bits, channel-wise or
@@ -30,9 +32,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import int4_pack
+from .moe import Experts, by_expert
 from .quant import INT4_GROUP_SIZES, UNQUANTIZED_NAMES, QuantizedLinearInt4
 
 PREQUANT_METHODS = ("gptq", "compressed-tensors")
@@ -50,15 +54,17 @@ class PrequantSpec:
     zeros_offset: int = 1  # GPTQ's "gptq" format stores zero points minus one
     ignore: tuple[str, ...] = ()  # module names (or "re:" patterns) left in float
 
-    def covers(self, name: str) -> bool:
-        """Whether the block's linear ``name`` (e.g. ``self_attn.q_proj``) is stored quantized."""
+    def covers(self, name: str, layer: int) -> bool:
+        """Whether linear ``name`` of block ``layer`` (e.g. ``self_attn.q_proj``) is stored quantized; the
+        ignore list is matched against the checkpoint's full name, ``model.layers.{layer}.{name}``."""
         if name.rsplit(".", 1)[-1] in UNQUANTIZED_NAMES:
             return False
+        full = f"model.layers.{layer}.{name}"
         for pattern in self.ignore:
             if pattern.startswith("re:"):
-                if re.match(pattern[3:], name) or re.search(pattern[3:] + "$", name):
+                if re.fullmatch(pattern[3:], full):
                     return False
-            elif name == pattern or name.endswith("." + pattern) or pattern.endswith("." + name):
+            elif full == pattern or full.endswith("." + pattern):
                 return False
         return True
 
@@ -266,14 +272,66 @@ class PackedInt4Linear(_PrequantLinear):
 _CLASSES: dict[str, type[_PrequantLinear]] = {"gptq": GPTQLinear, "compressed-tensors": PackedInt4Linear}
 
 
-def replace_prequantized(block: nn.Module, spec: PrequantSpec) -> nn.Module:
-    """Replace, in place, the ``nn.Linear`` layers of a block (built empty) that ``spec`` covers by
-    empty pre-quantized layers taking the checkpoint's tensor names; return the block."""
-    targets = [(name, m) for name, m in block.named_modules() if type(m) is nn.Linear and spec.covers(name)]
-    for name, linear in targets:
+class PrequantExperts(nn.ModuleList):
+    """:class:`~.moe.Experts` stored as one 4-bit layer per expert and projection, under the checkpoint's
+    per-expert names (``{e}.gate_proj``, ``{e}.up_proj``, ``{e}.down_proj`` or a family's own); the same
+    ``forward``, summing the chosen experts in the same order."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, spec: PrequantSpec,
+                 names: tuple[str, str, str]) -> None:
+        cls = _CLASSES[spec.method]
+        experts = []
+        for _ in range(num_experts):
+            expert = nn.Module()
+            for name, (inputs, outputs) in zip(names, ((hidden_size, intermediate_size),
+                                                       (hidden_size, intermediate_size),
+                                                       (intermediate_size, hidden_size)), strict=True):
+                expert.add_module(name, cls(inputs, outputs, spec.group_size, False, spec))
+            experts.append(expert)
+        super().__init__(experts)
+        self.num_experts, self.names = num_experts, names
+
+    def _expert(self, expert: int, x: Tensor) -> Tensor:
+        gate, up, down = (getattr(self[expert], name) for name in self.names)
+        return down(F.silu(gate(x)) * up(x))
+
+    def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        if x.shape[0] == 1:  # as Experts.forward: no grouping for one row, experts in ascending order
+            out = None
+            for slot, expert in sorted(enumerate(indices[0].tolist()), key=lambda chosen: chosen[1]):
+                y = (self._expert(expert, x) * weights[0, slot : slot + 1]).to(x.dtype)
+                out = y if out is None else out + y
+            assert out is not None
+            return out
+        out = torch.zeros_like(x)
+        for expert, rows, slots in by_expert(indices, self.num_experts):
+            y = self._expert(expert, x[rows]) * weights[rows, slots, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out
+
+
+def replace_prequantized(block: nn.Module, spec: PrequantSpec, layer: int,
+                         expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+                         aliases: tuple[tuple[str, str], ...] = ()) -> nn.Module:
+    """Replace, in place, the ``nn.Linear`` layers and :class:`~.moe.Experts` of block ``layer`` (built
+    empty) that ``spec`` covers by empty pre-quantized modules taking the checkpoint's tensor names;
+    return the block. ``aliases``: the family's (our name part, the checkpoint's) pairs."""
+
+    def covered(name: str) -> bool:
+        for ours, theirs in aliases:
+            name = name.replace(ours, theirs, 1)
+        return spec.covers(name, layer)
+
+    targets = []
+    for name, module in block.named_modules():
+        if type(module) is nn.Linear and covered(name):
+            targets.append((name, _CLASSES[spec.method](module.in_features, module.out_features, spec.group_size,
+                                                        module.bias is not None, spec)))
+        elif type(module) is Experts and covered(f"{name}.0.{expert_names[0]}"):
+            experts, hidden, intermediate = module.down_proj.shape[0], module.down_proj.shape[1], module.down_proj.shape[2]
+            targets.append((name, PrequantExperts(experts, hidden, intermediate, spec, expert_names)))
+    for name, new in targets:
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
-        new = _CLASSES[spec.method](linear.in_features, linear.out_features, spec.group_size,
-                                    linear.bias is not None, spec)
         setattr(parent, child, new)
     return block

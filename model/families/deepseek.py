@@ -43,9 +43,11 @@ def _read(d: dict[str, Any]) -> dict[str, Any]:
     if d.get("moe_layer_freq", 1) != 1:
         raise ValueError(f"moe_layer_freq={d['moe_layer_freq']!r} is not supported; only 1")
     quant = d.get("quantization_config")
-    if quant is not None and (quant.get("quant_method") != "fp8" or quant.get("weight_block_size", [128, 128])
-                              != [128, 128]):
-        raise ValueError(f"unsupported quantization_config {quant!r}; only fp8 with 128x128 weight blocks")
+    # 4-bit GPTQ and compressed-tensors weights: read (and checked) by prequant
+    if quant is not None and quant.get("quant_method") not in ("gptq", "compressed-tensors") and (
+            quant.get("quant_method") != "fp8" or quant.get("weight_block_size", [128, 128]) != [128, 128]):
+        raise ValueError(f"unsupported quantization_config {quant!r}; only fp8 with 128x128 weight blocks, "
+                         "or 4-bit gptq or compressed-tensors")
     layers = positive_int(d, "num_hidden_layers")
     first_dense = _get(d, "first_k_dense_replace")
     if not isinstance(first_dense, int) or isinstance(first_dense, bool) or first_dense < 0:

@@ -39,9 +39,14 @@ def _quantize(w: torch.Tensor, group: int, symmetric: bool, scale_dtype: torch.d
     return q.view(rows, cols), zeros, scales
 
 
+# Kimi K2 Thinking's list: only the routed experts are 4-bit
+EXPERTS_ONLY_IGNORE = ["lm_head", r"re:.*self_attn.*", r"re:.*shared_experts.*", r"re:.*mlp\.(gate|up|down)_proj.*"]
+
+
 def write_prequantized(source: str | Path, quantized: str | Path, dequantized: str | Path, fmt: str,
-                       group: int = 32) -> tuple[Path, Path]:
-    """Write ``source``'s checkpoint in ``fmt`` (one of FORMATS) and its dequantized twin; return both."""
+                       group: int = 32, experts_only: bool = False) -> tuple[Path, Path]:
+    """Write ``source``'s checkpoint in ``fmt`` (one of FORMATS) and its dequantized twin; return both.
+    ``experts_only``: quantize the routed experts only (per-expert tensors), as Kimi K2 Thinking does."""
     quantized, dequantized = Path(quantized), Path(dequantized)
     shutil.copytree(source, dequantized)
     quantized.mkdir(parents=True)
@@ -51,7 +56,8 @@ def write_prequantized(source: str | Path, quantized: str | Path, dequantized: s
     packed, plain = {}, {}
     for name, tensor in tensors.items():
         parts = name.split(".")
-        if not (name.startswith("model.layers.") and parts[-2] in _LINEARS and parts[-1] == "weight"):
+        if (not (name.startswith("model.layers.") and parts[-2] in _LINEARS and parts[-1] == "weight")
+                or (experts_only and ".mlp.experts." not in name)):
             packed[name] = plain[name] = tensor
             continue
         base = name[: -len("weight")]
@@ -78,7 +84,8 @@ def write_prequantized(source: str | Path, quantized: str | Path, dequantized: s
                                          "sym": symmetric, "checkpoint_format": "gptq"}
     else:
         config["quantization_config"] = {
-            "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+            "quant_method": "compressed-tensors", "format": "pack-quantized",
+            "ignore": EXPERTS_ONLY_IGNORE if experts_only else ["lm_head"],
             "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
                 "num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": group,
                 "dynamic": False, "actorder": None}}}}

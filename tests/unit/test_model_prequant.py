@@ -6,7 +6,8 @@ held against transformers on the twin. Every product dense and float32, it compu
 weights exactly: hidden states within 1e-5 relative, greedy tokens equal. Through torch's kernel
 (bfloat16 activations, as a node runs small batches) the rows stay within 5% (median 1-3% on these
 random checkpoints, as for every int4 layer). In memory: 4-bit values and 16-bit (symmetric) or
-float32 (asymmetric) scales and zero points, counted exactly by span_weight_bytes.
+float32 (asymmetric) scales and zero points, counted exactly by span_weight_bytes. A Kimi K2 checkpoint
+with its routed experts alone stored 4-bit (as Kimi K2 Thinking ships) is held to the same checks.
 """
 
 from __future__ import annotations
@@ -128,3 +129,37 @@ def test_a_shuffled_group_index_is_refused(checkpoints, tmp_path):
     save_file(tensors, str(packed / "model.safetensors"))
     with pytest.raises(ValueError, match="g_idx"):
         load_span(packed, 0, 1)
+
+
+def test_kimi_k2_with_4_bit_routed_experts(tmp_path, monkeypatch):
+    from homeswarm.model.prequant import PrequantExperts
+    from tests.helpers.deepseek_checkpoints import make_deepseek_checkpoint, reference_deepseek
+
+    source = make_deepseek_checkpoint(tmp_path / "float", "kimi_k2", moe_intermediate_size=32)
+    packed, plain = write_prequantized(source, tmp_path / "packed", tmp_path / "plain", "compressed",
+                                       experts_only=True)
+    span, head = load_span(packed, 0, NUM_LAYERS), load_head(packed)
+    experts = [m for m in span.modules() if isinstance(m, PrequantExperts)]
+    assert len(experts) == NUM_LAYERS - 1  # layer 0 is dense
+    assert not any(isinstance(m, PackedInt4Linear) for name, m in span.named_modules() if ".experts." not in name)
+    config = ModelConfig.from_dir(packed)
+    params = sum(p.numel() * p.element_size() for p in span.parameters())
+    buffers = sum(b.numel() * b.element_size() for m in span.modules() if isinstance(m, PackedInt4Linear)
+                  for b in m.buffers(recurse=False))
+    assert params + buffers == span_weight_bytes(config, 0, NUM_LAYERS, torch.float32)
+    reference = reference_deepseek(plain)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+    want, _ = last_hidden_states(reference, ids)
+    # through the kernel: a row whose router choice flips under bfloat16 rounding differs wholly, so
+    # only the median holds (as for --quant int4 on MoE blocks)
+    rows = (span(head.embed(ids)) - want).norm(dim=-1) / want.norm(dim=-1)
+    assert rows.median() < 0.05, rows.median().item()
+    monkeypatch.setattr(QuantizedLinearInt4, "kernel_max_rows", 0)
+    assert rel_err(span(head.embed(ids)), want) < 1e-5
+    prompt = ids[:1, :8]  # one row: the single-row path of the experts
+    expected = reference_greedy(plain, prompt, 12, reference)
+    cache, got = span.new_cache(1, 20), prompt
+    for i in range(12):
+        hidden = span(head.embed(prompt if i == 0 else got[:, -1:]), cache)
+        got = torch.cat([got, head.logits(hidden[:, -1:])[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert got.tolist() == expected.tolist()
