@@ -4,6 +4,9 @@ The session keeps, for every hop, the hidden states it sent in this session. Whe
 (connection lost, timeout, error status) the session bans it, plans a replacement for exactly the
 blocks that node served (possibly over several nodes), opens sessions there, replays the stored
 inputs to rebuild their caches, and carries on, so the output is the same as without the failure.
+A step may first roll every hop's cache back (``keep_length``, e.g. for rejected draft tokens); the
+stored inputs record it, so a replay rebuilds the same cache. Each result's reported cache length is
+checked against the session's: a node that disagrees (one that ignored a rollback) counts as failed.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ class _OpenHop:
     start: int
     end: int
     stream: HopStream | None
-    inputs: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step_id, hidden) sent
+    # (step_id, hidden, keep_length) sent, in order
+    inputs: list[tuple[int, torch.Tensor, int | None]] = field(default_factory=list)
     server: ServerRecord | None = None  # the record the hop was planned from
 
 
@@ -135,15 +139,21 @@ class InferenceSession:
 
     # --- stepping ------------------------------------------------------------------------------
 
-    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+    def step(self, hidden: torch.Tensor, keep_length: int | None = None) -> torch.Tensor:
+        """Run ``hidden`` [batch, tokens, hidden] through every block; with ``keep_length``, every hop first
+        keeps only that many positions of its cache (the tokens after them are forgotten)."""
         if self._closed:
             raise SessionError("the session is closed")
         if hidden.dim() != 3 or hidden.shape[0] != self.batch_size:
             raise ValueError(f"expected hidden states [{self.batch_size}, tokens, hidden], got {list(hidden.shape)}")
-        if self.length + hidden.shape[1] > self.max_length:
+        if keep_length is not None and not 0 <= keep_length <= self.length:
+            raise ValueError(f"keep_length must be in 0..{self.length} (the session's length), got {keep_length}")
+        kept = self.length if keep_length is None else keep_length
+        if kept + hidden.shape[1] > self.max_length:
             raise ValueError(
-                f"the session holds {self.length} of {self.max_length} tokens; {hidden.shape[1]} more do not fit"
+                f"the session holds {kept} of {self.max_length} tokens; {hidden.shape[1]} more do not fit"
             )
+        expected_length = kept + hidden.shape[1]
         dtype = hidden.dtype
         handoff = self._use_handoff()
         self._step_id += 1
@@ -158,7 +168,7 @@ class InferenceSession:
             assert hop.stream is not None
             try:
                 if need_send:
-                    self._send(i, step_id, hidden, handoff)
+                    self._send(i, step_id, hidden, handoff, keep_length)
                     need_send = False
                 event = hop.stream.poll(step_id)
                 if (event is None and i > 0 and handoff and not relayed
@@ -173,19 +183,23 @@ class InferenceSession:
                     with contextlib.suppress(queue.Empty):
                         self._wakeups.get(timeout=remaining)
                     continue
+                if event[0] == "result" and hop.stream.last_cache_length != expected_length:
+                    raise HopFailed(hop.stream.peer_id, hop.stream.address,
+                                    f"its cache holds {hop.stream.last_cache_length} positions after step "
+                                    f"{step_id}, {expected_length} expected")
             except HopFailed as e:
                 self._count_failure(e)
                 self._replace(i)  # the replacement hops start at index i and have replayed the history
                 need_send = True
                 deadline = time.monotonic() + self.config.step_timeout
                 continue
-            hop.inputs.append((step_id, hidden))
+            hop.inputs.append((step_id, hidden, keep_length))
             hidden = event[1].to(dtype)
             i += 1
             need_send = not handoff
             relayed = False
             deadline = time.monotonic() + self.config.step_timeout
-        self.length += hidden.shape[1]
+        self.length = expected_length
         return hidden
 
     @property
@@ -197,13 +211,14 @@ class InferenceSession:
         return use_handoff(self.config, [self.routes.rtts.get(h.stream.peer_id) if h.stream else None
                                          for h in self._hops])
 
-    def _send(self, index: int, step_id: int, hidden: torch.Tensor, handoff: bool) -> None:
+    def _send(self, index: int, step_id: int, hidden: torch.Tensor, handoff: bool,
+              keep_length: int | None = None) -> None:
         """Send hop ``index`` its input; with hand-off, it passes its output down the rest of the chain."""
         stream = self._hops[index].stream
         assert stream is not None
         rest = self._hops[index + 1 :] if handoff else []
         stream.send(step_id, hidden, [(h.stream.address, h.stream.session_id, h.stream.peer_id) for h in rest
-                                  if h.stream])
+                                      if h.stream], keep_length)
 
     def _handoff_failed(self, index: int, step_id: int) -> bool:
         """Whether hop ``index`` reports (after its result) that it could not push to the next hop.
@@ -233,12 +248,12 @@ class InferenceSession:
         while True:
             new_hops = self._plan(failed.start, failed.end)
             try:
-                for step_id, step_inputs in failed.inputs:
+                for step_id, step_inputs, keep_length in failed.inputs:
                     hidden = step_inputs
                     for hop in new_hops:
                         assert hop.stream is not None
-                        hop.inputs.append((step_id, hidden))
-                        hidden = hop.stream.step(step_id, hidden).to(step_inputs.dtype)
+                        hop.inputs.append((step_id, hidden, keep_length))
+                        hidden = hop.stream.step(step_id, hidden, keep_length).to(step_inputs.dtype)
                 break
             except HopFailed as e:
                 for hop in new_hops:

@@ -138,6 +138,7 @@ class HopStream:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self.last_compute_seconds = 0.0  # the node's forward pass for the last result received
+        self.last_cache_length = 0  # positions in the node's cache after the last result received
         self._pool = pool
         self._call = pool.stub(address, peer_id).Inference(iter(self._queue.get, _CLOSE))
         self._responses: queue.SimpleQueue = queue.SimpleQueue()
@@ -193,8 +194,10 @@ class HopStream:
             raise self._fail("the node closed the session")
         return item
 
-    def send(self, step_id: int, hidden: torch.Tensor, next_hops: Sequence[tuple[str, str, str]] = ()) -> None:
-        """Queue a step; with ``next_hops`` ((address, session_id, peer_id), ...) the node hands its output on."""
+    def send(self, step_id: int, hidden: torch.Tensor, next_hops: Sequence[tuple[str, str, str]] = (),
+             keep_length: int | None = None) -> None:
+        """Queue a step; with ``next_hops`` ((address, session_id, peer_id), ...) the node hands its output on;
+        with ``keep_length`` the node first keeps only that many positions of its cache (rollback)."""
         if self._closed:
             raise HopFailed(self.peer_id, self.address, "the session is closed")
         self._queue.put(
@@ -205,6 +208,7 @@ class HopStream:
                     hidden=serialize_tensor(hidden, self.compression),
                     next=[node_pb2.NextHop(address=a, session_id=s, peer_id=p, relays=self._pool.relays(p))
                           for a, s, p in next_hops],
+                    keep_length=keep_length,
                 ),
             )
         )
@@ -233,6 +237,7 @@ class HopStream:
             if kind == "handoff_failed":
                 return "handoff_failed", response.handoff_failed.error
             self.last_compute_seconds = response.result.compute_seconds
+            self.last_cache_length = response.result.cache_length
             try:
                 return "result", deserialize_tensor(response.result.hidden)
             except CodecError as e:
@@ -249,9 +254,9 @@ class HopStream:
             if event is not None and event[0] == "result":
                 return event[1]
 
-    def step(self, step_id: int, hidden: torch.Tensor) -> torch.Tensor:
+    def step(self, step_id: int, hidden: torch.Tensor, keep_length: int | None = None) -> torch.Tensor:
         """Send one step and wait for its output (client relay)."""
-        self.send(step_id, hidden)
+        self.send(step_id, hidden, keep_length=keep_length)
         return self.receive(step_id)
 
     def close(self) -> None:

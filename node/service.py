@@ -60,6 +60,10 @@ _SESSION_ID = re.compile(r"[0-9a-f]{32}")  # what SessionManager hands out (uuid
 _MAX_INBOX = 64
 
 
+def _keep_length(step: node_pb2.Step) -> int | None:
+    return step.keep_length if step.HasField("keep_length") else None
+
+
 class BadRequest(Exception):
     def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT):
         self.code = code
@@ -84,6 +88,7 @@ class _Inbound:
     hidden: node_pb2.Tensor | torch.Tensor
     next: list[node_pb2.NextHop]
     from_peer: bool
+    keep_length: int | None = None  # cache rollback before appending (Step.keep_length), None: append only
 
 
 @dataclass
@@ -357,7 +362,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
                     return
                 await live.client_slots.acquire()  # released when the step is taken up
                 live.inbox.put_nowait(_Inbound(request.step.step_id, request.step.hidden, list(request.step.next),
-                                               from_peer=False))
+                                               from_peer=False, keep_length=_keep_length(request.step)))
         except (asyncio.CancelledError, grpc.RpcError):
             pass
         finally:
@@ -382,7 +387,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         if live.inbox.qsize() >= _MAX_INBOX:
             await self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "the session's inbox is full")
         self.metrics.bytes_received.inc(request.ByteSize())
-        live.inbox.put_nowait(_Inbound(request.step.step_id, hidden, list(request.step.next), from_peer=True))
+        live.inbox.put_nowait(_Inbound(request.step.step_id, hidden, list(request.step.next), from_peer=True,
+                                       keep_length=_keep_length(request.step)))
         return node_pb2.PushResponse()
 
     async def _process(
@@ -416,9 +422,15 @@ class NodeService(node_pb2_grpc.NodeServicer):
             hidden = item.hidden
             if not isinstance(hidden, torch.Tensor):
                 hidden = self._decode_hidden(hidden, session.batch_size, session.max_length)
-            if session.cache.length + hidden.shape[1] > session.max_length:
+            kept = session.cache.length
+            if item.keep_length is not None:
+                if not 0 <= item.keep_length <= session.cache.length:
+                    raise BadRequest(f"keep_length {item.keep_length} is outside 0..{session.cache.length}, "
+                                     f"the positions the session's cache holds")
+                kept = item.keep_length
+            if kept + hidden.shape[1] > session.max_length:
                 raise BadRequest(
-                    f"the session holds {session.cache.length} of {session.max_length} tokens; "
+                    f"the session holds {kept} of {session.max_length} tokens; "
                     f"{hidden.shape[1]} more do not fit"
                 )
             if not item.from_peer:  # a push's next hops were checked when it arrived
@@ -437,6 +449,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         else:
             self.stats.steps_from_client += 1
         span = self._subspan(session.start, session.end)
+        if item.keep_length is not None:
+            session.cache.truncate(item.keep_length)  # this session has no other step queued or running
         # a single session has nothing to batch with: a short step may skip the compute thread
         try:
             output, seconds = await self.executor.timed_step(span, hidden, session.cache,
@@ -455,7 +469,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         )
         if item.next:
             # concurrently with the answer to the client: the next node must not wait on that leg
-            task = asyncio.create_task(self._push(live, item.next, item.step_id, result.hidden))
+            task = asyncio.create_task(self._push(live, item.next, item.step_id, result.hidden, item.keep_length))
             live.pushes.add(task)
             task.add_done_callback(live.pushes.discard)
         if handoff_unknown is not None:
@@ -466,14 +480,15 @@ class NodeService(node_pb2_grpc.NodeServicer):
         return response
 
     async def _push(
-        self, live: _LiveSession, next_hops: list[node_pb2.NextHop], step_id: int, hidden: node_pb2.Tensor
+        self, live: _LiveSession, next_hops: list[node_pb2.NextHop], step_id: int, hidden: node_pb2.Tensor,
+        keep_length: int | None = None,
     ) -> None:
         """Hand the output to the next node; on failure, tell the client (it relays instead)."""
         target = next_hops[0]
         request = node_pb2.PushRequest(
             protocol_version=PROTOCOL_VERSION,
             session_id=target.session_id,
-            step=node_pb2.Step(step_id=step_id, hidden=hidden, next=next_hops[1:]),
+            step=node_pb2.Step(step_id=step_id, hidden=hidden, next=next_hops[1:], keep_length=keep_length),
         )
         try:
             relays = (self.handoff_targets.relays_of(target.address, target.peer_id) if self.handoff_targets

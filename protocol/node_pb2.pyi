@@ -127,14 +127,16 @@ class OpenSession(_message.Message):
     def __init__(self, model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step_id", "hidden", "next")
+    __slots__ = ("step_id", "hidden", "next", "keep_length")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     NEXT_FIELD_NUMBER: _ClassVar[int]
+    KEEP_LENGTH_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden: Tensor
     next: _containers.RepeatedCompositeFieldContainer[NextHop]
-    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., next: _Optional[_Iterable[_Union[NextHop, _Mapping]]] = ...) -> None: ...
+    keep_length: int
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., next: _Optional[_Iterable[_Union[NextHop, _Mapping]]] = ..., keep_length: _Optional[int] = ...) -> None: ...
 
 class NextHop(_message.Message):
     __slots__ = ("address", "session_id", "peer_id", "relays")

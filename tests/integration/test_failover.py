@@ -111,12 +111,12 @@ def test_failure_during_replay(swarm, checkpoint, expected, monkeypatch):
     original_step = HopStream.step
     state = {"armed": False, "killed": None, "first": None}
 
-    def step(self: HopStream, step_id: int, hidden: torch.Tensor) -> torch.Tensor:
+    def step(self: HopStream, step_id: int, hidden: torch.Tensor, keep_length: int | None = None) -> torch.Tensor:
         if state["armed"] and self.start == 3 and state["killed"] is None and self.address != state["first"]:
             victim = next(d for d in daemons if d.info["address"] == self.address)
             LocalSwarm.kill(victim)
             state["killed"] = victim
-        return original_step(self, step_id, hidden)
+        return original_step(self, step_id, hidden, keep_length)
 
     monkeypatch.setattr(HopStream, "step", step)
 
