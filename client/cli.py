@@ -20,6 +20,7 @@ from pathlib import Path
 
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.session import SessionError
+from homeswarm.client.speculative import MAX_DRAFT
 from homeswarm.client.tokenizer import TextCodec
 from homeswarm.model import CheckpointReader, ModelConfig
 from homeswarm.routing.planner import MissingBlocksError
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compression", default="none", choices=["none", "float16", "bfloat16", "int8", "auto"],
                      help="compression of hidden states on the wire (default none: exact; auto picks per hop)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    gen.add_argument("--speculative", default=None, metavar="prompt-lookup|draft:DIR",
+                     help="speculative decoding: draft tokens locally (prompt lookup, or a small model with the same "
+                     "tokenizer in DIR) and let the swarm check several per round trip; same output")
     gen.add_argument("--exact", action="store_true", help="route only through nodes serving the checkpoint's own "
                      "weights (not int8/int4 quantized ones); fails when only quantized nodes serve some blocks")
     # SUPPRESS: the subcommand's flag must not reset `homeswarm -v generate`
@@ -148,6 +152,17 @@ def _check_checkpoint(model_dir: Path) -> ModelConfig:
     return config
 
 
+def _check_speculative(spec: str, vocab: int) -> None:
+    if spec == "prompt-lookup":
+        return
+    if not spec.startswith("draft:") or spec == "draft:":
+        raise UsageError(f"--speculative takes prompt-lookup or draft:DIR, got {spec!r}")
+    draft_vocab = _check_checkpoint(Path(spec[len("draft:"):])).vocab_size
+    if draft_vocab != vocab:
+        raise UsageError(f"the draft model's vocabulary has {draft_vocab} tokens, the model's {vocab}: "
+                         "they must share the tokenizer")
+
+
 def _check_peers(peers: Sequence[str]) -> None:
     for peer in peers:
         if not peer.startswith("/"):
@@ -181,6 +196,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError("--top-p must be in (0, 1]")
     _check_peers(args.initial_peers)
+    if args.speculative is not None:
+        _check_speculative(args.speculative, vocab)
     codec = TextCodec.for_model(model_dir)
     if args.prompt is not None:
         if codec is None:
@@ -201,11 +218,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         first_token_s = None
         # a session of our own, to tell which route the generation used
-        session = model.inference_session(max_length=len(ids) + args.max_new_tokens, batch_size=1)
+        room = MAX_DRAFT if args.speculative is not None else 0  # drafts checked beyond the output
+        session = model.inference_session(max_length=len(ids) + args.max_new_tokens + room, batch_size=1)
         for tokens in model.generate_stream(
             [ids], max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
             temperature=args.temperature if args.temperature > 0 else 1.0,
-            top_k=args.top_k, top_p=args.top_p, seed=args.seed, session=session,
+            top_k=args.top_k, top_p=args.top_p, seed=args.seed, session=session, speculative=args.speculative,
         ):
             if first_token_s is None:
                 first_token_s = time.perf_counter() - t0
@@ -222,6 +240,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   "quant": hop.server.quant, "dtype": hop.server.dtype} for hop in session.hops]
         if args.json:
             out = {"token_ids": new_ids, "text": text, "seconds": seconds, "tokens_per_s": tokens_per_s}
+            if model.last_speculation is not None:
+                out["acceptance_rate"] = model.last_speculation.acceptance_rate
             print(json.dumps({**out, "route": route} if args.verbose else out))
         else:
             sys.stdout.write("\n")

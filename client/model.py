@@ -19,9 +19,11 @@ from typing import Any
 import torch
 
 from homeswarm.client.config import ClientConfig
+from homeswarm.client.drafters import Drafter, make_drafter
 from homeswarm.client.route import RouteManager
 from homeswarm.client.sampling import SamplingParams, next_tokens
 from homeswarm.client.session import InferenceSession
+from homeswarm.client.speculative import MAX_DRAFT, SpeculationStats, SpeculativeDecoder
 from homeswarm.client.transport import ChannelPool
 from homeswarm.model import ModelConfig, load_head, parse_dtype
 from homeswarm.routing.dht import SwarmDHT
@@ -66,6 +68,7 @@ class DistributedModelForCausalLM:
             raise ValueError("initial_peers is empty: give the multiaddr of at least one peer of the swarm")
         self.dht = SwarmDHT.create(list(initial_peers), client_mode=True)
         self.pool = ChannelPool(partial(forwarder_address, self.dht))  # relayed nodes: through libp2p
+        self.last_speculation: SpeculationStats | None = None  # of the last speculative generation
         self.routes = RouteManager(
             self.dht, self.pool, self.model_name, self.model_config.num_hidden_layers, self.config
         )
@@ -97,8 +100,13 @@ class DistributedModelForCausalLM:
         seed: int | None = None,
         attention_mask: torch.Tensor | None = None,
         session: InferenceSession | None = None,
+        speculative: str | Drafter | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Yields the next token of every sequence ([batch] ids) as soon as it is chosen."""
+        """Yields the next token of every sequence ([batch] ids) as soon as it is chosen.
+
+        ``speculative``: "prompt-lookup", "draft:DIR" or a :class:`Drafter`: the swarm checks several drafted
+        tokens per round trip (batch 1; the same tokens as without, or for sampling the same distribution).
+        A session passed in then needs ``MAX_DRAFT`` positions of room beyond prompt plus new tokens."""
         ids = torch.as_tensor(input_ids, dtype=torch.long)
         if ids.dim() == 1:
             ids = ids[None]
@@ -113,6 +121,9 @@ class DistributedModelForCausalLM:
         if max_new_tokens == 0:
             return
         batch = ids.shape[0]
+        if speculative is not None:
+            yield from self._generate_speculative(ids, max_new_tokens, params, generator, session, speculative)
+            return
         own_session = session is None
         if session is None:
             session = self.inference_session(max_length=ids.shape[1] + max_new_tokens, batch_size=batch)
@@ -131,6 +142,32 @@ class DistributedModelForCausalLM:
                         return
                 if i + 1 < max_new_tokens:
                     hidden = session.step(self.head.embed(tokens[:, None]))
+        finally:
+            if own_session:
+                session.close()
+
+    def _generate_speculative(self, ids: torch.Tensor, max_new_tokens: int, params: SamplingParams,
+                              generator: torch.Generator | None, session: InferenceSession | None,
+                              speculative: str | Drafter) -> Iterator[torch.Tensor]:
+        if ids.shape[0] != 1:
+            raise ValueError(f"speculative decoding takes one sequence at a time, got a batch of {ids.shape[0]}")
+        room = ids.shape[1] + max_new_tokens + MAX_DRAFT
+        drafter = make_drafter(speculative, vocab_size=self.model_config.vocab_size, model_dir=self.model_dir,
+                               max_length=room) if isinstance(speculative, str) else speculative
+        own_session = session is None
+        if session is None:
+            session = self.inference_session(max_length=room, batch_size=1)
+
+        def verify_fn(tokens: list[int], keep_length: int | None) -> torch.Tensor:
+            hidden = session.step(self.head.embed(torch.tensor([tokens])), keep_length=keep_length)
+            return self.head.logits(hidden)[0].float()
+
+        try:
+            first = self.head.logits(session.step(self.head.embed(ids))[:, -1:])[0, -1].float()
+            decoder = SpeculativeDecoder(drafter, verify_fn, params, generator=generator, room=session.max_length)
+            self.last_speculation = decoder.stats
+            for token in decoder.stream(ids[0].tolist(), first, max_new_tokens, self.eos_token_ids):
+                yield torch.tensor([token])
         finally:
             if own_session:
                 session.close()

@@ -32,12 +32,9 @@ class SamplingParams:
         return not self.do_sample or self.temperature == 0
 
 
-def next_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """logits [batch, vocab] (float) -> token ids [batch]."""
-    if params.greedy:
-        return logits.argmax(dim=-1)
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits [..., vocab] -> the distribution that sampling with ``params`` draws from [..., vocab] (float32):
+    temperature, then top-k, then top-p. Speculative sampling compares these for target and draft."""
     scores = logits.float() / params.temperature
     if params.top_k is not None and params.top_k < scores.shape[-1]:
         kth = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]
@@ -51,5 +48,14 @@ def next_tokens(
         remove_sorted[..., -1:] = False
         remove = remove_sorted.scatter(-1, order, remove_sorted)
         scores = scores.masked_fill(remove, -float("inf"))
-    probs = scores.softmax(dim=-1)
+    return scores.softmax(dim=-1)
+
+
+def next_tokens(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """logits [batch, vocab] (float) -> token ids [batch]."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    probs = probabilities(logits, params)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -116,7 +116,8 @@ def generate_json(model_dir: Path, peers: list[str], *args: str, timeout: float 
     lines = result.stdout.splitlines()
     assert len(lines) == 1, result.stdout
     out = json.loads(lines[0])
-    assert set(out) == {"token_ids", "text", "seconds", "tokens_per_s"}
+    speculative = {"acceptance_rate"} if "--speculative" in args else set()
+    assert set(out) == {"token_ids", "text", "seconds", "tokens_per_s"} | speculative
     assert isinstance(out["seconds"], float) and out["seconds"] > 0
     assert isinstance(out["tokens_per_s"], float) and out["tokens_per_s"] > 0
     return out
@@ -201,6 +202,15 @@ def test_generate_json_matches_transformers(swarm, ckpt, ref):
                         "--prompt-ids", ",".join(map(str, PROMPT_IDS)), "--max-new-tokens", "12")
     assert out["token_ids"] == expected
     assert out["text"] == ""  # no tokenizer.json
+
+
+@pytest.mark.parametrize("speculative", ["prompt-lookup", "draft:{ckpt}"])
+def test_generate_speculative_matches_transformers(swarm, ckpt, ref, speculative):
+    expected = reference_greedy(ckpt, torch.tensor([PROMPT_IDS]), 12, model=ref)[0, len(PROMPT_IDS):].tolist()
+    out = generate_json(ckpt, swarm.initial_peers, "--model-name", MODEL_NAME, "--max-new-tokens", "12",
+                        "--prompt-ids", ",".join(map(str, PROMPT_IDS)), "--speculative", speculative.format(ckpt=ckpt))
+    assert out["token_ids"] == expected
+    assert 0 <= out["acceptance_rate"] <= 1
 
 
 def test_generate_through_a_nodes_maddrs(swarm, ckpt, ref):
@@ -298,6 +308,9 @@ GENERATE_BAD_INPUT = {
     "negative_temperature": (["{ckpt}", "--prompt-ids", "1", "--temperature", "-0.5"], r"--temperature"),
     "prompt_and_ids": (["{ckpt}", "--prompt", "a", "--prompt-ids", "1"], r"not allowed with"),
     "no_weights": (["{no_weights}", "--prompt-ids", "1"], r"no model\.safetensors"),
+    "bad_speculative": (["{ckpt}", "--prompt-ids", "1", "--speculative", "guess"],
+                        r"--speculative takes prompt-lookup or draft:DIR"),
+    "missing_draft_model": (["{ckpt}", "--prompt-ids", "1", "--speculative", "draft:{missing}"], r"no config\.json"),
     "malformed_peer": (["{ckpt}", "--prompt-ids", "1", "--initial-peers", "garbage"], r"--initial-peers.*'garbage'"),
 }
 
