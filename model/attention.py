@@ -40,6 +40,8 @@ class Segment:
 
     def heads(self, x: Tensor) -> Tensor:
         """This segment's rows of ``x`` [N, heads, dim] as [batch, heads, length, dim]."""
+        if self.offset == 0 and x.shape[0] == self.batch * self.length:  # the only session: no slice
+            return x.view(self.batch, self.length, *x.shape[1:]).transpose(1, 2)
         return x[self.rows].view(self.batch, self.length, *x.shape[1:]).transpose(1, 2)
 
     def mask(self, window: int | None, device: torch.device) -> tuple[Tensor | None, bool]:
@@ -117,24 +119,33 @@ class Attention(nn.Module):
         del self.q_proj, self.k_proj, self.v_proj
         return True
 
-    def project(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries [N, heads, dim], keys and values [N, kv_heads, dim] of the rows ``h`` [N, hidden]."""
+    def project(self, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries [N, heads, dim] and keys [N, kv_heads, dim] of the rows ``h`` [N, hidden], normed (Qwen3)
+        and rotated, and values [N, kv_heads, dim]."""
         rows = h.shape[0]
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(h).split(self._qkv_sizes, dim=-1)
+            qkv = self.qkv_proj(h)
+            if not self.qk_norm:
+                # queries and keys side by side in the fused output: one rotation for both (the same
+                # elementwise operations, per element, as rotating each)
+                q_size, kv_size, _ = self._qkv_sizes
+                qk, v = qkv.split((q_size + kv_size, kv_size), dim=-1)
+                q, k = apply_rope(qk.view(rows, -1, self.head_dim), cos, sin).split(
+                    (self.num_heads, self.num_kv_heads), dim=1)
+                return q, k, v.view(rows, self.num_kv_heads, self.head_dim)
+            q, k, v = qkv.split(self._qkv_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
-        return (q.view(rows, self.num_heads, self.head_dim), k.view(rows, self.num_kv_heads, self.head_dim),
-                v.view(rows, self.num_kv_heads, self.head_dim))
-
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, segments: list[Segment], index: int) -> Tensor:
-        """``h`` [N, hidden] normed rows; cos/sin [N, 1, rope_dim] per row; returns [N, hidden]."""
-        q, k, v = self.project(h)
+        q = q.view(rows, self.num_heads, self.head_dim)
+        k = k.view(rows, self.num_kv_heads, self.head_dim)
         if self.qk_norm:  # Qwen3 normalizes each head before RoPE
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.view(rows, self.num_kv_heads, self.head_dim)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, segments: list[Segment], index: int) -> Tensor:
+        """``h`` [N, hidden] normed rows; cos/sin [N, 1, rope_dim] per row; returns [N, hidden]."""
+        q, k, v = self.project(h, cos, sin)
         outs = []
         for seg in segments:
             keys, values = append_to_cache(seg, index, seg.heads(k), seg.heads(v))
