@@ -21,12 +21,21 @@ staggered, so the first to arrive would run alone and the rest after it, and the
 split in two half-batches. With ``batch_wait_seconds`` the compute thread holds the next batch back
 until every session of the last batch has queued its next step, at most that long after the last
 forward pass ended (or the oldest queued step arrived, if later).
+
+Threads: torch runs each operation on up to ``torch.get_num_threads()`` threads (the node sets it
+from ``--compute-threads`` / ``--max-threads``), and every parallel operation ends at a barrier where
+all its threads meet. On a machine whose other work keeps a core busy, that barrier waits for a thread
+the scheduler has set aside: a decoding step of 4 small blocks took 240 ms with 2 threads and 17 ms with
+1 on this project's 2-core machine under load, while on idle cores 2 threads read a large span's weights
+faster. So for decoding-sized steps (:class:`ThreadChooser`) the executor times each thread count in turn
+for a few steps, runs the fastest, and tries the others again every few hundred steps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +49,58 @@ from homeswarm.model import BlockSpan, KVCache
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
+
+
+class ThreadChooser:
+    """Which torch thread count runs the steps of one kind (``key``: span and size) fastest, found by
+    trying each candidate for ``probe_steps`` steps (most threads first, so a new kind starts as torch
+    would), keeping the one with the lowest median, and trying them all again after ``reprobe_steps``
+    steps, since the machine's other load comes and goes."""
+
+    def __init__(self, max_threads: int, *, probe_steps: int = 3, reprobe_steps: int = 256) -> None:
+        if max_threads < 1 or probe_steps < 1 or reprobe_steps < 1:
+            raise ValueError("max_threads, probe_steps and reprobe_steps must be positive")
+        self.candidates = sorted({1, max(1, max_threads // 2), max_threads}, reverse=True)
+        self.probe_steps = probe_steps
+        self.reprobe_steps = reprobe_steps
+        # key -> (times per candidate in the current probe, chosen count or None, steps left before a probe)
+        self._state: dict[object, tuple[dict[int, list[float]], int | None, int]] = {}
+
+    def choose(self, key: object) -> int:
+        """The thread count to run the next step of ``key`` with."""
+        if len(self.candidates) == 1:
+            return self.candidates[0]
+        state = self._state.get(key)
+        if state is None:
+            if len(self._state) >= 1024:  # many kinds of step: keep the table small
+                self._state.clear()
+            state = self._state[key] = ({}, None, 0)
+        samples, chosen, left = state
+        if chosen is not None and left > 0:
+            return chosen
+        for threads in self.candidates:
+            if len(samples.get(threads, ())) < self.probe_steps:
+                return threads
+        return self.candidates[0]  # unreachable: record() settles a finished probe
+
+    def record(self, key: object, threads: int, seconds: float) -> None:
+        """The step of ``key`` chosen by :meth:`choose` ran ``threads`` threads for ``seconds``."""
+        state = self._state.get(key)
+        if state is None:
+            return
+        samples, chosen, left = state
+        if chosen is not None and left > 0:
+            self._state[key] = (samples, chosen, left - 1)
+            return
+        samples.setdefault(threads, []).append(seconds)
+        if all(len(samples.get(t, ())) >= self.probe_steps for t in self.candidates):
+            best = min(self.candidates, key=lambda t: statistics.median(samples[t]))
+            self._state[key] = ({}, best, self.reprobe_steps)
+
+    def chosen(self, key: object) -> int | None:
+        """The count settled on for ``key`` (None while probing or unknown)."""
+        state = self._state.get(key)
+        return state[1] if state is not None else None
 
 
 @dataclass(eq=False)
@@ -59,7 +120,8 @@ class _Step:
 
 class ComputeExecutor:
     def __init__(self, *, max_batch_steps: int = 8, max_batch_tokens: int = 2048, batching: bool = True,
-                 inline_max_seconds: float = 0.0, batch_wait_seconds: float = 0.0) -> None:
+                 inline_max_seconds: float = 0.0, batch_wait_seconds: float = 0.0,
+                 adaptive_threads: bool = True, adaptive_max_tokens: int = 8) -> None:
         if max_batch_steps < 1 or max_batch_tokens < 1:
             raise ValueError("max_batch_steps and max_batch_tokens must be positive")
         if inline_max_seconds < 0 or batch_wait_seconds < 0:
@@ -79,6 +141,9 @@ class ComputeExecutor:
         self._drain_scheduled = False
         self.batches = 0  # forward_batch calls so far
         self.batched_steps = 0  # steps they ran
+        # thread counts for decoding-sized batches (up to adaptive_max_tokens rows), from torch's setting now
+        self.threads = ThreadChooser(torch.get_num_threads()) if adaptive_threads else None
+        self.adaptive_max_tokens = adaptive_max_tokens
         # called on the compute (or caller's) thread after each forward pass: (steps, seconds); metrics
         self.on_batch: Callable[[int, float], None] | None = None
 
@@ -248,6 +313,13 @@ class ComputeExecutor:
             _resolve_all(results)
 
     def _compute(self, ready: list[_Step]) -> list[tuple[_Step, torch.Tensor | None, BaseException | None]]:
+        tokens = sum(item.tokens for item in ready)
+        key = (id(ready[0].span), tokens)
+        tuned = self.threads is not None and tokens <= self.adaptive_max_tokens and ready[0].hidden.device.type == "cpu"
+        previous = torch.get_num_threads()
+        threads = self.threads.choose(key) if tuned else previous  # type: ignore[union-attr]
+        if threads != previous:
+            torch.set_num_threads(threads)  # this thread's setting only (OpenMP's and MKL's are per thread)
         t0 = time.perf_counter()
         try:
             with torch.no_grad():
@@ -269,7 +341,12 @@ class ComputeExecutor:
                 else:
                     results.append((item, output, None))
             return results
+        finally:
+            if threads != previous:
+                torch.set_num_threads(previous)
         seconds = time.perf_counter() - t0
+        if tuned:
+            self.threads.record(key, threads, seconds)  # type: ignore[union-attr]
         self._last_finish = time.monotonic()
         for item in ready:
             item.seconds = seconds

@@ -304,3 +304,50 @@ async def test_no_batch_waits_for_a_session_that_ended(span, monkeypatch):
         assert sizes == [2, 1, 2, 1]
     finally:
         _release(executor, a, b, c)
+
+
+def test_thread_chooser_probes_each_count_then_keeps_the_fastest():
+    from homeswarm.node.executor import ThreadChooser
+
+    chooser = ThreadChooser(4, probe_steps=2, reprobe_steps=3)
+    assert chooser.candidates == [4, 2, 1]
+    seconds = {4: 0.030, 2: 0.010, 1: 0.020}
+    used = []
+    for _ in range(6 + 3 + 6):
+        threads = chooser.choose("decode")
+        used.append(threads)
+        chooser.record("decode", threads, seconds[threads])
+    # a probe (each count twice, most threads first), the fastest for 3 steps, then a new probe
+    assert used == [4, 4, 2, 2, 1, 1, 2, 2, 2, 4, 4, 2, 2, 1, 1]
+    assert chooser.chosen("decode") == 2
+    assert chooser.chosen("other") is None and chooser.choose("other") == 4  # kinds are apart
+    assert ThreadChooser(1).candidates == [1] and ThreadChooser(1).choose("x") == 1
+    with pytest.raises(ValueError):
+        ThreadChooser(0)
+
+
+async def test_decoding_steps_run_with_the_chosen_thread_count(span, monkeypatch):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen: list[int] = []
+    original = type(span).forward_batch
+
+    def spy(self, items):
+        seen.append(torch.get_num_threads())
+        return original(self, items)
+
+    monkeypatch.setattr(type(span), "forward_batch", spy)
+    ex = ComputeExecutor()
+    try:
+        assert ex.threads is not None and ex.threads.candidates == [2, 1]
+        cache = span.new_cache(1, 64)
+        await asyncio.wait_for(ex.step(span, torch.randn(1, 20, 64), cache), TIMEOUT)  # prefill: not tuned
+        for _ in range(8):
+            await asyncio.wait_for(ex.step(span, torch.randn(1, 1, 64), cache), TIMEOUT)
+        after = await ex.run(torch.get_num_threads)  # the compute thread's own setting, restored
+    finally:
+        ex.shutdown()
+        torch.set_num_threads(previous)
+    assert seen[:7] == [2, 2, 2, 2, 1, 1, 1]
+    assert seen[7] == ex.threads.chosen((id(span), 1)) and seen[7] in (1, 2)
+    assert after == 2
