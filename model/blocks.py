@@ -79,6 +79,7 @@ class BlockSpan(nn.Module):
         # float32, CPU; moved lazily to the activations' device
         self._inv_freq, self._rope_factor = rope_tables(config.rope_dim, config.rope_theta, config.rope_scaling,
                                                         config.max_position_embeddings)
+        self._rope_cache: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -103,6 +104,7 @@ class BlockSpan(nn.Module):
         view.end = end
         view.layers = nn.ModuleList(self.layers[start - self.start : end - self.start])
         view._inv_freq, view._rope_factor = self._inv_freq, self._rope_factor
+        view._rope_cache = self._rope_cache
         return view
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
@@ -112,6 +114,19 @@ class BlockSpan(nn.Module):
     def _rope_at(self, positions: Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos and sin [len(positions), rope_dim] for float32 positions."""
         return cos_sin(self._inv_freq, self._rope_factor, positions, dtype, device)
+
+    def _rope_rows(self, start: int, end: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin [end - start, rope_dim] for positions start..end-1, sliced from a table of the
+        first positions (grown to the next power of two when needed): a decoding step takes one slice
+        instead of a dozen small operations. The table holds what :meth:`_rope_at` gives for each
+        position (the same elementwise operations, row by row)."""
+        key = (dtype, device)
+        table = self._rope_cache.get(key)
+        if table is None or table[0].shape[0] < end:
+            size = max(256, 1 << (end - 1).bit_length())
+            table = self._rope_at(torch.arange(size, device=device, dtype=torch.float32), dtype, device)
+            self._rope_cache[key] = table
+        return table[0][start:end], table[1][start:end]
 
     def check(self, hidden: Tensor, cache: KVCache | None = None) -> None:
         """Raise the ValueError that ``forward(hidden, cache)`` would raise, if any; touches nothing."""
@@ -181,18 +196,23 @@ class BlockSpan(nn.Module):
 
     def _run(self, items: list[tuple[Tensor, KVCache | None]]) -> list[Tensor]:
         segments = []
-        positions = []
         offset = 0
         device = items[0][0].device
         for hidden, cache in items:
             batch, length = hidden.shape[:2]
             past = cache.length if cache is not None else 0
             segments.append(Segment(offset, batch, length, cache, past))
-            row_positions = torch.arange(past, past + length, device=device, dtype=torch.float32)
-            positions.append(row_positions.repeat(batch) if batch > 1 else row_positions)
             offset += batch * length
-        # One session (the common case on a node): no concatenation copies.
-        cos, sin = self._rope_at(positions[0] if len(positions) == 1 else torch.cat(positions), self.dtype, device)
+        if len(segments) == 1 and segments[0].batch == 1:
+            # One session of one sequence (the common case on a node): a slice of the table, no copy.
+            seg = segments[0]
+            cos, sin = self._rope_rows(seg.past_length, seg.past_length + seg.length, self.dtype, device)
+        else:
+            end = max(seg.past_length + seg.length for seg in segments)
+            cos, sin = self._rope_rows(0, end, self.dtype, device)
+            index = torch.cat([torch.arange(seg.past_length, seg.past_length + seg.length,
+                                            device=device).repeat(seg.batch) for seg in segments])
+            cos, sin = cos[index], sin[index]
         cos, sin = cos[:, None], sin[:, None]  # [N, 1, rope_dim]: broadcast over the heads
         rows = [hidden.reshape(-1, hidden.shape[-1]) for hidden, _ in items]
         x = rows[0] if len(rows) == 1 else torch.cat(rows)
