@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--speculative", default=None, metavar="prompt-lookup|draft:DIR",
                      help="speculative decoding: draft tokens locally (prompt lookup, or a small model with the same "
                      "tokenizer in DIR) and let the swarm check several per round trip; same output")
+    gen.add_argument("--verify-fraction", type=float, default=0.0, metavar="F",
+                     help="re-run this share (0..1) of steps on a second server of each span and compare; a node "
+                     "caught returning wrong hidden states is banned and the step recomputed (default 0: off)")
     gen.add_argument("--exact", action="store_true", help="route only through nodes serving the checkpoint's own "
                      "weights (not int8/int4 quantized ones); fails when only quantized nodes serve some blocks")
     # SUPPRESS: the subcommand's flag must not reset `homeswarm -v generate`
@@ -176,7 +179,8 @@ def _join(model_dir: Path, args: argparse.Namespace):  # noqa: ANN202 - the clie
     try:
         return AutoDistributedModelForCausalLM.from_pretrained(
             model_dir, initial_peers=args.initial_peers, model_name=args.model_name,
-            config=ClientConfig(compression=args.compression, exact=getattr(args, "exact", False)),
+            config=ClientConfig(compression=args.compression, exact=getattr(args, "exact", False),
+                                verify_fraction=getattr(args, "verify_fraction", 0.0)),
         )
     except MissingTensorsError as e:
         raise UsageError(str(e)) from None
@@ -195,6 +199,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("--top-k must be at least 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError("--top-p must be in (0, 1]")
+    if not 0 <= args.verify_fraction <= 1:
+        raise UsageError("--verify-fraction must be in [0, 1]")
     _check_peers(args.initial_peers)
     if args.speculative is not None:
         _check_speculative(args.speculative, vocab)

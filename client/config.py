@@ -32,6 +32,11 @@ class ClientConfig:
     exact: bool = _opt(False, "route only through nodes that serve the checkpoint's own weights (no int8 or "
                        "int4 quantization); by default any node is accepted")
     handoff: bool = _opt(True, "nodes pass hidden states straight to the next node (N+1 legs a step, not 2N)")
+    verify_fraction: float = _opt(
+        0.0, "share of steps (0..1) whose every hop is re-run on a second server of the same span and compared; "
+        "a node caught returning wrong hidden states is banned and the step recomputed (checked steps are relayed)"
+    )
+    caught_ban_seconds: float = _opt(3600.0, "how long a node caught returning wrong hidden states is avoided")
     handoff_min_rtt: float = _opt(
         0.001, "use hand-off only when the route's nodes are on average at least this many seconds of round "
         "trip away; on faster links (one machine, a LAN) the client relays, which costs less CPU than pushing"

@@ -79,13 +79,20 @@ class RouteManager:
                     self.pool.note_relays(record.peer_id, record.relays)
         return self._records
 
-    def ban(self, peer_id: str) -> None:
+    def ban(self, peer_id: str, seconds: float | None = None) -> None:
+        """Avoid the node: for ``seconds``, or (None) for a time that doubles with each failure."""
         with self._lock:
             count = self.failures.get(PeerId(peer_id), 0)
             duration = min(self.config.ban_seconds * 2**count, self.config.max_ban_seconds)
+            if seconds is not None:
+                duration = max(seconds, self.bans.get(PeerId(peer_id), 0.0) - self.clock())
             self.failures[PeerId(peer_id)] = count + 1
             self.bans[PeerId(peer_id)] = self.clock() + duration
         logger.info("avoiding node %s for %.0f s", peer_id[:16], duration)
+
+    def is_banned(self, peer_id: str) -> bool:
+        with self._lock:
+            return self.bans.get(PeerId(peer_id), -float("inf")) > self.clock()
 
     def record_rtt(self, peer_id: str, rtt: float) -> None:
         with self._lock:

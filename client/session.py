@@ -7,6 +7,9 @@ inputs to rebuild their caches, and carries on, so the output is the same as wit
 A step may first roll every hop's cache back (``keep_length``, e.g. for rejected draft tokens); the
 stored inputs record it, so a replay rebuilds the same cache. Each result's reported cache length is
 checked against the session's: a node that disagrees (one that ignored a rollback) counts as failed.
+With ``ClientConfig.verify_fraction``, a random share of steps is checked hop by hop against a second
+server of the same span (``client.verify``); a node caught returning wrong hidden states is replaced
+the same way, and the step recomputed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.route import RouteManager
 from homeswarm.client.transport import ChannelPool, HopFailed, HopStream
+from homeswarm.client.verify import Culprit, Verifier
 from homeswarm.protocol import parse_compression
 from homeswarm.routing.planner import Hop
 from homeswarm.routing.records import ServerRecord
@@ -77,6 +81,9 @@ class InferenceSession:
         self.max_length = max_length
         self.length = 0
         self.failovers = 0
+        self.caught: list[str] = []  # peer ids of nodes caught returning wrong hidden states
+        self.verifier = Verifier(pool, fraction=config.verify_fraction, compression=config.compression,
+                                 timeout=config.forward_timeout)
         self._step_id = 0
         self._wakeups: queue.SimpleQueue = queue.SimpleQueue()  # hop streams signal arrivals here
         self._hops: list[_OpenHop] = []
@@ -155,7 +162,9 @@ class InferenceSession:
             )
         expected_length = kept + hidden.shape[1]
         dtype = hidden.dtype
-        handoff = self._use_handoff()
+        verify = self.verifier.pick_step()
+        handoff = self._use_handoff() and not verify  # a checked step is relayed: nothing downstream sees
+        # an output before it is checked
         self._step_id += 1
         step_id = self._step_id
         self._drain_wakeups()
@@ -187,6 +196,11 @@ class InferenceSession:
                     raise HopFailed(hop.stream.peer_id, hop.stream.address,
                                     f"its cache holds {hop.stream.last_cache_length} positions after step "
                                     f"{step_id}, {expected_length} expected")
+                if verify and self._caught(i, hidden, keep_length, event[1]):
+                    self._replace(i)
+                    need_send = True
+                    deadline = time.monotonic() + self.config.step_timeout
+                    continue
             except HopFailed as e:
                 self._count_failure(e)
                 self._replace(i)  # the replacement hops start at index i and have replayed the history
@@ -234,6 +248,36 @@ class InferenceSession:
             logger.info("%s; relaying through the client", event[1])
             return True
         return False
+
+    def _caught(self, index: int, hidden: torch.Tensor, keep_length: int | None, output: torch.Tensor) -> bool:
+        """Check hop ``index``'s ``output`` for input ``hidden`` against a replica; True if the hop was caught
+        (it is then banned); a replica caught instead is banned and the output kept."""
+        hop = self._hops[index]
+        if hop.server is None:
+            return False
+        history = hidden[:, :0]  # what the hop's cache holds, rollbacks applied, then this step's input
+        for _, x, keep in [*hop.inputs, (0, hidden, keep_length)]:
+            history = torch.cat([history if keep is None else history[:, :keep], x.to(hidden.dtype)], dim=1)
+        replicas = self.verifier.replicas(hop.server, hop.start, hop.end, self.routes.records(),
+                                          banned=self.routes.is_banned)
+        verdict = self.verifier.check(hop.server, hop.start, hop.end, history, output, replicas)
+        if verdict.culprit is Culprit.NONE:
+            return False
+        assert verdict.replica is not None
+        if verdict.culprit is Culprit.UNDECIDED:
+            raise SessionError(
+                f"nodes {hop.server.address} and {verdict.replica.address} disagree on blocks {hop.start}.."
+                f"{hop.end - 1} (relative error {verdict.error:.3g}) and no third server can tell which is right")
+        wrong = hop.server if verdict.culprit is Culprit.HOP else verdict.replica
+        right = verdict.replica if verdict.culprit is Culprit.HOP else hop.server
+        logger.warning(
+            "node %s (%s) returned wrong hidden states for blocks %d..%d (relative error %.3g against %s); "
+            "banned for %.0f s%s", wrong.address, wrong.peer_id[:16], hop.start, hop.end - 1, verdict.error,
+            right.address, self.config.caught_ban_seconds,
+            ", recomputing the step" if verdict.culprit is Culprit.HOP else "")
+        self.routes.ban(wrong.peer_id, seconds=self.config.caught_ban_seconds)
+        self.caught.append(wrong.peer_id)
+        return verdict.culprit is Culprit.HOP
 
     def _drain_wakeups(self) -> None:
         with contextlib.suppress(queue.Empty):

@@ -143,6 +143,7 @@ async def _serve_with_dht(
         metrics=metrics,
         peer_limits=PeerLimits(max_sessions=config.max_sessions_per_peer, rate=config.max_requests_per_peer),
         handoff_targets=HandoffTargets(lambda block: dht.get_servers(model_name, block, block + 1)),
+        corrupt_outputs=os.environ.get("HOMESWARM_FAULT") == "corrupt",
     )
     service.peers.forwarder = partial(asyncio.to_thread, forwarder_address, dht)  # hand-off to relayed nodes
     server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -265,6 +266,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"join-swarm: error: {e}", file=sys.stderr)
         sys.exit(2)
     setup_logging()
+    fault = os.environ.get("HOMESWARM_FAULT", "")
+    if fault not in ("", "corrupt"):
+        print(f"join-swarm: error: HOMESWARM_FAULT must be 'corrupt' or unset, got {fault!r}", file=sys.stderr)
+        sys.exit(2)
+    if fault:
+        logger.warning("HOMESWARM_FAULT=corrupt: THIS NODE ADDS NOISE TO EVERY OUTPUT ON PURPOSE (a faulty node "
+                       "for tests); clients that check steps will ban it")
     install_uvloop()
     try:
         code = asyncio.run(_run(config))

@@ -136,9 +136,11 @@ class NodeService(node_pb2_grpc.NodeServicer):
         metrics: NodeMetrics | None = None,
         peer_limits: PeerLimits | None = None,
         handoff_targets: HandoffTargets | None = None,
+        corrupt_outputs: bool = False,
     ):
         """``peer_limits``: per-host sessions and request rate (None: unlimited); ``handoff_targets``:
-        which addresses outputs may be pushed to (None: any well-formed address, for tests alone)."""
+        which addresses outputs may be pushed to (None: any well-formed address, for tests alone);
+        ``corrupt_outputs``: add noise to every output (a faulty node, for testing the clients' checks)."""
         self.span = span
         self.identity = identity
         self.sessions = sessions
@@ -157,6 +159,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self.started = clock()
         self.peer_limits = peer_limits
         self.handoff_targets = handoff_targets
+        self.corrupt_outputs = corrupt_outputs
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -226,6 +229,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         return host
 
     def _encode(self, hidden: torch.Tensor, compression: int) -> node_pb2.Tensor:
+        if self.corrupt_outputs:  # noise of half the values' root mean square
+            hidden = hidden + 0.5 * hidden.float().pow(2).mean().sqrt().to(hidden.dtype) * torch.randn_like(hidden)
         return serialize_tensor(hidden.cpu(), compression)
 
     async def _abort(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:

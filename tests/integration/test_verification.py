@@ -1,0 +1,94 @@
+"""Catching wrong activations with real daemons: blocks 2..3 are served by an honest node and by a node
+started with HOMESWARM_FAULT=corrupt (noise on every output), the corrupt one announcing a far higher
+throughput so that routes go through it. Checking every step, greedy generation is exact every time and
+the corrupt node ends up banned and reported; without checks its noise reaches the output.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import pytest
+import torch
+
+from homeswarm.client.config import ClientConfig
+from homeswarm.client.local_swarm import LocalSwarm
+from homeswarm.client.model import AutoDistributedModelForCausalLM
+from homeswarm.client.verify import rel_err
+from homeswarm.protocol import PROTOCOL_VERSION, deserialize_tensor, node_pb2, node_pb2_grpc, serialize_tensor
+from tests.helpers.checkpoints import make_checkpoint, reference_greedy
+
+pytestmark = pytest.mark.timeout(300)
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("verify") / "mistral", "mistral", num_layers=4, seed=11)
+
+
+@pytest.fixture(scope="module")
+def swarm(checkpoint, tmp_path_factory):
+    with LocalSwarm(tmp_path_factory.mktemp("swarm")) as swarm:
+        swarm.start_bootstrap()
+        common = ("--compute-threads", "1")
+        first = swarm.start_node(checkpoint, "--blocks", "0:2", *common, wait=False)
+        honest = swarm.start_node(checkpoint, "--blocks", "2:4", "--throughput", "1", *common, wait=False)
+        env = swarm.env
+        swarm.env = {**env, "HOMESWARM_FAULT": "corrupt"}
+        corrupt = swarm.start_node(checkpoint, "--blocks", "2:4", "--throughput", "1000", *common, wait=False)
+        swarm.env = env
+        for node in (first, honest, corrupt):
+            swarm.wait_ready(node)
+        yield swarm
+
+
+def forward(address: str, hidden: torch.Tensor, start: int = 2, end: int = 4) -> torch.Tensor:
+    with grpc.insecure_channel(address) as channel:
+        response = node_pb2_grpc.NodeStub(channel).Forward(node_pb2.ForwardRequest(
+            protocol_version=PROTOCOL_VERSION, hidden=serialize_tensor(hidden), start_block=start, end_block=end),
+            timeout=30)
+    return deserialize_tensor(response.hidden)
+
+
+def test_the_faulty_node_says_so_and_is_wrong(swarm):
+    honest, corrupt = swarm.nodes[1], swarm.nodes[2]
+    assert "HOMESWARM_FAULT=corrupt" in corrupt.log() and "HOMESWARM_FAULT" not in honest.log()
+    hidden = torch.randn(1, 5, 64)
+    assert rel_err(forward(corrupt.info["address"], hidden), forward(honest.info["address"], hidden)) > 0.2
+    assert rel_err(forward(honest.info["address"], hidden), forward(honest.info["address"], hidden)) == 0.0
+
+
+def test_checked_generation_is_exact_and_bans_the_corrupt_node(swarm, checkpoint, caplog):
+    corrupt = swarm.nodes[2].info
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    expected = reference_greedy(checkpoint, prompt, NEW_TOKENS).tolist()
+    config = ClientConfig(verify_fraction=1.0, handoff_min_rtt=0.0)
+    with caplog.at_level(logging.WARNING, logger="homeswarm.client.session"):
+        with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
+                                                             config=config) as model:
+            session = model.inference_session(max_length=prompt.shape[1] + NEW_TOKENS)
+            with session:
+                assert session.route[1][0] == corrupt["address"]  # the planner preferred the corrupt node
+                got = model.generate(prompt, max_new_tokens=NEW_TOKENS, session=session)
+                assert got.tolist() == expected
+                assert session.caught == [corrupt["peer_id"]]
+                assert corrupt["address"] not in [address for address, _, _ in session.route]
+            assert model.routes.is_banned(corrupt["peer_id"])
+            for _ in range(2):  # later generations stay exact, avoiding it
+                assert model.generate(prompt, max_new_tokens=NEW_TOKENS).tolist() == expected
+    reports = [r.message for r in caplog.records if "returned wrong hidden states" in r.message]
+    assert len(reports) == 1 and corrupt["address"] in reports[0] and "recomputing the step" in reports[0]
+
+
+def test_without_checks_the_noise_reaches_the_output(swarm, checkpoint):
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
+                                                         config=ClientConfig(handoff=False)) as model:
+        embedded = model.head.embed(prompt)
+        with model.inference_session(max_length=prompt.shape[1]) as session:
+            assert session.route[1][0] == swarm.nodes[2].info["address"]
+            got = session.step(embedded)
+    honest = forward(swarm.nodes[1].info["address"], forward(swarm.nodes[0].info["address"], embedded, 0, 2))
+    assert rel_err(got, honest) > 0.2
