@@ -26,6 +26,7 @@ from homeswarm.client.session import InferenceSession
 from homeswarm.client.speculative import MAX_DRAFT, SpeculationStats, SpeculativeDecoder
 from homeswarm.client.transport import ChannelPool
 from homeswarm.model import ModelConfig, load_head, parse_dtype
+from homeswarm.model.digest import block_digests
 from homeswarm.routing.dht import SwarmDHT
 from homeswarm.routing.relay import forwarder_address
 
@@ -70,7 +71,8 @@ class DistributedModelForCausalLM:
         self.pool = ChannelPool(partial(forwarder_address, self.dht))  # relayed nodes: through libp2p
         self.last_speculation: SpeculationStats | None = None  # of the last speculative generation
         self.routes = RouteManager(
-            self.dht, self.pool, self.model_name, self.model_config.num_hidden_layers, self.config
+            self.dht, self.pool, self.model_name, self.model_config.num_hidden_layers, self.config,
+            weights=block_digests(self.model_dir) if self.config.check_weights else None,
         )
 
     @classmethod

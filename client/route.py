@@ -2,6 +2,8 @@
 
 The planning itself is the pure ``homeswarm.routing.planner.plan_route``; this class only gathers
 its inputs (with ``ClientConfig.exact``, ``plan_exact_route``: nodes with unquantized weights only).
+With the checkpoint's block digests (``weights``), online records whose announced weights differ from the
+checkpoint's for their span are refused (another fine-tune under the same name), with one log line per node.
 Round-trip times are smoothed (exponential moving average). A failed node is banned for
 ``ban_seconds``, doubling with each further failure up to ``max_ban_seconds``. Sessions in several
 threads (the HTTP API's concurrent requests) share one manager: planning, bans and round trips are
@@ -17,9 +19,10 @@ from collections.abc import Callable
 
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.transport import ChannelPool, HopFailed, ping
+from homeswarm.model.digest import span_digest
 from homeswarm.routing.dht import ServersLookup, SwarmDHT
 from homeswarm.routing.planner import Hop, MissingBlocksError, plan_exact_route, plan_route
-from homeswarm.routing.records import PeerId, ServerRecord
+from homeswarm.routing.records import PeerId, ServerRecord, ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +36,9 @@ class RouteManager:
         num_blocks: int,
         config: ClientConfig,
         clock: Callable[[], float] = time.monotonic,
+        weights: dict[int, str] | None = None,
     ):
+        """``weights``: block index -> digest of the checkpoint's tensors (``model.digest``); None: no check."""
         self.dht = dht
         self.pool = pool
         self.model = model
@@ -48,6 +53,8 @@ class RouteManager:
         self._lookup: ServersLookup | None = None  # a background re-read in flight
         self._lookup_started = -float("inf")
         self._lock = threading.RLock()
+        self.weights = weights or {}
+        self.refused: dict[PeerId, str] = {}  # nodes refused for their weights -> the digest they announced
 
     def records(self, *, refresh: bool = False) -> list[ServerRecord]:
         """The server records. Older than ``records_max_age``, they are re-read in the background and
@@ -63,12 +70,12 @@ class RouteManager:
         elif self._lookup is not None and self._lookup.done():
             lookup, self._lookup = self._lookup, None
             try:
-                self._records, self._records_time = lookup.result(), self._lookup_started
+                self._records, self._records_time = self._trusted(lookup.result()), self._lookup_started
             except Exception as e:  # noqa: BLE001 - keep the records held; the next call retries
                 logger.warning("re-reading server records failed: %s", e)
         age = started - self._records_time
         if refresh or age > self.config.records_max_stale:
-            self._records = self.dht.get_servers(self.model, 0, self.num_blocks)
+            self._records = self._trusted(self.dht.get_servers(self.model, 0, self.num_blocks))
             self._records_time = started
         elif age > self.config.records_max_age and self._lookup is None:
             self._lookup = self.dht.lookup_servers(self.model, 0, self.num_blocks)
@@ -78,6 +85,23 @@ class RouteManager:
                 if isinstance(record, ServerRecord):
                     self.pool.note_relays(record.peer_id, record.relays)
         return self._records
+
+    def _trusted(self, records: list[ServerRecord]) -> list[ServerRecord]:
+        """The records minus online ones whose announced weights are not the checkpoint's."""
+        if not self.weights:
+            return records
+        kept = []
+        for record in records:
+            expected = span_digest(self.weights, record.start, record.end)
+            if record.state != ServerState.ONLINE or expected is None or record.weights == expected:
+                kept.append(record)
+                continue
+            if self.refused.get(record.peer_id) != record.weights:
+                self.refused[record.peer_id] = record.weights
+                logger.warning("refusing node %s (%s): its weights for blocks %d..%d are not this checkpoint's "
+                               "(announced digest %s)", record.address, record.peer_id[:16], record.start,
+                               record.end - 1, record.weights[:16] or "none")
+        return kept
 
     def ban(self, peer_id: str, seconds: float | None = None) -> None:
         """Avoid the node: for ``seconds``, or (None) for a time that doubles with each failure."""

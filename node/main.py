@@ -28,6 +28,7 @@ import torch
 from grpc_reflection.v1alpha import reflection
 
 from homeswarm.model import ModelConfig, cache_bytes, parse_dtype
+from homeswarm.model.digest import block_digests, span_digest
 from homeswarm.node.announcer import Announcer
 from homeswarm.node.config import ConfigError, NodeConfig
 from homeswarm.node.executor import ComputeExecutor
@@ -159,6 +160,8 @@ async def _serve_with_dht(
     if relays:  # unreachable: clients come through libp2p streams from the relays
         await asyncio.to_thread(serve_grpc, dht, config.host, port)
 
+    weights = span_digest(await asyncio.to_thread(block_digests, config.model_dir), start, end) or ""
+
     def make_record(state: ServerState) -> ServerRecord:
         return ServerRecord(
             peer_id=PeerId(dht.peer_id),
@@ -175,6 +178,7 @@ async def _serve_with_dht(
             public_name=config.public_name,
             quant=config.quant,
             relays=relays,
+            weights=weights,
         )
 
     announcer = Announcer(dht, make_record, total_blocks, config.announce_ttl)

@@ -3,7 +3,7 @@
 A record travels through the DHT as a plain dict of primitives. Records come from other peers and
 are untrusted: ``ServerRecord.from_dict`` validates every field and raises ``InvalidRecord`` on
 anything malformed, so the planner only ever sees well-formed data. Optional fields (``public_name``,
-``queue``, ``quant``, ``relays``) may be absent (records from older nodes) but are validated when present; unknown
+``queue``, ``quant``, ``relays``, ``weights``) may be absent (records from older nodes) but are validated when present; unknown
 keys are ignored, so newer nodes can add fields.
 """
 
@@ -21,6 +21,7 @@ _ADDRESS_RE = re.compile(
     r"[A-Za-z0-9.\-_:\[\]]{1,253}:(\d{1,5})"
 )  # used with fullmatch: "$" accepts a trailing "\n"
 _MAX_BLOCKS = 100_000
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 _DTYPES = frozenset({"float32", "bfloat16", "float16"})
 _MAX_QUEUE = 1_000_000
 _MAX_PUBLIC_NAME = 64
@@ -66,6 +67,7 @@ class ServerRecord:
     def relayed(self) -> bool:
         """Whether the node is reached through a relay rather than by dialling ``address``."""
         return bool(self.relays)
+    weights: str = ""  # sha256 of the span's checkpoint tensors (model.digest), hex; "" if not announced
 
     @property
     def exact(self) -> bool:
@@ -83,6 +85,8 @@ class ServerRecord:
             data["relays"] = list(self.relays)
         else:
             del data["relays"]  # direct nodes announce what nodes without the field announce
+        if not self.weights:
+            del data["weights"]  # not announced (a joining node's record): absent, as older nodes send it
         return data
 
     @classmethod
@@ -105,6 +109,7 @@ class ServerRecord:
                 queue=_int(data, "queue", 0, _MAX_QUEUE) if "queue" in data else 0,
                 quant=_choice(data, "quant", QUANT_FORMATS) if "quant" in data else "none",
                 relays=_relays(data) if "relays" in data else (),
+                weights=_digest(data, "weights") if "weights" in data else "",
             )
         except ValueError as e:
             raise InvalidRecord(str(e)) from None
@@ -140,6 +145,13 @@ def _relays(data: dict) -> tuple[str, ...]:
     ):
         raise InvalidRecord(f"field 'relays' must be a list of at most {_MAX_RELAYS} multiaddrs ending in /p2p/ID")
     return tuple(value)
+
+
+def _digest(data: dict, key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not _DIGEST_RE.fullmatch(value):
+        raise InvalidRecord(f"field {key!r} must be 64 lowercase hex digits")
+    return value
 
 
 def _optional_str(data: dict, key: str) -> str:

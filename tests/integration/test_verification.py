@@ -1,7 +1,11 @@
-"""Catching wrong activations with real daemons: blocks 2..3 are served by an honest node and by a node
-started with HOMESWARM_FAULT=corrupt (noise on every output), the corrupt one announcing a far higher
-throughput so that routes go through it. Checking every step, greedy generation is exact every time and
-the corrupt node ends up banned and reported; without checks its noise reaches the output.
+"""Untrusted nodes with real daemons: wrong activations and wrong weights.
+
+Blocks 2..3 are served by an honest node, by a node started with HOMESWARM_FAULT=corrupt (noise on every
+output) announcing a far higher throughput so that routes go through it, and by a node serving another
+checkpoint (other weights, same model name) announcing a higher throughput still. Checking every step,
+greedy generation is exact every time and the corrupt node ends up banned and reported; without checks
+its noise reaches the output. A client with the checkpoint refuses the node of other weights, unless told
+not to check them.
 """
 
 from __future__ import annotations
@@ -29,7 +33,12 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def swarm(checkpoint, tmp_path_factory):
+def other_weights(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("other") / "mistral", "mistral", num_layers=4, seed=12)
+
+
+@pytest.fixture(scope="module")
+def swarm(checkpoint, other_weights, tmp_path_factory):
     with LocalSwarm(tmp_path_factory.mktemp("swarm")) as swarm:
         swarm.start_bootstrap()
         common = ("--compute-threads", "1")
@@ -39,7 +48,8 @@ def swarm(checkpoint, tmp_path_factory):
         swarm.env = {**env, "HOMESWARM_FAULT": "corrupt"}
         corrupt = swarm.start_node(checkpoint, "--blocks", "2:4", "--throughput", "1000", *common, wait=False)
         swarm.env = env
-        for node in (first, honest, corrupt):
+        impostor = swarm.start_node(other_weights, "--blocks", "2:4", "--throughput", "10000", *common, wait=False)
+        for node in (first, honest, corrupt, impostor):
             swarm.wait_ready(node)
         yield swarm
 
@@ -92,3 +102,23 @@ def test_without_checks_the_noise_reaches_the_output(swarm, checkpoint):
             got = session.step(embedded)
     honest = forward(swarm.nodes[1].info["address"], forward(swarm.nodes[0].info["address"], embedded, 0, 2))
     assert rel_err(got, honest) > 0.2
+
+
+def test_a_node_of_other_weights_is_refused(swarm, checkpoint, caplog):
+    impostor = swarm.nodes[3].info
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(5))
+    with caplog.at_level(logging.WARNING, logger="homeswarm.client.route"):
+        with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
+                                                             config=ClientConfig(verify_fraction=1.0)) as model:
+            with model.inference_session(max_length=9) as session:
+                assert impostor["address"] not in [address for address, _, _ in session.route]
+            assert impostor["peer_id"] in model.routes.refused
+            expected = reference_greedy(checkpoint, prompt, NEW_TOKENS).tolist()  # (the corrupt node is caught)
+            assert model.generate(prompt, max_new_tokens=NEW_TOKENS).tolist() == expected
+    refusals = [r.message for r in caplog.records if "refusing node" in r.message]
+    assert len(refusals) == 1 and impostor["address"] in refusals[0]
+    unchecked = ClientConfig(handoff=False, check_weights=False)
+    with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
+                                                         config=unchecked) as model:
+        with model.inference_session(max_length=9) as session:
+            assert session.route[1][0] == impostor["address"]  # the highest throughput wins without the check
