@@ -349,7 +349,7 @@ def cmd_dht(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        dht = SwarmDHT.create(args.initial_peers, host=args.host, port=args.port)
+        dht = SwarmDHT.create(args.initial_peers, host=args.host, port=args.port, relay_service=True)
     except Exception as e:
         raise UsageError(f"could not start the DHT on {args.host}:{args.port}: {e}") from None
     try:

@@ -8,7 +8,8 @@ reservations on the ``--initial-peers`` and the gRPC service is carried over lib
 answers (a new swarm, or peers that predate the check) the node stays direct and says so. ``direct``
 and ``relayed`` skip the check.
 
-Direct nodes answer such checks for others. A node that can reach no peer at all fails at the DHT's
+Direct nodes answer such checks for others and relay for relayed nodes (``SwarmDHT.create``'s
+``relay_service``: with p2pd's own relay limits a relayed session would break within seconds). A node that can reach no peer at all fails at the DHT's
 start (``join-swarm`` exits with code 2 and says which peers it tried).
 """
 
@@ -56,7 +57,8 @@ async def start_dht(config: NodeConfig, key: NodeKey) -> tuple[SwarmDHT, tuple[s
 async def _create_dht(config: NodeConfig, key: NodeKey, relays: tuple[str, ...]) -> SwarmDHT:
     try:
         return await asyncio.to_thread(
-            SwarmDHT.create, config.initial_peers, host=config.host, port=config.dht_port, key=key, relays=relays
+            SwarmDHT.create, config.initial_peers, host=config.host, port=config.dht_port, key=key, relays=relays,
+            relay_service=not relays,  # a node others reach relays for those they cannot
         )
     except Exception as e:  # hivemind raises several types for unreachable or malformed peers
         raise ConfigError(f"could not start or join the DHT: {e}") from None

@@ -100,6 +100,7 @@ class SwarmDHT:
         start_method: str = "auto",
         key: NodeKey | None = None,
         relays: Sequence[str] = (),
+        relay_service: bool = False,
     ) -> SwarmDHT:
         """Start a DHT peer in its own process, waiting at most ``start_timeout`` s per attempt.
 
@@ -115,6 +116,12 @@ class SwarmDHT:
         reservations on exactly these relays at once (libp2p's relay discovery waits minutes for enough
         candidates), counts itself as unreachable, and joins the DHT as a client, as such a peer cannot
         answer the DHT's requests directly (see ``homeswarm.routing.relay``).
+
+        ``relay_service``: relay for such peers with the limits p2pd is configured with (4 GiB and 30 min
+        per relayed connection). p2pd always runs libp2p's default relay (128 KiB and 2 min per
+        connection: a session through it breaks after about a hundred decoding steps of a small model)
+        and replaces it with the configured one only once it counts itself publicly reachable, which
+        AutoNAT never concludes for private addresses; so this tells p2pd that it is.
         """
         if start_method not in ("auto", "fork", "forkserver"):
             raise ValueError(f"start_method must be auto, fork or forkserver, got {start_method!r}")
@@ -126,6 +133,8 @@ class SwarmDHT:
         if relays:
             client_mode = True
             relay_options = dict(use_auto_relay=True, trusted_relays=list(relays), force_reachability="private")
+        elif relay_service:
+            relay_options = dict(force_reachability="public")
         validators = (key or _READER_KEY()).validators(MODELS_KEY)
         with tempfile.TemporaryDirectory(prefix="homeswarm-id-") as folder:
             identity: dict[str, Any] = {}
@@ -150,7 +159,7 @@ class SwarmDHT:
                 **identity,
                 **relay_options,
             )
-            dht.static_relays_only = bool(relay_options)
+            dht.static_relays_only = "trusted_relays" in relay_options
             dht.owner = (os.getpid(), _start_time(os.getpid()))
             dht.start()
             try:
