@@ -121,6 +121,13 @@ def _block_state(reader: CheckpointReader, config: ModelConfig, layer: int, keys
     return state
 
 
+def check_model_quant(config: ModelConfig, quant: str) -> None:
+    """Raise ValueError where a model's checkpoint cannot take the weight format ``quant``."""
+    if quant != "none" and config.family == "bitnet":
+        raise ValueError(f"a BitNet checkpoint's weights are ternary already; serve it with --quant none, "
+                         f"not {quant!r}")
+
+
 def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu", quant: str = "none",
               group_size: int = DEFAULT_INT4_GROUP_SIZE, on_block: Callable[[int], None] | None = None,
@@ -138,8 +145,7 @@ def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype:
     config = ModelConfig.from_dir(model_dir)
     if not 0 <= start < end <= config.num_hidden_layers:
         raise ValueError(f"invalid block range [{start}, {end}) for a model with {config.num_hidden_layers} blocks")
-    if quant != "none" and config.family == "bitnet":
-        raise ValueError(f"a BitNet checkpoint's weights are ternary already; serve it with quant 'none', not {quant!r}")
+    check_model_quant(config, quant)
     reader = CheckpointReader(model_dir)
     with torch.device("meta"):
         span = BlockSpan(config, start, end)

@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from homeswarm.model import ModelConfig, cache_bytes, parse_dtype
 from homeswarm.model.digest import block_digests, span_digest
+from homeswarm.model.loader import check_model_quant
 from homeswarm.node.announcer import Announcer
 from homeswarm.node.config import ConfigError, NodeConfig
 from homeswarm.node.executor import ComputeExecutor
@@ -78,6 +79,7 @@ def available_memory_bytes(device: torch.device) -> int:
 async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     try:
         model_config = ModelConfig.from_dir(config.model_dir)
+        check_model_quant(model_config, config.quant)
         dtype = parse_dtype(config.dtype)
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None

@@ -344,13 +344,19 @@ JOIN_BAD_INPUT = {
     "bad_dtype": (["{ckpt}", "--new-swarm", "--dtype", "float8"], r"argument --dtype: invalid choice"),
     "bad_public_address": (["{ckpt}", "--new-swarm", "--public-address", "nohost"], r"--public-address"),
     "bad_port": (["{ckpt}", "--new-swarm", "--port", "70000"], r"ports must be in"),
+    "quant_of_ternary_weights": (["{bitnet}", "--new-swarm", "--quant", "int8"], r"ternary already.*--quant none"),
 }
 
 
 @pytest.mark.parametrize("case", JOIN_BAD_INPUT, ids=list(JOIN_BAD_INPUT))
 def test_join_swarm_bad_input_exits_2(case, swarm, ckpt, tmp_path):
     args, pattern = JOIN_BAD_INPUT[case]
-    args = [a.format(missing=tmp_path / "missing", ckpt=ckpt, peer=swarm.initial_peers[0]) for a in args]
+    if "{bitnet}" in args:
+        from tests.helpers.bitnet_checkpoints import make_bitnet_checkpoint
+
+        make_bitnet_checkpoint(tmp_path / "bitnet", num_layers=2)
+    args = [a.format(missing=tmp_path / "missing", ckpt=ckpt, peer=swarm.initial_peers[0], bitnet=tmp_path / "bitnet")
+            for a in args]
     ready = tmp_path / "ready.json"
     result = run_cli("join-swarm", *args, "--ready-file", ready)
     assert_usage_error(result, "join-swarm", pattern)
