@@ -36,6 +36,11 @@ from torch import Tensor, nn
 
 from . import int4_pack
 from .moe import Experts, by_expert
+from .quant_values import SCALE_DTYPE, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+
+__all__ = ["DEFAULT_INT4_GROUP_SIZE", "INT4_GROUP_SIZES", "QUANT_FORMATS", "UNQUANTIZED_NAMES", "QuantizedExperts",
+           "QuantizedLinearInt4", "QuantizedLinearInt8", "check_quant", "dequantize_int4", "dequantize_int8",
+           "is_quantizable", "matrix_bytes", "quantize_block", "quantize_int4", "quantize_int8", "quantize_linear"]
 
 QUANT_FORMATS = ("none", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
@@ -45,7 +50,7 @@ DEFAULT_INT4_GROUP_SIZE = 32
 # Modules named so are routers or gates: they stay in the model dtype.
 UNQUANTIZED_NAMES = ("gate", "router", "shared_expert_gate")
 
-_SCALE_DTYPE = torch.bfloat16
+_SCALE_DTYPE = SCALE_DTYPE
 _KERNEL_DTYPE = torch.bfloat16
 _INT8_K_MULTIPLE = 16  # torch's bfloat16 int8 kernel reads 16 inputs at a time, with no tail
 _INT4_N_MULTIPLE = 16
@@ -76,55 +81,6 @@ def matrix_bytes(out_features: int, in_features: int, quant: str, group_size: in
         groups = -(-in_features // group_size)
         return out_features * groups * (group_size // 2 + 2 * scale)
     return out_features * in_features * element_size
-
-
-def _float_weight(weight: Tensor) -> Tensor:
-    if weight.dim() != 2:
-        raise ValueError(f"a weight to quantize must be 2-D [out, in], got shape {tuple(weight.shape)}")
-    w = weight.detach().float()
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("cannot quantize a weight holding NaN or infinite values")
-    return w
-
-
-def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """``[N, K]`` -> (int8 ``[N, K]``, bfloat16 scales ``[N]``), symmetric per output channel."""
-    w = _float_weight(weight)
-    tiny = torch.finfo(torch.float32).tiny
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=tiny).to(_SCALE_DTYPE)
-    q = torch.round(w / scales.float()[:, None]).clamp_(-128, 127).to(torch.int8)
-    return q, scales
-
-
-def dequantize_int8(q: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    return (q.float() * scales.float()[:, None]).to(dtype)
-
-
-def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``[N, K]`` -> (uint8 values ``[N, K']`` in 0..15, bfloat16 scales and zero points ``[N, K' / g]``).
-
-    ``K'`` is ``K`` rounded up to a multiple of ``group_size`` (the padding quantizes zeros).
-    """
-    w = _float_weight(weight)
-    rows, cols = w.shape
-    padded = -(-cols // group_size) * group_size
-    if padded != cols:
-        w = F.pad(w, (0, padded - cols))
-    groups = w.view(rows, padded // group_size, group_size)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scales = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(_SCALE_DTYPE)
-    zeros = (low + 8 * scales.float()).to(_SCALE_DTYPE)
-    q = torch.round((groups - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp_(0, 15)
-    return q.to(torch.uint8).view(rows, padded), scales, zeros
-
-
-def dequantize_int4(q: Tensor, scales: Tensor, zeros: Tensor, in_features: int | None = None,
-                    dtype: torch.dtype = torch.float32) -> Tensor:
-    """Values ``[N, K']``, scales and zero points ``[N, K' / g]`` -> ``[N, in_features]`` weights."""
-    rows, padded = q.shape
-    groups = q.float().view(rows, scales.shape[1], -1)
-    w = ((groups - 8) * scales.float()[..., None] + zeros.float()[..., None]).view(rows, padded)
-    return w[:, : in_features or padded].to(dtype)
 
 
 def _kernel_input(x: Tensor) -> Tensor:
