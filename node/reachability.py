@@ -89,8 +89,13 @@ async def _check(config: NodeConfig, dht: SwarmDHT) -> tuple[bool, NodeConfig]:
     config = dataclasses.replace(config, port=port)  # the gRPC service binds the port that was checked
     logger.info("reachability of %s: %d peer(s) reached it, %d could not, %d did not answer",
                 address, answers.count(True), answers.count(False), answers.count(None))
-    if True in answers or False not in answers:
-        if False not in answers and True not in answers:
-            logger.warning("no peer answered the reachability check; announcing %s as directly reachable", address)
-        return True, config
-    return False, config
+    reachable = is_reachable(answers)
+    if reachable and True not in answers:
+        logger.warning("no peer answered the reachability check; announcing %s as directly reachable", address)
+    return reachable, config
+
+
+def is_reachable(answers: list[bool | None]) -> bool:
+    """The verdict of the peers' answers (True: reached, False: could not, None: no answer): one success
+    is enough (the others may sit behind firewalls of their own); without any answer, direct."""
+    return True in answers or False not in answers
