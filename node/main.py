@@ -204,7 +204,8 @@ async def _serve_with_dht(
         "serving blocks %d..%d of %s at %s (%.0f steps/s per block, cache budget %d tokens)",
         start, end - 1, model_name, address, throughput, sessions.free_tokens,
     )
-    logger.info("others join with: join-swarm MODEL_DIR --initial-peers %s", maddrs[0] if maddrs else "?")
+    if not relays:  # a relayed node's own addresses cannot be dialled: others join through its relays
+        logger.info("others join with: join-swarm MODEL_DIR --initial-peers %s", maddrs[0] if maddrs else "?")
 
     period_end = await stop.wait()
     logger.info("%s: announcing %s, %d open session(s)", period_end.why, period_end.state.value, len(sessions))

@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 GRPC_PROTOCOL = "/homeswarm/grpc/1"
 REACHABILITY_PROTOCOL = "/homeswarm/reachability/1"
 DIAL_BACK_TIMEOUT = 3.0  # a helper's TCP dial of the address to check (a dropped SYN waits all of it)
+NONCE_TIMEOUT = 10.0  # then reading the nonce: connected already, so only a loaded machine is slow here
 _CHUNK = 1 << 16
 _MAX_REQUEST = 1024
 _NONCE_RE = re.compile(r"[0-9a-f]{32}")
@@ -202,7 +203,7 @@ async def _dial_back(address: str, nonce: str) -> bool:
         except (OSError, asyncio.TimeoutError, ValueError):
             return False
         try:
-            got = await asyncio.wait_for(reader.readexactly(len(nonce)), DIAL_BACK_TIMEOUT)
+            got = await asyncio.wait_for(reader.readexactly(len(nonce)), NONCE_TIMEOUT)
             return got == nonce.encode()
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
             return False
@@ -256,7 +257,7 @@ async def _ask_one(p2p: Any, peer: Any, request: bytes, timeout: float) -> bool 
 async def _ask_dial_back(address: str, nonce: str, max_peers: int, _dht: Any, node: Any) -> list[bool | None]:
     peers = list(node.protocol.routing_table.peer_id_to_uid)[:max_peers]
     request = json.dumps({"address": address, "nonce": nonce}).encode() + b"\n"
-    timeout = DIAL_BACK_TIMEOUT * 2 + 2
+    timeout = DIAL_BACK_TIMEOUT + NONCE_TIMEOUT + 3
     return list(await asyncio.gather(*(_ask_one(node.protocol.p2p, p, request, timeout) for p in peers)))
 
 
