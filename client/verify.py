@@ -115,7 +115,7 @@ class Verifier:
         request = node_pb2.ForwardRequest(protocol_version=PROTOCOL_VERSION, hidden=serialize_tensor(inputs),
                                           start_block=start, end_block=end)
         try:
-            response = self.pool.stub(server.address).Forward(request, timeout=self.timeout)
+            response = self.pool.stub(server.address, server.peer_id).Forward(request, timeout=self.timeout)
             return deserialize_tensor(response.hidden)
         except grpc.RpcError as e:
             raise HopFailed(server.peer_id, server.address, f"check failed: {e.code().name}: {e.details()}",
