@@ -121,7 +121,10 @@ class SwarmDHT:
         per relayed connection). p2pd always runs libp2p's default relay (128 KiB and 2 min per
         connection: a session through it breaks after about a hundred decoding steps of a small model)
         and replaces it with the configured one only once it counts itself publicly reachable, which
-        AutoNAT never concludes for private addresses; so this tells p2pd that it is.
+        AutoNAT never concludes for private addresses; so this tells p2pd that it is. Which of the two
+        relays serves is still decided by a race at p2pd's start (the default one is registered by the
+        daemon after the host starts, the configured one when the host hears it is public; the last to
+        register wins): on this machine the configured one won in most starts, not all.
         """
         if start_method not in ("auto", "fork", "forkserver"):
             raise ValueError(f"start_method must be auto, fork or forkserver, got {start_method!r}")
