@@ -1,0 +1,151 @@
+"""Speculative decoding over delaying proxies: tokens per second, plain greedy against each drafter.
+
+    python bench/bench_speculative.py [--delays-ms 0 10 25 50] [--nodes 2 4] [--new-tokens 48] [--rounds 3]
+
+The demo model (model/demo) is split over N nodes, each behind a TCP proxy on 127.0.0.1 that delays each
+direction by the given time (announced through --public-address), so every network leg costs that delay.
+For each text (the demo's own "ROMEO:" prompt, and a repetitive code-like prompt) greedy generation runs
+plain, with prompt lookup, and with a draft model, alternating them round by round; the table gives the
+median tokens per second, the median of the per-round speed-ups against plain, and the drafters'
+acceptance rates. Every speculative output is checked against the plain one (they must be identical).
+
+There is no separately trained smaller model of the demo's tokenizer, so the draft model is built here
+from the demo model itself: its first block with the same embeddings, final norm and head (an early exit,
+1 of 4 blocks), written to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import table  # noqa: E402
+from homeswarm.client.local_swarm import LocalSwarm, split_blocks  # noqa: E402
+from homeswarm.client.model import AutoDistributedModelForCausalLM  # noqa: E402
+from homeswarm.client.tokenizer import TextCodec  # noqa: E402
+from tests.helpers.proxy import DelayingProxy  # noqa: E402
+
+DEMO = Path(__file__).resolve().parent.parent / "model" / "demo"
+TEXTS = {
+    "demo": "ROMEO:\n",
+    "code": "".join(f"    def get_{name}(self):\n        return self._{name}\n\n"
+                    for name in ("name", "value", "size", "count", "owner")) + "    def get_",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def early_exit_draft(model_dir: Path, out: Path, blocks: int = 1) -> Path:
+    """The first ``blocks`` blocks of ``model_dir`` with its embeddings, final norm and head."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["num_hidden_layers"] = blocks
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = load_file(model_dir / "model.safetensors")
+    keep = {name: t for name, t in tensors.items()
+            if not name.startswith("model.layers.") or int(name.split(".")[2]) < blocks}
+    save_file(keep, out / "model.safetensors", metadata={"format": "pt"})
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (model_dir / name).exists():
+            shutil.copy(model_dir / name, out / name)
+    return out
+
+
+def run(model, ids: list[int], new_tokens: int, speculative: str | None) -> tuple[list[int], float, float | None]:
+    """(new ids, tokens per second after the first token, acceptance rate)."""
+    t0 = time.perf_counter()
+    first = None
+    out = []
+    for tokens in model.generate_stream([ids], max_new_tokens=new_tokens, speculative=speculative):
+        if first is None:
+            first = time.perf_counter()
+        out.append(int(tokens[0]))
+    seconds = time.perf_counter() - (first or t0)
+    rate = model.last_speculation.acceptance_rate if speculative is not None else None
+    return out, (len(out) - 1) / seconds, rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--delays-ms", type=float, nargs="+", default=[0, 10, 25, 50])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    codec = TextCodec.for_model(DEMO)
+    assert codec is not None
+    prompts = {name: codec.encode(text) for name, text in TEXTS.items()}
+    num_layers = json.loads((DEMO / "config.json").read_text())["num_hidden_layers"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="homeswarm-draft-") as tmp:
+        draft = early_exit_draft(DEMO, Path(tmp) / "demo-draft")
+        methods = {"plain": None, "prompt-lookup": "prompt-lookup", "draft": f"draft:{draft}"}
+        for nodes in args.nodes:
+            with LocalSwarm() as swarm:
+                swarm.start_bootstrap()
+                proxies, daemons = [], []
+                try:
+                    for a, b in split_blocks(num_layers, nodes):
+                        port = free_port()
+                        proxies.append(DelayingProxy("127.0.0.1", port, 0.0))
+                        daemons.append(swarm.start_node(DEMO, "--blocks", f"{a}:{b}", "--port", str(port),
+                                                        "--public-address", proxies[-1].address, wait=False))
+                    for daemon in daemons:
+                        swarm.wait_ready(daemon)
+                    for delay in args.delays_ms:
+                        for proxy in proxies:
+                            proxy.delay = delay / 1000
+                        with AutoDistributedModelForCausalLM.from_pretrained(
+                                DEMO, initial_peers=swarm.initial_peers) as model:
+                            run(model, prompts["demo"], 4, None)  # warm up connections and caches
+                            for text, ids in prompts.items():
+                                speed = {m: [] for m in methods}
+                                ratio = {m: [] for m in methods}
+                                accept = {m: [] for m in methods}
+                                for _ in range(args.rounds):
+                                    plain = None
+                                    for method, spec in methods.items():
+                                        out, tps, rate = run(model, ids, args.new_tokens, spec)
+                                        if plain is None:
+                                            plain = (out, tps)
+                                        elif out != plain[0]:
+                                            raise AssertionError(f"{method} output differs from plain greedy")
+                                        speed[method].append(tps)
+                                        ratio[method].append(tps / plain[1])
+                                        if rate is not None:
+                                            accept[method].append(rate)
+                                row = [nodes, delay, text, statistics.median(speed["plain"])]
+                                for method in ("prompt-lookup", "draft"):
+                                    row += [statistics.median(speed[method]), statistics.median(ratio[method]),
+                                            statistics.median(accept[method])]
+                                rows.append(row)
+                                print(table(HEADERS, [row]).splitlines()[-1], flush=True)
+                finally:
+                    for proxy in proxies:
+                        proxy.close()
+    print(f"demo model, greedy, {args.new_tokens} new tokens, each node behind a proxy delaying each direction; "
+          f"median of {args.rounds} paired rounds")
+    print(table(HEADERS, rows))
+
+
+HEADERS = ["nodes", "delay ms/leg", "text", "plain tok/s", "lookup tok/s", "lookup speed-up", "lookup accept",
+           "draft tok/s", "draft speed-up", "draft accept"]
+
+
+if __name__ == "__main__":
+    main()
