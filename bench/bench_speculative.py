@@ -4,9 +4,9 @@
 
 The demo model (model/demo) is split over N nodes, each behind a TCP proxy on 127.0.0.1 that delays each
 direction by the given time (announced through --public-address), so every network leg costs that delay.
-For each text (the demo's own "ROMEO:" prompt, and a repetitive code-like prompt) greedy generation runs
-plain, with prompt lookup, and with a draft model, alternating them round by round; the table gives the
-median tokens per second, the median of the per-round speed-ups against plain, and the drafters'
+For each text (the demo's own "ROMEO:" prompt, a repetitive code-like prompt, and a verse repeated three
+times) greedy generation runs plain, with prompt lookup, and with a draft model, alternating them round
+by round; the table gives the median tokens per second, the median of the per-round speed-ups against plain, and the drafters'
 acceptance rates. Every speculative output is checked against the plain one (they must be identical).
 
 There is no separately trained smaller model of the demo's tokenizer, so the draft model is built here
@@ -17,6 +17,7 @@ from the demo model itself: its first block with the same embeddings, final norm
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import socket
@@ -31,16 +32,20 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import table  # noqa: E402
+from homeswarm.client.drafters import DraftModelDrafter, PromptLookupDrafter  # noqa: E402
 from homeswarm.client.local_swarm import LocalSwarm, split_blocks  # noqa: E402
 from homeswarm.client.model import AutoDistributedModelForCausalLM  # noqa: E402
 from homeswarm.client.tokenizer import TextCodec  # noqa: E402
 from tests.helpers.proxy import DelayingProxy  # noqa: E402
 
 DEMO = Path(__file__).resolve().parent.parent / "model" / "demo"
+VERSE = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+         "The slings and arrows of outrageous fortune,\n")
 TEXTS = {
-    "demo": "ROMEO:\n",
-    "code": "".join(f"    def get_{name}(self):\n        return self._{name}\n\n"
-                    for name in ("name", "value", "size", "count", "owner")) + "    def get_",
+    "demo": "ROMEO:\n",  # the demo model's own kind of text
+    "code": "".join(f"    def get_{n}(self):\n        return self.{n}\n\n"
+                    for n in ("name", "value", "size", "count", "owner")) + "    def get_",
+    "repeated": VERSE * 3,  # a passage seen three times: the model goes on repeating what it read
 }
 
 
@@ -66,7 +71,7 @@ def early_exit_draft(model_dir: Path, out: Path, blocks: int = 1) -> Path:
     return out
 
 
-def run(model, ids: list[int], new_tokens: int, speculative: str | None) -> tuple[list[int], float, float | None]:
+def run(model, ids: list[int], new_tokens: int, speculative: object) -> tuple[list[int], float, float | None]:
     """(new ids, tokens per second after the first token, acceptance rate)."""
     t0 = time.perf_counter()
     first = None
@@ -94,7 +99,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="homeswarm-draft-") as tmp:
         draft = early_exit_draft(DEMO, Path(tmp) / "demo-draft")
-        methods = {"plain": None, "prompt-lookup": "prompt-lookup", "draft": f"draft:{draft}"}
+        # one drafter object across runs, so that no run pays for loading the draft model
+        methods = {"plain": None, "prompt-lookup": PromptLookupDrafter(),
+                   "draft": DraftModelDrafter(draft, vocab_size=json.loads((DEMO / "config.json").read_text())[
+                       "vocab_size"], tokenizer_file=DEMO / "tokenizer.json")}
         for nodes in args.nodes:
             with LocalSwarm() as swarm:
                 swarm.start_bootstrap()
@@ -117,18 +125,20 @@ def main() -> None:
                                 speed = {m: [] for m in methods}
                                 ratio = {m: [] for m in methods}
                                 accept = {m: [] for m in methods}
-                                for _ in range(args.rounds):
-                                    plain = None
-                                    for method, spec in methods.items():
-                                        out, tps, rate = run(model, ids, args.new_tokens, spec)
-                                        if plain is None:
-                                            plain = (out, tps)
-                                        elif out != plain[0]:
-                                            raise AssertionError(f"{method} output differs from plain greedy")
+                                for r in range(args.rounds):
+                                    order = list(methods)[r % len(methods):] + list(methods)[:r % len(methods)]
+                                    outs = {}
+                                    for method in order:  # each method in each place of the order in turn
+                                        gc.collect()
+                                        out, tps, rate = run(model, ids, args.new_tokens, methods[method])
+                                        outs[method] = out
                                         speed[method].append(tps)
-                                        ratio[method].append(tps / plain[1])
                                         if rate is not None:
                                             accept[method].append(rate)
+                                    for method in methods:
+                                        if outs[method] != outs["plain"]:
+                                            raise AssertionError(f"{method} output differs from plain greedy")
+                                        ratio[method].append(speed[method][-1] / speed["plain"][-1])
                                 row = [nodes, delay, text, statistics.median(speed["plain"])]
                                 for method in ("prompt-lookup", "draft"):
                                     row += [statistics.median(speed[method]), statistics.median(ratio[method]),

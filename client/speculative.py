@@ -42,8 +42,11 @@ class DraftLength:
     smoothing: float = 0.2
     draft_seconds: float = 0.0  # drafter time per drafted token (moving average)
     rounds: deque = field(default_factory=lambda: deque(maxlen=32))  # (k, seconds of the swarm round)
+    probe_every: int = 8  # while drafting does not pay, still draft one token every this many rounds
+    _skipped: int = 0
 
     def update(self, k: int, accepted: int, round_seconds: float, draft_seconds: float) -> None:
+        """A round with ``k`` drafts (0: none) took ``round_seconds`` in the swarm, ``draft_seconds`` here."""
         if k > 0:
             # acceptance of each draft given its predecessors were accepted: accepted of the tries
             tries = accepted + (1 if accepted < k else 0)
@@ -65,18 +68,24 @@ class DraftLength:
         return max(mean_t - per_token * mean_k, 1e-6), per_token
 
     def choose(self, limit: int) -> int:
-        """k in 1..min(max_k, limit) (0 when limit < 1), by expected tokens per second."""
+        """k in 0..min(max_k, limit), by expected tokens per second. 0 (no drafting) where drafts cost more
+        than they save, though then one draft every ``probe_every`` rounds keeps the estimates current."""
         top = min(self.max_k, limit)
         if top < 1:
             return 0
         fixed, per_token = self._round_model()
         a = min(max(self.acceptance, 0.0), 0.99)
-        best, best_rate = 1, -1.0
+        best, best_rate = 0, 1 / fixed
         for k in range(1, top + 1):
             tokens = (1 - a ** (k + 1)) / (1 - a)  # expected accepted drafts + the model's own token
             rate = tokens / (fixed + k * (per_token + self.draft_seconds))
-            if rate > best_rate + 1e-12:
+            if rate > best_rate * (1 + 1e-9):
                 best, best_rate = k, rate
+        if best == 0:
+            self._skipped += 1
+            if self._skipped >= self.probe_every:
+                self._skipped = 0
+                return 1
         return best
 
 
@@ -165,8 +174,7 @@ class SpeculativeDecoder:
             self.stats.rounds += 1
             self.stats.drafted += len(drafts)
             self.stats.accepted += accepted
-            if drafts:
-                self.length.update(len(drafts), accepted, t2 - t1, t1 - t0)
+            self.length.update(len(drafts), accepted, t2 - t1, t1 - t0)
             held += 1 + accepted
             for token in drafts[:accepted]:
                 tokens.append(token)

@@ -200,5 +200,9 @@ def test_draft_length_follows_acceptance_and_round_trip():
     assert slow_network.choose(0) == 0
     poor = DraftLength(max_k=8)
     for k in (2, 4, 6) * 4:
-        poor.update(k, 0, 0.002 + 0.002 * k, 0.0)  # nothing accepted, each draft costs as much as a round
+        poor.update(k, 0, 0.010 + 0.0002 * k, 0.0)  # nothing accepted, drafts cost very little
     assert poor.choose(100) == 1
+    costly = DraftLength(max_k=8, probe_every=4)
+    for k in (0, 1) * 6:
+        costly.update(k, 0, 0.010, 0.010 * k)  # a draft costs as much as a round and is never accepted
+    assert [costly.choose(100) for _ in range(8)] == [0, 0, 0, 1, 0, 0, 0, 1]  # probes now and then
