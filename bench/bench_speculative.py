@@ -10,8 +10,8 @@ by round; the table gives the median tokens per second, the median of the per-ro
 acceptance rates. Every speculative output is checked against the plain one (they must be identical).
 
 There is no separately trained smaller model of the demo's tokenizer, so the draft model is built here
-from the demo model itself: its first block with the same embeddings, final norm and head (an early exit,
-1 of 4 blocks), written to a temporary folder.
+from the demo model itself: its first blocks with the same embeddings, final norm and head (an early
+exit; by default 1 of its 4 blocks), written to a temporary folder.
 """
 
 from __future__ import annotations
@@ -91,14 +91,18 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--texts", nargs="+", default=list(TEXTS), choices=list(TEXTS))
+    parser.add_argument("--draft-blocks", type=int, default=1,
+                        help="blocks of the demo model the draft keeps (4, the whole model: the ceiling of "
+                        "a perfect draft, not a real use)")
     args = parser.parse_args()
     codec = TextCodec.for_model(DEMO)
     assert codec is not None
-    prompts = {name: codec.encode(text) for name, text in TEXTS.items()}
+    prompts = {name: codec.encode(TEXTS[name]) for name in args.texts}
     num_layers = json.loads((DEMO / "config.json").read_text())["num_hidden_layers"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="homeswarm-draft-") as tmp:
-        draft = early_exit_draft(DEMO, Path(tmp) / "demo-draft")
+        draft = early_exit_draft(DEMO, Path(tmp) / "demo-draft", args.draft_blocks)
         # one drafter object across runs, so that no run pays for loading the draft model
         methods = {"plain": None, "prompt-lookup": PromptLookupDrafter(),
                    "draft": DraftModelDrafter(draft, vocab_size=json.loads((DEMO / "config.json").read_text())[
@@ -120,7 +124,7 @@ def main() -> None:
                             proxy.delay = delay / 1000
                         with AutoDistributedModelForCausalLM.from_pretrained(
                                 DEMO, initial_peers=swarm.initial_peers) as model:
-                            run(model, prompts["demo"], 4, None)  # warm up connections and caches
+                            run(model, next(iter(prompts.values())), 4, None)  # warm up connections and caches
                             for text, ids in prompts.items():
                                 speed = {m: [] for m in methods}
                                 ratio = {m: [] for m in methods}
@@ -149,7 +153,7 @@ def main() -> None:
                     for proxy in proxies:
                         proxy.close()
     print(f"demo model, greedy, {args.new_tokens} new tokens, each node behind a proxy delaying each direction; "
-          f"median of {args.rounds} paired rounds")
+          f"median of {args.rounds} paired rounds; draft: the first {args.draft_blocks} of {num_layers} blocks")
     print(table(HEADERS, rows))
 
 

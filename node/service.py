@@ -8,8 +8,9 @@ twice, so the KV cache never holds a position twice.
 Every request is checked before any compute, and a tensor's declared shape and dtype before its
 values are decoded: protocol version, on every message of a stream (FAILED_PRECONDITION); model and
 block range, batch size, length, shape, dtype, NaN/inf, session ids, step order (each step the one
-after the last), hand-off targets (only nodes the DHT's records name for the block after the span)
-(INVALID_ARGUMENT); cache budget, open sessions and request rate per peer host (RESOURCE_EXHAUSTED);
+after the last), hand-off targets (only nodes the DHT's records name for the block after the span),
+a cache rollback (``Step.keep_length``) within the positions the cache holds (INVALID_ARGUMENT); cache
+budget, open sessions and request rate per peer host (RESOURCE_EXHAUSTED);
 draining for shutdown (UNAVAILABLE). A client's stream is read no faster than its steps are taken up
 (at most ``_MAX_INBOX`` waiting), so nobody can queue unbounded work or memory here. Compute runs on the executor's thread;
 only a short step of a node's single session may run on the event loop (see ``ComputeExecutor``).
