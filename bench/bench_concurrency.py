@@ -93,14 +93,13 @@ def _table(title: str, rows: list[tuple[int, float, float, float]]) -> None:
 def bench_grpc(model_dir: Path, steps: int, workdir: Path, node_args: list[str]) -> None:
     """The same through one real node over gRPC (batched, as the node runs): a client thread per session."""
     from homeswarm.client.local_swarm import LocalSwarm
-    from homeswarm.client.transport import ChannelPool
 
     rows = []
     (workdir / "swarm").mkdir()
     with LocalSwarm(workdir / "swarm") as swarm:
         swarm.start_bootstrap()
         node = swarm.start_node(model_dir, "--model-name", "bench", "--blocks", "0:8", *node_args)
-        pool = ChannelPool()
+        pool = swarm.pool()
         try:
             _grpc_round(pool, node.info, 1, 4)  # warm-up
             for n in SESSIONS:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import MOE_SHAPES, SHAPES, checkpoint, table  # noqa: E402
 from homeswarm.client.local_swarm import LocalSwarm  # noqa: E402
-from homeswarm.client.transport import ChannelPool, HopStream  # noqa: E402
+from homeswarm.client.transport import HopStream  # noqa: E402
 from homeswarm.model import CheckpointReader, ModelConfig, cache_bytes, load_head, span_weight_bytes  # noqa: E402
 from homeswarm.protocol import node_pb2  # noqa: E402
 
@@ -93,7 +93,7 @@ def measure_node(path: Path, span: str, hidden: int) -> dict[str, object]:
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         node = swarm.start_node(path, "--blocks", span, "--max-cache-tokens", "1024", timeout=600)
-        pool = ChannelPool()
+        pool = swarm.pool()
         try:
             a, b = (int(x) for x in span.split(":"))
             stream = HopStream(pool, peer_id=node.info["peer_id"], address=node.info["address"], model=path.name,

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--verify-fraction", type=float, default=0.0, metavar="F",
                      help="re-run this share (0..1) of steps on a second server of each span and compare; a node "
                      "caught returning wrong hidden states is banned and the step recomputed (default 0: off)")
+    gen.add_argument("--require-tls", action="store_true", help="use only nodes that serve over TLS (skip nodes "
+                     "started with --insecure, which are otherwise used in plaintext)")
     gen.add_argument("--exact", action="store_true", help="route only through nodes serving the checkpoint's own "
                      "weights (not int8/int4 quantized ones); fails when only quantized nodes serve some blocks")
     # SUPPRESS: the subcommand's flag must not reset `homeswarm -v generate`
@@ -180,7 +182,8 @@ def _join(model_dir: Path, args: argparse.Namespace):  # noqa: ANN202 - the clie
         return AutoDistributedModelForCausalLM.from_pretrained(
             model_dir, initial_peers=args.initial_peers, model_name=args.model_name,
             config=ClientConfig(compression=args.compression, exact=getattr(args, "exact", False),
-                                verify_fraction=getattr(args, "verify_fraction", 0.0)),
+                                verify_fraction=getattr(args, "verify_fraction", 0.0),
+                                require_tls=getattr(args, "require_tls", False)),
         )
     except MissingTensorsError as e:
         raise UsageError(str(e)) from None

@@ -36,6 +36,8 @@ class ClientConfig:
         0.0, "share of steps (0..1) whose every hop is re-run on a second server of the same span and compared; "
         "a node caught returning wrong hidden states is banned and the step recomputed (checked steps are relayed)"
     )
+    require_tls: bool = _opt(False, "use only nodes whose signed record pins a TLS certificate (skip nodes started "
+                             "with --insecure, which are otherwise dialled in plaintext)")
     check_weights: bool = _opt(True, "refuse nodes whose announced weights digest differs from the checkpoint's "
                                "(hashes the checkpoint folder's block tensors once, when it has them)")
     caught_ban_seconds: float = _opt(3600.0, "how long a node caught returning wrong hidden states is avoided")

@@ -19,7 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from homeswarm.client.transport import ChannelPool
 from homeswarm.protocol.ready_file import read_ready_file
+from homeswarm.routing.tls import channel_credentials, channel_options
 
 
 def console_script(name: str) -> list[str]:
@@ -134,6 +138,24 @@ class LocalSwarm:
 
     def wait_ready(self, daemon: Daemon, timeout: float = 120.0) -> dict[str, Any]:
         return self._wait_ready(daemon, timeout)
+
+    def pool(self) -> ChannelPool:
+        """A channel pool that reaches the started nodes as a client does: over TLS pinned to the certificate
+        each announces (from their ready files), in plaintext to ``--insecure`` ones."""
+        pool = ChannelPool()
+        for node in self.nodes:
+            if node.info is not None:
+                pool.note_tls(node.info["peer_id"], node.info.get("tls_cert", ""))
+        return pool
+
+    @staticmethod
+    def channel(node: Daemon) -> grpc.Channel:
+        """A gRPC channel straight to a started node (TLS pinned to its announced certificate, if any)."""
+        assert node.info is not None, "the node is not ready"
+        cert = node.info.get("tls_cert", "")
+        if not cert:
+            return grpc.insecure_channel(node.info["address"])
+        return grpc.secure_channel(node.info["address"], channel_credentials(cert), options=channel_options())
 
     @staticmethod
     def kill(daemon: Daemon) -> None:

@@ -68,7 +68,8 @@ class DistributedModelForCausalLM:
         if not initial_peers:
             raise ValueError("initial_peers is empty: give the multiaddr of at least one peer of the swarm")
         self.dht = SwarmDHT.create(list(initial_peers), client_mode=True)
-        self.pool = ChannelPool(partial(forwarder_address, self.dht))  # relayed nodes: through libp2p
+        # relayed nodes: through libp2p; TLS pinned by each node's record
+        self.pool = ChannelPool(partial(forwarder_address, self.dht), require_tls=self.config.require_tls)
         self.last_speculation: SpeculationStats | None = None  # of the last speculative generation
         self.routes = RouteManager(
             self.dht, self.pool, self.model_name, self.model_config.num_hidden_layers, self.config,

@@ -84,10 +84,14 @@ class RouteManager:
             for record in self._records:
                 if isinstance(record, ServerRecord):
                     self.pool.note_relays(record.peer_id, record.relays)
+                    self.pool.note_tls(record.peer_id, record.tls_cert)
         return self._records
 
     def _trusted(self, records: list[ServerRecord]) -> list[ServerRecord]:
-        """The records minus online ones whose announced weights are not the checkpoint's."""
+        """The records minus online ones whose announced weights are not the checkpoint's (and, when the
+        client requires TLS, minus online ones that pin no certificate)."""
+        if self.config.require_tls:
+            records = [r for r in records if r.tls_cert or r.state != ServerState.ONLINE]
         if not self.weights:
             return records
         kept = []

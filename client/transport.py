@@ -7,6 +7,9 @@ a dead or stalled node surfaces as ``HopFailed`` within that timeout instead of 
 ``ChannelPool`` hides how a node is reached: a node whose record names relays is dialled through a
 loopback forwarder that carries the connection over libp2p (``homeswarm.routing.relay``); every other
 node at its address. Callers pass the peer id along with the address and never see the difference.
+A node whose record carries a TLS certificate (``note_tls``) is dialled over TLS that trusts that
+certificate alone (``homeswarm.routing.tls``), through a forwarder too; one without, in plaintext, unless
+the pool requires TLS. A node presenting another certificate fails the handshake: ``HopFailed`` says so.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from homeswarm.protocol import (
     serialize_tensor,
 )
 from homeswarm.protocol.limits import GRPC_OPTIONS
+from homeswarm.routing.tls import channel_credentials, channel_options, explain, fingerprint
 
 _CLOSE = object()
 
@@ -44,10 +48,14 @@ class HopFailed(Exception):
 
 
 class ChannelPool:
-    def __init__(self, forwarder: Callable[[str, Sequence[str]], str] | None = None) -> None:
-        """``forwarder(peer_id, relays)``: a loopback HOST:PORT that reaches a relayed node (None: no relaying)."""
+    def __init__(self, forwarder: Callable[[str, Sequence[str]], str] | None = None, *,
+                 require_tls: bool = False) -> None:
+        """``forwarder(peer_id, relays)``: a loopback HOST:PORT that reaches a relayed node (None: no relaying);
+        ``require_tls``: refuse nodes with no TLS certificate noted instead of dialling them in plaintext."""
         self._channels: dict[str, grpc.Channel] = {}
         self._relays: dict[str, tuple[str, ...]] = {}
+        self._certs: dict[str, str] = {}
+        self.require_tls = require_tls
         self._forwarder = forwarder
         self._lock = threading.Lock()
 
@@ -55,10 +63,21 @@ class ChannelPool:
         """Reach ``peer_id`` through ``relays`` from now on (empty: at its address). From its newest record."""
         with self._lock:
             if tuple(relays) != self._relays.get(peer_id, ()):
-                old = self._channels.pop(f"relayed:{peer_id}", None)
-                if old is not None and not relays:
-                    old.close()  # it became reachable directly; sessions already open keep their calls
+                for key in [k for k in self._channels if k.startswith(f"relayed:{peer_id}|")]:
+                    old = self._channels.pop(key)
+                    if not relays:
+                        old.close()  # it became reachable directly; sessions already open keep their calls
                 self._relays[peer_id] = tuple(relays)
+
+    def note_tls(self, peer_id: str, tls_cert: str) -> None:
+        """Dial ``peer_id`` over TLS pinned to ``tls_cert`` from now on ("": in plaintext). From its signed record."""
+        with self._lock:
+            self._certs[peer_id] = tls_cert
+
+    def pinned(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is dialled over TLS."""
+        with self._lock:
+            return bool(self._certs.get(peer_id))
 
     def relays(self, peer_id: str) -> tuple[str, ...]:
         with self._lock:
@@ -67,7 +86,11 @@ class ChannelPool:
     def get(self, address: str, peer_id: str = "") -> grpc.Channel:
         with self._lock:
             relays = self._relays.get(peer_id, ()) if peer_id else ()
-            key = f"relayed:{peer_id}" if relays else address
+            cert = self._certs.get(peer_id, "") if peer_id else ""
+            if not cert and self.require_tls:
+                raise HopFailed(peer_id, address, "the node's record pins no TLS certificate (it runs --insecure), "
+                                "and this client requires TLS", grpc.StatusCode.FAILED_PRECONDITION)
+            key = f"{f'relayed:{peer_id}' if relays else address}|{fingerprint(cert) if cert else ''}"
             if key not in self._channels:
                 target = address
                 if relays:
@@ -79,7 +102,11 @@ class ChannelPool:
                     except Exception as e:  # noqa: BLE001 - a malformed relay, or the DHT process gone
                         raise HopFailed(peer_id, address, f"no relayed path: {e}",
                                         grpc.StatusCode.UNAVAILABLE) from None
-                self._channels[key] = grpc.insecure_channel(target, options=GRPC_OPTIONS)
+                if cert:
+                    self._channels[key] = grpc.secure_channel(target, channel_credentials(cert),
+                                                              options=channel_options(GRPC_OPTIONS))
+                else:
+                    self._channels[key] = grpc.insecure_channel(target, options=GRPC_OPTIONS)
             return self._channels[key]
 
     def stub(self, address: str, peer_id: str = "") -> node_pb2_grpc.NodeStub:
@@ -105,7 +132,8 @@ def ping(pool: ChannelPool, peer_id: str, address: str, timeout: float) -> tuple
         t0 = time.perf_counter()
         info = stub.Info(request, timeout=timeout)
     except grpc.RpcError as e:
-        raise HopFailed(peer_id, address, f"ping failed: {e.code().name}: {e.details()}", e.code()) from None
+        raise HopFailed(peer_id, address, f"ping failed: {e.code().name}: "
+                        f"{explain(e.details(), pool.pinned(peer_id))}", e.code()) from None
     return time.perf_counter() - t0, info
 
 
@@ -189,7 +217,8 @@ class HopStream:
                 return None
             raise self._fail(f"no answer within {timeout:g} s", grpc.StatusCode.DEADLINE_EXCEEDED) from None
         if isinstance(item, grpc.RpcError):
-            raise self._fail(f"{item.code().name}: {item.details()}", item.code())
+            raise self._fail(f"{item.code().name}: {explain(item.details(), self._pool.pinned(self.peer_id))}",
+                             item.code())
         if isinstance(item, StopIteration):
             raise self._fail("the node closed the session")
         return item

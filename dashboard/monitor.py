@@ -87,7 +87,8 @@ class Monitor:
             self.refreshed.set()
             return
         addresses = {r.peer_id: r.address for rs in records.values() for r in rs}
-        probes = await self.prober.probe_all(addresses)
+        certs = {r.peer_id: r.tls_cert for rs in records.values() for r in rs}
+        probes = await self.prober.probe_all(addresses, certs)
         probes = {peer: self._remember(peer, probe) for peer, probe in probes.items()}
         self._versions = {peer: v for peer, v in self._versions.items() if peer in addresses}
         self.state = build_state(models, records, probes, now=self.clock())

@@ -50,6 +50,8 @@ class NodeConfig:
     quant_group_size: int = _opt(DEFAULT_INT4_GROUP_SIZE, "inputs per int4 scale and zero point (smaller: more "
                                  "accurate, more bytes)", choices=list(INT4_GROUP_SIZES))
     public_name: str = _opt("", "a name shown on the swarm dashboard")
+    insecure: bool = _opt(False, "serve gRPC in plaintext, without TLS (for benchmarks and trusted networks; "
+                          "clients with --require-tls skip this node)")
     ready_file: str | None = _opt(None, "once serving, write a JSON object about this node here (atomically)")
     max_cache_tokens: int | None = _opt(
         None, "KV cache budget, in tokens of batch size 1 (default: a quarter of free memory)"

@@ -40,6 +40,7 @@ class HandoffTargets:
         self._known: dict[int, tuple[float, frozenset[str]]] = {}  # block -> (read at, addresses)
         self._locks: dict[int, asyncio.Lock] = {}
         self._relays: dict[tuple[str, str], tuple[str, ...]] = {}  # (address, peer id) -> relays, from records
+        self._certs: dict[tuple[str, str], str] = {}  # (address, peer id) -> TLS certificate, from records
 
     async def check(self, address: str, block: int) -> str | None:
         """Why ``address`` is not a node serving ``block`` (None if it is); TargetsUnknown if unsure."""
@@ -57,6 +58,7 @@ class HandoffTargets:
                     raise TargetsUnknown(f"could not read the records of block {block}: {e}") from None
                 addresses = frozenset(r.address for r in records if r.start <= block < r.end)
                 self._relays.update({(r.address, r.peer_id): r.relays for r in records})
+                self._certs.update({(r.address, r.peer_id): r.tls_cert for r in records})
                 read_at = started
                 self._known[block] = (read_at, addresses)
         if address in addresses:
@@ -66,3 +68,7 @@ class HandoffTargets:
     def relays_of(self, address: str, peer_id: str) -> tuple[str, ...]:
         """The relays that the record of ``peer_id`` at ``address`` names (empty: dial it directly)."""
         return self._relays.get((address, peer_id), ())
+
+    def tls_cert_of(self, address: str, peer_id: str) -> str:
+        """The TLS certificate that the record of ``peer_id`` at ``address`` pins ("": plaintext, --insecure)."""
+        return self._certs.get((address, peer_id), "")

@@ -48,6 +48,7 @@ from homeswarm.routing.dht import SwarmDHT
 from homeswarm.routing.records import PeerId, ServerRecord, ServerState
 from homeswarm.routing.relay import forwarder_address, serve_grpc
 from homeswarm.routing.signing import NodeKey
+from homeswarm.routing.tls import NodeCertificate
 
 logger = logging.getLogger("homeswarm.node")
 
@@ -154,7 +155,12 @@ async def _serve_with_dht(
     reflection.enable_server_reflection(
         (node_pb2.DESCRIPTOR.services_by_name["Node"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    certificate = None if config.insecure else NodeCertificate()  # fresh each serving period, pinned by the record
+    if certificate is None:
+        logger.warning("--insecure: serving gRPC in plaintext; anyone on the path can read and change activations")
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    else:
+        port = server.add_secure_port(f"{config.host}:{config.port}", certificate.server_credentials())
     if port == 0:
         raise ConfigError(f"could not bind the gRPC service to {config.host}:{config.port}")
     await server.start()
@@ -162,6 +168,9 @@ async def _serve_with_dht(
     if relays:  # unreachable: clients come through libp2p streams from the relays
         await asyncio.to_thread(serve_grpc, dht, config.host, port)
 
+    announced_cert = certificate.cert_pem if certificate is not None else ""
+    if certificate is not None and os.environ.get("HOMESWARM_FAULT") == "wrong-cert":
+        announced_cert = NodeCertificate().cert_pem  # announces one certificate and presents another
     weights = span_digest(await asyncio.to_thread(block_digests, config.model_dir), start, end) or ""
 
     def make_record(state: ServerState) -> ServerRecord:
@@ -181,6 +190,7 @@ async def _serve_with_dht(
             quant=config.quant,
             relays=relays,
             weights=weights,
+            tls_cert=announced_cert,
         )
 
     announcer = Announcer(dht, make_record, total_blocks, config.announce_ttl)
@@ -196,6 +206,7 @@ async def _serve_with_dht(
                 "address": address,
                 "model": model_name,
                 "blocks": [start, end],
+                "tls_cert": announced_cert,  # "" with --insecure
                 # only with --metrics-port: where it serves (the port may have been 0)
                 **({"metrics_address": metrics_address} if metrics_address else {}),
             },
@@ -274,10 +285,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(2)
     setup_logging()
     fault = os.environ.get("HOMESWARM_FAULT", "")
-    if fault not in ("", "corrupt"):
-        print(f"join-swarm: error: HOMESWARM_FAULT must be 'corrupt' or unset, got {fault!r}", file=sys.stderr)
+    if fault not in ("", "corrupt", "wrong-cert"):
+        print(f"join-swarm: error: HOMESWARM_FAULT must be 'corrupt', 'wrong-cert' or unset, got {fault!r}",
+              file=sys.stderr)
         sys.exit(2)
-    if fault:
+    if fault == "wrong-cert":
+        logger.warning("HOMESWARM_FAULT=wrong-cert: THIS NODE ANNOUNCES A TLS CERTIFICATE OTHER THAN THE ONE IT "
+                       "PRESENTS ON PURPOSE (for tests); every peer refuses it")
+    if fault == "corrupt":
         logger.warning("HOMESWARM_FAULT=corrupt: THIS NODE ADDS NOISE TO EVERY OUTPUT ON PURPOSE (a faulty node "
                        "for tests); clients that check steps will ban it")
     install_uvloop()

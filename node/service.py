@@ -499,7 +499,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
         try:
             relays = (self.handoff_targets.relays_of(target.address, target.peer_id) if self.handoff_targets
                       else tuple(target.relays))  # without records (tests), the client's word
-            stub = await self.peers.stub(target.address, target.peer_id, relays)
+            tls_cert = (self.handoff_targets.tls_cert_of(target.address, target.peer_id) if self.handoff_targets
+                        else "")
+            stub = await self.peers.stub(target.address, target.peer_id, relays, tls_cert)
             await stub.Push(request, timeout=self.push_timeout)
         except grpc.aio.AioRpcError as e:
             error = f"hand-off to {target.address} failed: {e.code().name}: {e.details()}"

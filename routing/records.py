@@ -3,7 +3,7 @@
 A record travels through the DHT as a plain dict of primitives. Records come from other peers and
 are untrusted: ``ServerRecord.from_dict`` validates every field and raises ``InvalidRecord`` on
 anything malformed, so the planner only ever sees well-formed data. Optional fields (``public_name``,
-``queue``, ``quant``, ``relays``, ``weights``) may be absent (records from older nodes) but are validated when present; unknown
+``queue``, ``quant``, ``relays``, ``weights``, ``tls_cert``) may be absent (records from older nodes) but are validated when present; unknown
 keys are ignored, so newer nodes can add fields.
 """
 
@@ -14,6 +14,8 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, NewType
+
+from homeswarm.routing.tls import fingerprint
 
 PeerId = NewType("PeerId", str)
 
@@ -68,6 +70,8 @@ class ServerRecord:
         """Whether the node is reached through a relay rather than by dialling ``address``."""
         return bool(self.relays)
     weights: str = ""  # sha256 of the span's checkpoint tensors (model.digest), hex; "" if not announced
+    # the node's self-signed TLS certificate (PEM), pinned by this signed record (routing.tls); "": --insecure
+    tls_cert: str = ""
 
     @property
     def exact(self) -> bool:
@@ -85,6 +89,8 @@ class ServerRecord:
             data["relays"] = list(self.relays)
         else:
             del data["relays"]  # direct nodes announce what nodes without the field announce
+        if not self.tls_cert:
+            del data["tls_cert"]  # an --insecure node: absent, as older nodes send it
         if not self.weights:
             del data["weights"]  # not announced (a joining node's record): absent, as older nodes send it
         return data
@@ -110,6 +116,7 @@ class ServerRecord:
                 quant=_choice(data, "quant", QUANT_FORMATS) if "quant" in data else "none",
                 relays=_relays(data) if "relays" in data else (),
                 weights=_digest(data, "weights") if "weights" in data else "",
+                tls_cert=_certificate(data) if "tls_cert" in data else "",
             )
         except ValueError as e:
             raise InvalidRecord(str(e)) from None
@@ -151,6 +158,17 @@ def _digest(data: dict, key: str) -> str:
     value = data.get(key)
     if not isinstance(value, str) or not _DIGEST_RE.fullmatch(value):
         raise InvalidRecord(f"field {key!r} must be 64 lowercase hex digits")
+    return value
+
+
+def _certificate(data: dict) -> str:
+    value = data.get("tls_cert")
+    try:
+        fingerprint(value) if isinstance(value, str) else None
+    except ValueError:
+        value = None
+    if not isinstance(value, str):
+        raise InvalidRecord("field 'tls_cert' must be one PEM certificate")
     return value
 
 

@@ -367,7 +367,7 @@ def test_join_swarm_bad_input_exits_2(case, swarm, ckpt, tmp_path):
 
 
 def test_grpc_reflection_lists_the_node_service(swarm):
-    with grpc.insecure_channel(swarm.nodes[0].info["address"]) as channel:
+    with swarm.channel(swarm.nodes[0]) as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
     assert "homeswarm.v1.Node" in services

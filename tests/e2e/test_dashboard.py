@@ -32,7 +32,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from homeswarm.client.local_swarm import Daemon, LocalSwarm, console_script
-from homeswarm.client.transport import ChannelPool, HopFailed, HopStream
+from homeswarm.client.transport import HopFailed, HopStream
 from homeswarm.protocol.ready_file import read_ready_file
 from tests.helpers.checkpoints import make_checkpoint
 
@@ -254,7 +254,7 @@ def test_page_is_complete_without_javascript(url, first_state):
 
 def test_metrics_of_the_dashboard_and_of_a_node(swarm, url, first_state):
     gamma = next(n for n in swarm.nodes if n.info["address"] == servers_by_name(first_state)["gamma"]["address"])
-    pool = ChannelPool()
+    pool = swarm.pool()
     try:
         # two steps of a session, and a request the node refuses
         hop = HopStream(pool, peer_id=gamma.info["peer_id"], address=gamma.info["address"], model=MODEL, start=0,

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from homeswarm import AutoDistributedModelForCausalLM
-from homeswarm.client.local_swarm import LocalSwarm
+from homeswarm.client.local_swarm import Daemon, LocalSwarm
 from homeswarm.client.transport import ChannelPool, HopFailed, HopStream
 from homeswarm.routing.dht import SwarmDHT
 from homeswarm.routing.records import ServerRecord, ServerState
@@ -90,11 +90,12 @@ def wait_log(node, text: str, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def open_session(address: str, peer_id: str) -> None:
+def open_session(node: Daemon) -> None:
     """Open (and close) a session on the node directly; HopFailed (with the gRPC status) if refused."""
     pool = ChannelPool()
+    pool.note_tls(node.info["peer_id"], node.info.get("tls_cert", ""))
     try:
-        HopStream(pool, peer_id=peer_id, address=address, model=MODEL, start=0, end=NUM_LAYERS, batch_size=1,
+        HopStream(pool, peer_id=node.info["peer_id"], address=node.info["address"], model=MODEL, start=0, end=NUM_LAYERS, batch_size=1,
                   max_length=32, compression=0, connect_timeout=10, step_timeout=10).close()
     finally:
         pool.close()
@@ -118,7 +119,7 @@ def test_a_cpu_load_sends_the_node_aside_and_it_comes_back(swarm, ckpt, dht):
             # busy_after of load, measured every check interval; a loaded machine runs the checks late
             assert took < BUSY_AFTER + 4 * CHECK_INTERVAL + 10, took
             with pytest.raises(HopFailed) as refused:  # no new sessions: refused, or nobody listening
-                open_session(idle.info["address"], idle.info["peer_id"])
+                open_session(idle)
             assert refused.value.code in (grpc.StatusCode.UNAVAILABLE, None), refused.value
             assert "stepping aside (other processes use" in idle.log()
             # the open generation goes on: the idle node ends it after its grace, the client fails over
@@ -135,5 +136,5 @@ def test_a_cpu_load_sends_the_node_aside_and_it_comes_back(swarm, ckpt, dht):
     # after the grace, the period ends and the weights are let go (a loaded machine may take a while)
     wait_log(idle, "released the memory of blocks 0..3 until the machine is idle again", timeout=30)
     wait_state(dht, idle.info["peer_id"], ServerState.ONLINE, timeout=90)  # idle_after of quiet, a reload
-    open_session(idle.info["address"], idle.info["peer_id"])  # it takes sessions again
+    open_session(idle)  # it takes sessions again
     assert idle.process.poll() is None and steady.process.poll() is None

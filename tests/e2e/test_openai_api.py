@@ -296,7 +296,7 @@ def test_bad_requests_are_400(client, url):
 
 
 def test_disconnect_frees_node_sessions(swarm, client, url):
-    pool = ChannelPool()
+    pool = swarm.pool()
     try:
         stream = greedy(client, PROMPT, 900, stream=True)
         for i, _chunk in enumerate(stream):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -87,21 +88,28 @@ def check_against(reference: transformers.PreTrainedModel, ids: torch.Tensor, ou
     return errors
 
 
-def node_counters(addresses: list[str], peers: dict[str, str], pool: ChannelPool | None = None) -> dict[str, object]:
-    """Each node's Info (counters since start), by address; ``peers`` maps address -> peer id. A ``pool``
+def node_counters(addresses: list[str], peers: dict[str, Any], pool: ChannelPool | None = None) -> dict[str, object]:
+    """Each node's Info (counters since start), by address; ``peers`` maps address -> the node's ready-file
+    info (peer id, TLS certificate), or -> its peer id when ``pool`` knows its certificate. A ``pool``
     given keeps its connections for the next call (for reads that must be quick)."""
     own = pool is None
     pool = ChannelPool() if pool is None else pool
+    ids = {}
+    for address in addresses:
+        peer = peers[address]
+        ids[address] = peer["peer_id"] if isinstance(peer, dict) else peer
+        if isinstance(peer, dict):
+            pool.note_tls(peer["peer_id"], peer.get("tls_cert", ""))
     try:
-        return {address: ping(pool, peers[address], address, 10)[1] for address in addresses}
+        return {address: ping(pool, ids[address], address, 10)[1] for address in addresses}
     finally:
         if own:
             pool.close()
 
 
-def node_info(address: str, peer_id: str, pool: ChannelPool | None = None):
-    """One node's Info (its counters since start)."""
-    return node_counters([address], {address: peer_id}, pool)[address]
+def node_info(address: str, peer: str | dict[str, Any], pool: ChannelPool | None = None):
+    """One node's Info (its counters since start); ``peer`` as in ``node_counters``."""
+    return node_counters([address], {address: peer}, pool)[address]
 
 
 def steps_in(info) -> int:

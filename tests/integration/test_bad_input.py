@@ -47,7 +47,7 @@ def swarm(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stubs(swarm):
-    channels = [grpc.insecure_channel(n.info["address"]) for n in swarm.nodes]
+    channels = [swarm.channel(n) for n in swarm.nodes]
     yield [node_pb2_grpc.NodeStub(c) for c in channels]
     for channel in channels:
         channel.close()
@@ -243,7 +243,7 @@ def test_still_exact_after_bad_input(swarm, checkpoint, handoff):
 
 
 def test_bytes_that_are_not_a_message(swarm):
-    with grpc.insecure_channel(swarm.nodes[0].info["address"]) as channel:
+    with swarm.channel(swarm.nodes[0]) as channel:
         with pytest.raises(grpc.RpcError) as error:
             channel.unary_unary("/homeswarm.v1.Node/Forward")(b"\x00", timeout=10)
         assert_status(error.value, grpc.StatusCode.INVALID_ARGUMENT, "malformed ForwardRequest")

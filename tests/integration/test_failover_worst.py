@@ -125,7 +125,7 @@ class KillInsideStep(threading.Thread):
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                info = node_info(self.victim.info["address"], self.victim.info["peer_id"], pool)
+                info = node_info(self.victim.info["address"], self.victim.info, pool)
                 if steps_in(info) > steps_in(self.before):
                     self.last = info
                     LocalSwarm.kill(self.victim)
@@ -153,7 +153,7 @@ def test_kill_while_the_node_computes_a_step(swarm, slow_checkpoint, slow_refere
           model.inference_session(max_length=SLOW_PROMPT + new_tokens) as session):
         victim = serving(daemons, session, (2, 4))
         address = victim.info["address"]
-        killer = KillInsideStep(victim, node_info(address, victim.info["peer_id"]))
+        killer = KillInsideStep(victim, node_info(address, victim.info))
 
         def arm(i: int) -> None:
             if i == 0:
@@ -203,7 +203,7 @@ def test_kill_while_the_node_pushes_its_output(swarm, tiny_checkpoint, monkeypat
     with (DelayingProxy("127.0.0.1", port, delay=PUSH_DELAY) as proxy,
           running(swarm, tiny_checkpoint, "push-kill", [(0, 2), (0, 2), (2, 4)],
                   {2: ["--port", str(port), "--public-address", proxy.address]}) as daemons,
-          contextlib.closing(ChannelPool()) as pool):
+          contextlib.closing(swarm.pool()) as pool):
         receiver = (f"127.0.0.1:{port}", daemons[2].info["peer_id"], pool)  # read without the proxy's delay
 
         def before_step(i: int) -> None:

@@ -52,7 +52,7 @@ def swarm(checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def channel(swarm):
-    channel = grpc.insecure_channel(swarm.nodes[0].info["address"])
+    channel = swarm.channel(swarm.nodes[0])
     yield channel
     channel.close()
 

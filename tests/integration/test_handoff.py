@@ -13,7 +13,7 @@ import torch
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.local_swarm import LocalSwarm, split_blocks
 from homeswarm.client.model import AutoDistributedModelForCausalLM
-from homeswarm.client.transport import ChannelPool, ping
+from homeswarm.client.transport import ping
 from tests.helpers.checkpoints import make_checkpoint, reference_greedy
 
 NUM_LAYERS = 6
@@ -38,7 +38,7 @@ def swarm(checkpoint, tmp_path_factory):
 
 
 def counters(swarm: LocalSwarm) -> list[tuple[int, int, int]]:
-    pool = ChannelPool()
+    pool = swarm.pool()
     try:
         infos = [ping(pool, n.info["peer_id"], n.info["address"], 5)[1] for n in swarm.nodes]
     finally:
@@ -77,7 +77,7 @@ def test_bad_pushes_get_clear_statuses(swarm):
     from homeswarm.protocol import PROTOCOL_VERSION, node_pb2, node_pb2_grpc, serialize_tensor
 
     node = swarm.nodes[1]
-    channel = grpc.insecure_channel(node.info["address"])
+    channel = swarm.channel(node)
     stub = node_pb2_grpc.NodeStub(channel)
     step = node_pb2.Step(step_id=1, hidden=serialize_tensor(torch.randn(1, 1, 64)))
     try:

@@ -17,7 +17,7 @@ import torch
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.local_swarm import LocalSwarm
 from homeswarm.client.model import AutoDistributedModelForCausalLM
-from homeswarm.client.transport import ChannelPool, ping
+from homeswarm.client.transport import ping
 from homeswarm.protocol import PROTOCOL_VERSION, node_pb2, node_pb2_grpc, serialize_tensor
 from tests.helpers.checkpoints import make_checkpoint, reference_model
 from tests.helpers.reference import FLOAT32_TOL, last_hidden_states, rel_err
@@ -54,7 +54,7 @@ def swarm(checkpoint, tmp_path_factory):
 
 def batching(swarm: LocalSwarm) -> list[tuple[int, int]]:
     """(forward passes, steps they ran) of every node."""
-    pool = ChannelPool()
+    pool = swarm.pool()
     try:
         infos = [ping(pool, n.info["peer_id"], n.info["address"], 5)[1] for n in swarm.nodes]
     finally:
@@ -143,7 +143,7 @@ def _step(step_id: int, tokens: int, keep: int | None = None) -> node_pb2.Infere
     (3, 14, "more do not fit"),
 ])
 def test_bad_rollback_is_invalid_argument(swarm, keep, tokens, text):
-    channel = grpc.insecure_channel(swarm.nodes[0].info["address"])
+    channel = swarm.channel(swarm.nodes[0])
     try:
         stub = node_pb2_grpc.NodeStub(channel)
         with pytest.raises(grpc.RpcError) as error:

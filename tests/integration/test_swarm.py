@@ -109,7 +109,7 @@ def test_stream_yields_each_token_before_the_next_step(swarm, checkpoints, clien
     generation (their Info counters). The tokens are transformers' greedy ones."""
     model = client_models["qwen2"]
     prompt = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(4))
-    peers = {d.info["address"]: d.info["peer_id"] for d in swarm.nodes if d.info is not None}
+    peers = {d.info["address"]: d.info for d in swarm.nodes if d.info is not None}
     streamed, steps_seen = [], []
     with model.inference_session(max_length=8 + 6) as session:
         route = [address for address, _, _ in session.route]
@@ -142,7 +142,7 @@ def test_cache_budget_refuses_with_resource_exhausted(swarm, checkpoints):
     path = checkpoints["mistral"]
     node = swarm.start_node(path, "--model-name", "budget-test", "--max-cache-tokens", "100")
     address = node.info["address"]
-    pool = ChannelPool()
+    pool = swarm.pool()
 
     def open_session(max_length: int) -> HopStream:
         return HopStream(pool, peer_id=node.info["peer_id"], address=address, model="budget-test", start=0,

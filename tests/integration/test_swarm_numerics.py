@@ -68,8 +68,8 @@ class FamilyNodes:
     clients: dict[str, AutoDistributedModelForCausalLM] = field(default_factory=dict)
 
     @property
-    def peers(self) -> dict[str, str]:
-        return {d.info["address"]: d.info["peer_id"] for d in [*self.chain, self.spare, *self.bf16]}
+    def peers(self) -> dict[str, dict]:
+        return {d.info["address"]: d.info for d in [*self.chain, self.spare, *self.bf16]}
 
 
 def prompt(batch: int, length: int, seed: int, vocab: int = 256) -> torch.Tensor:

@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 import time
 
-import grpc
 import pytest
 import torch
 
 from homeswarm.client.config import ClientConfig
-from homeswarm.client.local_swarm import LocalSwarm
+from homeswarm.client.local_swarm import Daemon, LocalSwarm
 from homeswarm.client.model import AutoDistributedModelForCausalLM
 from homeswarm.client.verify import rel_err
 from homeswarm.protocol import PROTOCOL_VERSION, deserialize_tensor, node_pb2, node_pb2_grpc, serialize_tensor
@@ -65,8 +64,8 @@ def read_every_record(model: AutoDistributedModelForCausalLM, swarm: LocalSwarm)
         assert time.monotonic() < deadline, "some node's record was never read"
 
 
-def forward(address: str, hidden: torch.Tensor, start: int = 2, end: int = 4) -> torch.Tensor:
-    with grpc.insecure_channel(address) as channel:
+def forward(node: Daemon, hidden: torch.Tensor, start: int = 2, end: int = 4) -> torch.Tensor:
+    with LocalSwarm.channel(node) as channel:
         response = node_pb2_grpc.NodeStub(channel).Forward(node_pb2.ForwardRequest(
             protocol_version=PROTOCOL_VERSION, hidden=serialize_tensor(hidden), start_block=start, end_block=end),
             timeout=30)
@@ -77,8 +76,8 @@ def test_the_faulty_node_says_so_and_is_wrong(swarm):
     honest, corrupt = swarm.nodes[1], swarm.nodes[2]
     assert "HOMESWARM_FAULT=corrupt" in corrupt.log() and "HOMESWARM_FAULT" not in honest.log()
     hidden = torch.randn(1, 5, 64)
-    assert rel_err(forward(corrupt.info["address"], hidden), forward(honest.info["address"], hidden)) > 0.2
-    assert rel_err(forward(honest.info["address"], hidden), forward(honest.info["address"], hidden)) == 0.0
+    assert rel_err(forward(corrupt, hidden), forward(honest, hidden)) > 0.2
+    assert rel_err(forward(honest, hidden), forward(honest, hidden)) == 0.0
 
 
 def test_checked_generation_is_exact_and_bans_the_corrupt_node(swarm, checkpoint, caplog):
@@ -113,7 +112,7 @@ def test_without_checks_the_noise_reaches_the_output(swarm, checkpoint):
         with model.inference_session(max_length=prompt.shape[1]) as session:
             assert session.route[1][0] == swarm.nodes[2].info["address"]
             got = session.step(embedded)
-    honest = forward(swarm.nodes[1].info["address"], forward(swarm.nodes[0].info["address"], embedded, 0, 2))
+    honest = forward(swarm.nodes[1], forward(swarm.nodes[0], embedded, 0, 2))
     assert rel_err(got, honest) > 0.2
 
 

@@ -38,7 +38,8 @@ class FakeProber(Prober):
         super().__init__()
         self.down: set[str] = set()
 
-    async def probe_all(self, addresses: Mapping[PeerId, str]) -> dict[PeerId, Probe]:
+    async def probe_all(self, addresses: Mapping[PeerId, str],
+                        certs: Mapping[PeerId, str] | None = None) -> dict[PeerId, Probe]:
         return {peer: Probe(reachable=False, error="refused") if peer in self.down
                 else Probe(reachable=True, rtt_ms=1.0, version=f"v-{peer}") for peer in addresses}
 
