@@ -141,3 +141,37 @@ def test_no_replacement_names_missing_blocks(swarm, checkpoint):
                                                          model_name="fo-none", config=MODES["relay"]) as model:
         with pytest.raises((MissingBlocksError, SessionError), match=r"3-5"):
             generate_with_kills(model, {4: lambda s: kill_serving(daemons, s, (3, 6))})
+
+
+def test_a_node_with_a_wrong_certificate_is_refused_and_insecure_nodes_serve(swarm, checkpoint, expected, caplog):
+    """A node presenting a TLS certificate other than the one its signed record pins (HOMESWARM_FAULT=wrong-cert)
+    is refused with a clear error and routed around; an --insecure node serves in plaintext, handed off to by
+    a TLS node. Tokens exact."""
+    name = "fo-tls"
+    daemons = [swarm.start_node(checkpoint, "--model-name", name, "--blocks", "0:3", "--compute-threads", "1",
+                                wait=False)]
+    swarm.env["HOMESWARM_FAULT"] = "wrong-cert"
+    try:
+        daemons.append(swarm.start_node(checkpoint, "--model-name", name, "--blocks", "3:6", "--compute-threads",
+                                        "1", wait=False))
+    finally:
+        del swarm.env["HOMESWARM_FAULT"]
+    daemons.append(swarm.start_node(checkpoint, "--model-name", name, "--blocks", "3:6", "--compute-threads", "1",
+                                    "--insecure", wait=False))
+    for daemon in daemons:
+        swarm.wait_ready(daemon)
+    tls, wrong, insecure = daemons
+    assert tls.info["tls_cert"] and wrong.info["tls_cert"] and insecure.info["tls_cert"] == ""
+    assert "THIS NODE ANNOUNCES A TLS CERTIFICATE OTHER THAN" in wrong.log()
+    caplog.set_level("INFO", logger="homeswarm.client")
+    with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
+                                                         model_name=name, config=MODES["handoff"]) as model:
+        with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
+            got = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, session=session)
+            route = [address for address, _, _ in session.route]
+            assert session.uses_handoff
+        assert route == [tls.info["address"], insecure.info["address"]]
+        assert model.routes.is_banned(wrong.info["peer_id"])
+    assert torch.equal(got, expected)
+    refusals = [r.getMessage() for r in caplog.records if wrong.info["peer_id"][:16] in r.getMessage()]
+    assert any("not the one its signed record pins" in m for m in refusals), refusals
