@@ -74,10 +74,11 @@ class ChannelPool:
         with self._lock:
             self._certs[peer_id] = tls_cert
 
-    def pinned(self, peer_id: str) -> bool:
-        """Whether ``peer_id`` is dialled over TLS."""
+    def pinned(self, peer_id: str) -> str:
+        """The fingerprint of the certificate ``peer_id`` is dialled over TLS with ("": in plaintext)."""
         with self._lock:
-            return bool(self._certs.get(peer_id))
+            cert = self._certs.get(peer_id, "")
+        return fingerprint(cert) if cert else ""
 
     def relays(self, peer_id: str) -> tuple[str, ...]:
         with self._lock:

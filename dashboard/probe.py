@@ -19,7 +19,7 @@ import grpc
 from homeswarm.dashboard.state import COUNTER_NAMES, Probe
 from homeswarm.protocol import PROTOCOL_VERSION, node_pb2, node_pb2_grpc
 from homeswarm.routing.records import PeerId
-from homeswarm.routing.tls import channel_credentials, channel_options, explain
+from homeswarm.routing.tls import channel_credentials, channel_options, explain, fingerprint
 
 
 class Prober:
@@ -42,7 +42,8 @@ class Prober:
                 rtt = time.perf_counter() - t0
             except grpc.aio.AioRpcError as e:
                 self._warm.discard(address)
-                return Probe(reachable=False, error=f"{e.code().name}: {explain(e.details(), bool(tls_cert))}")
+                pinned = fingerprint(tls_cert) if tls_cert else ""
+                return Probe(reachable=False, error=f"{e.code().name}: {explain(e.details(), pinned)}")
             except (ValueError, RuntimeError) as e:  # e.g. an address gRPC cannot parse
                 return Probe(reachable=False, error=str(e))
         return Probe(

@@ -76,10 +76,11 @@ def channel_options(options: tuple = ()) -> tuple:
     return (*options, ("grpc.ssl_target_name_override", TLS_NAME), ("grpc.default_authority", TLS_NAME))
 
 
-def explain(details: str | None, pinned: bool) -> str:
-    """gRPC's error text, with what a failed handshake on a pinned channel means."""
+def explain(details: str | None, pinned: str) -> str:
+    """gRPC's error text, with what a failed handshake on a channel pinned to the certificate of
+    fingerprint ``pinned`` means ("": a plaintext channel, nothing to add)."""
     details = details or ""
     if pinned and any(word in details.lower() for word in _HANDSHAKE_WORDS):
         return ("TLS handshake failed: the node's certificate is not the one its signed record pins "
-                f"(refused): {details}")
+                f"(sha256 {pinned[:16]}…); refused: {details}")
     return details
