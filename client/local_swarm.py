@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 
 from homeswarm.client.transport import ChannelPool
-from homeswarm.protocol.ready_file import read_ready_file
+from homeswarm.protocol.ready_file import certificate_path, read_ready_file
 from homeswarm.routing.tls import channel_credentials, channel_options
 
 
@@ -94,6 +94,9 @@ class LocalSwarm:
         while time.monotonic() < deadline:
             info = read_ready_file(daemon.ready_file)
             if info is not None:
+                cert = certificate_path(daemon.ready_file)  # a TLS node's, written before the ready file
+                if "blocks" in info:  # a node: its announced certificate, "" with --insecure
+                    info["tls_cert"] = cert.read_text() if cert.exists() else ""
                 daemon.info = info
                 return info
             if daemon.process.poll() is not None:

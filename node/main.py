@@ -43,7 +43,7 @@ from homeswarm.node.volunteer import LoadedSpan, PeriodEnd, PeriodEnds, run_volu
 from homeswarm.node.wire import add_node_service
 from homeswarm.protocol import PROTOCOL_VERSION, node_pb2
 from homeswarm.protocol.limits import GRPC_OPTIONS
-from homeswarm.protocol.ready_file import write_ready_file
+from homeswarm.protocol.ready_file import write_certificate, write_ready_file
 from homeswarm.routing.dht import SwarmDHT
 from homeswarm.routing.records import PeerId, ServerRecord, ServerState
 from homeswarm.routing.relay import forwarder_address, serve_grpc
@@ -198,6 +198,8 @@ async def _serve_with_dht(
     refresher = asyncio.create_task(announcer.run())
     maddrs = dht.visible_maddrs()
     if config.ready_file:
+        if announced_cert:  # beside the ready file (whose keys the interface contract fixes): PATH.pem
+            write_certificate(config.ready_file, announced_cert)
         write_ready_file(
             config.ready_file,
             {
@@ -206,7 +208,6 @@ async def _serve_with_dht(
                 "address": address,
                 "model": model_name,
                 "blocks": [start, end],
-                "tls_cert": announced_cert,  # "" with --insecure
                 # only with --metrics-port: where it serves (the port may have been 0)
                 **({"metrics_address": metrics_address} if metrics_address else {}),
             },
