@@ -93,12 +93,14 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     logger.info("starting the DHT peer")
     dht, relays, config = await start_dht(config, NodeKey())  # checks how others reach it (node.reachability)
     metrics = NodeMetrics()  # one for the process: its counters carry on across serving periods
+    # one TLS certificate for the process too (pinned by every record it announces); none with --insecure
+    certificate = None if config.insecure else NodeCertificate()
     try:
         with serve_metrics(metrics, config.host, config.metrics_port) as metrics_address:
             return await run_volunteer(config, stop, dht, model_config, dtype, model_name, block_range,
                                        available_memory_bytes(torch.device(config.device)),
                                        partial(_serve_with_dht, metrics=metrics, metrics_address=metrics_address,
-                                               relays=relays))
+                                               relays=relays, certificate=certificate))
     finally:
         dht.shutdown()
 
@@ -115,6 +117,7 @@ async def _serve_with_dht(
     metrics: NodeMetrics,
     metrics_address: str | None = None,
     relays: tuple[str, ...] = (),
+    certificate: NodeCertificate | None = None,
 ) -> PeriodEnd:
     """One serving period: serve ``loaded`` until ``stop`` says why to end, then end in order."""
     total_blocks = model_config.num_hidden_layers
@@ -155,7 +158,6 @@ async def _serve_with_dht(
     reflection.enable_server_reflection(
         (node_pb2.DESCRIPTOR.services_by_name["Node"].full_name, reflection.SERVICE_NAME), server
     )
-    certificate = None if config.insecure else NodeCertificate()  # fresh each serving period, pinned by the record
     if certificate is None:
         logger.warning("--insecure: serving gRPC in plaintext; anyone on the path can read and change activations")
         port = server.add_insecure_port(f"{config.host}:{config.port}")

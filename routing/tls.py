@@ -1,6 +1,6 @@
 """Encrypted hops: each node's self-signed TLS certificate, pinned by its signed DHT record.
 
-A node makes a fresh key and self-signed certificate when it starts (``NodeCertificate``) and announces
+A node makes a fresh key and self-signed certificate when its process starts (``NodeCertificate``) and announces
 the certificate in its record (``ServerRecord.tls_cert``), which its RSA key signs (``routing.signing``).
 A peer dialling it trusts that certificate alone as the channel's root (``channel_credentials``): no
 certificate authority, and a node presenting any other certificate fails the TLS handshake. The name in
