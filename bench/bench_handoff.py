@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import socket
-import statistics
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import checkpoint, table  # noqa: E402
+from bench.common import checkpoint, swarm_step_ms, table  # noqa: E402
 from homeswarm.client.config import ClientConfig  # noqa: E402
 from homeswarm.client.local_swarm import LocalSwarm, split_blocks  # noqa: E402
 from homeswarm.client.model import AutoDistributedModelForCausalLM  # noqa: E402
@@ -35,19 +31,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def step_ms(model: AutoDistributedModelForCausalLM, steps: int) -> tuple[float, bool]:
-    """(median ms per decoding step, whether the session used hand-off)."""
-    with model.inference_session(max_length=steps + 8) as session:
-        hidden = model.head.embed(torch.tensor([[1]]))
-        for _ in range(3):
-            session.step(hidden)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            session.step(hidden)
-            times.append(time.perf_counter() - t0)
-        used_handoff = session.uses_handoff
-    return statistics.median(times) * 1000, used_handoff
 
 
 def main() -> None:
@@ -83,7 +66,7 @@ def main() -> None:
                     with AutoDistributedModelForCausalLM.from_pretrained(
                         path, initial_peers=swarm.initial_peers, config=config
                     ) as model:
-                        result[name], chose = step_ms(model, args.steps)
+                        result[name], chose = swarm_step_ms(model, args.steps)
                         if name == "auto":
                             result["chose"] = "hand-off" if chose else "relay"
                 n, d = args.nodes, delay or 0.0

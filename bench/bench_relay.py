@@ -17,36 +17,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import checkpoint, table  # noqa: E402
+from bench.common import checkpoint, info_ms, swarm_step_ms, table  # noqa: E402
 from homeswarm.client.config import ClientConfig  # noqa: E402
 from homeswarm.client.local_swarm import LocalSwarm  # noqa: E402
 from homeswarm.client.model import AutoDistributedModelForCausalLM  # noqa: E402
-from homeswarm.client.transport import ping  # noqa: E402
 from homeswarm.routing.relay import stream_path  # noqa: E402
-
-
-def step_ms(model: AutoDistributedModelForCausalLM, steps: int) -> float:
-    with model.inference_session(max_length=steps + 8) as session:
-        hidden = model.head.embed(torch.tensor([[1]]))
-        for _ in range(3):
-            session.step(hidden)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            session.step(hidden)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000
-
-
-def info_ms(model: AutoDistributedModelForCausalLM, node: dict, count: int) -> float:
-    return statistics.median(ping(model.pool, node["peer_id"], node["address"], 10)[0] for _ in range(count)) * 1000
 
 
 def main() -> None:
@@ -71,12 +50,12 @@ def main() -> None:
         try:
             for model in models.values():
                 model.routes.records(refresh=True)
-                step_ms(model, 3)  # warm: connections, forwarder, thread pools
+                swarm_step_ms(model, 3)  # warm: connections, forwarder, thread pools
             samples: dict[str, dict[str, list[float]]] = {m: {"step": [], "info": []} for m in nodes}
             for r in range(args.rounds):
                 order = list(nodes) if r % 2 == 0 else list(reversed(nodes))
                 for mode in order:
-                    samples[mode]["step"].append(step_ms(models[mode], args.steps))
+                    samples[mode]["step"].append(swarm_step_ms(models[mode], args.steps)[0])
                     samples[mode]["info"].append(info_ms(models[mode], nodes[mode].info, args.steps))
             relay_path = stream_path(models["relayed"].dht, nodes["relayed"].info["peer_id"]) or "?"
         finally:

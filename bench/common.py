@@ -82,3 +82,26 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def swarm_step_ms(model, steps: int, tokens: int = 1) -> tuple[float, bool]:  # noqa: ANN001
+    """(median ms of a session's steps of ``tokens`` tokens through the swarm, whether the session used
+    hand-off), after warm-up steps (connections, thread pools)."""
+    with model.inference_session(max_length=(steps + 3) * tokens) as session:
+        hidden = model.head.embed(torch.ones(1, tokens, dtype=torch.long))
+        for _ in range(3 if tokens == 1 else 1):
+            session.step(hidden)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            session.step(hidden)
+            times.append(time.perf_counter() - t0)
+        used_handoff = session.uses_handoff
+    return statistics.median(times) * 1000, used_handoff
+
+
+def info_ms(model, node: dict, count: int) -> float:  # noqa: ANN001
+    """Median ms of ``count`` Info round trips from the client's channel pool to a node (its ready-file info)."""
+    from homeswarm.client.transport import ping
+
+    return statistics.median(ping(model.pool, node["peer_id"], node["address"], 10)[0] for _ in range(count)) * 1000

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import int4_pack
-from .moe import Experts, by_expert
+from .moe import Experts
 from .quant import INT4_GROUP_SIZES, UNQUANTIZED_NAMES, QuantizedLinearInt4
 
 PREQUANT_METHODS = ("gptq", "compressed-tensors")
@@ -295,19 +295,8 @@ class PrequantExperts(nn.ModuleList):
         gate, up, down = (getattr(self[expert], name) for name in self.names)
         return down(F.silu(gate(x)) * up(x))
 
-    def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
-        if x.shape[0] == 1:  # as Experts.forward: no grouping for one row, experts in ascending order
-            out = None
-            for slot, expert in sorted(enumerate(indices[0].tolist()), key=lambda chosen: chosen[1]):
-                y = (self._expert(expert, x) * weights[0, slot : slot + 1]).to(x.dtype)
-                out = y if out is None else out + y
-            assert out is not None
-            return out
-        out = torch.zeros_like(x)
-        for expert, rows, slots in by_expert(indices, self.num_experts):
-            y = self._expert(expert, x[rows]) * weights[rows, slots, None]
-            out.index_add_(0, rows, y.to(out.dtype))
-        return out
+    # the same sums in the same order as the float experts (one-row path included)
+    forward = Experts.forward
 
 
 def replace_prequantized(block: nn.Module, spec: PrequantSpec, layer: int,
