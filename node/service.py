@@ -156,6 +156,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self.peers = PeerChannels()
         self.stats = NodeStats()
         self._live: dict[str, _LiveSession] = {}
+        self._closing_pushes: set[asyncio.Task] = set()  # strong references: the loop keeps only weak ones
         self.metrics = metrics if metrics is not None else NodeMetrics()
         self.started = clock()
         self.peer_limits = peer_limits
@@ -339,8 +340,12 @@ class NodeService(node_pb2_grpc.NodeServicer):
                     yield response
         finally:
             reader.cancel()
+            # a push already sent is left to finish (bounded by push_timeout): the client may close as soon
+            # as the last node answers, before this node has read the push's acknowledgement, and
+            # cancelling it then would leave a delivered push uncounted in Info
             for task in live.pushes:
-                task.cancel()
+                self._closing_pushes.add(task)
+                task.add_done_callback(self._closing_pushes.discard)
             self._live.pop(session.session_id, None)
             self.executor.forget(session.cache)
             self.sessions.close(session.session_id)
