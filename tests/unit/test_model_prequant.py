@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from homeswarm.model import quant
 from homeswarm.model.config import ModelConfig
 from homeswarm.model.loader import load_head, load_span
 from homeswarm.model.prequant import GPTQLinear, PackedInt4Linear, pack_int32, unpack_int32
@@ -62,6 +63,7 @@ def test_packed_checkpoint_computes_its_dequantized_weights(fmt, checkpoints, mo
     rows = (torch.cat(steps, 1) - want).norm(dim=-1) / want.norm(dim=-1)
     assert rows.max() < 0.05, rows.max().item()
     # every product dense, float32: the dequantized weights themselves
+    monkeypatch.setattr(quant, "_dense_bfloat16", False)
     monkeypatch.setattr(QuantizedLinearInt4, "kernel_max_rows", 0)
     assert rel_err(span(head.embed(ids)), want) < 1e-5
     prompt = ids[:, :10]
@@ -154,6 +156,7 @@ def test_kimi_k2_with_4_bit_routed_experts(tmp_path, monkeypatch):
     # only the median holds (as for --quant int4 on MoE blocks)
     rows = (span(head.embed(ids)) - want).norm(dim=-1) / want.norm(dim=-1)
     assert rows.median() < 0.05, rows.median().item()
+    monkeypatch.setattr(quant, "_dense_bfloat16", False)  # every product dense, float32
     monkeypatch.setattr(QuantizedLinearInt4, "kernel_max_rows", 0)
     assert rel_err(span(head.embed(ids)), want) < 1e-5
     prompt = ids[:1, :8]  # one row: the single-row path of the experts
