@@ -14,8 +14,9 @@ integration computes, with the weights held at 4 bits.
   0.125x of float32's bytes.
 What runs: ``q`` is an integer of at most 8 bits, exact in bfloat16. In a bfloat16 (or float16) span,
 small batches go through the kernel's vectorised bfloat16 code, whose product is rounded to bfloat16 as
-transformers' bfloat16 ``F.linear`` rounds it; larger ones (prefill) take the exact float32 product,
-rounded once to the span's dtype. In a float32 span every product is exact, as in
+transformers' bfloat16 ``F.linear`` rounds it; larger ones (prefill) take the exact product, rounded
+once to the span's dtype (computed in bfloat16 where :func:`~.quant.dense_bfloat16` says the CPU is
+fast at it: integer products summed in float32 give the same bits). In a float32 span every product is exact, as in
 transformers' float32 layers: chunks of rows are dequantized and multiplied densely (integer sums stay
 below 2^24); the kernel's bfloat16 rounding (a relative 2^-9), re-quantized by the next layer, moved a
 tiny random model's last hidden states by 5% and its argmax on 4% of positions. Measured on a
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 
 from . import int4_pack
 from .norms import RMSNorm
-from .quant import QuantizedLinearInt4
+from .quant import QuantizedLinearInt4, dense_bfloat16
 
 LINEAR_CLASSES = ("bitlinear", "autobitlinear")
 VALUES_PER_BYTE = 4
@@ -148,8 +149,11 @@ class TernaryLinear(QuantizedLinearInt4):
             return self.dense_matmul(rows)
         if self.uses_kernel and rows.device.type == "cpu" and rows.shape[0] <= self.kernel_max_rows:
             return super().matmul(rows)
-        # many rows: the exact product in float32, rounded once to the rows' dtype (a 512-token prefill of
-        # a 2B4T block took half the time of a bfloat16 dense product on this machine's CPU)
+        # many rows: the exact product, rounded once to the rows' dtype. In bfloat16 where the CPU multiplies
+        # it fast (integer products summed in float32, below 2^24: the same bits as float32's product
+        # rounded; a 512-token prefill of a 2B4T block ran 0.78x float32's speed through float32)
+        if rows.dtype == torch.bfloat16 and dense_bfloat16():
+            return self.dense_matmul(rows)
         return self.dense_matmul(rows.float()).to(rows.dtype)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers.integrations.bitnet import pack_weights, unpack_weights
 
+from homeswarm.model import quant
 from homeswarm.model.bitnet import TernaryLinear, pack_ternary, quantize_activations, unpack_ternary
 from homeswarm.model.config import ModelConfig
 from homeswarm.model.loader import load_head, load_span
@@ -78,8 +79,10 @@ def test_greedy_tokens_equal_transformers(linear_class, checkpoints):
     assert len(set(ids[0, 12:].tolist())) > 3
 
 
+@pytest.mark.parametrize("dense_bfloat16", [False, True])  # the dense product in float32 or in bfloat16
 @pytest.mark.parametrize("rows", [1, 5, 200])  # the kernel, and the dense path past kernel_max_rows
-def test_bfloat16_products_are_the_exact_product_rounded_once(rows):
+def test_bfloat16_products_are_the_exact_product_rounded_once(rows, dense_bfloat16, monkeypatch):
+    monkeypatch.setattr(quant, "_dense_bfloat16", dense_bfloat16)
     gen = torch.Generator().manual_seed(3)
     values = torch.randint(-1, 2, (96, 256), generator=gen)
     layer = TernaryLinear(256, 96)
@@ -93,6 +96,8 @@ def test_bfloat16_products_are_the_exact_product_rounded_once(rows):
     got = layer(x)
     assert got.dtype == torch.bfloat16
     assert rel_err(got, want) < 2**-8
+    if rows > layer.kernel_max_rows:  # the dense path: the exact product rounded once, to the bit
+        assert torch.equal(layer.matmul(q), exact)
 
 
 def test_a_ternary_block_takes_under_0_14x_of_float32(checkpoints):
