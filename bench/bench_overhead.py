@@ -2,6 +2,11 @@
 transformers `generate` on the same checkpoint, in one run; plus time to first token.
 
     python bench/bench_overhead.py [--shapes small-8x256 large-16x1024] [--new-tokens 24] [--prompt 16]
+                                   [--node-env KEY=VALUE ...]
+
+``--node-env`` sets environment variables of the nodes only (e.g. ``GOMP_SPINCOUNT=300000``, libgomp's
+default, against the 10,000 that ``join-swarm``'s launcher sets); this process, which runs
+``transformers`` and the client, keeps its own environment.
 
 Prints, per shape: decode tokens/s of transformers, of our engine in one process (LocalModel), and
 through the swarm; the ratios; and the per-step overhead of each node (swarm step time minus the
@@ -53,6 +58,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--node-env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="environment variables for the nodes only")
     parser.add_argument("--split-steps", type=int, default=200, help="decoding steps for the per-node split")
     args = parser.parse_args()
     rows = []
@@ -89,7 +96,7 @@ def measure(shape: str, args: argparse.Namespace, split_rows: list[list[object]]
     def local_generate(ids: torch.Tensor, n: int) -> torch.Tensor:
         return local.generate_greedy(ids, n)
 
-    with LocalSwarm() as swarm:
+    with LocalSwarm(env=dict(kv.split("=", 1) for kv in args.node_env)) as swarm:
         swarm.start_bootstrap()
         nodes = [swarm.start_node(path, "--blocks", f"{a}:{b}", wait=False)
                  for a, b in split_blocks(config.num_hidden_layers, args.nodes)]
