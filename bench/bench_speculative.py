@@ -1,6 +1,7 @@
 """Speculative decoding over delaying proxies: tokens per second, plain greedy against each drafter.
 
     python bench/bench_speculative.py [--delays-ms 0 10 25 50] [--nodes 2 4] [--new-tokens 48] [--rounds 3]
+                                      [--draft DIR | --draft-blocks N]
 
 The demo model (model/demo) is split over N nodes, each behind a TCP proxy on 127.0.0.1 that delays each
 direction by the given time (announced through --public-address), so every network leg costs that delay.
@@ -9,9 +10,10 @@ times) greedy generation runs plain, with prompt lookup, and with a draft model,
 by round; the table gives the median tokens per second, the median of the per-round speed-ups against plain, and the drafters'
 acceptance rates. Every speculative output is checked against the plain one (they must be identical).
 
-There is no separately trained smaller model of the demo's tokenizer, so the draft model is built here
-from the demo model itself: its first blocks with the same embeddings, final norm and head (an early
-exit; by default 1 of its 4 blocks), written to a temporary folder.
+The draft model is the bundled draft (model/demo_draft: 2 blocks of hidden 192, the demo's tokenizer,
+trained on the demo model's next-token distributions), or another checkpoint given by ``--draft``; with
+``--draft-blocks N`` it is built here from the demo model itself instead: its first N blocks with the same
+embeddings, final norm and head (an early exit; N = 4, the whole model, is the ceiling of a perfect draft).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from homeswarm.client.tokenizer import TextCodec  # noqa: E402
 from tests.helpers.proxy import DelayingProxy  # noqa: E402
 
 DEMO = Path(__file__).resolve().parent.parent / "model" / "demo"
+DEMO_DRAFT = DEMO.parent / "demo_draft"
 VERSE = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
          "The slings and arrows of outrageous fortune,\n")
 TEXTS = {
@@ -92,9 +95,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--texts", nargs="+", default=list(TEXTS), choices=list(TEXTS))
-    parser.add_argument("--draft-blocks", type=int, default=1,
-                        help="blocks of the demo model the draft keeps (4, the whole model: the ceiling of "
-                        "a perfect draft, not a real use)")
+    parser.add_argument("--draft", type=Path, default=DEMO_DRAFT, help="the draft model's checkpoint")
+    parser.add_argument("--draft-blocks", type=int, default=None,
+                        help="draft with the demo model's first N blocks instead (4, the whole model: the "
+                        "ceiling of a perfect draft, not a real use)")
     args = parser.parse_args()
     codec = TextCodec.for_model(DEMO)
     assert codec is not None
@@ -102,7 +106,8 @@ def main() -> None:
     num_layers = json.loads((DEMO / "config.json").read_text())["num_hidden_layers"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="homeswarm-draft-") as tmp:
-        draft = early_exit_draft(DEMO, Path(tmp) / "demo-draft", args.draft_blocks)
+        draft = (args.draft if args.draft_blocks is None
+                 else early_exit_draft(DEMO, Path(tmp) / "demo-draft", args.draft_blocks))
         # one drafter object across runs, so that no run pays for loading the draft model
         methods = {"plain": None, "prompt-lookup": PromptLookupDrafter(),
                    "draft": DraftModelDrafter(draft, vocab_size=json.loads((DEMO / "config.json").read_text())[
@@ -152,8 +157,10 @@ def main() -> None:
                 finally:
                     for proxy in proxies:
                         proxy.close()
+    which = (f"the first {args.draft_blocks} of {num_layers} blocks" if args.draft_blocks is not None
+             else str(args.draft))
     print(f"demo model, greedy, {args.new_tokens} new tokens, each node behind a proxy delaying each direction; "
-          f"median of {args.rounds} paired rounds; draft: the first {args.draft_blocks} of {num_layers} blocks")
+          f"median of {args.rounds} paired rounds; draft: {which}")
     print(table(HEADERS, rows))
 
 

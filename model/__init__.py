@@ -22,8 +22,11 @@ from .sizes import span_active_bytes, span_weight_bytes
 
 # The small demo checkpoint shipped with the package (filled by scripts/, not by this package).
 DEMO_MODEL_DIR = Path(__file__).parent / "demo"
+# Its draft model for speculative decoding: the same tokenizer, 2 blocks, trained on the demo's outputs.
+DEMO_DRAFT_DIR = Path(__file__).parent / "demo_draft"
 
 __all__ = [
+    "DEMO_DRAFT_DIR",
     "DEMO_MODEL_DIR",
     "BlockSpan",
     "CheckpointReader",
