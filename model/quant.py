@@ -71,7 +71,7 @@ _dense_bfloat16: bool | None = None  # see dense_bfloat16(); None until measured
 def dense_bfloat16() -> bool:
     """Whether dense products of quantized weights on the CPU (prefill: past ``kernel_max_rows`` rows) run
     in bfloat16: where the CPU multiplies bfloat16 much faster than float32 (oneDNN on AVX-512 BF16 or
-    AMX: a 512x2048 by 2048x5632 product took 17.8 ms against 85 ms in float32, one thread), so a
+    AMX: a 512x2048 by 2048x5632 product took 17.8 ms against 85 ms in float32, one thread, medians of alternating rounds), so a
     quantized prefill is not slower than float32's. Measured once per process, at first use; the
     activations are rounded to bfloat16 as the kernels already round them for decoding steps."""
     global _dense_bfloat16
