@@ -65,6 +65,8 @@ class DistributedModelForCausalLM:
         pad = generation.get("pad_token_id", raw.get("pad_token_id"))
         self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else None)
         self.head = load_head(self.model_dir, dtype=parse_dtype(self.config.dtype))
+        if self.config.fast_greedy:
+            self.head.prepare_greedy()
         if not initial_peers:
             raise ValueError("initial_peers is empty: give the multiaddr of at least one peer of the swarm")
         self.dht = SwarmDHT.create(list(initial_peers), client_mode=True)
@@ -134,8 +136,10 @@ class DistributedModelForCausalLM:
             unfinished = torch.ones(batch, dtype=torch.bool)
             hidden = session.step(self.head.embed(ids))
             for i in range(max_new_tokens):
-                logits = self.head.logits(hidden[:, -1:])[:, -1].float()
-                tokens = next_tokens(logits, params, generator)
+                if params.greedy:
+                    tokens = self.head.greedy(hidden)
+                else:
+                    tokens = next_tokens(self.head.logits(hidden[:, -1:])[:, -1].float(), params, generator)
                 if self.pad_token_id is not None and self.eos_token_ids:
                     tokens = torch.where(unfinished, tokens, torch.full_like(tokens, self.pad_token_id))
                 yield tokens

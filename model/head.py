@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import RMSNorm
+from .bounded_argmax import BoundedArgmax
 from .config import ModelConfig
 
 
@@ -27,6 +28,7 @@ class ClientHead(nn.Module):
         self.lm_head: nn.Linear | None = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._argmax: BoundedArgmax | None = None  # set by prepare_greedy()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -51,13 +53,37 @@ class ClientHead(nn.Module):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got values in [{low}, {high}]")
         return self.embed_tokens(input_ids.to(device=self.device, dtype=torch.long))
 
-    @torch.no_grad()
-    def logits(self, hidden: Tensor) -> Tensor:
-        """[B, T, H] hidden states after the last block -> [B, T, V] logits (final norm, then LM head)."""
+    @property
+    def _head_weight(self) -> Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def _check_hidden(self, hidden: Tensor) -> None:
         if not isinstance(hidden, Tensor) or hidden.dim() != 3 or hidden.shape[-1] != self.config.hidden_size:
             shape = tuple(hidden.shape) if isinstance(hidden, Tensor) else type(hidden).__name__
             raise ValueError(f"hidden states must be [batch, length, {self.config.hidden_size}], got {shape}")
         if hidden.dtype != self.dtype:
             raise ValueError(f"hidden states dtype {hidden.dtype} does not match the head's dtype {self.dtype}")
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.norm(hidden.to(self.device)), weight)
+
+    @torch.no_grad()
+    def logits(self, hidden: Tensor) -> Tensor:
+        """[B, T, H] hidden states after the last block -> [B, T, V] logits (final norm, then LM head)."""
+        self._check_hidden(hidden)
+        return F.linear(self.norm(hidden.to(self.device)), self._head_weight)
+
+    def prepare_greedy(self) -> bool:
+        """Let :meth:`greedy` read a bfloat16 copy of a float32 LM head on the CPU (half the head's
+        memory again; see ``bounded_argmax``). Returns whether it will; other heads read as they are."""
+        if self._argmax is None and self.dtype == torch.float32 and self.device.type == "cpu":
+            argmax = BoundedArgmax(self._head_weight.detach())
+            self._argmax = argmax if argmax.usable else None
+        return self._argmax is not None
+
+    @torch.no_grad()
+    def greedy(self, hidden: Tensor) -> Tensor:
+        """[B, T, H] hidden states after the last block -> [B] the token with the largest logit at the
+        last position: the argmax of ``logits(hidden)[:, -1].float()``, cheaper after :meth:`prepare_greedy`."""
+        self._check_hidden(hidden)
+        last = self.norm(hidden[:, -1].to(self.device))
+        if self._argmax is not None:
+            return self._argmax(last)
+        return F.linear(last, self._head_weight).float().argmax(dim=-1)

@@ -1,0 +1,129 @@
+"""The greedy LM head from a bfloat16 copy: its bound holds, and its token is the float32 product's argmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from homeswarm.model import DEMO_MODEL_DIR, LocalModel, load_head
+from homeswarm.model.bounded_argmax import BoundedArgmax
+from tests.helpers.checkpoints import make_checkpoint
+
+
+def _weights(seed: int) -> list[torch.Tensor]:
+    """Heads of several kinds: plain Gaussian, rows of very different norms, a few huge entries."""
+    gen = torch.Generator().manual_seed(seed)
+    plain = torch.randn(3000, 96, generator=gen) * 0.05
+    scaled = torch.randn(3000, 96, generator=gen) * torch.logspace(-3, 1, 3000)[:, None]
+    spiky = torch.randn(3000, 96, generator=gen) * 0.05
+    spiky[torch.randint(0, 3000, (40,), generator=gen), torch.randint(0, 96, (40,), generator=gen)] = 30.0
+    return [plain, scaled, spiky]
+
+
+def _inputs(seed: int, rows: int) -> torch.Tensor:
+    """Hidden states of several scales, some with an outlier feature, as trained models have."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 96, generator=gen) * torch.logspace(-2, 2, rows)[:, None]
+    x[::3, 7] *= 50
+    return x
+
+
+@pytest.mark.parametrize("kind", range(3))
+def test_every_float32_logit_lies_within_the_bound(kind):
+    weight = _weights(0)[kind]
+    argmax = BoundedArgmax(weight)
+    x = _inputs(1, 64)
+    y, bound = argmax.bounds(x)
+    exact = F.linear(x.double(), weight.double())  # the real product
+    computed = F.linear(x, weight)  # the float32 one that greedy decoding compares
+    assert bound.shape == (64, 1)
+    assert bool(((computed.double() - y.double()).abs() <= bound.double()).all())
+    assert bool(((exact - y.double()).abs() <= bound.double()).all())
+    assert float((bound / y.abs().amax(dim=1, keepdim=True)).max()) < 0.1  # a bound, not a blank cheque
+
+
+@pytest.mark.parametrize("kind", range(3))
+def test_the_token_is_the_float32_products_argmax(kind):
+    weight = _weights(2)[kind]
+    argmax = BoundedArgmax(weight)
+    x = _inputs(3, 200)
+    assert argmax(x).tolist() == F.linear(x, weight).argmax(dim=-1).tolist()
+    assert argmax.fallbacks == 0
+    assert argmax.candidates < 200 * 40  # a few rows recomputed per input, not the whole head
+
+
+def test_near_ties_and_exact_ties():
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(500, 64, generator=gen) * 0.05
+    x = torch.randn(1, 64, generator=gen)
+    best = int(F.linear(x, weight).argmax())
+    # a row equal to the best but one unit in the last place larger in its largest contribution, which
+    # bfloat16 cannot tell apart from the best
+    near = weight[best].clone()
+    j = int((near * x[0]).argmax())
+    near[j] = torch.nextafter(near[j], torch.tensor(float("inf")) * torch.sign(x[0, j]))
+    weight[17] = near
+    for row in (weight[best], near):
+        assert torch.equal(row.to(torch.bfloat16), near.to(torch.bfloat16))
+    expected = int(F.linear(x, weight).argmax())
+    assert BoundedArgmax(weight)(x).item() == expected
+    # exact ties go to the lowest index, as torch.argmax
+    weight[3] = weight[expected]
+    assert BoundedArgmax(weight)(x).item() == 3 == int(F.linear(x, weight).argmax())
+
+
+def test_too_many_candidates_or_anything_not_finite_falls_back_to_the_full_product():
+    weight = torch.randn(200, 32).mul(0.05).expand(200, 32).contiguous()
+    weight[:] = weight[0]  # every row the same: every row is a candidate
+    argmax = BoundedArgmax(weight, max_candidates=10)
+    x = torch.randn(2, 32)
+    assert argmax(x).tolist() == [0, 0]
+    assert argmax.fallbacks == 2
+    argmax = BoundedArgmax(torch.randn(200, 32))
+    x[1, 5] = float("nan")
+    x[0, 5] = float("inf")
+    assert argmax(x).tolist() == F.linear(x, argmax.weight).argmax(dim=-1).tolist()
+    bad = torch.randn(200, 32)
+    bad[9, 3] = float("nan")
+    assert not BoundedArgmax(bad).usable
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="float32 weight"):
+        BoundedArgmax(torch.randn(10, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="max_candidates"):
+        BoundedArgmax(torch.randn(10, 4), max_candidates=0)
+    with pytest.raises(ValueError, match=r"float32 \[rows, 4\]"):
+        BoundedArgmax(torch.randn(10, 4))(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_client_head_greedy_matches_its_logits(tmp_path, tie):
+    path = make_checkpoint(tmp_path / "m", "llama3", tie_word_embeddings=tie, vocab_size=4096)
+    head = load_head(path)
+    plain = head.greedy(torch.randn(3, 5, head.config.hidden_size))  # before prepare_greedy: the full product
+    assert plain.shape == (3,)
+    assert head.prepare_greedy()
+    hidden = torch.randn(8, 5, head.config.hidden_size) * 4
+    assert head.greedy(hidden).tolist() == head.logits(hidden)[:, -1].float().argmax(dim=-1).tolist()
+    assert head._argmax is not None and head._argmax.fallbacks == 0
+    assert not load_head(path, dtype=torch.bfloat16).prepare_greedy()  # a bfloat16 head is read as it is
+    with pytest.raises(ValueError, match="dtype"):
+        head.greedy(hidden.double())
+
+
+def test_the_demo_models_greedy_text_needs_few_float32_rows():
+    """Along the bundled (trained) model's own greedy text, the token is the full product's and only a
+    few rows of the head are recomputed per token."""
+    model = LocalModel(DEMO_MODEL_DIR)
+    assert model.head.prepare_greedy()
+    caches = [span.new_cache(1, 200) for span in model.spans]
+    hidden = model.forward(model.head.embed(torch.tensor([[1, 50, 60, 70]])), caches)
+    for _ in range(120):
+        expected = model.head.logits(hidden[:, -1:])[:, -1].float().argmax(dim=-1)
+        assert model.head.greedy(hidden).tolist() == expected.tolist()
+        hidden = model.forward(model.head.embed(expected[:, None]), caches)
+    argmax = model.head._argmax
+    assert argmax is not None and argmax.fallbacks == 0
+    assert argmax.candidates / 120 < 32
