@@ -2,15 +2,18 @@
 transformers `generate` on the same checkpoint, in one run; plus time to first token.
 
     python bench/bench_overhead.py [--shapes small-8x256 large-16x1024] [--new-tokens 24] [--prompt 16]
-                                   [--node-env KEY=VALUE ...]
+                                   [--node-env KEY=VALUE ...] [--node-args ARGS]
 
 ``--node-env`` sets environment variables of the nodes only (e.g. ``GOMP_SPINCOUNT=300000``, libgomp's
 default, against the 10,000 that ``join-swarm``'s launcher sets); this process, which runs
 ``transformers`` and the client, keeps its own environment.
 
 Prints, per shape: decode tokens/s of transformers, of our engine in one process (LocalModel), and
-through the swarm; the ratios; and the per-step overhead of each node (swarm step time minus the
-local step time, divided by the number of nodes).
+through the swarm, both with the client's default greedy head (a bfloat16 copy of the LM head, the
+rows that could win rescored in float32: ``homeswarm.model.bounded_argmax``) and with the plain
+float32 head product (as LocalModel and transformers); the ratios; and the per-step overhead of each
+node (swarm step time minus the local step time, divided by the number of nodes, both with the
+float32 head).
 
 A second table splits a decoding step's time per node, measured directly: the client relays each
 step through every hop itself and times it (send to answer), the node reports its forward pass
@@ -36,7 +39,7 @@ from bench.common import SHAPES, checkpoint, params, table  # noqa: E402
 from homeswarm.client.local_swarm import LocalSwarm, split_blocks  # noqa: E402
 from homeswarm.client.model import AutoDistributedModelForCausalLM  # noqa: E402
 from homeswarm.client.transport import HopStream  # noqa: E402
-from homeswarm.model import LocalModel, ModelConfig, load_span  # noqa: E402
+from homeswarm.model import LocalModel, ModelConfig, load_head, load_span  # noqa: E402
 from homeswarm.protocol import node_pb2  # noqa: E402
 
 
@@ -60,6 +63,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--node-env", nargs="*", default=[], metavar="KEY=VALUE",
                         help="environment variables for the nodes only")
+    parser.add_argument("--node-args", default="", metavar="ARGS",
+                        help="extra join-swarm arguments for every node, e.g. '--inline-compute-ms 100'")
     parser.add_argument("--split-steps", type=int, default=200, help="decoding steps for the per-node split")
     args = parser.parse_args()
     rows = []
@@ -69,7 +74,8 @@ def main() -> None:
     print(f"greedy, float32, CPU ({torch.get_num_threads()} threads), prompt {args.prompt}, "
           f"{args.new_tokens} new tokens, {args.nodes} nodes on 127.0.0.1")
     print(table(["shape", "params", "run", "transformers tok/s", "ours local tok/s", "swarm tok/s",
-                 "local/hf", "swarm/hf", "overhead ms/node/step", "hf TTFT ms", "swarm TTFT ms"], rows))
+                 "swarm f32 head tok/s", "local/hf", "swarm/hf", "swarm f32 head/hf", "overhead ms/node/step",
+                 "hf TTFT ms", "swarm TTFT ms"], rows))
     print()
     print(f"one decoding step split per node (client relays, medians of {args.split_steps} steps)")
     print(table(["shape", "node", "blocks", "round trip ms", "node compute ms", "ours ms (trip - compute)",
@@ -98,29 +104,41 @@ def measure(shape: str, args: argparse.Namespace, split_rows: list[list[object]]
 
     with LocalSwarm(env=dict(kv.split("=", 1) for kv in args.node_env)) as swarm:
         swarm.start_bootstrap()
-        nodes = [swarm.start_node(path, "--blocks", f"{a}:{b}", wait=False)
+        nodes = [swarm.start_node(path, "--blocks", f"{a}:{b}", *args.node_args.split(), wait=False)
                  for a, b in split_blocks(config.num_hidden_layers, args.nodes)]
         for node in nodes:
             swarm.wait_ready(node, timeout=300)
         with AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers) as model:
 
+            fast_head, plain_head = model.head, load_head(path)  # the client's default, and without prepare_greedy
+
             def swarm_generate(ids: torch.Tensor, n: int) -> torch.Tensor:
+                model.head = fast_head
+                return model.generate(ids, max_new_tokens=n)
+
+            def swarm_plain_generate(ids: torch.Tensor, n: int) -> torch.Tensor:
+                model.head = plain_head
                 return model.generate(ids, max_new_tokens=n)
 
             swarm_generate(prompt, 4)  # warm-up: routes, pings, channels
             hf_generate(prompt, 4)
             local_generate(prompt, 4)
-            assert swarm_generate(prompt, args.new_tokens).tolist() == hf_generate(prompt, args.new_tokens).tolist()
+            expected = hf_generate(prompt, args.new_tokens).tolist()
+            assert swarm_generate(prompt, args.new_tokens).tolist() == expected
+            assert swarm_plain_generate(prompt, args.new_tokens).tolist() == expected
             for repeat in range(args.repeats):
                 # interleaved, so that a slow moment of the machine hits all three alike
                 hf_ttft, hf_rate = decode_rate(hf_generate, prompt, args.new_tokens)
                 our_ttft, our_rate = decode_rate(local_generate, prompt, args.new_tokens)
                 sw_ttft, sw_rate = decode_rate(swarm_generate, prompt, args.new_tokens)
-                overhead_ms = (1 / sw_rate - 1 / our_rate) / args.nodes * 1000
-                rows.append([shape, f"{params(shape) / 1e6:.1f}M", repeat, hf_rate, our_rate, sw_rate,
-                             our_rate / hf_rate, sw_rate / hf_rate, overhead_ms,
+                _, plain_rate = decode_rate(swarm_plain_generate, prompt, args.new_tokens)
+                overhead_ms = (1 / plain_rate - 1 / our_rate) / args.nodes * 1000
+                rows.append([shape, f"{params(shape) / 1e6:.1f}M", repeat, hf_rate, our_rate, sw_rate, plain_rate,
+                             our_rate / hf_rate, sw_rate / hf_rate, plain_rate / hf_rate, overhead_ms,
                              hf_ttft * 1000, sw_ttft * 1000])
             split_rows += split_step(model, path, config, args.split_steps, shape)
+    for column, name in ((8, "swarm/hf"), (9, "swarm f32 head/hf")):
+        print(f"{shape}: {name} median of {len(rows)} rounds {statistics.median(r[column] for r in rows):.3f}")
     return rows
 
 
