@@ -70,6 +70,11 @@ class ClientHead(nn.Module):
         self._check_hidden(hidden)
         return F.linear(self.norm(hidden.to(self.device)), self._head_weight)
 
+    @property
+    def bounded_argmax(self) -> BoundedArgmax | None:
+        """What :meth:`greedy` reads after :meth:`prepare_greedy` (None: the full product), with its counters."""
+        return self._argmax
+
     def prepare_greedy(self) -> bool:
         """Let :meth:`greedy` read a bfloat16 copy of a float32 LM head on the CPU (half the head's
         memory again; see ``bounded_argmax``). Returns whether it will; other heads read as they are."""

@@ -107,7 +107,7 @@ def test_client_head_greedy_matches_its_logits(tmp_path, tie):
     assert head.prepare_greedy()
     hidden = torch.randn(8, 5, head.config.hidden_size) * 4
     assert head.greedy(hidden).tolist() == head.logits(hidden)[:, -1].float().argmax(dim=-1).tolist()
-    assert head._argmax is not None and head._argmax.fallbacks == 0
+    assert head.bounded_argmax is not None and head.bounded_argmax.fallbacks == 0
     assert not load_head(path, dtype=torch.bfloat16).prepare_greedy()  # a bfloat16 head is read as it is
     with pytest.raises(ValueError, match="dtype"):
         head.greedy(hidden.double())
@@ -124,6 +124,6 @@ def test_the_demo_models_greedy_text_needs_few_float32_rows():
         expected = model.head.logits(hidden[:, -1:])[:, -1].float().argmax(dim=-1)
         assert model.head.greedy(hidden).tolist() == expected.tolist()
         hidden = model.forward(model.head.embed(expected[:, None]), caches)
-    argmax = model.head._argmax
+    argmax = model.head.bounded_argmax
     assert argmax is not None and argmax.fallbacks == 0
     assert argmax.candidates / 120 < 32
