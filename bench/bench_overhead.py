@@ -9,7 +9,7 @@ default, against the 10,000 that ``join-swarm``'s launcher sets); this process, 
 ``transformers`` and the client, keeps its own environment.
 
 Prints, per shape: decode tokens/s of transformers, of our engine in one process (LocalModel), and
-through the swarm, both with the client's default greedy head (a bfloat16 copy of the LM head, the
+through the swarm, both with the client's default greedy head (an int8 copy of the LM head, the
 rows that could win rescored in float32: ``homeswarm.model.bounded_argmax``) and with the plain
 float32 head product (as LocalModel and transformers); the ratios; and the per-step overhead of each
 node (swarm step time minus the local step time, divided by the number of nodes, both with the

@@ -76,7 +76,7 @@ class ClientHead(nn.Module):
         return self._argmax
 
     def prepare_greedy(self) -> bool:
-        """Let :meth:`greedy` read a bfloat16 copy of a float32 LM head on the CPU (half the head's
+        """Let :meth:`greedy` read an int8 copy of a float32 LM head on the CPU (a quarter of the head's
         memory again; see ``bounded_argmax``). Returns whether it will; other heads read as they are."""
         if self._argmax is None and self.dtype == torch.float32 and self.device.type == "cpu":
             argmax = BoundedArgmax(self._head_weight.detach())

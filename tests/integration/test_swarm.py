@@ -71,7 +71,7 @@ def test_greedy_long_prompt_matches_transformers(family, checkpoints, client_mod
     got = model.generate(prompt, max_new_tokens=24)
     assert got.shape == expected.shape
     assert got.tolist() == expected.tolist()
-    # the client chose those tokens from the bfloat16 copy of its head (ClientConfig.fast_greedy)
+    # the client chose those tokens from the int8 copy of its head (ClientConfig.fast_greedy)
     assert model.head.bounded_argmax is not None
     assert model.head.bounded_argmax.candidates > 0 and model.head.bounded_argmax.fallbacks == 0
     # the route really spans 3 nodes
