@@ -29,9 +29,10 @@ class ClientConfig:
     auto_compression_rtt: float = _opt(0.005, "with compression=auto, hops whose round trip is at least this "
                                        "many seconds get float16")
     dtype: str = _opt("float32", "dtype of the client's embeddings and LM head")
-    fast_greedy: bool = _opt(True, "greedy decoding with a float32 LM head reads an int8 copy of it and "
-                             "recomputes in float32 only the rows that could hold the largest logit: the same "
-                             "tokens in well under half the head's time per token, for a quarter of its memory again")
+    fast_greedy: bool = _opt(True, "greedy decoding with a float32 LM head of 4M weights or more reads an int8 "
+                             "copy of it and recomputes in float32 only the rows that could hold the largest "
+                             "logit: the same tokens in 0.25-0.4x of the head's time per token, for a quarter of "
+                             "its memory again")
     exact: bool = _opt(False, "route only through nodes that serve the checkpoint's own weights (no int8 or "
                        "int4 quantization); by default any node is accepted")
     handoff: bool = _opt(True, "nodes pass hidden states straight to the next node (N+1 legs a step, not 2N)")

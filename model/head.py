@@ -75,11 +75,15 @@ class ClientHead(nn.Module):
         """What :meth:`greedy` reads after :meth:`prepare_greedy` (None: the full product), with its counters."""
         return self._argmax
 
-    def prepare_greedy(self) -> bool:
+    def prepare_greedy(self, *, min_entries: int = 4 * 2**20) -> bool:
         """Let :meth:`greedy` read an int8 copy of a float32 LM head on the CPU (a quarter of the head's
-        memory again; see ``bounded_argmax``). Returns whether it will; other heads read as they are."""
-        if self._argmax is None and self.dtype == torch.float32 and self.device.type == "cpu":
-            argmax = BoundedArgmax(self._head_weight.detach())
+        memory again; see ``bounded_argmax``) when the head has at least ``min_entries`` weights: below
+        about 4M (16 MiB) the full product costs no more than the bound's fixed work (measured in
+        docs/BENCHMARKS.md). Returns whether it will; other heads are read as they are."""
+        weight = self._head_weight
+        if (self._argmax is None and self.dtype == torch.float32 and self.device.type == "cpu"
+                and weight.numel() >= min_entries):
+            argmax = BoundedArgmax(weight.detach())
             self._argmax = argmax if argmax.usable else None
         return self._argmax is not None
 
