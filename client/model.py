@@ -169,9 +169,14 @@ class DistributedModelForCausalLM:
             hidden = session.step(self.head.embed(torch.tensor([tokens])), keep_length=keep_length)
             return self.head.logits(hidden)[0].float()
 
+        def greedy_verify_fn(tokens: list[int], keep_length: int | None) -> list[int]:
+            hidden = session.step(self.head.embed(torch.tensor([tokens])), keep_length=keep_length)
+            return self.head.greedy(hidden, every_position=True)[0].tolist()
+
         try:
             first = self.head.logits(session.step(self.head.embed(ids))[:, -1:])[0, -1].float()
-            decoder = SpeculativeDecoder(drafter, verify_fn, params, generator=generator, room=session.max_length)
+            decoder = SpeculativeDecoder(drafter, verify_fn, params, generator=generator, room=session.max_length,
+                                         greedy_verify_fn=greedy_verify_fn)
             self.last_speculation = decoder.stats
             for token in decoder.stream(ids[0].tolist(), first, max_new_tokens, self.eos_token_ids):
                 yield torch.tensor([token])

@@ -31,6 +31,8 @@ MAX_DRAFT = 8  # drafts per round at most; a session needs this many positions o
 
 # (input token ids, keep_length) -> logits [len(ids), vocab] of those positions, float32
 VerifyFn = Callable[[list[int], int | None], torch.Tensor]
+# the same, for greedy decoding: -> the token with the largest logit at each of those positions
+GreedyVerifyFn = Callable[[list[int], int | None], list[int]]
 
 
 @dataclass
@@ -95,11 +97,7 @@ def verify(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, para
     positions that predict each draft and the one after; ``q`` [len(drafts), vocab] the draft distributions
     (None: the drafts were deterministic)."""
     if params.greedy:
-        chosen = logits.argmax(dim=-1).tolist()
-        n = 0
-        while n < len(drafts) and chosen[n] == drafts[n]:
-            n += 1
-        return n, chosen[n]
+        return accept_greedy(logits.argmax(dim=-1).tolist(), drafts)
     p = probabilities(logits, params)
     for i, token in enumerate(drafts):
         p_x = float(p[i, token])
@@ -119,6 +117,14 @@ def verify(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, para
     return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=generator))
 
 
+def accept_greedy(chosen: list[int], drafts: list[int]) -> tuple[int, int]:
+    """(accepted drafts, the token after them) for the target's greedy tokens ``chosen`` [len(drafts) + 1]."""
+    n = 0
+    while n < len(drafts) and chosen[n] == drafts[n]:
+        n += 1
+    return n, chosen[n]
+
+
 @dataclass
 class SpeculationStats:
     rounds: int = 0
@@ -135,10 +141,12 @@ class SpeculativeDecoder:
 
     def __init__(self, drafter: Drafter, verify_fn: VerifyFn, params: SamplingParams, *,
                  generator: torch.Generator | None = None, room: int, max_draft: int = MAX_DRAFT,
-                 length: DraftLength | None = None) -> None:
-        """``room``: positions the verifier's caches hold at most (the session's max_length)."""
+                 length: DraftLength | None = None, greedy_verify_fn: GreedyVerifyFn | None = None) -> None:
+        """``room``: positions the verifier's caches hold at most (the session's max_length);
+        ``greedy_verify_fn``: used instead of ``verify_fn`` for greedy decoding (the tokens, not the logits)."""
         self.drafter = drafter
         self.verify_fn = verify_fn
+        self.greedy_verify_fn = greedy_verify_fn
         self.params = params
         self.generator = generator
         self.room = room
@@ -168,9 +176,14 @@ class SpeculativeDecoder:
             drafts = drafts[:k]
             q = q[: len(drafts)] if q is not None else None
             t1 = time.perf_counter()
-            logits = self.verify_fn([pending, *drafts], held)
-            t2 = time.perf_counter()
-            accepted, bonus = verify(logits, drafts, q, self.params, self.generator)
+            if self.params.greedy and self.greedy_verify_fn is not None:
+                chosen = self.greedy_verify_fn([pending, *drafts], held)
+                t2 = time.perf_counter()
+                accepted, bonus = accept_greedy(chosen, drafts)
+            else:
+                logits = self.verify_fn([pending, *drafts], held)
+                t2 = time.perf_counter()
+                accepted, bonus = verify(logits, drafts, q, self.params, self.generator)
             self.stats.rounds += 1
             self.stats.drafted += len(drafts)
             self.stats.accepted += accepted

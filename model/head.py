@@ -88,11 +88,15 @@ class ClientHead(nn.Module):
         return self._argmax is not None
 
     @torch.no_grad()
-    def greedy(self, hidden: Tensor) -> Tensor:
-        """[B, T, H] hidden states after the last block -> [B] the token with the largest logit at the
-        last position: the argmax of ``logits(hidden)[:, -1].float()``, cheaper after :meth:`prepare_greedy`."""
+    def greedy(self, hidden: Tensor, *, every_position: bool = False) -> Tensor:
+        """[B, T, H] hidden states after the last block -> [B] the token with the largest logit at the last
+        position (``every_position``: [B, T], at each): the argmax of ``logits(hidden).float()``, cheaper
+        after :meth:`prepare_greedy`."""
         self._check_hidden(hidden)
-        last = self.norm(hidden[:, -1].to(self.device))
+        hidden = hidden.to(self.device)
+        rows = self.norm(hidden if every_position else hidden[:, -1:]).reshape(-1, hidden.shape[-1])
         if self._argmax is not None:
-            return self._argmax(last)
-        return F.linear(last, self._head_weight).float().argmax(dim=-1)
+            tokens = self._argmax(rows)
+        else:
+            tokens = F.linear(rows, self._head_weight).float().argmax(dim=-1)
+        return tokens.view(hidden.shape[0], -1) if every_position else tokens

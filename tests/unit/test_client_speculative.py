@@ -151,7 +151,9 @@ def test_the_chi_square_test_catches_a_wrong_rule(monkeypatch):
     assert stat > chi2_critical(df)
 
 
-def test_greedy_is_plain_greedy_and_the_cache_is_rolled_back():
+@pytest.mark.parametrize("tokens_only", [False, True])
+def test_greedy_is_plain_greedy_and_the_cache_is_rolled_back(tokens_only):
+    """Through ``verify_fn`` (logits) or ``greedy_verify_fn`` (the verifier's own greedy tokens)."""
     table = bigram_table(3, scale=3.0)
     prompt = [0, 1, 2, 3, 0, 1]
     plain, last = [], prompt[-1]
@@ -159,7 +161,15 @@ def test_greedy_is_plain_greedy_and_the_cache_is_rolled_back():
         last = int(table[last].argmax())
         plain.append(last)
     verifier = Bigram(table, prompt)
-    decoder = SpeculativeDecoder(PromptLookupDrafter(), verifier, SamplingParams(), room=200)
+
+    def logits_unused(ids, keep):
+        raise AssertionError("greedy decoding asked for logits")
+
+    def greedy_tokens(ids, keep):
+        return verifier(ids, keep).argmax(dim=-1).tolist()
+
+    decoder = SpeculativeDecoder(PromptLookupDrafter(), logits_unused if tokens_only else verifier, SamplingParams(),
+                                 room=200, greedy_verify_fn=greedy_tokens if tokens_only else None)
     got = list(decoder.stream(prompt, table[prompt[-1]], 60, []))
     assert got == plain
     assert verifier.cache == (prompt + got)[: len(verifier.cache)]  # no rejected draft left in the cache

@@ -125,6 +125,7 @@ def test_client_head_greedy_matches_its_logits(tmp_path, tie):
     assert head.prepare_greedy(min_entries=0)
     hidden = torch.randn(8, 5, head.config.hidden_size) * 4
     assert head.greedy(hidden).tolist() == head.logits(hidden)[:, -1].float().argmax(dim=-1).tolist()
+    assert head.greedy(hidden, every_position=True).tolist() == head.logits(hidden).float().argmax(dim=-1).tolist()
     assert head.bounded_argmax is not None and head.bounded_argmax.fallbacks == 0
     assert not load_head(path, dtype=torch.bfloat16).prepare_greedy(min_entries=0)  # read as it is
     with pytest.raises(ValueError, match="dtype"):
