@@ -31,7 +31,7 @@ class ClientConfig:
     dtype: str = _opt("float32", "dtype of the client's embeddings and LM head")
     fast_greedy: bool = _opt(True, "greedy decoding with a float32 LM head of 4M weights or more reads an int8 "
                              "copy of it and recomputes in float32 only the rows that could hold the largest "
-                             "logit: the same tokens in 0.25-0.4x of the head's time per token, for a quarter of "
+                             "logit: the same tokens in 0.23-0.39x of the head's time per token, for a quarter of "
                              "its memory again")
     exact: bool = _opt(False, "route only through nodes that serve the checkpoint's own weights (no int8 or "
                        "int4 quantization); by default any node is accepted")

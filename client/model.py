@@ -165,13 +165,14 @@ class DistributedModelForCausalLM:
         if session is None:
             session = self.inference_session(max_length=room, batch_size=1)
 
+        def run(tokens: list[int], keep_length: int | None) -> torch.Tensor:
+            return session.step(self.head.embed(torch.tensor([tokens])), keep_length=keep_length)
+
         def verify_fn(tokens: list[int], keep_length: int | None) -> torch.Tensor:
-            hidden = session.step(self.head.embed(torch.tensor([tokens])), keep_length=keep_length)
-            return self.head.logits(hidden)[0].float()
+            return self.head.logits(run(tokens, keep_length))[0].float()
 
         def greedy_verify_fn(tokens: list[int], keep_length: int | None) -> list[int]:
-            hidden = session.step(self.head.embed(torch.tensor([tokens])), keep_length=keep_length)
-            return self.head.greedy(hidden, every_position=True)[0].tolist()
+            return self.head.greedy(run(tokens, keep_length), every_position=True)[0].tolist()
 
         try:
             first = self.head.logits(session.step(self.head.embed(ids))[:, -1:])[0, -1].float()

@@ -28,7 +28,8 @@ class ClientHead(nn.Module):
         self.lm_head: nn.Linear | None = None
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self._argmax: BoundedArgmax | None = None  # set by prepare_greedy()
+        # what greedy() reads, with its counters: set by prepare_greedy() (None: the full product)
+        self.bounded_argmax: BoundedArgmax | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -70,22 +71,17 @@ class ClientHead(nn.Module):
         self._check_hidden(hidden)
         return F.linear(self.norm(hidden.to(self.device)), self._head_weight)
 
-    @property
-    def bounded_argmax(self) -> BoundedArgmax | None:
-        """What :meth:`greedy` reads after :meth:`prepare_greedy` (None: the full product), with its counters."""
-        return self._argmax
-
     def prepare_greedy(self, *, min_entries: int = 4 * 2**20) -> bool:
         """Let :meth:`greedy` read an int8 copy of a float32 LM head on the CPU (a quarter of the head's
         memory again; see ``bounded_argmax``) when the head has at least ``min_entries`` weights: below
         about 4M (16 MiB) the full product costs no more than the bound's fixed work (measured in
         docs/BENCHMARKS.md). Returns whether it will; other heads are read as they are."""
         weight = self._head_weight
-        if (self._argmax is None and self.dtype == torch.float32 and self.device.type == "cpu"
+        if (self.bounded_argmax is None and self.dtype == torch.float32 and self.device.type == "cpu"
                 and weight.numel() >= min_entries):
             argmax = BoundedArgmax(weight.detach())
-            self._argmax = argmax if argmax.usable else None
-        return self._argmax is not None
+            self.bounded_argmax = argmax if argmax.usable else None
+        return self.bounded_argmax is not None
 
     @torch.no_grad()
     def greedy(self, hidden: Tensor, *, every_position: bool = False) -> Tensor:
@@ -93,10 +89,9 @@ class ClientHead(nn.Module):
         position (``every_position``: [B, T], at each): the argmax of ``logits(hidden).float()``, cheaper
         after :meth:`prepare_greedy`."""
         self._check_hidden(hidden)
-        hidden = hidden.to(self.device)
-        rows = self.norm(hidden if every_position else hidden[:, -1:]).reshape(-1, hidden.shape[-1])
-        if self._argmax is not None:
-            tokens = self._argmax(rows)
+        rows = self.norm((hidden if every_position else hidden[:, -1:]).to(self.device)).reshape(-1, hidden.shape[-1])
+        if self.bounded_argmax is not None:
+            tokens = self.bounded_argmax(rows)
         else:
             tokens = F.linear(rows, self._head_weight).float().argmax(dim=-1)
         return tokens.view(hidden.shape[0], -1) if every_position else tokens
