@@ -10,12 +10,17 @@ that lists every missing name, raised before any file is opened. A float8_e4m3fn
 block scales (``<name>_scale_inv``, the hub's FP8 layout) is read with them and, when a dtype is asked
 for, returned dequantized: callers never see the scales. Integer tensors (packed quantized weights)
 keep their dtype whatever float dtype is asked for.
+
+A partial checkpoint is fine: the index may name shard files the folder lacks (a node holds only its
+blocks' shards, a client only the head's). Only reading a tensor from a missing file is an error, a
+:class:`MissingShardsError` naming the files and what needed them (which blocks, or the head).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -41,6 +46,38 @@ class MissingTensorsError(KeyError):
         return str(self.args[0])
 
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def block_of(name: str) -> int | None:
+    """The block a checkpoint tensor belongs to (its name holds ``layers.<i>.``, the Hugging Face layout
+    of every family here); None for the rest (embeddings, final norm, LM head)."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def describe_tensors(names: Iterable[str]) -> str:
+    """What tensors are for, in words: "blocks 2, 3" and/or "the embeddings, final norm or LM head"."""
+    names = sorted(set(names))
+    blocks = sorted({b for b in map(block_of, names) if b is not None})
+    parts = [f"block{'s' if len(blocks) > 1 else ''} {', '.join(map(str, blocks))}"] if blocks else []
+    if any(block_of(n) is None for n in names):
+        parts.append("the embeddings, final norm or LM head")
+    shown = ", ".join(names[:3]) + (f", ... ({len(names)} tensors in all)" if len(names) > 3 else "")
+    return f"{' and '.join(parts)} ({shown})"
+
+
+class MissingShardsError(FileNotFoundError):
+    """Tensors asked for lie in shard files the (partial) checkpoint folder lacks; ``files`` lists them."""
+
+    def __init__(self, model_dir: Path, files: list[str], names: list[str]) -> None:
+        self.files, self.names = files, names
+        super().__init__(
+            f"checkpoint {model_dir} lacks the shard file{'s' if len(files) > 1 else ''} {', '.join(files)} "
+            f"(named in its {INDEX_FILE}), needed for {describe_tensors(names)}"
+        )
+
+
 class CheckpointReader:
     """Names and selective loading of the tensors in one checkpoint folder."""
 
@@ -63,9 +100,6 @@ class CheckpointReader:
                 if not isinstance(file_name, str) or Path(file_name).name != file_name:
                     raise ValueError(f"{index_path}: invalid shard file name {file_name!r} for {name!r}")
                 self._file_of[name] = file_name
-            for file_name in sorted(set(self._file_of.values())):
-                if not (self.model_dir / file_name).is_file():
-                    raise FileNotFoundError(f"shard {file_name} listed in {index_path} is missing")
         elif single_path.is_file():
             with safe_open(str(single_path), framework="pt") as f:
                 self._file_of = dict.fromkeys(f.keys(), SINGLE_FILE)
@@ -80,15 +114,26 @@ class CheckpointReader:
         return name in self._file_of
 
     def files_for(self, names: Iterable[str]) -> list[str]:
-        """The shard file names that hold ``names`` (sorted)."""
+        """The shard file names that hold ``names`` (sorted), whether the folder has them or not."""
         names = list(names)
-        self._require(names)
+        self._require(names, files=False)
         return sorted({self._file_of[n] for n in names})
 
-    def _require(self, names: list[str]) -> None:
+    def missing_files(self, names: Iterable[str] | None = None) -> list[str]:
+        """The shard files holding ``names`` (default: any tensor) that the folder lacks, sorted."""
+        files = set(self._file_of.values()) if names is None else set(self.files_for(names))
+        return sorted(f for f in files if not (self.model_dir / f).is_file())
+
+    def _require(self, names: list[str], *, files: bool = True) -> None:
         missing = sorted(n for n in set(names) if n not in self._file_of)
         if missing:
             raise MissingTensorsError(self.model_dir, missing)
+        if files and self.missing_files(names):
+            # name every file the blocks asked for lack, not only the first one a reader tripped on
+            blocks = {block_of(n) for n in names} - {None}
+            wanted = sorted({*names, *(n for n in self._file_of if block_of(n) in blocks)})
+            absent = self.missing_files(wanted)
+            raise MissingShardsError(self.model_dir, absent, [n for n in wanted if self._file_of[n] in absent])
 
     def load(self, names: Iterable[str], dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu") -> dict[str, Tensor]:
