@@ -1,7 +1,8 @@
 """AutoDistributedModelForCausalLM: a causal LM whose Transformer blocks run on the swarm.
 
 The client holds only the embeddings, the final norm and the LM head (read from the checkpoint
-folder, nothing else); every block runs on nodes found on the DHT. ``generate`` follows Hugging
+folder, nothing else: the folder needs only their shards, config.json, the index and the tokenizer; a
+Hugging Face repository id downloads just those); every block runs on nodes found on the DHT. ``generate`` follows Hugging
 Face semantics: it returns prompt plus new tokens, stops when every sequence has produced an end
 token (padding finished ones), greedy unless ``do_sample``.
 """
@@ -27,6 +28,7 @@ from homeswarm.client.speculative import MAX_DRAFT, SpeculationStats, Speculativ
 from homeswarm.client.transport import ChannelPool
 from homeswarm.model import ModelConfig, load_head, parse_dtype
 from homeswarm.model.digest import block_digests
+from homeswarm.model.hub import fetch_client_files, is_hub_id
 from homeswarm.routing.dht import SwarmDHT
 from homeswarm.routing.relay import forwarder_address
 
@@ -50,8 +52,15 @@ class DistributedModelForCausalLM:
         model_name: str | None = None,
         config: ClientConfig | None = None,
         exact: bool | None = None,
+        cache_dir: str | Path | None = None,
     ):
-        """``exact``: route only through nodes serving unquantized weights (overrides ``config.exact``)."""
+        """``model_dir``: a checkpoint folder, or a Hugging Face repository id (``owner/name``, the default
+        model name then) whose config, head shards and tokenizer are downloaded into ``cache_dir`` (default:
+        huggingface_hub's cache). ``exact``: route only through nodes serving unquantized weights
+        (overrides ``config.exact``)."""
+        if is_hub_id(model_dir):
+            model_name = model_name or str(model_dir)
+            model_dir = fetch_client_files(str(model_dir), cache_dir=cache_dir)
         self.model_dir = Path(model_dir)
         self.config = config or ClientConfig()
         if exact is not None:

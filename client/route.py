@@ -4,6 +4,11 @@ The planning itself is the pure ``homeswarm.routing.planner.plan_route``; this c
 its inputs (with ``ClientConfig.exact``, ``plan_exact_route``: nodes with unquantized weights only).
 With the checkpoint's block digests (``weights``), online records whose announced weights differ from the
 checkpoint's for their span are refused (another fine-tune under the same name), with one log line per node.
+A client whose folder lacks a span's blocks (a client needs only the head's shards) cannot check that
+span against its own files: it says so once, and refuses instead the nodes of the span whose digest
+differs from the one a strict majority of the span's online nodes announce (``agreed_digests``; no
+majority: all kept, with a warning). That catches a stray node, not a swarm that runs more nodes than
+the honest ones.
 Round-trip times are smoothed (exponential moving average). A failed node is banned for
 ``ban_seconds``, doubling with each further failure up to ``max_ban_seconds``. Sessions in several
 threads (the HTTP API's concurrent requests) share one manager: planning, bans and round trips are
@@ -15,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.transport import ChannelPool, HopFailed, ping
@@ -25,6 +31,21 @@ from homeswarm.routing.planner import Hop, MissingBlocksError, plan_exact_route,
 from homeswarm.routing.records import PeerId, ServerRecord, ServerState
 
 logger = logging.getLogger(__name__)
+
+
+def agreed_digests(records: Iterable[ServerRecord]) -> dict[tuple[int, int], str]:
+    """Span -> the weights digest a strict majority of the online nodes serving exactly that span announce
+    (nodes announcing none do not count); spans without such a majority are left out."""
+    counts: dict[tuple[int, int], Counter[str]] = {}
+    for record in records:
+        if record.state == ServerState.ONLINE and record.weights:
+            counts.setdefault((record.start, record.end), Counter())[record.weights] += 1
+    agreed = {}
+    for span, digests in counts.items():
+        digest, n = digests.most_common(1)[0]
+        if 2 * n > digests.total():
+            agreed[span] = digest
+    return agreed
 
 
 class RouteManager:
@@ -54,7 +75,14 @@ class RouteManager:
         self._lookup_started = -float("inf")
         self._lock = threading.RLock()
         self.weights = weights or {}
+        self.check_weights = weights is not None
         self.refused: dict[PeerId, str] = {}  # nodes refused for their weights -> the digest they announced
+        self._disputed: set[tuple[int, int]] = set()  # spans whose nodes disagree without a majority (warned)
+        if self.check_weights and len(self.weights) < num_blocks:
+            held = f"the tensors of {len(self.weights)} of its {num_blocks} blocks" if self.weights else "no block's tensors"
+            logger.info("the checkpoint folder holds %s: nodes serving the others cannot be checked against it; they "
+                        "are checked against each other (a node is refused when a majority of the nodes serving its "
+                        "blocks announce other weights)", held)
 
     def records(self, *, refresh: bool = False) -> list[ServerRecord]:
         """The server records. Older than ``records_max_age``, they are re-read in the background and
@@ -92,20 +120,39 @@ class RouteManager:
         client requires TLS, minus online ones that pin no certificate)."""
         if self.config.require_tls:
             records = [r for r in records if r.tls_cert or r.state != ServerState.ONLINE]
-        if not self.weights:
+        if not self.check_weights:
             return records
+        agreed = agreed_digests(records)
         kept = []
         for record in records:
             expected = span_digest(self.weights, record.start, record.end)
+            own = expected is not None
+            if not own:  # blocks this folder lacks: the nodes of the span, compared with each other
+                expected = agreed.get((record.start, record.end))
+                if expected is None:
+                    self._warn_disputed(records, record)
+                elif not record.weights:
+                    expected = None  # announcing nothing is no disagreement
             if record.state != ServerState.ONLINE or expected is None or record.weights == expected:
                 kept.append(record)
                 continue
             if self.refused.get(record.peer_id) != record.weights:
                 self.refused[record.peer_id] = record.weights
-                logger.warning("refusing node %s (%s): its weights for blocks %d..%d are not this checkpoint's "
-                               "(announced digest %s)", record.address, record.peer_id[:16], record.start,
-                               record.end - 1, record.weights[:16] or "none")
+                logger.warning("refusing node %s (%s): its weights for blocks %d..%d are not %s (announced digest "
+                               "%s)", record.address, record.peer_id[:16], record.start, record.end - 1,
+                               "this checkpoint's" if own else "those most nodes of these blocks announce",
+                               record.weights[:16] or "none")
         return kept
+
+    def _warn_disputed(self, records: list[ServerRecord], record: ServerRecord) -> None:
+        span = (record.start, record.end)
+        digests = {r.weights for r in records if (r.start, r.end) == span and r.weights
+                   and r.state == ServerState.ONLINE}
+        if len(digests) > 1 and span not in self._disputed:
+            self._disputed.add(span)
+            logger.warning("nodes serving blocks %d..%d announce %d different weights, none by a majority: they are "
+                           "all used, unchecked (a checkpoint folder with these blocks' shards would check them)",
+                           span[0], span[1] - 1, len(digests))
 
     def ban(self, peer_id: str, seconds: float | None = None) -> None:
         """Avoid the node: for ``seconds``, or (None) for a time that doubles with each failure."""

@@ -28,8 +28,14 @@ def _opt(default, help: str, **argparse_kwargs):  # noqa: ANN001, A002
 
 @dataclass(frozen=True)
 class NodeConfig:
-    model_dir: str = field(metadata={"help": "checkpoint folder (config.json + safetensors)", "positional": True})
-    model_name: str | None = _opt(None, "name nodes and clients meet under (default: the folder's name)")
+    model_dir: str = field(metadata={"help": "checkpoint folder (config.json, the safetensors index and the shards of "
+                                     "the blocks served), or a Hugging Face repository id (owner/name): its config "
+                                     "and index are downloaded, then only the shards of the blocks chosen",
+                                     "positional": True})
+    model_name: str | None = _opt(None, "name nodes and clients meet under (default: the folder's name, or the "
+                                  "repository id)")
+    cache_dir: str | None = _opt(None, "where a repository's files are downloaded (default: huggingface_hub's cache, "
+                                 "$HF_HUB_CACHE or ~/.cache/huggingface/hub)")
     blocks: str | None = _opt(None, "serve blocks A..B-1, written A:B")
     num_blocks: int | None = _opt(None, "serve N blocks, chosen where the swarm is weakest (default: as many as "
                                   "fit --max-memory)")

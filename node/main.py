@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib.metadata
 import logging
 import os
@@ -29,6 +30,14 @@ from grpc_reflection.v1alpha import reflection
 
 from homeswarm.model import ModelConfig, cache_bytes, parse_dtype
 from homeswarm.model.digest import block_digests, span_digest
+from homeswarm.model.hub import (
+    HubError,
+    HubSnapshot,
+    fetch_checkpoint_info,
+    is_hub_id,
+    local_blocks,
+    span_files,
+)
 from homeswarm.model.loader import check_model_quant
 from homeswarm.node.announcer import Announcer
 from homeswarm.node.config import ConfigError, NodeConfig
@@ -79,6 +88,11 @@ def available_memory_bytes(device: torch.device) -> int:
 
 async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     try:
+        if is_hub_id(config.model_dir):  # config and index now; the shards once the blocks are chosen
+            logger.info("fetching the config and index of %s", config.model_dir)
+            snapshot = await asyncio.to_thread(fetch_checkpoint_info, config.model_dir, cache_dir=config.cache_dir)
+            config = dataclasses.replace(config, model_dir=str(snapshot),
+                                         model_name=config.model_name or config.model_dir)
         model_config = ModelConfig.from_dir(config.model_dir)
         check_model_quant(model_config, config.quant)
         dtype = parse_dtype(config.dtype)
@@ -89,6 +103,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     block_range = config.block_range()
     if block_range is not None and block_range[1] > total_blocks:
         raise ConfigError(f"--blocks {config.blocks}: the model has only {total_blocks} blocks")
+    check_local_shards(config, block_range, total_blocks)
 
     logger.info("starting the DHT peer")
     dht, relays, config = await start_dht(config, NodeKey())  # checks how others reach it (node.reachability)
@@ -101,8 +116,42 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
                                        available_memory_bytes(torch.device(config.device)),
                                        partial(_serve_with_dht, metrics=metrics, metrics_address=metrics_address,
                                                relays=relays, certificate=certificate))
+    except HubError as e:  # a shard of the blocks chosen could not be downloaded
+        raise ConfigError(str(e)) from None
     finally:
         dht.shutdown()
+
+
+def check_local_shards(config: NodeConfig, block_range: tuple[int, int] | None, total_blocks: int) -> None:
+    """A folder with only some blocks' shards (not a hub snapshot, which downloads what it lacks) serves
+    only those: it needs --blocks, within them."""
+    if HubSnapshot.of(config.model_dir) is not None:
+        return
+    try:
+        held = local_blocks(config.model_dir, total_blocks)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if len(held) == total_blocks:
+        return
+    spans = ", ".join(f"{a}..{b - 1}" for a, b in _runs(held)) or "none"
+    if block_range is None:
+        raise ConfigError(f"{config.model_dir} holds the shards of blocks {spans} only (of {total_blocks}): "
+                          f"give --blocks A:B within them, or a repository id to download what the blocks need")
+    lacking = [b for b in range(*block_range) if b not in held]
+    if lacking:
+        files = [f for f in span_files(config.model_dir, *block_range) if not Path(config.model_dir, f).is_file()]
+        raise ConfigError(f"--blocks {config.blocks}: {config.model_dir} lacks {', '.join(files)}, shard file(s) of "
+                          f"block(s) {', '.join(map(str, lacking))} (it holds those of blocks {spans})")
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for b in blocks:
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    return runs
 
 
 async def _serve_with_dht(

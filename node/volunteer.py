@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 from homeswarm.model import BlockSpan, ModelConfig, cache_bytes, load_span, span_weight_bytes
+from homeswarm.model.hub import fetch_span_files
 from homeswarm.node.announcer import Announcer
 from homeswarm.node.capacity import (
     blocks_that_fit,
@@ -161,6 +162,7 @@ class LoadedSpan:
 def _load(config: NodeConfig, dtype: torch.dtype, start: int, end: int, throughput: float | None,
           cache: ThroughputCache, key: ThroughputKey) -> tuple[BlockSpan, float]:
     """Load the span and take its throughput, under one progress bar (shown on a terminal only)."""
+    fetch_span_files(config.model_dir, start, end)  # a hub checkpoint: the span's shards it lacks (own bars)
     steps = 0 if throughput is not None else SELF_TEST_STEPS
     with tqdm(total=end - start + steps, desc=f"loading blocks {start}..{end - 1}", unit="step",
               disable=None, leave=False) as bar:
