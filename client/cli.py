@@ -23,6 +23,8 @@ from homeswarm.client.session import SessionError
 from homeswarm.client.speculative import MAX_DRAFT
 from homeswarm.client.tokenizer import TextCodec
 from homeswarm.model import CheckpointReader, ModelConfig
+from homeswarm.model.checkpoint import block_of
+from homeswarm.model.hub import fetch_client_files, is_hub_id
 from homeswarm.routing.planner import MissingBlocksError
 
 EXIT_BAD_INPUT = 2
@@ -71,9 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text through the swarm")
-    gen.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder (config.json, head weights, tokenizer)")
+    gen.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder (config.json, head weights, tokenizer), "
+                     "or a Hugging Face repository id (owner/name): only those files are downloaded")
+    gen.add_argument("--cache-dir", default=None, help="where a repository's files are downloaded (default: "
+                     "huggingface_hub's cache, $HF_HUB_CACHE or ~/.cache/huggingface/hub)")
     gen.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="any peer of the swarm")
-    gen.add_argument("--model-name", help="name the nodes serve the model under (default: the folder's name)")
+    gen.add_argument("--model-name", help="name the nodes serve the model under (default: the folder's name, or "
+                     "the repository id)")
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs tokenizer.json in MODEL_DIR)")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
@@ -101,10 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "weight formats)")
 
     srv = sub.add_parser("serve", help="serve the model through the swarm over an OpenAI-compatible HTTP API")
-    srv.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder (config.json, head weights, tokenizer.json)")
+    srv.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder (config.json, head weights, "
+                     "tokenizer.json), or a Hugging Face repository id (owner/name): only those files are downloaded")
+    srv.add_argument("--cache-dir", default=None, help="where a repository's files are downloaded (default: "
+                     "huggingface_hub's cache)")
     srv.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="any peer of the swarm")
     srv.add_argument("--model-name", help="name the nodes serve the model under, and the model id of the API "
-                     "(default: the folder's name)")
+                     "(default: the folder's name, or the repository id)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     srv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request "
@@ -145,15 +154,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_checkpoint(model_dir: Path) -> ModelConfig:
-    """Cheap checks of the checkpoint (config, weight names), so bad input fails before any network."""
+def _model_dir(args: argparse.Namespace) -> Path:
+    """MODEL_DIR, or for a repository id the snapshot folder its client files were downloaded to (the
+    repository id is then the default model name)."""
+    if not is_hub_id(args.model_dir):
+        return Path(args.model_dir)
+    try:
+        folder = fetch_client_files(args.model_dir, cache_dir=args.cache_dir)
+    except (OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    args.model_name = args.model_name or args.model_dir
+    return folder
+
+
+def _check_checkpoint(model_dir: Path, *, head_only: bool = True) -> ModelConfig:
+    """Cheap checks of the checkpoint (config, weight names, the head's shards), so bad input fails before any
+    network. ``head_only``: a client's folder needs only the shards of the head (not a draft model's)."""
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"{model_dir} is not a checkpoint folder (no config.json)")
     try:
         config = ModelConfig.from_dir(model_dir)
-        CheckpointReader(model_dir)
+        reader = CheckpointReader(model_dir)
+        lacking = reader.missing_files(n for n in reader.names() if not head_only or block_of(n) is None)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
+    if lacking:
+        raise UsageError(f"{model_dir} lacks {', '.join(lacking)}, shard file(s) with "
+                         f"{'the embeddings, final norm or LM head' if head_only else 'weights'} this needs")
     return config
 
 
@@ -162,7 +189,7 @@ def _check_speculative(spec: str, vocab: int) -> None:
         return
     if not spec.startswith("draft:") or spec == "draft:":
         raise UsageError(f"--speculative takes prompt-lookup or draft:DIR, got {spec!r}")
-    draft_vocab = _check_checkpoint(Path(spec[len("draft:"):])).vocab_size
+    draft_vocab = _check_checkpoint(Path(spec[len("draft:"):]), head_only=False).vocab_size
     if draft_vocab != vocab:
         raise UsageError(f"the draft model's vocabulary has {draft_vocab} tokens, the model's {vocab}: "
                          "they must share the tokenizer")
@@ -177,6 +204,7 @@ def _check_peers(peers: Sequence[str]) -> None:
 def _join(model_dir: Path, args: argparse.Namespace):  # noqa: ANN202 - the client class loads lazily
     from homeswarm.client.model import AutoDistributedModelForCausalLM
     from homeswarm.model import MissingTensorsError
+    from homeswarm.model.checkpoint import MissingShardsError
 
     try:
         return AutoDistributedModelForCausalLM.from_pretrained(
@@ -185,14 +213,14 @@ def _join(model_dir: Path, args: argparse.Namespace):  # noqa: ANN202 - the clie
                                 verify_fraction=getattr(args, "verify_fraction", 0.0),
                                 require_tls=getattr(args, "require_tls", False)),
         )
-    except MissingTensorsError as e:
+    except (MissingTensorsError, MissingShardsError) as e:
         raise UsageError(str(e)) from None
     except Exception as e:  # hivemind raises several types for unreachable or malformed peers
         raise JoinError(f"could not join the swarm through --initial-peers: {e}") from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    model_dir = Path(args.model_dir)
+    model_dir = _model_dir(args)
     vocab = _check_checkpoint(model_dir).vocab_size
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
@@ -271,7 +299,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from homeswarm.client.chat_template import ChatTemplate, ChatTemplateError
 
-    model_dir = Path(args.model_dir)
+    model_dir = _model_dir(args)
     config = _check_checkpoint(model_dir)
     codec = TextCodec.for_model(model_dir)
     if codec is None:
