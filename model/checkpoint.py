@@ -4,7 +4,7 @@ Responsibility: map tensor names to the file that holds them (``model.safetensor
 listed in ``model.safetensors.index.json``) and read just the tensors asked for.
 
 Invariants: :meth:`CheckpointReader.load` opens only the shard files that hold the requested names
-and reads only those tensors (``safe_open`` + ``get_tensor`` per name), so a node serving a few blocks
+and reads only those tensors (each straight into its own memory: :mod:`.tensor_file`), so a node serving a few blocks
 of a large model never reads, nor maps into memory, the rest; a name the checkpoint lacks is an error
 that lists every missing name, raised before any file is opened. A float8_e4m3fn weight stored with its
 block scales (``<name>_scale_inv``, the hub's FP8 layout) is read with them and, when a dtype is asked
@@ -25,10 +25,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
-from .fp8 import SCALE_SUFFIX, dequantize_fp8, is_fp8
+from .fp8 import SCALE_SUFFIX, dequantize_fp8
+from .tensor_file import TensorEntry, read_header, read_into, read_tensor
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -83,6 +83,7 @@ class CheckpointReader:
 
     def __init__(self, model_dir: str | os.PathLike[str]) -> None:
         self.model_dir = Path(model_dir)
+        self._headers: dict[str, dict[str, TensorEntry]] = {}
         if not self.model_dir.is_dir():
             raise FileNotFoundError(f"model directory not found: {self.model_dir}")
         index_path = self.model_dir / INDEX_FILE
@@ -101,8 +102,8 @@ class CheckpointReader:
                     raise ValueError(f"{index_path}: invalid shard file name {file_name!r} for {name!r}")
                 self._file_of[name] = file_name
         elif single_path.is_file():
-            with safe_open(str(single_path), framework="pt") as f:
-                self._file_of = dict.fromkeys(f.keys(), SINGLE_FILE)
+            self._headers[SINGLE_FILE] = read_header(single_path)
+            self._file_of = dict.fromkeys(self._headers[SINGLE_FILE], SINGLE_FILE)
         else:
             raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {self.model_dir}")
 
@@ -135,29 +136,43 @@ class CheckpointReader:
             absent = self.missing_files(wanted)
             raise MissingShardsError(self.model_dir, absent, [n for n in wanted if self._file_of[n] in absent])
 
+    def entry(self, name: str) -> TensorEntry:
+        """Where tensor ``name`` lies: its file's header entry (dtype, shape, byte range)."""
+        self._require([name])
+        return self._header(self._file_of[name])[name]
+
+    def _header(self, file_name: str) -> dict[str, TensorEntry]:
+        if file_name not in self._headers:
+            self._headers[file_name] = read_header(self.model_dir / file_name)
+        return self._headers[file_name]
+
+    def read_into(self, name: str, out: Tensor) -> Tensor:
+        """Read tensor ``name`` into ``out`` (its final storage, e.g. one expert's slice of a stacked
+        tensor), converting to ``out``'s dtype. Not for FP8 weights stored with block scales."""
+        entry = self.entry(name)
+        return read_into(self.model_dir / self._file_of[name], name, entry, out)
+
     def load(self, names: Iterable[str], dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu") -> dict[str, Tensor]:
-        """Read ``names``, cast to ``dtype`` (None keeps the stored dtype) and move to ``device``."""
+        """Read ``names``, cast to ``dtype`` (None keeps the stored dtype) and move to ``device``.
+
+        Each tensor is read straight into a tensor of its own (:mod:`.tensor_file`), converted on the
+        way by a bounded staging buffer: no file stays mapped, and no float copy of more than the
+        tensor asked for is ever made."""
         names = list(dict.fromkeys(names))
         self._require(names)
-        by_file: dict[str, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self._file_of[name], []).append(name)
         out: dict[str, Tensor] = {}
-        for file_name, file_names in sorted(by_file.items()):
-            with safe_open(str(self.model_dir / file_name), framework="pt", device="cpu") as f:
-                for name in file_names:
-                    tensor = f.get_tensor(name)
-                    scale_name = name + SCALE_SUFFIX
-                    if dtype is not None and is_fp8(tensor) and scale_name in self._file_of:
-                        scale = (f.get_tensor(scale_name) if self._file_of[scale_name] == file_name
-                                 else self._read_one(scale_name))
-                        tensor = dequantize_fp8(tensor.to(device), scale, dtype)
-                    # integer tensors are packed quantized weights: a float dtype is not theirs
-                    keep = dtype is None or not (tensor.is_floating_point() or tensor.is_complex())
-                    out[name] = tensor.to(device=device, dtype=tensor.dtype if keep else dtype)
+        for name in names:
+            entry = self.entry(name)
+            path = self.model_dir / self._file_of[name]
+            scale_name = name + SCALE_SUFFIX
+            fp8 = entry.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+            if dtype is not None and fp8 and scale_name in self._file_of:
+                scale = read_tensor(self.model_dir / self._file_of[scale_name], scale_name, self.entry(scale_name))
+                tensor = dequantize_fp8(read_tensor(path, name, entry).to(device), scale, dtype)
+            else:
+                # integer tensors are packed quantized weights: a float dtype is not theirs
+                keep = dtype is None or not (entry.dtype.is_floating_point or entry.dtype.is_complex)
+                tensor = read_tensor(path, name, entry, entry.dtype if keep else dtype)
+            out[name] = tensor.to(device=device)
         return out
-
-    def _read_one(self, name: str) -> Tensor:
-        with safe_open(str(self.model_dir / self._file_of[name]), framework="pt", device="cpu") as f:
-            return f.get_tensor(name)

@@ -19,15 +19,24 @@ import os
 from collections.abc import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .blocks import BlockSpan, fuse_projections
 from .checkpoint import CheckpointReader, MissingTensorsError
 from .config import ModelConfig
 from .families import Family, family_of
 from .head import ClientHead
+from .heap import trim_heap
+from .moe import Experts
 from .mxfp4 import dequantize_mxfp4
-from .quant import DEFAULT_INT4_GROUP_SIZE, check_quant, quantize_block
+from .quant import (
+    DEFAULT_INT4_GROUP_SIZE,
+    QuantizedExperts,
+    check_quant,
+    is_quantizable,
+    quantize_block,
+    quantize_linear,
+)
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -86,9 +95,28 @@ def _sources(reader: CheckpointReader, family: Family, layer: int, key: str,
     return None
 
 
+def _read_stacked(reader: CheckpointReader, names: list[str], rows: list[int], dtype: torch.dtype,
+                  device: str | torch.device) -> Tensor:
+    """Per-expert tensors read one by one into one stacked tensor ``[E, sum(rows), ...]``: ``names`` in
+    order, ``rows`` each part's rows (gate then up for ``gate_up``), so no second copy is ever made."""
+    parts = len(rows)
+    first = reader.entry(names[0])
+    out = torch.empty((len(names) // parts, sum(rows), *first.shape[1:]), dtype=dtype)
+    for i, name in enumerate(names):
+        expert, part = divmod(i, parts)
+        begin = sum(rows[:part])
+        target = out[expert, begin : begin + rows[part]]
+        if reader.entry(name).dtype.is_floating_point and reader.entry(name).dtype.itemsize == 1:
+            target.copy_(reader.load([name], dtype=dtype)[name])  # FP8 with its block scales
+        else:
+            reader.read_into(name, target)
+    return out.to(device)
+
+
 def _block_state(reader: CheckpointReader, config: ModelConfig, layer: int, keys: list[str],
-                 dtype: torch.dtype, device: str | torch.device) -> dict[str, torch.Tensor]:
-    """The tensors of block ``layer`` for our parameter names ``keys`` (relative to the block)."""
+                 dtype: torch.dtype | None, device: str | torch.device) -> dict[str, Tensor]:
+    """The tensors of block ``layer`` for our parameter names ``keys`` (relative to the block), each read
+    straight into its own memory (``dtype`` None: as stored)."""
     family = family_of(config.family)
     num_experts = config.moe.num_experts if config.moe is not None else 0
     plans = {key: _sources(reader, family, layer, key, num_experts) for key in keys}
@@ -97,28 +125,45 @@ def _block_state(reader: CheckpointReader, config: ModelConfig, layer: int, keys
     missing += [n for n in names if n not in reader]
     if missing:
         raise MissingTensorsError(reader.model_dir, sorted(set(missing)))
-    packed = {n for plan in plans.values() if plan is not None and plan[0] == "mxfp4" for n in plan[1]}
-    loaded = reader.load([n for n in names if n not in packed], dtype=dtype, device=device)
-    loaded.update(reader.load(packed, device=device))  # packed bytes keep their dtype until dequantized
-    # Tensors read from a file are views of its memory map, which stays mapped (with every page read
-    # through it counted in the node's memory) while any of them lives. When some of this block's
-    # tensors are converted, copy the rest too, so the map goes away with the block's originals.
-    # Integer tensors are packed weights, converted by their module (BitNet's ternary layers).
-    converted = (any(plan is not None and plan[0] != "direct" for plan in plans.values())
-                 or any(not t.is_floating_point() for t in loaded.values()))
     state = {}
     for key, (kind, key_names) in plans.items():  # type: ignore[misc]
-        tensors = [loaded.pop(n) for n in key_names]
         if kind == "direct":
-            state[key] = tensors[0].clone() if converted else tensors[0]
-        elif kind == "mxfp4":
-            state[key] = dequantize_mxfp4(*tensors, dtype=dtype)
-        elif kind == "gate_up":  # [gate_e; up_e] per expert, gate rows first
-            state[key] = torch.stack([torch.cat(tensors[i : i + 2]) for i in range(0, len(tensors), 2)])
+            state[key] = reader.load(key_names, dtype=dtype, device=device)[key_names[0]]
+        elif kind == "mxfp4":  # packed bytes keep their dtype until dequantized
+            packed = reader.load(key_names, device=device)
+            state[key] = dequantize_mxfp4(*(packed.pop(n) for n in key_names), dtype=dtype)
         else:
-            state[key] = torch.stack(tensors)
-        del tensors
+            out_dtype = dtype if dtype is not None else reader.entry(key_names[0]).dtype
+            rows = [reader.entry(n).shape[0] for n in key_names[: 2 if kind == "gate_up" else 1]]
+            state[key] = _read_stacked(reader, key_names, rows, out_dtype, device)
     return state
+
+
+def _load_units(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """The disjoint parts of a block that load one after the other: a module that fuses its children
+    (attention, a gated MLP), holds tensors of its own (stacked experts) or has no children loads
+    whole; any other is split into its children's parts. Names are dotted paths with a trailing dot."""
+    own = [k for k in module.state_dict(keep_vars=True) if "." not in k]
+    children = list(module.named_children())
+    if callable(getattr(module, "fuse", None)) or own or not children:
+        return [(prefix, module)] if module.state_dict(keep_vars=True) else []
+    return [unit for name, child in children for unit in _load_units(child, f"{prefix}{name}.")]
+
+
+def _quantize_unit(block: nn.Module, name: str, unit: nn.Module, quant: str, group_size: int) -> None:
+    """Quantize a loaded part of a block in place, as :func:`~.quant.quantize_block` would the block."""
+    if quant == "none":
+        return
+    path = name.rstrip(".")
+    if path and is_quantizable(path, unit):
+        parent_name, _, child = path.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        new = (QuantizedExperts.from_experts(unit, quant, group_size) if isinstance(unit, Experts)
+               else quantize_linear(unit, quant, group_size))  # type: ignore[arg-type]
+        setattr(parent, child, new)
+        new.requires_grad_(False)
+    else:
+        quantize_block(unit, quant, group_size)
 
 
 def check_model_quant(config: ModelConfig, quant: str) -> None:
@@ -150,21 +195,25 @@ def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype:
     with torch.device("meta"):
         span = BlockSpan(config, start, end)
     wide = family_of(config.family).float32_params
-    if config.prequant is not None:  # 4-bit weights' scales: read in float32 (exact for 16-bit ones) in any span dtype
-        wide += (".scales", ".weight_scale")
+    # 4-bit weights' scales: read as stored (16-bit ones keep every value, whatever the span's dtype)
+    stored = (".scales", ".weight_scale") if config.prequant is not None else ()
     for j, block in enumerate(span.layers):
-        keys = list(block.state_dict())
-        narrow = [k for k in keys if not k.endswith(wide)]
-        state = _block_state(reader, config, start + j, narrow, dtype, device)
-        # copies, as _block_state copies tensors beside converted ones: the file's map goes with the block
-        wide_state = _block_state(reader, config, start + j, [k for k in keys if k.endswith(wide)],
-                                  torch.float32, device)
-        state.update({k: v.clone() for k, v in wide_state.items()})
-        block.load_state_dict(state, strict=True, assign=True)
-        del state, wide_state  # the block alone holds its float weights, until quantized
-        if fuse:
-            fuse_projections(block)
-        quantize_block(block, quant, group_size)
+        for name, unit in _load_units(block):
+            keys = [name + k for k in unit.state_dict(keep_vars=True)]
+            state = _block_state(reader, config, start + j, [k for k in keys if not k.endswith(wide + stored)],
+                                 dtype, device)
+            state.update(_block_state(reader, config, start + j, [k for k in keys if k.endswith(wide)],
+                                      torch.float32, device))
+            state.update(_block_state(reader, config, start + j,
+                                      [k for k in keys if k.endswith(stored) and not k.endswith(wide)], None, device))
+            unit.load_state_dict({k[len(name):]: v for k, v in state.items()}, strict=True, assign=True)
+            del state  # the part alone holds its float weights, until quantized
+            if fuse:
+                fuse_projections(unit)
+                if callable(getattr(unit, "fuse", None)):
+                    unit.fuse()
+            _quantize_unit(block, name, unit, quant, group_size)
+        trim_heap()  # the float copies this block freed go back to the system, not only to the heap
         if on_block is not None:
             on_block(start + j)
     span.eval()

@@ -248,32 +248,36 @@ def test_fp8_checkpoint_loads_dequantized(checkpoints, tmp_path):
                        reference_greedy(dequantized, ids, 8, ref))
 
 
-def test_fp8_checkpoint_loads_as_int8_one_block_at_a_time(checkpoints, tmp_path, monkeypatch):
-    """``--quant int8`` on an FP8 checkpoint: each block's FP8 weights are dequantized and quantized to
-    int8 before the next block is read (the float copy of one block only), giving what the same
-    quantization of the dequantized checkpoint gives."""
+def test_fp8_checkpoint_loads_as_int8_one_part_at_a_time(checkpoints, tmp_path, monkeypatch):
+    """``--quant int8`` on an FP8 checkpoint: each part of a block (attention, router, experts, shared
+    expert) is read, dequantized and quantized to int8 before the next part is read (the float copy of
+    one part only), giving what the same quantization of the dequantized checkpoint gives."""
     import homeswarm.model.loader as loader
 
     fp8, dequantized = tmp_path / "fp8", tmp_path / "dequantized"
     write_fp8(checkpoints["deepseek_v3"], fp8, dequantized)
     events: list[tuple[str, int]] = []
-    read, quantize = CheckpointReader.load, loader.quantize_block
+    read, quantize = CheckpointReader.load, loader._quantize_unit
 
     def logged_read(self, names, *args, **kwargs):
         names = list(names)
         events.extend(("read", int(n.split(".")[2])) for n in names if n.startswith("model.layers."))
         return read(self, names, *args, **kwargs)
 
-    def logged_quantize(block, *args, **kwargs):
-        events.append(("quantize", len([e for e in events if e[0] == "quantize"])))
-        return quantize(block, *args, **kwargs)
+    def logged_quantize(block, name, unit, *args, **kwargs):
+        events.append(("quantize", -1))
+        return quantize(block, name, unit, *args, **kwargs)
 
     monkeypatch.setattr(CheckpointReader, "load", logged_read)
-    monkeypatch.setattr(loader, "quantize_block", logged_quantize)
+    monkeypatch.setattr(loader, "_quantize_unit", logged_quantize)
     a = load_span(fp8, 0, NUM_LAYERS, quant="int8")
-    for i, (kind, layer) in enumerate(events):
-        if kind == "read":  # every earlier block already quantized, none later
-            assert sorted({q for k, q in events[:i] if k == "quantize"}) == list(range(layer)), events[: i + 1]
+    layers = [layer for kind, layer in events if kind == "read"]
+    assert layers == sorted(layers) and set(layers) == set(range(NUM_LAYERS))
+    parts = [kind for kind, _ in events]
+    assert parts.count("quantize") >= 3 * NUM_LAYERS  # attention, router, experts at least
+    for i in range(1, len(events)):  # a part of another block is read only once the last one is quantized
+        if events[i][0] == "read" and events[i - 1][0] == "read":
+            assert events[i - 1][1] == events[i][1], events[: i + 1]
     monkeypatch.undo()
     b = load_span(dequantized, 0, NUM_LAYERS, quant="int8")
     assert a.state_dict().keys() == b.state_dict().keys()

@@ -20,34 +20,23 @@ def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class ReadRecorder:
-    """Wraps safe_open to record which files were opened and which tensors were read."""
+    """Wraps the checkpoint's tensor reads to record which files were read and which tensors."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.files: set[str] = set()
         self.tensors: list[str] = []
-        real = checkpoint_module.safe_open
-        recorder = self
+        for fn in ("read_tensor", "read_into", "read_header"):
+            monkeypatch.setattr(checkpoint_module, fn, self._recorded(getattr(checkpoint_module, fn)))
 
-        class Recorded:
-            def __init__(self, filename: str, *args, **kwargs) -> None:
-                recorder.files.add(Path(filename).name)
-                self._inner = real(filename, *args, **kwargs)
+    def _recorded(self, real):
+        def recorded(path, name=None, *args, **kwargs):
+            self.files.add(Path(path).name)
+            if name is None:
+                return real(path)
+            self.tensors.append(name)
+            return real(path, name, *args, **kwargs)
 
-            def __enter__(self):
-                self._handle = self._inner.__enter__()
-                return self
-
-            def __exit__(self, *exc):
-                return self._inner.__exit__(*exc)
-
-            def keys(self):
-                return self._handle.keys()
-
-            def get_tensor(self, name: str) -> torch.Tensor:
-                recorder.tensors.append(name)
-                return self._handle.get_tensor(name)
-
-        monkeypatch.setattr(checkpoint_module, "safe_open", Recorded)
+        return recorded
 
 
 def weight_map(path: Path) -> dict[str, str]:
