@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# our quantized-product kernels (C++), rebuilt when their sources change; a failed build is not an error
+KERNELS := $(VENV)/.kernels
+KERNEL_SOURCES := $(wildcard model/kernels/*.cpp model/kernels/*.h model/kernels/build.py)
 
 .PHONY: install demo test lint proto bench clean
 
@@ -14,13 +17,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(KERNELS): $(STAMP) $(KERNEL_SOURCES)
+	$(PY) -m homeswarm.model.kernels.build
+	touch $(KERNELS)
 
-demo: $(STAMP)
+install: $(STAMP) $(KERNELS)
+
+demo: $(STAMP) $(KERNELS)
 	$(VENV)/bin/homeswarm demo
 
 # import-linter reads a package from disk, so it checks a plain (non-editable) copy of ours
-lint: $(STAMP)
+lint: $(STAMP) $(KERNELS)
 	rm -rf build/lint
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --target build/lint .
 	PYTHONPATH=build/lint $(VENV)/bin/lint-imports
@@ -33,4 +40,4 @@ proto: $(STAMP)
 	$(PY) -m homeswarm.protocol.regenerate
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache model/kernels/_build
