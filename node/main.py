@@ -133,7 +133,11 @@ def check_local_shards(config: NodeConfig, block_range: tuple[int, int] | None, 
         raise ConfigError(str(e)) from None
     if len(held) == total_blocks:
         return
-    spans = ", ".join(f"{a}..{b - 1}" for a, b in _runs(held)) or "none"
+    if not held:
+        raise ConfigError(f"{config.model_dir} holds no block's weights (no model.safetensors, nor the shards its "
+                          f"model.safetensors.index.json names for any block): give a folder with the shards of the "
+                          f"blocks to serve, or a repository id to download them")
+    spans = ", ".join(f"{a}..{b - 1}" for a, b in _runs(held))
     if block_range is None:
         raise ConfigError(f"{config.model_dir} holds the shards of blocks {spans} only (of {total_blocks}): "
                           f"give --blocks A:B within them, or a repository id to download what the blocks need")
