@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <vector>
 
 #include "qmm.h"
@@ -102,8 +103,7 @@ static at::Tensor qmm(const at::Tensor& x, at::TensorList weights, at::TensorLis
   at::Tensor out = at::empty({T, N}, x.options());
   float* o = out.data_ptr<float>();
   const int64_t row_bytes = group ? K / 2 : K;
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, row_bytes));
-  at::parallel_for(0, E * N, grain, [&](int64_t begin, int64_t end) {
+  auto rows_of = [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t e = i / N, n = i % N;
       const int count = static_cast<int>(off[e + 1] - off[e]);
@@ -122,7 +122,22 @@ static at::Tensor qmm(const at::Tensor& x, at::TensorList weights, at::TensorLis
         kern->int8_row(static_cast<const int8_t*>(wp[e]) + n * K, K, scale, a, ri + off[e], count, dst, N);
       }
     }
-  });
+  };
+  // Rows are handed out in small batches from a shared counter rather than split evenly up front: a
+  // thread that starts late (its core busy with other work) takes fewer, instead of the product
+  // waiting for its whole share.
+  const int64_t total = E * N;
+  const int64_t step = std::max<int64_t>(1, (16 << 10) / std::max<int64_t>(1, row_bytes));
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (total + step - 1) / step);
+  if (threads <= 1 || total * row_bytes < (256 << 10) || at::in_parallel_region()) {
+    rows_of(0, total);
+  } else {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      for (int64_t begin = next.fetch_add(step); begin < total; begin = next.fetch_add(step))
+        rows_of(begin, std::min(total, begin + step));
+    });
+  }
   return out;
 }
 

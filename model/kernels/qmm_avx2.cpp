@@ -129,17 +129,21 @@ inline __m256 spread2(const float* p) {
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)))), idx);
 }
 
-// The N scale values (N <= 4) of a chunk as floats in the low lanes.
+// The N scale values (N in 1, 2, 4) of a chunk as floats in the low lanes (loads of exactly N values:
+// a wider load could run past the end of the last row).
 template <int ST, int N>
 inline __m256 load_scales(const void* s, int64_t start) {
   if constexpr (ST == kFloat32) {
-    alignas(16) float f[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    std::memcpy(f, static_cast<const float*>(s) + start, 4 * N);
-    return _mm256_castps128_ps256(_mm_load_ps(f));
+    const float* f = static_cast<const float*>(s) + start;
+    if constexpr (N == 1) return _mm256_castps128_ps256(_mm_load_ss(f));
+    if constexpr (N == 2) return _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(f))));
+    if constexpr (N == 4) return _mm256_castps128_ps256(_mm_loadu_ps(f));
   } else {
-    alignas(16) uint16_t h[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    std::memcpy(h, static_cast<const uint16_t*>(s) + start, 2 * N);
-    const __m128i v = _mm_load_si128(reinterpret_cast<const __m128i*>(h));
+    const uint16_t* h = static_cast<const uint16_t*>(s) + start;
+    __m128i v;
+    if constexpr (N == 1) v = _mm_cvtsi32_si128(h[0]);
+    if constexpr (N == 2) { int32_t b; std::memcpy(&b, h, 4); v = _mm_cvtsi32_si128(b); }
+    if constexpr (N == 4) v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(h));
     if constexpr (ST == kBFloat16) {
       return _mm256_castps128_ps256(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(v), 16)));
     } else {
