@@ -69,6 +69,7 @@ class FakeHub:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            timeout = 10  # an idle kept-alive connection is closed (its thread ends) after this many seconds
 
             def log_message(self, *args: object) -> None:  # quiet
                 pass

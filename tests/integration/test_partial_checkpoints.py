@@ -62,9 +62,16 @@ def folders(full, tmp_path_factory) -> dict[str, Path]:
             "client": partial_copy(full, root / "client", [*head_files(full), "generation_config.json"])}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def expected(full) -> list[int]:
-    torch.set_num_threads(1)
     return reference_greedy(full, PROMPT, NEW_TOKENS)[0].tolist()
 
 
@@ -125,14 +132,30 @@ def error_line(result: subprocess.CompletedProcess[str], prog: str) -> str:
     return errors[0]
 
 
+def run_together(*argvs: list[str], env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess[str]]:
+    """Run the commands at once (each is mostly Python starting up), each bounded by a timeout."""
+    processes = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                  stdin=subprocess.DEVNULL) for argv in argvs]
+    results = []
+    try:
+        for argv, process in zip(argvs, processes, strict=True):
+            out, err = process.communicate(timeout=120)
+            results.append(subprocess.CompletedProcess(argv, process.returncode, out, err))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
+
+
 def test_a_partial_folder_refuses_blocks_it_lacks(folders):
-    result = subprocess.run([*console_script("join-swarm"), str(folders["a"]), "--blocks", "1:3", "--new-swarm"],
-                            capture_output=True, text=True, timeout=120)
-    line = error_line(result, "join-swarm")
+    outside, unchosen = run_together(
+        [*console_script("join-swarm"), str(folders["a"]), "--blocks", "1:3", "--new-swarm"],
+        [*console_script("join-swarm"), str(folders["a"]), "--new-swarm"])
+    line = error_line(outside, "join-swarm")
     assert "block(s) 2" in line and "model-00007-of-00012.safetensors" in line, line
-    result = subprocess.run([*console_script("join-swarm"), str(folders["a"]), "--new-swarm"],
-                            capture_output=True, text=True, timeout=120)
-    assert "holds the shards of blocks 0..1 only (of 4)" in error_line(result, "join-swarm")
+    assert "holds the shards of blocks 0..1 only (of 4)" in error_line(unchosen, "join-swarm")
 
 
 def test_a_node_downloads_only_its_shards_and_a_restart_nothing(swarm, hub, full, tmp_path):
@@ -177,11 +200,12 @@ def test_a_client_from_the_hub_downloads_only_the_head(swarm, hub, full, expecte
 
 
 def test_a_repository_the_hub_lacks_is_one_line_of_error(swarm, hub):
-    for prog, argv in (("homeswarm", ["generate", "nobody/nothing", "--initial-peers", *swarm.initial_peers,
-                                      "--prompt-ids", "1,2"]),
-                       ("join-swarm", ["nobody/nothing", "--new-swarm"])):
-        result = subprocess.run([*console_script(prog), *argv], capture_output=True, text=True, timeout=120,
-                                env=swarm.env)
+    progs = ("homeswarm", "join-swarm")
+    results = run_together(
+        [*console_script("homeswarm"), "generate", "nobody/nothing", "--initial-peers", *swarm.initial_peers,
+         "--prompt-ids", "1,2"],
+        [*console_script("join-swarm"), "nobody/nothing", "--new-swarm"], env=swarm.env)
+    for prog, result in zip(progs, results, strict=True):
         line = error_line(result, prog)
         assert "nobody/nothing is neither a folder here nor a repository on http://127.0.0.1:" in line, line
 
