@@ -12,7 +12,7 @@ this package imports no other homeswarm subpackage and never imports ``transform
 from pathlib import Path
 
 from .blocks import BlockSpan, DecoderBlock
-from .checkpoint import CheckpointReader, MissingTensorsError
+from .checkpoint import CheckpointReader, MissingShardsError, MissingTensorsError
 from .config import ModelConfig
 from .head import ClientHead
 from .kv_cache import KVCache, cache_bytes
@@ -34,6 +34,7 @@ __all__ = [
     "DecoderBlock",
     "KVCache",
     "LocalModel",
+    "MissingShardsError",
     "MissingTensorsError",
     "ModelConfig",
     "cache_bytes",
