@@ -175,10 +175,14 @@ def test_a_node_downloads_only_its_shards_and_a_restart_nothing(swarm, hub, full
     assert {r.file for r in hub.requests} <= {"config.json"}
 
 
-def test_a_client_from_the_hub_downloads_only_the_head(swarm, hub, full, expected, tmp_path, monkeypatch):
+def test_a_client_from_the_hub_downloads_only_the_head(swarm, hub, full, folders, expected, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     for name, value in HUB_ENV.items():
         monkeypatch.setenv(name, value)
+    # blocks 2..3 now only from the node that downloaded its shards from the hub
+    for node in [n for n in swarm.nodes if str(folders["b"]) in n.process.args]:
+        assert LocalSwarm.stop(node) == 0
+        swarm.nodes.remove(node)
     hub.clear()
     cache = tmp_path / "client-cache"
     model = AutoDistributedModelForCausalLM.from_pretrained(REPO, initial_peers=swarm.initial_peers, cache_dir=cache)
@@ -186,6 +190,10 @@ def test_a_client_from_the_hub_downloads_only_the_head(swarm, hub, full, expecte
         assert model.model_name == REPO
         assert sorted(hub.gets(REPO)) == sorted(["config.json", INDEX, "generation_config.json", *head_files(full)])
         assert model.generate(PROMPT, max_new_tokens=NEW_TOKENS)[0].tolist() == expected
+        hub_node = next(n.info["address"] for n in swarm.nodes if n.process.args[len(console_script("join-swarm"))]
+                        == REPO)
+        with model.inference_session(max_length=8) as session:
+            assert [(address == hub_node, a, b) for address, a, b in session.route] == [(False, 0, 2), (True, 2, 4)]
     finally:
         model.close()
     # the command line, with the files in its cache: the same tokens, nothing downloaded
