@@ -45,10 +45,12 @@ class HubError(OSError):
 
 
 def is_hub_id(text: str | os.PathLike[str]) -> bool:
-    """Whether ``text`` names a hub repository (``owner/name``) rather than a file or folder here."""
+    """Whether ``text`` names a hub repository (``owner/name``) rather than a file or folder here (where a
+    folder ``owner`` exists here, ``owner/name`` is a path: a mistyped one fails at once, not after the
+    hub's retries)."""
     text = str(text)
     return (bool(_REPO_ID.match(text)) and "--" not in text and ".." not in text
-            and not text.endswith((".", "-")) and not Path(text).exists())
+            and not text.endswith((".", "-")) and not Path(text).parent.exists())
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,7 @@ def test_hub_ids_and_snapshot_folders(tmp_path, monkeypatch):
     (tmp_path / "owner").mkdir()
     (tmp_path / "owner" / "name").mkdir()
     assert not is_hub_id("owner/name")  # an existing folder is a folder
+    assert not is_hub_id("owner/typo")  # and so is a path into one
     commit = "0123456789abcdef0123456789abcdef01234567"
     snapshot = tmp_path / "hub" / "models--moonshotai--Kimi-K2" / "snapshots" / commit
     assert HubSnapshot.of(snapshot) == HubSnapshot("moonshotai/Kimi-K2", commit, tmp_path / "hub")
