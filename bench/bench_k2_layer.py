@@ -15,7 +15,8 @@ and a 5-token verify step (batch 1); the cache is filled with random latents rat
 (a 4,096-token prefill of this layer takes minutes on 2 cores; a step's cost does not depend on what the
 cache holds). MLA's attention form is chosen as the node chooses it (absorbed for all these steps);
 decoding at batch 1 is also timed in the expanded form (``MultiHeadLatentAttention.attention_form``),
-paired with the absorbed step round by round.
+paired with the absorbed step round by round, and so is the layer's attention alone (one row, batch 1),
+where the experts' much larger and noisier time does not hide the difference.
 
 Bytes read per step: the layer's dense weights, the experts the router picked in that step (distinct
 over the batch's rows; sizes from ``model/sizes.py``), and the cache once (latents and rotated key
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_bandwidth import GIB, read_bandwidth  # noqa: E402
 from bench.common import table  # noqa: E402
 from homeswarm.model import BlockSpan, ModelConfig, load_span  # noqa: E402
+from homeswarm.model.attention import Segment  # noqa: E402
 from homeswarm.model.sizes import block_bytes  # noqa: E402
 
 # Kimi K2's config.json (moonshotai/Kimi-K2-Instruct), with Kimi K2 Thinking's quantization_config:
@@ -165,6 +167,37 @@ class Runner:
         return statistics.median(times), statistics.median(reads)
 
 
+class AttentionRunner:
+    """The layer's MLA alone, one decoding row at batch 1 over ``context`` cached positions, in ``form``:
+    the part of a step that the attention form changes, without the experts' noise around it."""
+
+    def __init__(self, span: BlockSpan, context: int, form: str, steps: int) -> None:
+        self.attention = span.layers[0].self_attn
+        self.context, self.form, self.steps = context, form, steps
+        gen = torch.Generator().manual_seed(context)
+        self.cache = span.new_cache(1, context + 1)
+        latent, rot = self.cache.tensors[0]
+        latent[:, :context].copy_(torch.randn(1, context, latent.shape[-1], generator=gen))
+        rot[:, :context].copy_(torch.randn(1, context, rot.shape[-1], generator=gen))
+        self.cache.length = context
+        self.h = torch.randn(1, span.config.hidden_size, generator=gen).to(span.dtype)
+        rope = self.cache.tensors[0][1].shape[-1]
+        self.cos = torch.ones(1, 1, rope, dtype=span.dtype)
+        self.sin = torch.zeros(1, 1, rope, dtype=span.dtype)
+
+    def run(self) -> float:
+        self.attention.attention_form = self.form
+        times = []
+        with torch.no_grad():
+            for _ in range(self.steps):
+                segment = Segment(0, 1, 1, self.cache, self.context)
+                t0 = time.perf_counter()
+                self.attention(self.h, self.cos, self.sin, [segment], 0)
+                times.append(time.perf_counter() - t0)
+        self.attention.attention_form = "auto"
+        return statistics.median(times)
+
+
 def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -197,8 +230,11 @@ def main() -> None:
           f"{per_expert / 2**20:.1f} MiB per expert); written in {written:.0f} s, loaded in {loaded:.0f} s",
           file=sys.stderr, flush=True)
     runners = [Runner(span, case, args.steps, dense, per_expert, picked) for case in CASES]
-    for runner in runners:  # warm-up
+    attention = {(c, form): AttentionRunner(span, c, form, args.steps) for c in CONTEXTS
+                 for form in ("absorbed", "expanded")}
+    for runner in [*runners, *attention.values()]:  # warm-up
         runner.run()
+    attention_times: dict[tuple[int, str], list[float]] = {key: [] for key in attention}
     buffer = torch.ones(GIB // 4)
     bws: list[float] = []
     times: list[list[float]] = [[] for _ in CASES]
@@ -214,6 +250,8 @@ def main() -> None:
             times[i].append(t)
             reads[i].append(read)
             effs[i].append(read / t / bw)
+        for key in list(attention) if r % 2 == 0 else list(attention)[::-1]:
+            attention_times[key].append(attention[key].run())
         print(f"  round {r + 1}/{args.rounds}: read {bw / 1e9:.1f} GB/s", file=sys.stderr, flush=True)
     loads.append(_load())
     del buffer
@@ -253,6 +291,14 @@ def main() -> None:
         pairs.append([f"5-token verify / 1-token step, context {context}", f"{ratio(verify, one):.2f}x"])
     print("paired (median of per-round ratios of step times)")
     print(table(["ratio", "value"], pairs))
+    print()
+    rows = []
+    for context in CONTEXTS:
+        absorbed, expanded = attention_times[(context, "absorbed")], attention_times[(context, "expanded")]
+        rows.append([context, f"{statistics.median(absorbed) * 1000:.1f}", f"{statistics.median(expanded) * 1000:.1f}",
+                     f"{statistics.median(e / a for a, e in zip(absorbed, expanded, strict=True)):.2f}x"])
+    print("MLA attention alone, one decoding row (median ms; expanded / absorbed: median of per-round ratios)")
+    print(table(["context", "absorbed ms", "expanded ms", "expanded / absorbed"], rows))
 
 
 if __name__ == "__main__":
