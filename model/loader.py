@@ -44,6 +44,10 @@ _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16,
 }
 
+# A part's freed float copies are handed back to the system once this many bytes were read since the
+# last time (and after every block): a trim costs a pass over the heap, and a block may have 1,000 parts.
+_TRIM_BYTES = 16 << 20
+
 _HEAD_EMBED = "model.embed_tokens.weight"
 _HEAD_NORM = "model.norm.weight"
 _HEAD_LM = "lm_head.weight"
@@ -198,6 +202,7 @@ def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype:
     # 4-bit weights' scales: read as stored (16-bit ones keep every value, whatever the span's dtype)
     stored = (".scales", ".weight_scale") if config.prequant is not None else ()
     for j, block in enumerate(span.layers):
+        untrimmed = 0  # float bytes read since the heap was last trimmed
         for name, unit in _load_units(block):
             keys = [name + k for k in unit.state_dict(keep_vars=True)]
             state = _block_state(reader, config, start + j, [k for k in keys if not k.endswith(wide + stored)],
@@ -207,13 +212,17 @@ def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype:
             state.update(_block_state(reader, config, start + j,
                                       [k for k in keys if k.endswith(stored) and not k.endswith(wide)], None, device))
             unit.load_state_dict({k[len(name):]: v for k, v in state.items()}, strict=True, assign=True)
+            untrimmed += sum(t.numel() * t.element_size() for t in state.values())
             del state  # the part alone holds its float weights, until quantized
             if fuse:
                 fuse_projections(unit)
                 if callable(getattr(unit, "fuse", None)):
                     unit.fuse()
             _quantize_unit(block, name, unit, quant, group_size)
-        trim_heap()  # the float copies this block freed go back to the system, not only to the heap
+            if untrimmed >= _TRIM_BYTES:  # the float copies freed go back to the system, not only to the heap
+                trim_heap()
+                untrimmed = 0
+        trim_heap()
         if on_block is not None:
             on_block(start + j)
     span.eval()

@@ -1,7 +1,8 @@
 """How many blocks a node can hold, and how much memory its KV cache gets: pure arithmetic over sizes.
 
 A node's memory budget (``--max-memory``, else a fraction of the memory available at start) holds its
-blocks' weights and the KV cache of its sessions. Either the cache is given in tokens
+runtime (the process tree's fixed cost and working memory: see ``node.volunteer.runtime_cost``), its
+blocks' weights and the KV cache of its sessions; what the runtime leaves goes to weights and cache. Either the cache is given in tokens
 (``--max-cache-tokens``), and every block costs its weights plus that many tokens of cache, or the cache
 keeps a share of the budget (``--cache-share``) and the weights get the rest; then the cache gets
 whatever the chosen blocks leave. Blocks differ in size (a MoE model's first blocks may be dense), and
@@ -18,6 +19,11 @@ from dataclasses import dataclass
 # owner keeps the other half; a GPU is there for this work, less a margin for the allocator
 DEFAULT_MEMORY_FRACTION = {"cpu": 0.5, "cuda": 0.9}
 DEFAULT_CACHE_SHARE = 0.25
+# Beside weights and KV cache, a node's memory holds its runtime: what the process tree takes once the
+# DHT runs (measured at start; this when it cannot be read), and the working memory of its largest step
+# (activations, the allocator's slack), which the measurement at start cannot see yet.
+DEFAULT_FIXED_COST = 768 * 2**20
+WORKING_MEMORY = 64 * 2**20
 
 _UNITS = {
     "": 1, "b": 1,

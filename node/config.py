@@ -62,8 +62,13 @@ class NodeConfig:
     max_cache_tokens: int | None = _opt(
         None, "KV cache budget, in tokens of batch size 1 (default: a quarter of free memory)"
     )
-    max_memory: str | None = _opt(None, "memory for the blocks' weights and the KV cache, e.g. 4GiB, 500MB "
-                                  "(default: half the memory available at start; 90%% of a GPU's free memory)")
+    max_memory: str | None = _opt(None, "memory the whole node may take, as the system counts it (the resident "
+                                  "memory of this process, its DHT process and p2pd): runtime, the blocks' "
+                                  "weights and the KV cache, e.g. 4GiB, 500MB (default: half the memory available "
+                                  "at start; on a GPU, 90%% of its free memory for weights and cache)")
+    fixed_cost: str | None = _opt(None, "the memory the node's runtime takes besides weights and KV cache, counted "
+                                  "against --max-memory; 0 counts weights and cache alone (default: measured at start, once the DHT "
+                                  "runs, plus working memory for the largest step)")
     cache_share: float = _opt(DEFAULT_CACHE_SHARE, "share of --max-memory kept for the KV cache when "
                               "--max-cache-tokens is not given")
     max_threads: int = _opt(0, "at most this many threads compute (0: torch's default)")
@@ -148,11 +153,12 @@ class NodeConfig:
         return self
 
     def _validate_volunteer(self) -> None:
-        if self.max_memory is not None:
-            try:
-                parse_size(self.max_memory)
-            except ValueError as e:
-                raise ConfigError(f"--max-memory: {e}") from None
+        for name in ("max_memory", "fixed_cost"):
+            if getattr(self, name) is not None and (name, getattr(self, name).strip()) != ("fixed_cost", "0"):
+                try:
+                    parse_size(getattr(self, name))
+                except ValueError as e:
+                    raise ConfigError(f"--{name.replace('_', '-')}: {e}") from None
         if not 0 < self.cache_share < 1:
             raise ConfigError(f"--cache-share must be between 0 and 1, got {self.cache_share}")
         if self.max_threads < 0:

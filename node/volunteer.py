@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
-import gc
 import logging
 import random
 import socket
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -37,9 +34,12 @@ import torch
 from tqdm import tqdm
 
 from homeswarm.model import BlockSpan, ModelConfig, cache_bytes, load_span, span_weight_bytes
+from homeswarm.model.heap import trim_heap
 from homeswarm.model.hub import fetch_span_files
 from homeswarm.node.announcer import Announcer
 from homeswarm.node.capacity import (
+    DEFAULT_FIXED_COST,
+    WORKING_MEMORY,
     blocks_that_fit,
     cache_budget,
     default_budget,
@@ -53,6 +53,7 @@ from homeswarm.node.idle_probe import MachineProbe
 from homeswarm.node.idle_watch import IdleWatch, idle_users
 from homeswarm.node.period import EndReason, PeriodEnd, PeriodEnds
 from homeswarm.node.placement import JOIN_SETTLE, Sightings, read_swarm, rebalance, settle_claim, watch_claim
+from homeswarm.node.process_memory import tree_memory
 from homeswarm.node.throughput import (
     SELF_TEST_STEPS,
     ThroughputCache,
@@ -75,35 +76,62 @@ DHT_CHECK = 1.0  # seconds between checks that the DHT process still runs
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    budget: int  # bytes for weights and KV cache
+    budget: int  # bytes for weights and KV cache: --max-memory (or the default) less the runtime's
     given: bool  # --max-memory was given (else the default fraction of available memory)
     num_blocks: int  # how many blocks to serve when no --blocks is given
+    total: int = 0  # the whole node's budget (--max-memory, or the default)
+    runtime: int = 0  # what the runtime takes of it (fixed cost and working memory)
 
 
-def plan_memory(config: NodeConfig, model: ModelConfig, dtype: torch.dtype, available: int) -> MemoryPlan:
-    """The memory budget and, without --blocks or --num-blocks, how many blocks fit in it."""
+def runtime_cost(config: NodeConfig) -> int:
+    """The memory the node takes besides weights and KV cache, counted against --max-memory: --fixed-cost,
+    else the process tree's resident memory now (Python, torch, the DHT process, p2pd) plus working
+    memory for the largest step. On a GPU, whose memory holds only weights and cache, nothing."""
+    if torch.device(config.device).type != "cpu":
+        return 0
+    if config.fixed_cost is not None:
+        return 0 if config.fixed_cost.strip() == "0" else parse_size(config.fixed_cost)
+    release_memory(torch.device("cpu"))
+    measured = tree_memory()
+    return (measured.rss if measured is not None else DEFAULT_FIXED_COST) + WORKING_MEMORY
+
+
+def plan_memory(config: NodeConfig, model: ModelConfig, dtype: torch.dtype, available: int,
+                runtime: int = 0) -> MemoryPlan:
+    """The memory budget for weights and cache (the node's budget less ``runtime``, the bytes its runtime
+    takes: :func:`runtime_cost`) and, without --blocks or --num-blocks, how many blocks fit in it."""
     given = config.max_memory is not None
-    budget = parse_size(config.max_memory) if given else default_budget(available, torch.device(config.device).type)
-    total = model.num_hidden_layers
+    total = parse_size(config.max_memory) if given else default_budget(available, torch.device(config.device).type)
+    what = "--max-memory" if given else "the default budget (half the available memory)"
+    budget = total - runtime
+    if budget <= 0:
+        raise ConfigError(
+            f"{what} of {format_size(total)} does not even hold the node's runtime, {format_size(runtime)} "
+            f"(Python, torch, the DHT process and p2pd, and working memory; --fixed-cost sets it): give more memory"
+        )
+    if runtime:
+        logger.info("memory: %s in all (%s), of which the runtime takes %s; %s for weights and KV cache",
+                    format_size(total), what, format_size(runtime), format_size(budget))
+    total_blocks = model.num_hidden_layers
     if config.num_blocks is not None:
-        return MemoryPlan(budget, given, min(config.num_blocks, total))
+        return MemoryPlan(budget, given, min(config.num_blocks, total_blocks), total, runtime)
     if config.blocks is not None:
-        return MemoryPlan(budget, given, 0)
+        return MemoryPlan(budget, given, 0, total, runtime)
     layer_bytes = [span_weight_bytes(model, i, i + 1, dtype, config.quant, config.quant_group_size)
-                   for i in range(total)]
+                   for i in range(total_blocks)]
     split = weight_budget(budget, cache_share=config.cache_share, cache_tokens=config.max_cache_tokens,
                           token_bytes_per_block=cache_bytes(model, 1, 1, 1, dtype))
     n = blocks_that_fit(layer_bytes, split.per_block_cache, split.weights)
     if n == 0:
         raise ConfigError(
-            f"not even one block fits in the memory budget of {format_size(budget)} "
-            f"({'--max-memory' if given else 'half the available memory'}): the smallest takes "
+            f"not even one block fits in the memory budget of {format_size(budget)} for weights and KV cache "
+            f"({what}{f' less the runtime, {format_size(runtime)}' if runtime else ''}): the smallest takes "
             f"{format_size(min(layer_bytes))} of weights, and the KV cache needs its share (--cache-share "
             f"{config.cache_share:g} or --max-cache-tokens); give more memory or a smaller --quant"
         )
-    logger.info("%d of %d blocks fit in the memory budget of %s (%s)", n, total, format_size(budget),
-                "--max-memory" if given else "the default: a share of the available memory")
-    return MemoryPlan(budget, given, n)
+    logger.info("%d of %d blocks fit in the memory budget of %s for weights and KV cache", n, total_blocks,
+                format_size(budget))
+    return MemoryPlan(budget, given, n, total, runtime)
 
 
 def span_cache_budget(config: NodeConfig, plan: MemoryPlan, model: ModelConfig, dtype: torch.dtype,
@@ -141,12 +169,9 @@ def cgroup_memory_left() -> int | None:
 
 def release_memory(device: torch.device) -> None:
     """Give freed weights back to the system, not only to the allocator (glibc keeps freed heap)."""
-    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -231,7 +256,10 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
     me = PeerId(dht.peer_id)
     rng = random.Random()
     left = cgroup_memory_left() if torch.device(config.device).type == "cpu" else None
-    memory = plan_memory(config, model, dtype, available_memory if left is None else min(available_memory, left))
+    runtime = runtime_cost(config)
+    # what the runtime holds already no longer shows as available: count it back in
+    available = available_memory if left is None else min(available_memory, left)
+    memory = plan_memory(config, model, dtype, available + runtime, runtime)
     if config.port == 0:
         config = dataclasses.replace(config, port=free_port(config.host))
     address = config.public_address or f"{config.host}:{config.port}"

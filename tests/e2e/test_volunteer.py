@@ -4,7 +4,8 @@ main process, kill -9, SIGTERM to the whole process group) with no process left 
 into the gap a stopped one left, and a client naming the blocks nobody serves once too many are gone.
 
 One swarm serves the module: a bootstrap peer and three nodes started in the same moment with no --blocks
-and a --max-memory that holds 4 of the model's 12 blocks; each announces a fixed --throughput, so that
+and a --max-memory that holds 4 of the model's 12 blocks (counting weights and cache alone:
+--fixed-cost 0, as the runtime's memory would drown the tiny blocks); each announces a fixed --throughput, so that
 which span is weakest does not hang on self-tests of a busy machine. Only the fourth node rebalances
 (every second), so that the others stay where the tests expect them. The tests run in order and later
 ones stop the nodes that earlier ones used; the last one kills the DHT process of the last node left.
@@ -119,8 +120,8 @@ def swarm(ckpt, max_memory, tmp_path_factory):
     work = tmp_path_factory.mktemp("swarm")
     with LocalSwarm(work, env={"XDG_CACHE_HOME": str(work / "cache")}) as swarm:
         swarm.start_bootstrap()
-        nodes = [swarm.start_node(ckpt, "--model-name", MODEL, "--max-memory", max_memory, "--throughput",
-                                  str(throughput), "--compute-threads", "1", "--rebalance-interval", "0",
+        nodes = [swarm.start_node(ckpt, "--model-name", MODEL, "--max-memory", max_memory, "--fixed-cost", "0",
+                                  "--throughput", str(throughput), "--compute-threads", "1", "--rebalance-interval", "0",
                                   "--announce-ttl", TTL, wait=False)
                  for throughput in THROUGHPUTS]
         for node in nodes:
@@ -186,8 +187,8 @@ def test_a_fourth_node_joins_where_the_swarm_is_weakest(swarm, ckpt, max_memory,
     records = records_settled(dht, 3)
     weakest = next(blocks_of(n) for n, t in zip(swarm.nodes, THROUGHPUTS, strict=True) if t == min(THROUGHPUTS))
     assert choose_blocks(records, NUM_LAYERS, 4) == weakest
-    fourth = swarm.start_node(ckpt, "--model-name", MODEL, "--max-memory", max_memory, "--throughput", "150",
-                              "--compute-threads", "1", "--rebalance-interval", "1", "--announce-ttl", TTL,
+    fourth = swarm.start_node(ckpt, "--model-name", MODEL, "--max-memory", max_memory, "--fixed-cost", "0",
+                              "--throughput", "150", "--compute-threads", "1", "--rebalance-interval", "1", "--announce-ttl", TTL,
                               timeout=180)
     # where the 100 steps/s node is (which span each of the three took depends on who started first)
     assert blocks_of(fourth) == weakest == blocks_of(node_at(swarm, 100.0))

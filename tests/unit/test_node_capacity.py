@@ -93,3 +93,25 @@ def test_nothing_fits_is_a_clear_error():
     model = ModelConfig.from_dir(DEMO_MODEL_DIR)
     with pytest.raises(ConfigError, match="not even one block fits in the memory budget of 1.0 KiB"):
         plan_memory(config("--max-memory", "1KiB"), model, torch.float32, 10**12)
+
+
+def test_the_runtime_counts_against_max_memory():
+    from homeswarm.node.capacity import WORKING_MEMORY
+    from homeswarm.node.config import ConfigError
+    from homeswarm.node.volunteer import runtime_cost
+
+    model = ModelConfig.from_dir(DEMO_MODEL_DIR)
+    block = span_weight_bytes(model, 0, 1, torch.float32)
+    runtime = 700 * 2**20
+    plan = plan_memory(config("--max-memory", str(runtime + int(2.5 * block / 0.75))), model, torch.float32,
+                       10**12, runtime)
+    assert (plan.num_blocks, plan.total - plan.budget, plan.runtime) == (2, runtime, runtime)
+    with pytest.raises(ConfigError, match="does not even hold the node's runtime"):
+        plan_memory(config("--max-memory", "600MiB"), model, torch.float32, 10**12, runtime)
+    # the default budget, half of what is available, holds the runtime too
+    assert plan_memory(config(), model, torch.float32, 4 * 2**30, runtime).budget == 2 * 2**30 - runtime
+    assert runtime_cost(config("--fixed-cost", "100MiB")) == 100 * 2**20
+    assert runtime_cost(config("--fixed-cost", "0")) == 0
+    # measured: this process (Python and torch: well over 100 MiB), plus working memory
+    assert runtime_cost(config()) > 100 * 2**20 + WORKING_MEMORY
+    assert runtime_cost(config("--device", "meta")) == 0  # an accelerator's memory holds no runtime
