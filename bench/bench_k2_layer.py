@@ -48,7 +48,7 @@ from bench.bench_bandwidth import GIB, read_bandwidth  # noqa: E402
 from bench.common import table  # noqa: E402
 from homeswarm.model import BlockSpan, ModelConfig, load_span  # noqa: E402
 from homeswarm.model.attention import Segment  # noqa: E402
-from homeswarm.model.sizes import block_bytes  # noqa: E402
+from homeswarm.model.sizes import block_bytes, span_active_bytes, span_weight_bytes  # noqa: E402
 
 # Kimi K2's config.json (moonshotai/Kimi-K2-Instruct), with Kimi K2 Thinking's quantization_config:
 # only the routed experts are 4-bit.
@@ -73,6 +73,12 @@ K2_CONFIG = {
 }
 LAYER = 1  # the first MoE layer (layer 0 is dense)
 CONTEXTS = (128, 4096)
+# Home PCs for the projection: (memory GB, read bandwidth GB/s). Dual-channel DDR4-3200 reads about
+# 40 GB/s, dual-channel DDR5 about 60 GB/s.
+PCS = ((32, 40.0), (64, 60.0))
+RESERVED_GB = 4  # per PC: the OS, the node's fixed cost (about 0.7 GiB), its KV cache share
+LINKS_MS = (1, 10, 25, 50)
+TARGET_EFFICIENCY = 0.6
 
 
 def write_layer(path: Path, experts: int) -> ModelConfig:
@@ -198,6 +204,29 @@ class AttentionRunner:
         return statistics.median(times)
 
 
+def projection(efficiency: float, long_ratio: float) -> None:
+    """Kimi K2 whole (61 layers, 384 experts, bytes from model/sizes.py on its config) on chains of home
+    PCs: each decoding token reads every layer's active bytes at ``efficiency`` of the PC's bandwidth,
+    one layer after another, and crosses P + 1 links (client, P nodes in a chain with hand-off, client)."""
+    config = ModelConfig.from_dict(K2_CONFIG)
+    layers = config.num_hidden_layers
+    total = span_weight_bytes(config, 0, layers, torch.bfloat16)
+    active = span_active_bytes(config, 0, layers, torch.bfloat16)
+    print(f"Kimi K2 whole: {layers} layers, {total / 1e9:.0f} GB of block weights as a node holds them (int4 "
+          f"experts, the rest bfloat16; model/sizes.py), {active / 1e9:.1f} GB read per token; tokens/s for one user at batch 1 (PCs = ceil(weights / (memory - {RESERVED_GB} GB)); "
+          f"context 4096: the compute scaled by the measured 4096/128 step ratio {long_ratio:.2f})")
+    rows = []
+    for memory, bandwidth in PCS:
+        pcs = -(-total // int((memory - RESERVED_GB) * 1e9))
+        for label, eff in ((f"measured {efficiency:.0%}", efficiency), ("target 60%", TARGET_EFFICIENCY)):
+            compute = active / (eff * bandwidth * 1e9)
+            cells = [f"{1 / (compute + (pcs + 1) * link / 1000):.2f}" for link in LINKS_MS]
+            long = 1 / (compute * long_ratio + (pcs + 1) * LINKS_MS[1] / 1000)
+            rows.append([f"{memory} GB, {bandwidth:.0f} GB/s", pcs, label, f"{compute:.2f}", *cells, f"{long:.2f}"])
+    print(table(["PC", "PCs", "efficiency", "compute s/token", *[f"tok/s, {link} ms links" for link in LINKS_MS],
+                 "tok/s, 10 ms, context 4096"], rows))
+
+
 def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -299,6 +328,9 @@ def main() -> None:
                      f"{statistics.median(e / a for a, e in zip(absorbed, expanded, strict=True)):.2f}x"])
     print("MLA attention alone, one decoding row (median ms; expanded / absorbed: median of per-round ratios)")
     print(table(["context", "absorbed ms", "expanded ms", "expanded / absorbed"], rows))
+    print()
+    one = index[("decode", 128, 1, "auto")]
+    projection(statistics.median(effs[one]), ratio(index[("decode", 4096, 1, "auto")], one))
 
 
 if __name__ == "__main__":
