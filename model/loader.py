@@ -26,7 +26,7 @@ from .checkpoint import CheckpointReader, MissingTensorsError
 from .config import ModelConfig
 from .families import Family, family_of
 from .head import ClientHead
-from .heap import trim_heap
+from .heap import HeapTrimmer
 from .moe import Experts
 from .mxfp4 import dequantize_mxfp4
 from .quant import (
@@ -44,9 +44,9 @@ _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16,
 }
 
-# A part's freed float copies are handed back to the system once this many bytes were read since the
-# last time (and after every block): a trim costs a pass over the heap, and a block may have 1,000 parts.
-_TRIM_BYTES = 16 << 20
+# The heap is trimmed once the process grew this much since the last trim (and after every block): a
+# trim costs a pass over the heap, and a block may have 1,000 parts.
+_TRIM_BYTES = 32 << 20
 
 _HEAD_EMBED = "model.embed_tokens.weight"
 _HEAD_NORM = "model.norm.weight"
@@ -201,8 +201,8 @@ def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype:
     wide = family_of(config.family).float32_params
     # 4-bit weights' scales: read as stored (16-bit ones keep every value, whatever the span's dtype)
     stored = (".scales", ".weight_scale") if config.prequant is not None else ()
+    trimmer = HeapTrimmer(_TRIM_BYTES)  # what parts free goes back to the system, not only to the heap
     for j, block in enumerate(span.layers):
-        untrimmed = 0  # float bytes read since the heap was last trimmed
         for name, unit in _load_units(block):
             keys = [name + k for k in unit.state_dict(keep_vars=True)]
             state = _block_state(reader, config, start + j, [k for k in keys if not k.endswith(wide + stored)],
@@ -212,17 +212,15 @@ def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype:
             state.update(_block_state(reader, config, start + j,
                                       [k for k in keys if k.endswith(stored) and not k.endswith(wide)], None, device))
             unit.load_state_dict({k[len(name):]: v for k, v in state.items()}, strict=True, assign=True)
-            untrimmed += sum(t.numel() * t.element_size() for t in state.values())
+            read = sum(t.numel() * t.element_size() for t in state.values())
             del state  # the part alone holds its float weights, until quantized
             if fuse:
                 fuse_projections(unit)
                 if callable(getattr(unit, "fuse", None)):
                     unit.fuse()
             _quantize_unit(block, name, unit, quant, group_size)
-            if untrimmed >= _TRIM_BYTES:  # the float copies freed go back to the system, not only to the heap
-                trim_heap()
-                untrimmed = 0
-        trim_heap()
+            trimmer.after(read)
+        trimmer.trim(collect=True)
         if on_block is not None:
             on_block(start + j)
     span.eval()

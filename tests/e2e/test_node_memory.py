@@ -16,13 +16,11 @@ of the node, its DHT process, p2pd and torch's shared-memory manager, from /proc
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from homeswarm.client.local_swarm import LocalSwarm
 from homeswarm.client.transport import HopStream
@@ -32,7 +30,7 @@ from homeswarm.node.process_memory import tree_memory
 from homeswarm.protocol import node_pb2
 from tests.helpers.checkpoints import make_checkpoint
 from tests.helpers.moe_checkpoints import make_moe_checkpoint
-from tests.helpers.prequant_checkpoints import write_prequantized
+from tests.helpers.prequant_checkpoints import shard_by_block, write_prequantized
 
 MAX_MEMORY = "1.1GiB"
 PROMPT, STEPS = 128, 4
@@ -46,23 +44,6 @@ NODES = {  # name -> (checkpoint, --quant)
 pytestmark = pytest.mark.timeout(600)
 
 
-def reshard(path: Path, blocks_per_shard: int) -> None:
-    """Split ``path``'s single safetensors file into shards of ``blocks_per_shard`` blocks each (the rest in
-    the first), with an index, as the hub stores large checkpoints."""
-    tensors = load_file(str(path / "model.safetensors"))
-    shards: dict[int, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        match = re.match(r"model\.layers\.(\d+)\.", name)
-        shards.setdefault(1 + int(match.group(1)) // blocks_per_shard if match else 0, {})[name] = tensor
-    count, weight_map = len(shards), {}
-    for i, part in sorted(shards.items()):
-        file_name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-        save_file(part, str(path / file_name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file_name))
-    (path / "model.safetensors").unlink()
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("memory")
@@ -72,7 +53,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
                                  moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4, head_dim=64,
                                  num_attention_heads=16, num_key_value_heads=4)
     moe, _ = write_prequantized(source, root / "moe", root / "moe-dequantized", "compressed")
-    reshard(moe, blocks_per_shard=1)
+    shard_by_block(moe)
     return {"dense": dense, "moe": moe}
 
 

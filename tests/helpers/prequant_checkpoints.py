@@ -11,6 +11,7 @@ the packed one).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -94,3 +95,22 @@ def write_prequantized(source: str | Path, quantized: str | Path, dequantized: s
         if extra.name not in ("config.json", "model.safetensors"):
             shutil.copy(extra, quantized / extra.name)
     return quantized, dequantized
+
+
+def shard_by_block(path: str | Path, blocks_per_shard: int = 1) -> Path:
+    """Split ``path``'s single safetensors file into shards of ``blocks_per_shard`` blocks each (what no
+    block holds in the first), with an index, as the hub stores large checkpoints; return ``path``."""
+    path = Path(path)
+    tensors = load_file(str(path / "model.safetensors"))
+    shards: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        match = re.match(r"model\.layers\.(\d+)\.", name)
+        shards.setdefault(1 + int(match.group(1)) // blocks_per_shard if match else 0, {})[name] = tensor
+    count, weight_map = len(shards), {}
+    for i, (_, part) in enumerate(sorted(shards.items())):
+        file_name = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        save_file(part, str(path / file_name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file_name))
+    (path / "model.safetensors").unlink()
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path

@@ -118,3 +118,42 @@ def test_bad_ranges_and_missing_files(sharded, tmp_path):
         load_head(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         CheckpointReader(tmp_path / "empty")
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+@pytest.fixture(scope="module")
+def prequant_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.helpers.moe_checkpoints import make_moe_checkpoint
+    from tests.helpers.prequant_checkpoints import shard_by_block, write_prequantized
+
+    root = tmp_path_factory.mktemp("prequant-moe")
+    source = make_moe_checkpoint(root / "float", "qwen3_moe", num_layers=3, hidden_size=512, moe_intermediate_size=512,
+                                 num_experts=32, num_experts_per_tok=4, head_dim=64, num_attention_heads=8,
+                                 num_key_value_heads=2, mlp_only_layers=[])
+    quantized, _ = write_prequantized(source, root / "compressed", root / "dequantized", "compressed")
+    return shard_by_block(quantized)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc to read peak memory")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loading_a_sharded_prequantized_moe_span_peaks_near_what_it_holds(prequant_moe, dtype):
+    # A block loads part by part (attention, router, each expert's projections) and the heap is trimmed
+    # as it goes: the load peaks at most 1.3x the memory the loaded span holds (plus a few MiB of
+    # working memory), where reading whole blocks peaked at 2x (packed, unpacked and float scales at once)
+    from homeswarm.model.heap import trim_heap
+
+    trim_heap()  # what earlier work freed (the checkpoint's writing) must not be returned during the load
+    before = _status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    span = load_span(prequant_moe, 0, 3, dtype=dtype)
+    held = _status_bytes("VmRSS") - before
+    peak = _status_bytes("VmHWM") - before
+    tensors = sum(t.nbytes for t in [*span.parameters(), *span.buffers()])
+    assert tensors * 0.9 <= held <= tensors * 1.1 + (8 << 20)  # nothing kept beside the span's own tensors
+    assert peak <= 1.3 * held + (8 << 20), (peak >> 20, held >> 20)
