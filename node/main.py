@@ -39,6 +39,7 @@ from homeswarm.model.hub import (
     span_files,
 )
 from homeswarm.model.loader import check_model_quant
+from homeswarm.model.weight_format import weight_format as announced_weight_format
 from homeswarm.node.announcer import Announcer
 from homeswarm.node.config import ConfigError, NodeConfig
 from homeswarm.node.executor import ComputeExecutor
@@ -177,6 +178,8 @@ async def _serve_with_dht(
     span, throughput, budget = loaded.span, loaded.throughput, loaded.cache_budget
     start, end = span.start, span.end
     bytes_per_token = cache_bytes(model_config, end - start, 1, 1, dtype)
+    # what the node holds, not only what --quant asked: a pre-quantized checkpoint's 4-bit layers too
+    weight_format = await asyncio.to_thread(announced_weight_format, model_config, config.quant, start, end)
     sessions = SessionManager(budget, bytes_per_token)
     executor = ComputeExecutor(inline_max_seconds=config.inline_compute_ms / 1000,
                                batch_wait_seconds=config.batch_wait_ms / 1000)
@@ -190,7 +193,7 @@ async def _serve_with_dht(
         peer_id=dht.peer_id,
         throughput=throughput,
         software_version=software_version(),
-        quant=config.quant,
+        quant=weight_format,
     )
     service = NodeService(
         span,
@@ -242,7 +245,7 @@ async def _serve_with_dht(
             cache_tokens_left=sessions.free_tokens,
             queue=executor.queue_length,
             public_name=config.public_name,
-            quant=config.quant,
+            quant=weight_format,
             relays=relays,
             weights=weights,
             tls_cert=announced_cert,

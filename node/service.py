@@ -118,7 +118,7 @@ class NodeIdentity:
     peer_id: str = ""
     throughput: float = 0.0  # steps per second through one block
     software_version: str = ""
-    quant: str = "none"  # weight format of the linear layers (none, int8, int4)
+    quant: str = "none"  # weight format (model.weight_format: none, int8, int4, int4-experts)
 
 
 class NodeService(node_pb2_grpc.NodeServicer):

@@ -29,8 +29,10 @@ _MAX_QUEUE = 1_000_000
 _MAX_PUBLIC_NAME = 64
 _MAX_RELAYS = 8
 _MAX_MADDR = 512
-# weight formats a node may announce: "none" is the checkpoint's own weights in the record's dtype
-QUANT_FORMATS = ("none", "int8", "int4")
+# weight formats a node may announce: "none" is the checkpoint's own weights in the record's dtype;
+# "int4-experts" a checkpoint shipped with 4-bit routed experts, the rest in the record's dtype (model.
+# weight_format). Nodes that predate a format drop such records as malformed, which routes around them.
+QUANT_FORMATS = ("none", "int8", "int4", "int4-experts")
 
 
 class InvalidRecord(ValueError):
@@ -60,7 +62,7 @@ class ServerRecord:
     cache_tokens_left: int  # free KV cache, tokens of batch size 1
     public_name: str = ""
     queue: int = 0  # requests waiting in the node's compute queue when it announced (optional field)
-    quant: str = "none"  # weight format of the linear layers: none (exact), int8, int4 (optional field)
+    quant: str = "none"  # weight format: none (exact), int8, int4, int4-experts (optional field)
     # multiaddrs (/ip4/.../tcp/.../p2p/RELAY_ID) of the libp2p relays through which a node that cannot be
     # dialled is reached; empty: clients dial ``address`` directly (optional field)
     relays: tuple[str, ...] = ()

@@ -77,10 +77,11 @@ def test_every_weight_format_round_trips(quant):
     assert ServerRecord.from_dict(r.to_dict()) == r
 
 
-def test_weight_formats_are_the_ones_nodes_quantize_to():
+def test_weight_formats_are_the_ones_nodes_announce():
     from homeswarm.model.quant import QUANT_FORMATS as MODEL_FORMATS
+    from homeswarm.model.weight_format import WEIGHT_FORMATS
 
-    assert QUANT_FORMATS == MODEL_FORMATS
+    assert QUANT_FORMATS == WEIGHT_FORMATS and set(MODEL_FORMATS) <= set(QUANT_FORMATS)
 
 
 def test_unknown_keys_ignored_and_long_name_truncated():
