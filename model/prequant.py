@@ -15,8 +15,10 @@ into :class:`~.quant.QuantizedLinearInt4`'s form: no float copy of a weight is e
 Our form is ``w = (v - 8) * scale + zero`` with ``v`` in 0..15, so ``v`` is the stored value, offset, and
 ``zero = (8 - z) * scale``. Scales and zero points are kept where every value is exact: symmetric
 weights (zero points 0) in the checkpoint's 16-bit scale dtype, asymmetric ones in float32; so the
-dense path (prefill, float32 checks) multiplies by exactly the checkpoint's weights. The kernel, as for
-every int4 layer, reads them in bfloat16.
+dense path (prefill, float32 checks) multiplies by exactly the checkpoint's weights. Where our kernels
+are built (:mod:`.kernels`) the weights are held in their form, the plain layout (byte for byte the
+compressed-tensors words), scales in the checkpoint's dtype, read as stored; else torch's kernel reads
+them, converted to bfloat16.
 Mixture-of-Experts blocks: routed experts stored so (one layer per expert and projection) become a
 :class:`PrequantExperts`.
 Invariants: only layers in the checkpoint's target list become quantized modules (routers, the LM head
@@ -35,9 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import int4_pack
+from . import int4_pack, kernels
 from .moe import Experts
-from .quant import INT4_GROUP_SIZES, UNQUANTIZED_NAMES, QuantizedLinearInt4
+from .quant import (
+    INT4_GROUP_SIZES,
+    OURS_MAX_ROWS,
+    UNQUANTIZED_NAMES,
+    QuantizedLinearInt4,
+    experts_by_our_kernel,
+)
 
 PREQUANT_METHODS = ("gptq", "compressed-tensors")
 _READ_ELSEWHERE = ("fp8", "mxfp4", "bitnet")  # the checkpoint reader and the families read these
@@ -163,6 +171,9 @@ class _PrequantLinear(QuantizedLinearInt4):
 
     def _finish(self, values: Tensor, scales: Tensor, zeros: Tensor) -> None:
         """``values`` uint8 [N, K] in 0..15, ``scales`` and ``zeros`` [N, K / g]: our int4 form."""
+        if values.device.type == "cpu" and kernels.available():
+            self._finish_rows(values, scales, zeros)
+            return
         scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous().float()
         if self.spec.symmetric:  # zero points are 0: the checkpoint's 16-bit scales hold every value exactly
             for dtype in (torch.float16, torch.bfloat16):
@@ -177,6 +188,23 @@ class _PrequantLinear(QuantizedLinearInt4):
         self.register_buffer("weight", packed.to(values.device))
         self.loaded = True
 
+    def _finish_rows(self, values: Tensor, scales: Tensor, zeros: Tensor) -> None:
+        """Our kernel's form: the plain layout (the bytes of compressed-tensors' int32 words), scales
+        ``[N, K / g, 1]`` in the checkpoint's 16-bit dtype where symmetric, with zero points ``[N, K / g, 2]``
+        in float32 otherwise (every value exact either way)."""
+        if self.spec.symmetric:
+            scales_and_zeros = scales.float()[..., None].contiguous()
+            for dtype in (torch.float16, torch.bfloat16):
+                if torch.equal(scales_and_zeros.to(dtype).float(), scales_and_zeros):
+                    scales_and_zeros = scales_and_zeros.to(dtype)
+                    break
+        else:
+            scales_and_zeros = torch.stack((scales, zeros), dim=-1).float().contiguous()
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("weight", int4_pack.pack_plain(values))
+        self.layout = "rows"
+        self.loaded = True
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.loaded:
             raise RuntimeError("a pre-quantized layer computes only once its checkpoint weights are loaded")
@@ -187,7 +215,9 @@ class _PrequantLinear(QuantizedLinearInt4):
         are; float32 otherwise), the bias in the model dtype."""
         groups = self.in_features // self.group_size
         bias = self.out_features * element_size if self.bias is not None else 0
-        return self.out_features * (self.in_features // 2 + groups * 2 * (2 if self.spec.symmetric else 4)) + bias
+        # our kernel's form keeps no zero points where they are all 0
+        per_group = (1 if kernels.available() else 2) * 2 if self.spec.symmetric else 2 * 4
+        return self.out_features * (self.in_features // 2 + groups * per_group) + bias
 
     def _check(self, prefix: str, state_dict: dict[str, Tensor], shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
         got = {}
@@ -295,8 +325,17 @@ class PrequantExperts(nn.ModuleList):
         gate, up, down = (getattr(self[expert], name) for name in self.names)
         return down(F.silu(gate(x)) * up(x))
 
-    # the same sums in the same order as the float experts (one-row path included)
-    forward = Experts.forward
+    def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        if x.shape[0] <= OURS_MAX_ROWS and x.device.type == "cpu" and kernels.available():
+            # every chosen expert's gate and up projections in one call of our kernel, the down ones in another
+            gate, up, down = self.names
+            out = experts_by_our_kernel(x, weights, indices, self.num_experts,
+                                        lambda e: (getattr(self[e], gate), getattr(self[e], up)),
+                                        lambda e: getattr(self[e], down))
+            if out is not None:
+                return out
+        # the same sums in the same order as the float experts (one-row path included)
+        return Experts.forward(self, x, weights, indices)
 
 
 def replace_prequantized(block: nn.Module, spec: PrequantSpec, layer: int,

@@ -11,7 +11,11 @@ Scales and zero points are stored in bfloat16 (rounded before the weights are qu
 so every path multiplies by the same numbers), which keeps int4 at 32-weight groups under 0.16x of
 float32.
 
-What runs: on the CPU, up to ``kernel_max_rows`` rows (decoding steps), torch's kernels
+What runs: on the CPU, up to a few rows (decoding steps, small batches, speculative verify steps), our
+own kernels where their library is built (:mod:`.kernels`: activations quantized to int8 in blocks of
+32, integer multiply-adds), up to ``OURS_MAX_ROWS`` rows; int4 weights are then held in the ``rows``
+layout (plain 4-bit rows, scales and zero points ``[N, K' / g, 2]``), which torch's kernel does not
+read. Past those rows (up to ``kernel_max_rows``), and everywhere without our library, torch's kernels
 (``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``) with bfloat16 activations, the
 only ones their x86 code vectorises. float32 and float16 activations are cast to bfloat16 for the
 kernel and the result cast back: on a 2048x5632 weight at batch 1 that ran 3x (int8) to 5x (int4)
@@ -34,12 +38,13 @@ dtype). This module knows nothing of checkpoints or the network.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import int4_pack
+from . import int4_pack, kernels
 from .moe import Experts, by_expert
 from .quant_values import SCALE_DTYPE, dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
 
@@ -65,6 +70,11 @@ _INT4_N_MULTIPLE = 16
 # 16 MiB (2 threads, one core busy), while on a free core 4 and 16 MiB were within 3% of each other.
 _DEQUANT_CHUNK_BYTES = 16 << 20
 _HAS_INT8_KERNEL = hasattr(torch.ops.aten, "_weight_int8pack_mm")
+# Our kernels up to this many rows (decoding steps, small batches, speculative verify steps). Past it the
+# int8 activations' rounding would reach prefill rows too: on the random test checkpoints (peaked
+# attention) a 24-row prefill through them differed from the float block by up to 11% in a row, where
+# bfloat16 activations give 2.5% (tests/unit/test_model_quant.py).
+OURS_MAX_ROWS = 8
 _dense_bfloat16: bool | None = None  # see dense_bfloat16(); None until measured
 
 
@@ -152,18 +162,51 @@ class _QuantizedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def matmul(self, rows: Tensor) -> Tensor:
-        """``rows @ W.T`` in ``rows``' dtype (``rows`` [M, in_features]): the kernel or the dense product
-        (past ``kernel_max_rows`` rows on a CPU that multiplies bfloat16 fast, in bfloat16 like the kernel)."""
+        """``rows @ W.T`` in ``rows``' dtype (``rows`` [M, in_features]): our kernel, torch's or the dense
+        product (past ``kernel_max_rows`` rows on a CPU that multiplies bfloat16 fast, in bfloat16 like
+        torch's kernels)."""
         if rows.device.type == "cpu":
-            if self.uses_kernel and rows.shape[0] <= self.kernel_max_rows:
+            if rows.shape[0] <= self.ours_max_rows() and self.uses_ours:
+                return self.ours_matmul(rows).to(rows.dtype)
+            if self.uses_torch_kernel and rows.shape[0] <= self.kernel_max_rows:
                 return self.kernel_matmul(rows).to(rows.dtype)
-            if rows.shape[0] > self.kernel_max_rows and rows.dtype != _KERNEL_DTYPE and dense_bfloat16():
+            if rows.shape[0] > self.kernel_rows() and rows.dtype != _KERNEL_DTYPE and dense_bfloat16():
                 return self.dense_matmul(rows.to(_KERNEL_DTYPE)).to(rows.dtype)
         return self.dense_matmul(rows)
 
     @property
     def uses_kernel(self) -> bool:
-        """Whether small batches go through torch's kernel (else every batch takes the dense path)."""
+        """Whether small batches go through a kernel, ours or torch's (else every batch takes the dense path)."""
+        return self.uses_ours or self.uses_torch_kernel
+
+    @property
+    def uses_torch_kernel(self) -> bool:
+        """Whether torch's kernel reads this weight."""
+        raise NotImplementedError
+
+    @property
+    def uses_ours(self) -> bool:
+        """Whether our kernel (:mod:`.kernels`) reads this weight here."""
+        raise NotImplementedError
+
+    def ours_max_rows(self) -> int:
+        """Up to how many rows our kernel runs."""
+        return min(OURS_MAX_ROWS, self.kernel_max_rows)
+
+    def kernel_rows(self) -> int:
+        """Up to how many rows a kernel (ours or torch's) runs here; past them, prefill rows (the dense
+        product, in bfloat16 where :func:`dense_bfloat16`). Where no kernel reads the weight, batches up to
+        ``kernel_max_rows`` take the dense product in their own dtype, as decoding steps."""
+        if not self.uses_ours:
+            return self.kernel_max_rows
+        return max(self.ours_max_rows(), self.kernel_max_rows if self.uses_torch_kernel else 0)
+
+    def ours_matmul(self, x: Tensor) -> Tensor:
+        """``x @ W.T`` by our kernel, in float32."""
+        raise NotImplementedError
+
+    def ours_operands(self) -> tuple[Tensor, Tensor, int]:
+        """(weight, scales, group: 0 for int8) as our kernel reads them."""
         raise NotImplementedError
 
     def kernel_matmul(self, x: Tensor, dtype: torch.dtype = _KERNEL_DTYPE) -> Tensor:
@@ -236,10 +279,22 @@ class QuantizedLinearInt8(_QuantizedLinear):
         return cls.from_weight(linear.weight, linear.bias)
 
     @property
-    def uses_kernel(self) -> bool:
+    def uses_torch_kernel(self) -> bool:
         return _HAS_INT8_KERNEL and self.weight.device.type == "cpu" and self.in_features % _INT8_K_MULTIPLE == 0
 
+    @property
+    def uses_ours(self) -> bool:
+        return self.weight.device.type == "cpu" and kernels.available()
+
+    def ours_operands(self) -> tuple[Tensor, Tensor, int]:
+        return self.weight, self.scales, 0
+
+    def ours_matmul(self, x: Tensor) -> Tensor:
+        return kernels.qmm(x, [self.weight], [self.scales], 0)
+
     def kernel_matmul(self, x: Tensor, dtype: torch.dtype = _KERNEL_DTYPE) -> Tensor:
+        if not self.uses_torch_kernel:  # ours, with activations rounded to int8 (float32: none, exact)
+            return self.dense_matmul(x.float()) if dtype == torch.float32 else self.ours_matmul(x).to(dtype)
         x = _kernel_input(x) if dtype == _KERNEL_DTYPE else x.to(dtype).contiguous()
         return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales.to(dtype))
 
@@ -258,10 +313,12 @@ class QuantizedLinearInt8(_QuantizedLinear):
 class QuantizedLinearInt4(_QuantizedLinear):
     """4-bit weights with a bfloat16 scale and zero point per group of inputs; a drop-in for ``nn.Linear``.
 
-    ``weight`` is packed for torch's CPU kernel where the kernel takes the shape (``layout`` names the
-    kernel's layout, or is None when it is not one :mod:`.int4_pack` can read), else in the plain
-    layout (``layout == "plain"``, inputs padded to whole groups). ``scales_and_zeros`` is
-    ``[K' / g, N, 2]``, the kernel's form.
+    ``weight`` is in our kernel's layout where its library is built (``layout == "rows"``: the plain
+    layout, with ``scales_and_zeros`` ``[N, K' / g, Z]``, ``Z`` 2, or 1 where every zero point is 0),
+    else packed for torch's CPU kernel where that kernel takes the shape (``layout`` names the kernel's
+    layout, or is None when it is not one :mod:`.int4_pack` can read), else in the plain layout
+    (``layout == "plain"``, inputs padded to whole groups); in both of these ``scales_and_zeros`` is
+    ``[K' / g, N, 2]``, torch's kernel's form.
     """
 
     # unpacking 4-bit weights costs more than converting int8 ones: the kernel wins longer
@@ -282,6 +339,9 @@ class QuantizedLinearInt4(_QuantizedLinear):
             raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
         rows, cols = weight.shape
         q, scales, zeros = quantize_int4(weight, group_size)
+        if weight.device.type == "cpu" and kernels.available():
+            return cls(int4_pack.pack_plain(q), torch.stack((scales, zeros), dim=-1), in_features=cols,
+                       group_size=group_size, layout="rows", bias=bias)
         scales_and_zeros = torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous()
         if (weight.device.type == "cpu" and int4_pack.kernel_available() and rows % _INT4_N_MULTIPLE == 0
                 and cols % group_size == 0):
@@ -295,10 +355,25 @@ class QuantizedLinearInt4(_QuantizedLinear):
         return cls.from_weight(linear.weight, group_size, linear.bias)
 
     @property
-    def uses_kernel(self) -> bool:
-        return self.layout != "plain"
+    def uses_torch_kernel(self) -> bool:
+        return self.layout not in ("plain", "rows")
+
+    @property
+    def uses_ours(self) -> bool:
+        return self.layout == "rows" and self.weight.device.type == "cpu" and kernels.available()
+
+    def ours_operands(self) -> tuple[Tensor, Tensor, int]:
+        return self.weight, self.scales_and_zeros, self.group_size
+
+    def ours_matmul(self, x: Tensor) -> Tensor:
+        padded = self._padded_features()
+        if padded != self.in_features:
+            x = F.pad(x, (0, padded - self.in_features))
+        return kernels.qmm(x, [self.weight], [self.scales_and_zeros], self.group_size)
 
     def kernel_matmul(self, x: Tensor, dtype: torch.dtype = _KERNEL_DTYPE) -> Tensor:
+        if self.layout == "rows":  # ours, with activations rounded to int8 (float32: none, exact)
+            return self.dense_matmul(x.float()) if dtype == torch.float32 else self.ours_matmul(x).to(dtype)
         x = x.to(dtype).contiguous()
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.group_size,
                                                          self.scales_and_zeros.to(dtype))
@@ -307,7 +382,7 @@ class QuantizedLinearInt4(_QuantizedLinear):
         return self.weight.shape[1] * 2
 
     def _chunk_rows(self) -> int:
-        if self.layout in (None, "plain"):
+        if self.layout in (None, "plain", "rows"):
             return super()._chunk_rows()
         block = int4_pack.BLOCK_ROWS[self.layout]
         return max(block, super()._chunk_rows() // block * block)
@@ -323,10 +398,12 @@ class QuantizedLinearInt4(_QuantizedLinear):
         return torch.float32
 
     def _dense_scales(self, dtype: torch.dtype) -> tuple[Tensor, ...]:
-        scales_and_zeros = self.scales_and_zeros.float()  # [G, N, 2]
+        scales_and_zeros = self.scales_and_zeros.float()  # [G, N, 2]; "rows": [N, G, Z]
         scales = scales_and_zeros[..., 0]
         # w = q * scale + (zero - 8 * scale): two passes over the chunk, where (q - 8) * scale + zero takes three
-        shifts = scales_and_zeros[..., 1] - 8 * scales
+        shifts = (scales_and_zeros[..., 1] if scales_and_zeros.shape[-1] == 2 else 0) - 8 * scales
+        if self.layout == "rows":  # [N, G, 1], for rows of inputs
+            return scales.to(dtype)[..., None], shifts.to(dtype)[..., None]
         if self.layout == "plain":  # [N, G, 1], for rows of inputs
             return scales.T.to(dtype)[..., None], shifts.T.to(dtype)[..., None]
         return scales.to(dtype)[:, None], shifts.to(dtype)[:, None]  # [G, 1, N], for columns of inputs
@@ -335,7 +412,7 @@ class QuantizedLinearInt4(_QuantizedLinear):
                      out: Tensor, cast: Tensor | None) -> None:
         rows, padded = end - start, self._padded_features()
         scale, shift = scales
-        if self.layout == "plain":  # rows of inputs: [rows, K']
+        if self.layout in ("plain", "rows"):  # rows of inputs: [rows, K']
             w = int4_pack.unpack_plain(self.weight[start:end], buffer[: rows * padded].view(rows, padded))
             w.view(rows, -1, self.group_size).mul_(scale[start:end]).add_(shift[start:end])
             torch.mm(x, _rounded(w, cast)[:, : self.in_features].T, out=out[:, start:end])
@@ -385,6 +462,11 @@ class QuantizedExperts(nn.Module):
         return cls([one(w) for w in experts.gate_up_proj], [one(w) for w in experts.down_proj])
 
     def forward(self, x: Tensor, weights: Tensor, indices: Tensor) -> Tensor:
+        if x.shape[0] <= OURS_MAX_ROWS and x.device.type == "cpu" and kernels.available():
+            out = experts_by_our_kernel(x, weights, indices, self.num_experts,
+                                        lambda e: (self.gate_up[e],), lambda e: self.down[e])
+            if out is not None:
+                return out
         out = torch.zeros_like(x)
         for expert, rows, slots in by_expert(indices, self.num_experts):
             gate, up = self.gate_up[expert](x[rows]).chunk(2, dim=-1)
@@ -392,6 +474,59 @@ class QuantizedExperts(nn.Module):
             y = y * weights[rows, slots, None]
             out.index_add_(0, rows, y.to(out.dtype))
         return out
+
+
+def _ours_operands(modules: list[nn.Module], rows: int) -> tuple[list[Tensor], list[Tensor], int] | None:
+    """Weights, scales and group of quantized linears our kernel can read in one call for up to ``rows``
+    rows each, else None."""
+    operands = []
+    for module in modules:
+        if (not isinstance(module, _QuantizedLinear) or not module.uses_ours or module.bias is not None
+                or rows > module.ours_max_rows()):
+            return None
+        operands.append(module.ours_operands())
+    groups = {group for _, _, group in operands}
+    dtypes = {(w.dtype, s.dtype, s.shape[1:]) for w, s, _ in operands}
+    if len(groups) != 1 or len(dtypes) != 1:
+        return None
+    return [w for w, _, _ in operands], [s for _, s, _ in operands], groups.pop()
+
+
+def _pad_inputs(x: Tensor, weight: Tensor, group: int) -> Tensor:
+    """``x`` padded with zeros to the inputs of a weight (4-bit weights hold whole groups)."""
+    padded = weight.shape[1] * 2 if group else weight.shape[1]
+    return F.pad(x, (0, padded - x.shape[1])) if padded != x.shape[1] else x
+
+
+def experts_by_our_kernel(x: Tensor, weights: Tensor, indices: Tensor, num_experts: int,
+                          first: Callable[[int], tuple[nn.Module, ...]],
+                          down: Callable[[int], nn.Module]) -> Tensor | None:
+    """The chosen experts' gated SiLU MLPs through our kernel: every expert's first projections in one
+    call (``first(e)``: a fused gate/up linear, or the gate and the up linears), then every down
+    projection in one; each row's experts summed in ascending order as :class:`~.moe.Experts` sums them.
+    None where a chosen expert's weights are not all ones our kernel reads alike."""
+    groups = by_expert(indices, num_experts)
+    firsts = [first(e) for e, _, _ in groups]
+    parts = len(firsts[0])
+    most = max(len(r) for _, r, _ in groups)
+    first_ops = _ours_operands([m[i] for i in range(parts) for m in firsts], most)
+    down_ops = _ours_operands([down(e) for e, _, _ in groups], most)
+    if first_ops is None or down_ops is None:
+        return None
+    rows = torch.cat([r for _, r, _ in groups])
+    slots = torch.cat([s for _, _, s in groups])
+    offsets = torch.tensor([0] + [len(r) for _, r, _ in groups]).cumsum(0)
+    total = len(rows)
+    ws, ss, group = first_ops
+    h = kernels.qmm(_pad_inputs(x.float(), ws[0], group), ws, ss, group, rows.repeat(parts), torch.cat([offsets[:1], *(offsets[1:] + i * total
+                                                                                      for i in range(parts))]))
+    gate, up = h.chunk(2, dim=-1) if parts == 1 else h.split(total)
+    ws, ss, group = down_ops
+    y = kernels.qmm(_pad_inputs(F.silu(gate) * up, ws[0], group), ws, ss, group, torch.arange(total), offsets)
+    y = y * weights[rows, slots, None]
+    out = torch.zeros(x.shape, dtype=y.dtype)
+    out.index_add_(0, rows, y)  # in each row, its experts in ascending order
+    return out.to(x.dtype)
 
 
 def is_quantizable(name: str, module: nn.Module) -> bool:

@@ -5,7 +5,9 @@ twin beside it (tests/helpers/prequant_checkpoints.py); the span loaded from the
 held against transformers on the twin. Every product dense and float32, it computes the twin's
 weights exactly: hidden states within 1e-5 relative, greedy tokens equal. Through torch's kernel
 (bfloat16 activations, as a node runs small batches) the rows stay within 5% (median 1-3% on these
-random checkpoints, as for every int4 layer). In memory: 4-bit values and 16-bit (symmetric) or
+random checkpoints, as for every int4 layer); through ours (homeswarm.model.kernels: activations
+rounded to int8 in blocks of 32) within 8%, as test_model_quant.py holds every family's blocks
+(measured 3.9-5.0% over the four formats). In memory: 4-bit values and 16-bit (symmetric) or
 float32 (asymmetric) scales and zero points, counted exactly by span_weight_bytes. A Kimi K2 checkpoint
 with its routed experts alone stored 4-bit (as Kimi K2 Thinking ships) is held to the same checks.
 """
@@ -18,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from homeswarm.model import quant
+from homeswarm.model import kernels, quant
 from homeswarm.model.config import ModelConfig
 from homeswarm.model.loader import load_head, load_span
 from homeswarm.model.prequant import GPTQLinear, PackedInt4Linear, pack_int32, unpack_int32
@@ -57,11 +59,11 @@ def test_packed_checkpoint_computes_its_dequantized_weights(fmt, checkpoints, mo
     ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(1))
     reference = reference_model(plain)
     want, _ = last_hidden_states(reference, ids)
-    # through the kernel (bfloat16 activations) for the decoding steps, as a node runs
+    # through a kernel (ours, or torch's on bfloat16 activations) for the decoding steps, as a node runs
     cache = span.new_cache(2, 32)
     steps = [span(head.embed(ids[:, :26]), cache)] + [span(head.embed(ids[:, i : i + 1]), cache) for i in range(26, 30)]
     rows = (torch.cat(steps, 1) - want).norm(dim=-1) / want.norm(dim=-1)
-    assert rows.max() < 0.05, rows.max().item()
+    assert rows.max() < (0.08 if kernels.available() else 0.05), rows.max().item()
     # every product dense, float32: the dequantized weights themselves
     monkeypatch.setattr(quant, "_dense_bfloat16", False)
     monkeypatch.setattr(QuantizedLinearInt4, "kernel_max_rows", 0)

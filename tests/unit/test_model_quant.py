@@ -4,8 +4,9 @@ every supported family against the float one, and the bytes a quantized block ta
 
 Tolerances (relative to the largest reference output, references in float64 from the dequantized
 weights): 1e-5 where the computation is float32 (the dense path, and the kernels run with float32
-activations); 4e-3 on the kernels' bfloat16 path, which rounds activations and outputs to bfloat16
-(8 significant bits); 8e-3 on dense products in bfloat16 (prefill rows, where the CPU is fast at
+activations); 4e-3 on torch's kernels' bfloat16 path, which rounds activations and outputs to bfloat16
+(8 significant bits); 1.5e-2 on our kernels (homeswarm.model.kernels), which round activations to int8
+in blocks of 32 (measured at most 7.7e-3 over 10 inputs of each kernel shape at 1-128 rows); 8e-3 on dense products in bfloat16 (prefill rows, where the CPU is fast at
 bfloat16), which round the dequantized weights too. Blocks of every family against the float block holding the dequantized weights:
 1e-5 on the float32 path; with the kernels, the median row within 5% and every row within 8% (MoE
 blocks: the median only, as a row whose router choice flips under bfloat16 rounding differs wholly;
@@ -30,6 +31,7 @@ from homeswarm.model import (
     BlockSpan,
     ModelConfig,
     int4_pack,
+    kernels,
     load_head,
     load_span,
     quant,
@@ -54,6 +56,7 @@ BF16_TOL = 4e-3
 # dense products in bfloat16 round the dequantized weights too (each to 2^-9 of itself, where the kernels
 # keep them exact): measured at most 3.5e-3 (int8) and 4.4e-3 (int4) over 40 inputs of each kernel shape
 DENSE_BF16_TOL = 8e-3
+OURS_TOL = 1.5e-2
 
 
 def weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -205,8 +208,12 @@ def test_kernel_shapes_match_the_dequantized_reference(fmt, rows, cols, dense_bf
         # float32 activations: torch's exact (scalar) kernel code, which checks our packing and scales
         exact = module.kernel_matmul(x, torch.float32) + layer.bias
         assert rel_max(exact, reference(x, layer, fmt)) < FLOAT_TOL
-        # what forward runs: bfloat16 activations through the vectorised code
-        assert rel_max(module(x), reference(x.bfloat16().float(), layer, fmt)) < BF16_TOL
+        # what forward runs: ours (activations rounded to int8 blocks), or torch's vectorised code on
+        # bfloat16 activations
+        if module.uses_ours and batch <= module.ours_max_rows():
+            assert rel_max(module(x), reference(x, layer, fmt)) < OURS_TOL
+        else:
+            assert rel_max(module(x), reference(x.bfloat16().float(), layer, fmt)) < BF16_TOL
     x = torch.randn(module.kernel_max_rows + 1, cols)  # more rows: dequantized chunks, a dense product
     want, tol = dense_reference(x, layer, fmt, dense_bfloat16)
     assert module(x).dtype == torch.float32
@@ -217,6 +224,8 @@ def test_kernel_shapes_match_the_dequantized_reference(fmt, rows, cols, dense_bf
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_rejected_shapes_take_the_dense_path(fmt, monkeypatch):
+    monkeypatch.setenv(kernels.ENV, "off")  # torch's kernels, as where ours are not built
+
     def no_kernel(*args: object) -> None:
         raise AssertionError("the kernel must not run on a shape it rejects")
 
@@ -228,6 +237,18 @@ def test_rejected_shapes_take_the_dense_path(fmt, monkeypatch):
         for batch in (1, 5, 40):
             x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
             assert rel_max(module(x), reference(x, layer, fmt)) < FLOAT_TOL, (rows, cols, batch)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="our kernels are not built here")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_our_kernels_take_the_shapes_torchs_reject(fmt):
+    for rows, cols in REJECTED[fmt]:
+        layer = linear(rows, cols, bias=rows % 2 == 0)
+        module = quantized(layer, fmt)
+        assert module.uses_ours
+        for batch in (1, 5, 8):
+            x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+            assert rel_max(module(x), reference(x, layer, fmt)) < OURS_TOL, (rows, cols, batch)
 
 
 @pytest.mark.parametrize("group_size", INT4_GROUP_SIZES)
@@ -263,9 +284,9 @@ def test_prefill_rows_take_the_dense_product_in_the_dtype_chosen(fmt, choice, mo
     seen = []
     dense = module.dense_matmul
     monkeypatch.setattr(module, "dense_matmul", lambda x: seen.append(x.dtype) or dense(x))
-    module(torch.randn(module.kernel_max_rows, 128))  # the kernel's rows
+    module(torch.randn(module.kernel_rows(), 128))  # a kernel's rows (ours, or torch's)
     assert seen == []
-    y = module(torch.randn(module.kernel_max_rows + 1, 128))
+    y = module(torch.randn(module.kernel_rows() + 1, 128))
     assert seen == [torch.bfloat16 if choice else torch.float32] and y.dtype == torch.float32
 
 
@@ -291,12 +312,17 @@ def test_half_precision_activations(fmt, dtype):
         assert rel_max(y, reference(x.float(), layer.float(), fmt)) < 2e-2
 
 
-def test_a_misaligned_view_is_fed_to_the_int8_kernel_safely():
+@pytest.mark.parametrize("ours", [False, True], ids=["torch", "ours"])
+def test_a_misaligned_view_is_fed_to_the_int8_kernel_safely(ours, monkeypatch):
+    if not ours:
+        monkeypatch.setenv(kernels.ENV, "off")
+    elif not kernels.available():
+        pytest.skip("our kernels are not built here")
     layer = linear(32, 64)
     module = QuantizedLinearInt8.from_linear(layer)
     flat = torch.randn(64 + 1).bfloat16()
     x = flat[1:].view(1, 64)  # 2 bytes past an aligned address: torch's kernel would crash on it
-    assert rel_max(module(x).float(), reference(x.float(), layer, "int8")) < BF16_TOL
+    assert rel_max(module(x).float(), reference(x.float(), layer, "int8")) < (OURS_TOL if ours else BF16_TOL)
 
 
 # --- experts and blocks ------------------------------------------------------------------------------
@@ -317,8 +343,10 @@ def test_quantized_experts_match_experts_with_dequantized_weights(fmt, dense_bfl
     x = torch.randn(6, 64, generator=gen)
     weights = torch.rand(6, 2, generator=gen)
     indices = torch.tensor([[0, 1], [1, 2], [3, 0], [0, 2], [1, 3], [2, 0]])
-    # up to 4 rows per expert: the bfloat16 kernels, twice in a row
-    assert rel_max(q(x, weights, indices), dequantized(x, weights, indices).double()) < 2 * BF16_TOL
+    # 6 rows: our kernels (every expert's first projections in one call, then the down ones), else
+    # torch's on bfloat16 activations; twice in a row
+    tol = 2 * (OURS_TOL if kernels.available() else BF16_TOL)
+    assert rel_max(q(x, weights, indices), dequantized(x, weights, indices).double()) < tol
     x = torch.randn(4 * (q.gate_up[0].kernel_max_rows + 1), 64, generator=gen)
     weights = torch.rand(len(x), 1, generator=gen)
     indices = torch.arange(len(x))[:, None] % 4
