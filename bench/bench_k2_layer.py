@@ -204,24 +204,27 @@ class AttentionRunner:
         return statistics.median(times)
 
 
-def projection(efficiency: float, long_ratio: float) -> None:
+def projection(efficiency: float, long_extra: float) -> None:
     """Kimi K2 whole (61 layers, 384 experts, bytes from model/sizes.py on its config) on chains of home
     PCs: each decoding token reads every layer's active bytes at ``efficiency`` of the PC's bandwidth,
-    one layer after another, and crosses P + 1 links (client, P nodes in a chain with hand-off, client)."""
+    one layer after another, and crosses P + 1 links (client, P nodes in a chain with hand-off, client).
+    ``long_extra``: seconds a layer's attention adds per step at 4,096 tokens of context over 128, as
+    measured here (added as it is, whatever the PC's bandwidth)."""
     config = ModelConfig.from_dict(K2_CONFIG)
     layers = config.num_hidden_layers
     total = span_weight_bytes(config, 0, layers, torch.bfloat16)
     active = span_active_bytes(config, 0, layers, torch.bfloat16)
     print(f"Kimi K2 whole: {layers} layers, {total / 1e9:.0f} GB of block weights as a node holds them (int4 "
-          f"experts, the rest bfloat16; model/sizes.py), {active / 1e9:.1f} GB read per token; tokens/s for one user at batch 1 (PCs = ceil(weights / (memory - {RESERVED_GB} GB)); "
-          f"context 4096: the compute scaled by the measured 4096/128 step ratio {long_ratio:.2f})")
+          f"experts, the rest bfloat16; model/sizes.py), {active / 1e9:.1f} GB read per token; tokens/s for one "
+          f"user at batch 1 (PCs = ceil(weights / (memory - {RESERVED_GB} GB)); context 4096: "
+          f"{long_extra * 1000:.1f} ms more per layer, the attention's measured difference)")
     rows = []
     for memory, bandwidth in PCS:
         pcs = -(-total // int((memory - RESERVED_GB) * 1e9))
         for label, eff in ((f"measured {efficiency:.0%}", efficiency), ("target 60%", TARGET_EFFICIENCY)):
             compute = active / (eff * bandwidth * 1e9)
             cells = [f"{1 / (compute + (pcs + 1) * link / 1000):.2f}" for link in LINKS_MS]
-            long = 1 / (compute * long_ratio + (pcs + 1) * LINKS_MS[1] / 1000)
+            long = 1 / (compute + layers * long_extra + (pcs + 1) * LINKS_MS[1] / 1000)
             rows.append([f"{memory} GB, {bandwidth:.0f} GB/s", pcs, label, f"{compute:.2f}", *cells, f"{long:.2f}"])
     print(table(["PC", "PCs", "efficiency", "compute s/token", *[f"tok/s, {link} ms links" for link in LINKS_MS],
                  "tok/s, 10 ms, context 4096"], rows))
@@ -329,8 +332,9 @@ def main() -> None:
     print("MLA attention alone, one decoding row (median ms; expanded / absorbed: median of per-round ratios)")
     print(table(["context", "absorbed ms", "expanded ms", "expanded / absorbed"], rows))
     print()
-    one = index[("decode", 128, 1, "auto")]
-    projection(statistics.median(effs[one]), ratio(index[("decode", 4096, 1, "auto")], one))
+    short, long = attention_times[(128, "absorbed")], attention_times[(4096, "absorbed")]
+    projection(statistics.median(effs[index[("decode", 128, 1, "auto")]]),
+               max(0.0, statistics.median(b - a for a, b in zip(short, long, strict=True))))
 
 
 if __name__ == "__main__":
