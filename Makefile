@@ -23,8 +23,10 @@ $(KERNELS): $(STAMP) $(KERNEL_SOURCES)
 
 install: $(STAMP) $(KERNELS)
 
+# options of `homeswarm demo`, e.g. make demo DEMO_ARGS="--keep-running --nodes 2"
+DEMO_ARGS ?=
 demo: $(STAMP) $(KERNELS)
-	$(VENV)/bin/homeswarm demo
+	$(VENV)/bin/homeswarm demo $(DEMO_ARGS)
 
 # import-linter reads a package from disk, so it checks a plain (non-editable) copy of ours
 lint: $(STAMP) $(KERNELS)

@@ -2,6 +2,12 @@
 
     python bench/bench_memory.py [--shape large-16x1024] [--spans 0:1 0:4 0:8 0:16]
     python bench/bench_memory.py --shape moe-8x512 --spans 0:1 0:2 2:4 0:8
+    python bench/bench_memory.py --spans 0:8 --quant none int8 int4 [--model-dir DIR] [--dtype bfloat16]
+
+The second table is the whole process tree as the OS counts it (the sum of the RSS of the node, its DHT
+process, p2pd and torch's shared-memory manager): once ready, after the session, and the sum of their
+peaks (VmHWM), against the span's weights in the node's format and the session's KV cache; "tree - w -
+kv" is what the runtime takes. ``--model-dir`` measures any checkpoint (a pre-quantized one, say).
 
 The blocks' share is their exact weight bytes (``span_weight_bytes``; k/L of the total for a model
 whose blocks are all alike, all experts counted for a Mixture-of-Experts one).
@@ -28,7 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import MOE_SHAPES, SHAPES, checkpoint, table  # noqa: E402
 from homeswarm.client.local_swarm import LocalSwarm  # noqa: E402
 from homeswarm.client.transport import HopStream  # noqa: E402
-from homeswarm.model import CheckpointReader, ModelConfig, cache_bytes, load_head, span_weight_bytes  # noqa: E402
+from homeswarm.model import (  # noqa: E402
+    CheckpointReader,
+    ModelConfig,
+    cache_bytes,
+    load_head,
+    parse_dtype,
+    span_weight_bytes,
+)
 from homeswarm.protocol import node_pb2  # noqa: E402
 
 SESSION_LENGTH = 160  # the measured session: a 128-token prompt, then 8 decoding steps
@@ -88,11 +101,18 @@ def weight_bytes(path: Path) -> tuple[int, int]:
     return block, head
 
 
-def measure_node(path: Path, span: str, hidden: int) -> dict[str, object]:
+def tree(pid: int) -> tuple[int, int]:
+    """(sum of RSS, sum of peak RSS) of ``pid`` and its descendants."""
+    pids = [pid, *(kid for kid, _ in descendants(pid))]
+    return sum(_status_kib(p, "VmRSS") for p in pids), sum(peak_rss(p) for p in pids)
+
+
+def measure_node(path: Path, span: str, hidden: int, *node_args: str) -> dict[str, object]:
     """Peak RSS of the node process and of its helpers (by name), and the PSS of the whole tree."""
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
-        node = swarm.start_node(path, "--blocks", span, "--max-cache-tokens", "1024", timeout=600)
+        node = swarm.start_node(path, "--blocks", span, "--max-cache-tokens", "1024", *node_args, timeout=600)
+        ready = tree(node.process.pid)
         pool = swarm.pool()
         try:
             a, b = (int(x) for x in span.split(":"))
@@ -107,19 +127,46 @@ def measure_node(path: Path, span: str, hidden: int) -> dict[str, object]:
             pool.close()
         pid = node.process.pid
         helpers = descendants(pid)
+        after, peak = tree(pid)
         return {
             "main": peak_rss(pid),
             "helpers": {name: peak_rss(kid) for kid, name in helpers},
             "helpers_peak": sum(peak_rss(kid) for kid, _ in helpers),
             "tree_pss": pss(pid) + sum(pss(kid) for kid, _ in helpers),
+            "tree_ready": ready[0], "tree_after": after, "tree_peak": peak,
         }
+
+
+def tree_table(path: Path, spans: list[str], quants: list[str], dtype: str) -> str:
+    """The process tree per span and weight format (``--quant``), as the OS counts it."""
+    config = ModelConfig.from_dir(path)
+    mib = 2**20
+    rows = []
+    for span in spans:
+        a, b = (int(x) for x in span.split(":"))
+        for quant in quants:
+            w = span_weight_bytes(config, a, b, parse_dtype(dtype), quant)
+            kv = cache_bytes(config, b - a, 1, SESSION_LENGTH, parse_dtype(dtype))
+            m = measure_node(path, span, config.hidden_size, "--quant", quant, "--dtype", dtype)
+            ready, after, peak = (int(m[k]) for k in ("tree_ready", "tree_after", "tree_peak"))  # type: ignore[call-overload]
+            rows.append([path.name, span, dtype, quant, w / mib, kv / mib, ready / mib, after / mib, peak / mib,
+                         (after - w - kv) / mib, f"{peak / ready:.2f}"])
+    return table(["model", "blocks", "dtype", "quant", "weights MiB", "session KV MiB", "tree RSS ready MiB",
+                  "tree RSS after session MiB", "tree peak MiB", "tree - w - kv MiB", "peak / ready"], rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", default="large-16x1024", choices=[*SHAPES, *MOE_SHAPES])
     parser.add_argument("--spans", nargs="+", default=["0:1", "0:4", "0:8", "0:16"])
+    parser.add_argument("--quant", nargs="+", default=None, choices=["none", "int8", "int4"],
+                        help="measure the process tree in these weight formats (the second table) only")
+    parser.add_argument("--dtype", default="float32", help="the nodes' --dtype, with --quant")
+    parser.add_argument("--model-dir", type=Path, default=None, help="a checkpoint instead of --shape, with --quant")
     args = parser.parse_args()
+    if args.quant is not None:
+        print(tree_table(args.model_dir or checkpoint(args.shape), args.spans, args.quant, args.dtype))
+        return
     path = checkpoint(args.shape)
     config = ModelConfig.from_dir(path)
     blocks_bytes, head_bytes = weight_bytes(path)

@@ -5,8 +5,11 @@ Everything started is stopped on exit, Ctrl-C included."""
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 import time
+from pathlib import Path
 
 from homeswarm.client.local_swarm import LocalSwarm, split_blocks
 from homeswarm.client.tokenizer import TextCodec
@@ -15,6 +18,34 @@ from homeswarm.model import DEMO_MODEL_DIR, ModelConfig
 
 def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+def script_command(name: str, *, path: str | None = None, cwd: str | None = None) -> str:
+    """How to type console script ``name`` in this shell: its bare name where PATH finds the one beside this
+    Python (an activated virtual environment), else its path (``.venv/bin/join-swarm`` from the checkout)."""
+    script = Path(sys.executable).parent / name
+    found = shutil.which(name, path=path)
+    if found is not None and Path(found).resolve() == script.resolve():
+        return name
+    return shown_path(script, cwd=cwd)
+
+
+def shown_path(path: str | os.PathLike[str], *, cwd: str | None = None) -> str:
+    """``path`` relative to the working directory where it lies below it, else absolute."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path(cwd or os.getcwd()).absolute()))
+    except ValueError:
+        return str(path)
+
+
+def join_hint(join_swarm: str, model_dir: str, initial_peers: list[str], *, keep_running: bool) -> str:
+    """What the demo says last: how to add a node to the swarm while it runs, or how to keep it running."""
+    if not keep_running:
+        return ("\nThe swarm stops now. To keep it up and add nodes or clients of your own, run the demo with "
+                "--keep-running (homeswarm demo --keep-running, or make demo DEMO_ARGS=--keep-running).\n")
+    return (f"\nAdd a node to this swarm (in another terminal, while it runs) with:\n  {join_swarm} {model_dir} "
+            f"--initial-peers {' '.join(initial_peers)} --num-blocks 2\n")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -61,8 +92,8 @@ def run_demo(args: argparse.Namespace) -> int:
             sys.stdout.write("\n\n")
             _say(f"{len(new_ids)} tokens through {len(daemons)} nodes: {rate:.1f} tokens/s "
                  f"(first token after {(first or end_time) - start_time:.2f} s)")
-        _say("\nAdd a node to this swarm (while it runs) with:\n  join-swarm "
-             f"{model_dir} --initial-peers {' '.join(swarm.initial_peers)} --num-blocks 2\n")
+        _say(join_hint(script_command("join-swarm"), shown_path(model_dir), swarm.initial_peers,
+                       keep_running=args.keep_running))
         if args.keep_running:
             _say("the swarm keeps running (homeswarm demo --keep-running); Ctrl-C stops it")
             try:
