@@ -11,24 +11,28 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from homeswarm.client.config import ClientConfig
-from homeswarm.client.session import SessionError
-from homeswarm.client.speculative import MAX_DRAFT
-from homeswarm.client.tokenizer import TextCodec
-from homeswarm.model import CheckpointReader, ModelConfig
-from homeswarm.model.checkpoint import block_of
-from homeswarm.model.hub import fetch_client_files, is_hub_id
-from homeswarm.routing.planner import MissingBlocksError
+from homeswarm.routing.preflight import check_initial_peers, explain_dht_error, port_taken, split_peers_argv
+
+if TYPE_CHECKING:
+    from homeswarm.client.tokenizer import TextCodec
+    from homeswarm.model import ModelConfig
+
+# Only light modules load at start: --help and bad arguments answer before torch, tokenizers and hivemind
+# load (seconds); each command imports what it needs once its arguments are checked.
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
+_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 class UsageError(Exception):
@@ -77,17 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
                      "or a Hugging Face repository id (owner/name): only those files are downloaded")
     gen.add_argument("--cache-dir", default=None, help="where a repository's files are downloaded (default: "
                      "huggingface_hub's cache, $HF_HUB_CACHE or ~/.cache/huggingface/hub)")
-    gen.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="any peer of the swarm")
+    gen.add_argument("--initial-peers", nargs="+", action="extend", required=True, metavar="MADDR",
+                     help="any peer of the swarm (several: after one flag, comma-separated, or the flag repeated)")
     gen.add_argument("--model-name", help="name the nodes serve the model under (default: the folder's name, or "
                      "the repository id)")
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs tokenizer.json in MODEL_DIR)")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens only (default: all)")
+    gen.add_argument("--top-p", type=float, default=None, help="sample among the likeliest tokens whose "
+                     "probabilities add up to P (nucleus sampling; default: all)")
+    gen.add_argument("--seed", type=int, default=None, help="random seed of the sampling, for repeatable output "
+                     "(default: a fresh one)")
     gen.add_argument("--compression", default="none", choices=["none", "float16", "bfloat16", "int8", "auto"],
                      help="compression of hidden states on the wire (default none: exact; auto picks per hop)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -111,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "tokenizer.json), or a Hugging Face repository id (owner/name): only those files are downloaded")
     srv.add_argument("--cache-dir", default=None, help="where a repository's files are downloaded (default: "
                      "huggingface_hub's cache)")
-    srv.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="any peer of the swarm")
+    srv.add_argument("--initial-peers", nargs="+", action="extend", required=True, metavar="MADDR",
+                     help="any peer of the swarm (several: after one flag, comma-separated, or the flag repeated)")
     srv.add_argument("--model-name", help="name the nodes serve the model under, and the model id of the API "
                      "(default: the folder's name, or the repository id)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
@@ -126,16 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show what the swarm serves: per model its blocks, who serves them, "
                             "their state, throughput, free cache and weight format")
-    status.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR", help="any peer of the swarm")
+    status.add_argument("--initial-peers", nargs="+", action="extend", required=True, metavar="MADDR",
+                     help="any peer of the swarm (several: after one flag, comma-separated, or the flag repeated)")
     status.add_argument("--model-name", action="append", default=None, metavar="NAME",
                         help="show only this model (repeatable; default: every model announced)")
     status.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
     dht = sub.add_parser("dht", help="run a bootstrap DHT peer (serves no model)")
-    dht.add_argument("--host", default="127.0.0.1")
-    dht.add_argument("--port", type=int, default=0)
+    dht.add_argument("--host", default="127.0.0.1", help="address the DHT listens on (default 127.0.0.1: this "
+                     "machine only; 0.0.0.0: every interface)")
+    dht.add_argument("--port", type=int, default=0, help="TCP port the DHT listens on (default 0 picks a free one; "
+                     "give one, with --identity, for an address that stays the same across restarts)")
     dht.add_argument("--ready-file", default=None, help="write {peer_id, dht_maddrs} here once up")
-    dht.add_argument("--initial-peers", nargs="+", default=[], metavar="MADDR",
+    dht.add_argument("--identity", default=None, metavar="PATH", help="file with the peer's private key, created on "
+                     "first use: the peer id, and with a fixed --port the multiaddrs, stay the same across restarts "
+                     "(default: a new peer id at every start)")
+    dht.add_argument("--initial-peers", nargs="+", action="extend", default=[], metavar="MADDR",
                      help="join an existing swarm as one more bootstrap peer and relay (default: start one)")
 
     # listed for --help only: main() hands `homeswarm dashboard ...` to the dashboard's own command line
@@ -143,12 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "Prometheus metrics, with history (options: homeswarm dashboard --help)")
 
     demo = sub.add_parser("demo", help="start a local swarm with the demo model and generate text")
-    demo.add_argument("--prompt", default="ROMEO:\n")
-    demo.add_argument("--max-new-tokens", type=int, default=120)
-    demo.add_argument("--nodes", type=int, default=3)
-    demo.add_argument("--temperature", type=float, default=0.8)
-    demo.add_argument("--top-k", type=int, default=40)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--prompt", default="ROMEO:\n", help="text to continue (default: 'ROMEO:' and a newline)")
+    demo.add_argument("--max-new-tokens", type=int, default=120, help="tokens to generate (default 120)")
+    demo.add_argument("--nodes", type=int, default=3, help="join-swarm nodes to start, each serving a share of the "
+                      "blocks (default 3)")
+    demo.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 is greedy "
+                      "(default 0.8)")
+    demo.add_argument("--top-k", type=int, default=40, help="sample among the K likeliest tokens (default 40)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
     demo.add_argument("--keep-running", action="store_true",
                       help="keep the swarm up after generating, so other nodes and clients can join; Ctrl-C stops it")
     return parser
@@ -157,8 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_dir(args: argparse.Namespace) -> Path:
     """MODEL_DIR, or for a repository id the snapshot folder its client files were downloaded to (the
     repository id is then the default model name)."""
+    path = Path(args.model_dir)
+    if not path.exists() and (not _REPO_ID.fullmatch(args.model_dir) or path.parent.exists()):
+        raise UsageError(f"{args.model_dir} is not a checkpoint folder (no config.json)")  # before loading torch
+    from homeswarm.model.hub import fetch_client_files, is_hub_id
+
     if not is_hub_id(args.model_dir):
-        return Path(args.model_dir)
+        return path
     try:
         folder = fetch_client_files(args.model_dir, cache_dir=args.cache_dir)
     except (OSError, ValueError) as e:
@@ -172,6 +193,9 @@ def _check_checkpoint(model_dir: Path, *, head_only: bool = True) -> ModelConfig
     network. ``head_only``: a client's folder needs only the shards of the head (not a draft model's)."""
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"{model_dir} is not a checkpoint folder (no config.json)")
+    from homeswarm.model import CheckpointReader, ModelConfig
+    from homeswarm.model.checkpoint import block_of
+
     try:
         config = ModelConfig.from_dir(model_dir)
         reader = CheckpointReader(model_dir)
@@ -196,9 +220,8 @@ def _check_speculative(spec: str, vocab: int) -> None:
 
 
 def _check_peers(peers: Sequence[str]) -> None:
-    for peer in peers:
-        if not peer.startswith("/"):
-            raise UsageError(f"--initial-peers takes multiaddrs (/ip4/HOST/tcp/PORT/p2p/PEER_ID), got {peer!r}")
+    if (bad := check_initial_peers(peers)) is not None:
+        raise UsageError(bad)
 
 
 def _join(model_dir: Path, args: argparse.Namespace):  # noqa: ANN202 - the client class loads lazily
@@ -216,12 +239,14 @@ def _join(model_dir: Path, args: argparse.Namespace):  # noqa: ANN202 - the clie
     except (MissingTensorsError, MissingShardsError) as e:
         raise UsageError(str(e)) from None
     except Exception as e:  # hivemind raises several types for unreachable or malformed peers
-        raise JoinError(f"could not join the swarm through --initial-peers: {e}") from None
+        raise JoinError(_join_failure(e, args.initial_peers)) from None
+
+
+def _join_failure(error: Exception, peers: Sequence[str]) -> str:
+    return f"could not join the swarm through --initial-peers: {explain_dht_error(error, peers, '127.0.0.1', 0)}"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    model_dir = _model_dir(args)
-    vocab = _check_checkpoint(model_dir).vocab_size
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
     if args.temperature < 0:
@@ -233,6 +258,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not 0 <= args.verify_fraction <= 1:
         raise UsageError("--verify-fraction must be in [0, 1]")
     _check_peers(args.initial_peers)
+    model_dir = _model_dir(args)
+    vocab = _check_checkpoint(model_dir).vocab_size
+    from homeswarm.client.speculative import MAX_DRAFT
+    from homeswarm.client.tokenizer import TextCodec
+
     if args.speculative is not None:
         _check_speculative(args.speculative, vocab)
     codec = TextCodec.for_model(model_dir)
@@ -297,17 +327,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from homeswarm.client.chat_template import ChatTemplate, ChatTemplateError
-
-    model_dir = _model_dir(args)
-    config = _check_checkpoint(model_dir)
-    codec = TextCodec.for_model(model_dir)
-    if codec is None:
-        raise UsageError(f"{model_dir} has no tokenizer.json: the HTTP API needs it to read and write text")
-    try:
-        template = ChatTemplate.for_model(model_dir)
-    except (ChatTemplateError, ValueError, OSError) as e:
-        raise UsageError(f"{model_dir}: {e}") from None
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.max_sessions < 1:
@@ -316,6 +335,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
         raise UsageError("--api-key must not be empty nor start or end with spaces")
     _check_peers(args.initial_peers)
+    model_dir = _model_dir(args)
+    config = _check_checkpoint(model_dir)
+    from homeswarm.client.chat_template import ChatTemplate, ChatTemplateError
+    from homeswarm.client.tokenizer import TextCodec
+
+    codec = TextCodec.for_model(model_dir)
+    if codec is None:
+        raise UsageError(f"{model_dir} has no tokenizer.json: the HTTP API needs it to read and write text")
+    try:
+        template = ChatTemplate.for_model(model_dir)
+    except (ChatTemplateError, ValueError, OSError) as e:
+        raise UsageError(f"{model_dir}: {e}") from None
 
     from homeswarm.client.openai_api.app import ServedModel, create_app
     from homeswarm.client.openai_api.engine import SwarmEngine
@@ -351,14 +382,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    _check_peers(args.initial_peers)
     from homeswarm.client.status import format_report, swarm_report
     from homeswarm.routing.dht import SwarmDHT
 
-    _check_peers(args.initial_peers)
     try:
         dht = SwarmDHT.create(args.initial_peers, client_mode=True)
     except Exception as e:  # hivemind raises several types for unreachable or malformed peers
-        raise JoinError(f"could not join the swarm through --initial-peers: {e}") from None
+        raise JoinError(_join_failure(e, args.initial_peers)) from None
     try:
         models = dht.list_models()
         if args.model_name:
@@ -372,17 +403,30 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_dht(args: argparse.Namespace) -> int:
+    _check_peers(args.initial_peers)
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if (taken := port_taken(args.host, args.port)) is not None:  # p2pd would share it silently
+        raise UsageError(f"--port {args.port}: {taken}")
     from homeswarm.protocol.ready_file import write_ready_file
     from homeswarm.routing.dht import SwarmDHT
 
-    _check_peers(args.initial_peers)
+    key = None
+    if args.identity is not None:  # the same peer id, so the same multiaddrs with a fixed --port, at every start
+        from homeswarm.routing.signing import NodeKey
+
+        try:
+            key = NodeKey.load_or_create(args.identity)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--identity: {e}") from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        dht = SwarmDHT.create(args.initial_peers, host=args.host, port=args.port, relay_service=True)
+        dht = SwarmDHT.create(args.initial_peers, host=args.host, port=args.port, relay_service=True, key=key)
     except Exception as e:
-        raise UsageError(f"could not start the DHT on {args.host}:{args.port}: {e}") from None
+        raise UsageError(f"could not start the DHT on {args.host}:{args.port}: "
+                         + explain_dht_error(e, args.initial_peers, args.host, args.port)) from None
     try:
         from homeswarm.routing.relay import serve_reachability_checks
 
@@ -402,13 +446,22 @@ def run_dashboard(argv: Sequence[str]) -> None:
     os.execv(sys.executable, [sys.executable, "-m", "homeswarm.dashboard", *argv])
 
 
+def _swarm_failure(error: Exception) -> bool:
+    """Whether ``error`` says the swarm could not serve the request (exit code 1, one line). The classes load
+    here, where the request ran (and so loaded them), not at start."""
+    from homeswarm.client.session import SessionError
+    from homeswarm.routing.planner import MissingBlocksError
+
+    return isinstance(error, (MissingBlocksError, SessionError))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = [a for a in argv[:2] if a in ("-v", "--verbose")]
     if argv[len(flags):len(flags) + 1] == ["dashboard"]:
         run_dashboard([*argv[len(flags) + 1:], *(["--verbose"] if flags else [])])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(split_peers_argv(argv))  # a model's folder may follow --initial-peers MADDR ...
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -430,7 +483,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except UsageError as e:
         print(f"homeswarm: error: {e}", file=sys.stderr)
         code = EXIT_BAD_INPUT
-    except (MissingBlocksError, SessionError, JoinError, TimeoutError) as e:  # TimeoutError: a DHT call
+    except (JoinError, TimeoutError) as e:  # TimeoutError: a DHT call
+        print(f"homeswarm: error: {e}", file=sys.stderr)
+        code = EXIT_FAILED
+    except Exception as e:
+        if not _swarm_failure(e):
+            raise
         print(f"homeswarm: error: {e}", file=sys.stderr)
         code = EXIT_FAILED
     except KeyboardInterrupt:

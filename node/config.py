@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from homeswarm.model.quant import DEFAULT_INT4_GROUP_SIZE, INT4_GROUP_SIZES, QUANT_FORMATS
 from homeswarm.node.capacity import DEFAULT_CACHE_SHARE, parse_size
-from homeswarm.routing.block_chooser import DEFAULT_IMBALANCE
+from homeswarm.routing.preflight import check_initial_peers, split_peers_argv
 from homeswarm.routing.records import is_valid_address
+
+# homeswarm.model.quant's choices (a test holds them equal): importing it would load torch, and the
+# command line must answer --help and refuse bad input without that (it takes seconds)
+QUANT_FORMATS = ("none", "int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
+DEFAULT_INT4_GROUP_SIZE = 32
+DEFAULT_IMBALANCE = 0.2  # homeswarm.routing.block_chooser's (which loads numpy): a test holds them equal
 
 
 class ConfigError(ValueError):
@@ -40,7 +47,8 @@ class NodeConfig:
     num_blocks: int | None = _opt(None, "serve N blocks, chosen where the swarm is weakest (default: as many as "
                                   "fit --max-memory)")
     new_swarm: bool = _opt(False, "start a new swarm instead of joining one")
-    initial_peers: tuple[str, ...] = _opt((), "multiaddrs of peers already in the swarm", nargs="+")
+    initial_peers: tuple[str, ...] = _opt((), "multiaddrs of peers already in the swarm (several after one flag, "
+                                          "comma-separated, or the flag repeated)", nargs="+", action="extend")
     host: str = _opt("127.0.0.1", "address the gRPC service binds to")
     port: int = _opt(0, "gRPC port (0 picks a free port)")
     dht_port: int = _opt(0, "DHT (libp2p) port (0 picks a free port)")
@@ -59,6 +67,9 @@ class NodeConfig:
     insecure: bool = _opt(False, "serve gRPC in plaintext, without TLS (for benchmarks and trusted networks; "
                           "clients with --require-tls skip this node)")
     ready_file: str | None = _opt(None, "once serving, write a JSON object about this node here (atomically)")
+    identity: str | None = _opt(None, "file with the node's private key, created on first use: the node keeps "
+                                "its peer id, and so its DHT address (with a fixed --dht-port), across restarts "
+                                "(default: a new key at every start)")
     max_cache_tokens: int | None = _opt(
         None, "KV cache budget, in tokens of batch size 1 (default: a quarter of free memory)"
     )
@@ -118,6 +129,8 @@ class NodeConfig:
     def validate(self) -> NodeConfig:
         if self.new_swarm == bool(self.initial_peers):
             raise ConfigError("give exactly one of --new-swarm or --initial-peers MADDR [MADDR ...]")
+        if (bad_peer := check_initial_peers(self.initial_peers)) is not None:
+            raise ConfigError(bad_peer)
         if self.blocks is not None and self.num_blocks is not None:
             raise ConfigError("give at most one of --blocks A:B and --num-blocks N")
         if self.blocks is not None:
@@ -203,13 +216,19 @@ class NodeConfig:
                 continue
             kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(str(f.type), str)
             default_text = "" if f.default in (None, (), "") else f" (default: {f.default})"
-            parser.add_argument(flag, type=kind, default=f.default, help=help_text + default_text, **meta)
+            # None for a tuple: argparse's "extend" adds to a list (from_args makes it a tuple again)
+            default = None if f.default == () else f.default
+            parser.add_argument(flag, type=kind, default=default, help=help_text + default_text, **meta)
         return parser
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> NodeConfig:
+        argv = split_peers_argv(sys.argv[1:] if argv is None else argv)  # MODEL_DIR may follow the peers
         args = vars(cls.parser().parse_args(argv))
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         for name, value in args.items():
             if isinstance(value, list):  # nargs="+" flags: tuples, as the frozen config holds them
                 args[name] = tuple(value)
+            elif value is None and defaults[name] == ():
+                args[name] = ()
         return cls(**args).validate()

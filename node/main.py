@@ -46,6 +46,7 @@ from homeswarm.node.executor import ComputeExecutor
 from homeswarm.node.handoff_targets import HandoffTargets
 from homeswarm.node.metrics import CacheUse, NodeMetrics, serve_metrics
 from homeswarm.node.peer_limits import PeerLimits
+from homeswarm.node.preflight import parse_args
 from homeswarm.node.reachability import start_dht
 from homeswarm.node.service import NodeIdentity, NodeService
 from homeswarm.node.sessions import SessionManager
@@ -107,7 +108,11 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     check_local_shards(config, block_range, total_blocks)
 
     logger.info("starting the DHT peer")
-    dht, relays, config = await start_dht(config, NodeKey())  # checks how others reach it (node.reachability)
+    try:  # the same peer id across restarts with --identity
+        key = NodeKey() if config.identity is None else NodeKey.load_or_create(config.identity)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--identity: {e}") from None
+    dht, relays, config = await start_dht(config, key)  # checks how others reach it (node.reachability)
     metrics = NodeMetrics()  # one for the process: its counters carry on across serving periods
     # one TLS certificate for the process too (pinned by every record it announces); none with --insecure
     certificate = None if config.insecure else NodeCertificate()
@@ -337,11 +342,11 @@ async def _run(config: NodeConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    try:
-        config = NodeConfig.from_args(argv)
-    except ConfigError as e:
-        print(f"join-swarm: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(parse_args(argv))
+
+
+def run(config: NodeConfig) -> None:
+    """Run the node of a checked config (``node.preflight.parse_args``) until it stops; exit with its code."""
     setup_logging()
     fault = os.environ.get("HOMESWARM_FAULT", "")
     if fault not in ("", "corrupt", "wrong-cert"):

@@ -22,6 +22,7 @@ import secrets
 
 from homeswarm.node.config import ConfigError, NodeConfig
 from homeswarm.routing.dht import SwarmDHT
+from homeswarm.routing.preflight import explain_dht_error
 from homeswarm.routing.relay import ask_dial_back, serve_reachability_checks
 from homeswarm.routing.signing import NodeKey
 
@@ -61,7 +62,8 @@ async def _create_dht(config: NodeConfig, key: NodeKey, relays: tuple[str, ...])
             relay_service=not relays,  # a node others reach relays for those they cannot
         )
     except Exception as e:  # hivemind raises several types for unreachable or malformed peers
-        raise ConfigError(f"could not start or join the DHT: {e}") from None
+        raise ConfigError("could not start or join the DHT: "
+                          + explain_dht_error(e, config.initial_peers, config.host, config.dht_port)) from None
 
 
 async def _check(config: NodeConfig, dht: SwarmDHT) -> tuple[bool, NodeConfig]:

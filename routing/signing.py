@@ -20,10 +20,12 @@ import hashlib
 import logging
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import multihash
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
@@ -59,6 +61,31 @@ class NodeKey:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data.SerializeToString())
+
+    @classmethod
+    def load_or_create(cls, path: str | os.PathLike[str]) -> NodeKey:
+        """The key in libp2p identity file ``path`` (written by :meth:`write_identity`), or a new key written
+        there when no file exists yet: a peer keeps its peer id, and so its DHT address, across restarts.
+        ValueError (naming the file) when it holds no RSA key."""
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            key = cls()
+            key.write_identity(os.fspath(path))
+            return key
+        try:
+            message = crypto_pb2.PrivateKey.FromString(data)
+            if message.key_type != crypto_pb2.KeyType.RSA:
+                raise ValueError("not an RSA key")
+            loaded = serialization.load_der_private_key(message.data, password=None)
+            if not isinstance(loaded, rsa.RSAPrivateKey):
+                raise ValueError("not an RSA key")
+        except Exception as e:  # protobuf and cryptography raise several types for a damaged file
+            raise ValueError(f"{os.fspath(path)} is not a peer identity file (an RSA key in libp2p's format): "
+                             f"{e or type(e).__name__}") from None
+        private_key = RSAPrivateKey.__new__(RSAPrivateKey)
+        private_key._private_key = loaded  # hivemind's class has no constructor from bytes
+        return cls(private_key)
 
     def validators(self, models_key: str) -> list[RecordValidatorBase]:
         return [SignatureValidator(self.private_key), SwarmRecordValidator(models_key)]

@@ -1,0 +1,148 @@
+"""node.preflight: join-swarm's checks of its files and settings before torch, hivemind and the DHT start."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from homeswarm.node.config import ConfigError, NodeConfig
+from homeswarm.node.preflight import check, check_model_path, resolve_wildcard
+
+PEER = "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWBGeVDU6RWjU62wSHBu8SxcPN7iTm4V8PdZLu2sjXWcx9"
+
+
+@pytest.fixture
+def model(tmp_path):
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+def config(*argv: str) -> NodeConfig:
+    return NodeConfig.from_args(list(argv))
+
+
+def test_a_good_folder_passes(model):
+    assert check(config(str(model), "--initial-peers", PEER)) == config(str(model), "--initial-peers", PEER)
+
+
+@pytest.mark.parametrize("case", ["missing", "misspelt", "file", "no_config", "bad_config", "no_weights"])
+def test_model_folders_that_cannot_serve(case, model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path, expected = {
+        "missing": (str(tmp_path / "nothing"), "model directory not found"),
+        "misspelt": ("tinyy", "model directory not found"),
+        "file": (str(model / "config.json"), "is not a folder"),
+        "no_config": (str(model), "no config.json"),
+        "bad_config": (str(model), "is not a checkpoint config"),
+        "no_weights": (str(model), "holds no block's weights"),
+    }[case]
+    if case == "no_config":
+        (model / "config.json").unlink()
+    if case == "bad_config":
+        (model / "config.json").write_text("[1, 2")
+    if case == "no_weights":
+        (model / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=expected):
+        check_model_path(path)
+
+
+def test_hub_ids_and_snapshots_are_left_to_the_download(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    check_model_path("owner/name")  # no folder "owner" here: a repository id
+    (tmp_path / "owner").mkdir()
+    with pytest.raises(ConfigError, match="not found"):
+        check_model_path("owner/name")  # a folder "owner" here: a mistyped path
+    snapshot = tmp_path / "models--owner--name" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    check_model_path(str(snapshot))  # downloads the shards it lacks
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--max-memory", "1MiB"], r"--max-memory 1MiB is less than the node's runtime alone"),
+    (["--max-memory", "4"], r"a number without a unit is bytes"),
+    (["--identity", "/nonexistent-folder/id.key"], r"--identity .*cannot create it"),
+])  # fmt: skip
+def test_settings_that_cannot_work(argv, expected, model):
+    with pytest.raises(ConfigError, match=expected):
+        check(config(str(model), "--new-swarm", *argv))
+
+
+def test_small_budgets_with_a_stated_runtime_pass(model):
+    check(config(str(model), "--new-swarm", "--max-memory", "64MiB", "--fixed-cost", "0"))
+
+
+@pytest.mark.parametrize("flag", ["--port", "--dht-port", "--metrics-port"])
+def test_taken_ports(flag, model):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"^{flag} {port}: port {port} on 127.0.0.1 is taken"):
+            check(config(str(model), "--new-swarm", flag, str(port)))
+
+
+def test_a_wildcard_bind_announces_the_interface_toward_the_peers(model):
+    resolved = resolve_wildcard(config(str(model), "--initial-peers", PEER, "--host", "0.0.0.0"))
+    host, port = resolved.public_address.rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) == resolved.port > 0
+    fixed = resolve_wildcard(config(str(model), "--initial-peers", PEER, "--host", "0.0.0.0", "--port", "31330"))
+    assert fixed.public_address == "127.0.0.1:31330"
+    given = config(str(model), "--initial-peers", PEER, "--host", "0.0.0.0", "--public-address", "example.org:1")
+    assert resolve_wildcard(given) == given
+    plain = config(str(model), "--initial-peers", PEER)
+    assert resolve_wildcard(plain) == plain
+
+
+def test_a_wildcard_bind_without_a_route_names_public_address(model, monkeypatch):
+    monkeypatch.setattr("homeswarm.node.preflight.outgoing_host", lambda peers: None)
+    with pytest.raises(ConfigError, match="--public-address HOST:PORT"):
+        resolve_wildcard(config(str(model), "--new-swarm", "--host", "0.0.0.0"))
+
+
+def test_the_model_folder_may_follow_the_peers(model):
+    c = config("--initial-peers", PEER, str(model), "--blocks", "0:1")
+    assert c.model_dir == str(model) and c.initial_peers == (PEER,)
+    assert config("--initial-peers", f"{PEER},{PEER}", str(model)).initial_peers == (PEER, PEER)
+
+
+def test_the_command_line_loads_no_torch_or_hivemind(model):
+    """--help and bad input answer before the heavy imports (seconds of a start)."""
+    code = ("import sys\nfrom homeswarm.node.preflight import parse_args\n"
+            f"try:\n    parse_args([{str(model)!r}, '--new-swarm', '--max-memory', '1KiB'])\n"
+            "except SystemExit as e:\n    assert e.code == 2\n"
+            "print(sorted(m for m in ('torch', 'hivemind', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    assert out.stderr.startswith("join-swarm: error: --max-memory 1KiB") and out.stderr.count("\n") == 1
+
+
+def test_the_cli_copies_of_model_and_routing_constants_agree():
+    from homeswarm.model import quant
+    from homeswarm.node import config as node_config
+    from homeswarm.routing import block_chooser
+
+    assert node_config.QUANT_FORMATS == quant.QUANT_FORMATS
+    assert node_config.INT4_GROUP_SIZES == quant.INT4_GROUP_SIZES
+    assert node_config.DEFAULT_INT4_GROUP_SIZE == quant.DEFAULT_INT4_GROUP_SIZE
+    assert node_config.DEFAULT_IMBALANCE == block_chooser.DEFAULT_IMBALANCE
+
+
+def test_an_identity_file_keeps_the_peer_id(tmp_path):
+    from homeswarm.routing.signing import NodeKey
+
+    path = tmp_path / "node.key"
+    first = NodeKey.load_or_create(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert NodeKey.load_or_create(path).peer_id == first.peer_id
+    path.write_bytes(b"not a key")
+    with pytest.raises(ValueError, match="is not a peer identity file"):
+        NodeKey.load_or_create(path)
