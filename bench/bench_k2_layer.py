@@ -230,6 +230,27 @@ def projection(efficiency: float, long_extra: float) -> None:
                  "tok/s, 10 ms, context 4096"], rows))
 
 
+class Breakdown:
+    """Seconds spent in the layer's parts during the steps run while it is attached (forward hooks)."""
+
+    PARTS = ("self_attn", "mlp.gate", "mlp.experts", "mlp.shared_expert")
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        self.seconds: dict[str, list[float]] = {part: [] for part in self.PARTS}
+        self.started: dict[str, float] = {}
+        self.handles = []
+        for part in self.PARTS:
+            module = block.get_submodule(part)
+            self.handles.append(module.register_forward_pre_hook(
+                lambda _m, _i, part=part: self.started.__setitem__(part, time.perf_counter())))
+            self.handles.append(module.register_forward_hook(
+                lambda _m, _i, _o, part=part: self.seconds[part].append(time.perf_counter() - self.started[part])))
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -267,6 +288,9 @@ def main() -> None:
     for runner in [*runners, *attention.values()]:  # warm-up
         runner.run()
     attention_times: dict[tuple[int, str], list[float]] = {key: [] for key in attention}
+    index = {(c.name, c.context, c.batch, c.form): i for i, c in enumerate(CASES)}
+    parts: dict[str, list[float]] = {part: [] for part in Breakdown.PARTS}
+    step_times: list[float] = []
     buffer = torch.ones(GIB // 4)
     bws: list[float] = []
     times: list[list[float]] = [[] for _ in CASES]
@@ -284,6 +308,11 @@ def main() -> None:
             effs[i].append(read / t / bw)
         for key in list(attention) if r % 2 == 0 else list(attention)[::-1]:
             attention_times[key].append(attention[key].run())
+        breakdown = Breakdown(span.layers[0])
+        step_times.append(runners[index[("decode", 128, 1, "auto")]].run()[0])
+        breakdown.detach()
+        for part, seconds in breakdown.seconds.items():
+            parts[part].append(statistics.median(seconds))
         print(f"  round {r + 1}/{args.rounds}: read {bw / 1e9:.1f} GB/s", file=sys.stderr, flush=True)
     loads.append(_load())
     del buffer
@@ -291,7 +320,6 @@ def main() -> None:
     def ratio(a: int, b: int) -> float:
         return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
-    index = {(c.name, c.context, c.batch, c.form): i for i, c in enumerate(CASES)}
     rows = []
     for i, case in enumerate(CASES):
         step = statistics.median(times[i])
@@ -331,6 +359,14 @@ def main() -> None:
                      f"{statistics.median(e / a for a, e in zip(absorbed, expanded, strict=True)):.2f}x"])
     print("MLA attention alone, one decoding row (median ms; expanded / absorbed: median of per-round ratios)")
     print(table(["context", "absorbed ms", "expanded ms", "expanded / absorbed"], rows))
+    print()
+    rows = []
+    for part, seconds in parts.items():
+        share = statistics.median(x / t for x, t in zip(seconds, step_times, strict=True))
+        rows.append([part, f"{statistics.median(seconds) * 1000:.1f}", f"{share:.0%}"])
+    rows.append(["whole step", f"{statistics.median(step_times) * 1000:.1f}", "100%"])
+    print("where a decoding step goes (batch 1, context 128; medians, share: median of per-round shares)")
+    print(table(["part", "ms", "share of the step"], rows))
     print()
     short, long = attention_times[(128, "absorbed")], attention_times[(4096, "absorbed")]
     projection(statistics.median(effs[index[("decode", 128, 1, "auto")]]),
