@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from homeswarm.client.config import ClientConfig
-from homeswarm.routing.preflight import check_initial_peers, explain_dht_error, port_taken, split_peers_argv
+from homeswarm.routing.preflight import (
+    check_initial_peers,
+    explain_dht_error,
+    identity_problem,
+    port_taken,
+    split_peers_argv,
+)
 
 if TYPE_CHECKING:
     from homeswarm.client.tokenizer import TextCodec
@@ -408,6 +414,8 @@ def cmd_dht(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if (taken := port_taken(args.host, args.port)) is not None:  # p2pd would share it silently
         raise UsageError(f"--port {args.port}: {taken}")
+    if args.identity is not None and (problem := identity_problem(args.identity)) is not None:
+        raise UsageError(problem)
     from homeswarm.protocol.ready_file import write_ready_file
     from homeswarm.routing.dht import SwarmDHT
 

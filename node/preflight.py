@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import socket
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from homeswarm.node.capacity import DEFAULT_FIXED_COST, WORKING_MEMORY, parse_size
 from homeswarm.node.config import ConfigError, NodeConfig
-from homeswarm.routing.preflight import is_wildcard, outgoing_host, port_taken
+from homeswarm.routing.preflight import identity_problem, is_wildcard, outgoing_host, port_taken
 
 _REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _SNAPSHOT = re.compile(r"models--[^/]+/snapshots/[0-9a-f]{40}$")
@@ -88,14 +87,8 @@ def check_memory(config: NodeConfig) -> None:
 
 def check_identity(identity: str | None) -> None:
     """The identity file is read, or created, where the node's user may do so."""
-    if identity is None:
-        return
-    path = Path(identity)
-    if path.exists():
-        if not path.is_file() or not os.access(path, os.R_OK):
-            raise ConfigError(f"--identity {identity}: not a readable file")
-    elif not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
-        raise ConfigError(f"--identity {identity}: cannot create it (no writable folder {path.parent})")
+    if identity is not None and (problem := identity_problem(identity)) is not None:
+        raise ConfigError(problem)
 
 
 def resolve_wildcard(config: NodeConfig) -> NodeConfig:

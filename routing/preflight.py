@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import re
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 
 PEERS_FLAG = "--initial-peers"
 # the protocols a multiaddr of a peer starts with; a path to a folder (a model) starts otherwise
@@ -87,6 +89,18 @@ def port_taken(host: str, port: int) -> str | None:
             if e.errno == errno.EADDRNOTAVAIL:
                 return f"{host} is not an address of this machine: give one of its own, or 0.0.0.0 for every interface"
             return f"cannot listen on {host}:{port}: {e.strerror or e}"
+    return None
+
+
+def identity_problem(identity: str) -> str | None:
+    """A one-line message if the peer identity file ``identity`` can be neither read nor created, else None
+    (whether it holds a key is checked where it is read: ``routing.signing.NodeKey.load_or_create``)."""
+    path = Path(identity)
+    if path.exists():
+        if not path.is_file() or not os.access(path, os.R_OK):
+            return f"--identity {identity}: not a readable file"
+    elif not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        return f"--identity {identity}: cannot create it (no writable folder {path.parent})"
     return None
 
 

@@ -1,0 +1,129 @@
+"""A new user's and a new volunteer's first commands, through the console scripts.
+
+Bad input answers in one line with exit code 2 in under two seconds, before torch, hivemind or the DHT
+start; a bootstrap peer and a node keep their peer id (and the bootstrap peer its multiaddrs) across
+restarts with --identity; a port another process holds is refused by name; a node bound to 0.0.0.0
+announces an address peers can dial; a peer nobody answers at is named with what to check.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from homeswarm.client.local_swarm import LocalSwarm, console_script
+from homeswarm.routing.signing import NodeKey
+from tests.e2e.test_cli import assert_usage_error, run_cli
+from tests.helpers.checkpoints import make_checkpoint
+
+DEAD_PEER = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWBGeVDU6RWjU62wSHBu8SxcPN7iTm4V8PdZLu2sjXWcx9"
+FAST = 2.0  # seconds a usage error or --help may take, interpreter start included
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "llama3", num_layers=2, seed=5)
+
+
+@pytest.fixture
+def held_port():
+    """A port another process listens on, with SO_REUSEPORT as p2pd does."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        yield holder.getsockname()[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def timed(script: str, *args: str) -> tuple[float, object]:
+    t0 = time.monotonic()
+    result = run_cli(script, *args, timeout=30)
+    return time.monotonic() - t0, result
+
+
+@pytest.mark.parametrize("script", ["join-swarm", "homeswarm"])
+def test_help_is_fast(script):
+    args = ["--help"] if script == "join-swarm" else ["generate", "--help"]
+    seconds, result = timed(script, *args)
+    assert result.returncode == 0 and "--initial-peers" in result.stdout, result.stderr
+    assert seconds < FAST, f"{script} {' '.join(args)} took {seconds:.2f} s"
+
+
+BAD_INPUT = {
+    "join_missing_folder": ("join-swarm", ["{tmp}/nothing", "--new-swarm"], r"model directory not found"),
+    "join_no_weights": ("join-swarm", ["{no_weights}", "--new-swarm"], r"holds no block's weights"),
+    "join_tiny_budget": ("join-swarm", ["{ckpt}", "--new-swarm", "--max-memory", "1MiB"],
+                         r"--max-memory 1MiB is less than the node's runtime"),
+    "join_bad_peer": ("join-swarm", ["{ckpt}", "--initial-peers", "/ip4/1.2.3.4/tcp/5"], r"with a peer id.*tcp/5'"),
+    "join_dht_port_taken": ("join-swarm", ["{ckpt}", "--new-swarm", "--dht-port", "{port}"],
+                            r"--dht-port {port}: port {port} on 127\.0\.0\.1 is taken"),
+    "join_grpc_port_taken": ("join-swarm", ["{ckpt}", "--new-swarm", "--port", "{port}"], r"--port {port}: .* taken"),
+    "join_peers_then_folder": ("join-swarm", ["--initial-peers", DEAD_PEER, "{tmp}/nothing"], r"not found: .*nothing"),
+    "dht_port_taken": ("homeswarm", ["dht", "--port", "{port}"], r"--port {port}: port {port} on 127\.0\.0\.1 is taken"),
+    "dht_bad_identity": ("homeswarm", ["dht", "--identity", "{tmp}/no/such/folder/id.key"], r"--identity"),
+    "generate_missing_folder": ("homeswarm", ["generate", "{tmp}/nothing", "--initial-peers", DEAD_PEER,
+                                              "--prompt-ids", "1"], r"no config\.json"),
+    "generate_peers_then_folder": ("homeswarm", ["generate", "--initial-peers", DEAD_PEER, "{tmp}/nothing",
+                                                 "--prompt-ids", "1"], r"nothing is not a checkpoint folder"),
+    "generate_bad_peer": ("homeswarm", ["generate", "{ckpt}", "--initial-peers", "garbage", "--prompt-ids", "1"],
+                          r"--initial-peers takes multiaddrs.*'garbage'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
+def test_bad_input_is_one_fast_line(case, ckpt, tmp_path, held_port):
+    script, args, pattern = BAD_INPUT[case]
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((ckpt / "config.json").read_text())
+    args = [a.format(tmp=tmp_path, ckpt=ckpt, no_weights=no_weights, port=held_port) for a in args]
+    seconds, result = timed(script, *args)
+    assert_usage_error(result, script, pattern.format(port=held_port))
+    assert seconds < FAST, f"{case} took {seconds:.2f} s: {result.stderr}"
+
+
+def test_identity_keeps_a_bootstrap_address_and_a_node_id(ckpt, tmp_path):
+    identity, port = tmp_path / "dht.key", free_port()
+    argv = [*console_script("homeswarm"), "dht", "--identity", str(identity), "--port", str(port)]
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    with LocalSwarm(tmp_path / "first") as swarm:
+        first = swarm.start_process(argv, "dht", timeout=60).info
+    assert identity.stat().st_mode & 0o777 == 0o600
+    assert first["peer_id"] == NodeKey.load_or_create(identity).peer_id
+    with LocalSwarm(tmp_path / "second") as swarm:
+        second = swarm.start_process(argv, "dht", timeout=60).info
+        assert (second["peer_id"], second["dht_maddrs"]) == (first["peer_id"], first["dht_maddrs"])
+        # the port is held by that peer's p2pd now: a second bootstrap peer and a node's DHT are refused
+        result = run_cli("homeswarm", "dht", "--port", str(port), timeout=30)
+        assert_usage_error(result, "homeswarm", rf"--port {port}: port {port} on 127\.0\.0\.1 is taken")
+        result = run_cli("join-swarm", ckpt, "--initial-peers", *second["dht_maddrs"], "--dht-port", str(port),
+                         timeout=30)
+        assert_usage_error(result, "join-swarm", rf"--dht-port {port}: .* taken")
+
+        # a node bound to every interface announces the one its peers reach it on, with its own identity
+        node_key = tmp_path / "node.key"
+        node = swarm.start_process([*console_script("join-swarm"), str(ckpt), "--initial-peers", *second["dht_maddrs"],
+                                    "--host", "0.0.0.0", "--identity", str(node_key), "--blocks", "0:2",
+                                    "--throughput", "100", "--insecure"], "node", timeout=120)
+        host, node_port = node.info["address"].rsplit(":", 1)
+        assert host == "127.0.0.1" and int(node_port) > 0, node.info
+        assert node.info["peer_id"] == NodeKey.load_or_create(node_key).peer_id
+
+
+def test_an_unreachable_peer_is_named_with_what_to_check(ckpt, tmp_path):
+    result = run_cli("join-swarm", ckpt, "--initial-peers", DEAD_PEER, "--blocks", "0:1",
+                     "--ready-file", tmp_path / "ready.json", timeout=90)
+    assert_usage_error(result, "join-swarm", rf"could not reach any of the initial peers \({DEAD_PEER}\): "
+                                             r"check that they are running")
+    assert "Daemon failed to start" not in result.stderr and not (tmp_path / "ready.json").exists()
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # warnings and errors only: the error
