@@ -22,8 +22,6 @@ import os
 import torch
 from torch import Tensor
 
-from .build import library_path
-
 __all__ = ["ISAS", "available", "best_isa", "isa", "qmm"]
 
 log = logging.getLogger(__name__)
@@ -35,6 +33,9 @@ _ABI_VERSION = 1
 
 @functools.cache
 def _load() -> bool:
+    # imported here, not at the top: `python -m homeswarm.model.kernels.build` imports this package first
+    from .build import library_path
+
     path = library_path()
     if not path.exists():
         log.info("quantized kernels not built (%s missing: run `make` or `python -m homeswarm.model.kernels.build`); "
