@@ -4,8 +4,10 @@ Responsibility: read the config, read exactly the tensors of the requested part 
 put them into modules, in the requested dtype and on the requested device.
 
 Invariants: modules are created on the meta device and receive the loaded tensors by assignment,
-block by block, so peak memory is about the size of the part's weights plus one block, never of the
-whole model; every parameter of the part must come from the checkpoint (strict loading: missing
+block by block and within a block part by part (attention, router, experts or each expert's layers,
+shared expert: :func:`_load_units`), each part fused and quantized before the next is read, and the
+heap handed back to the system as the process grows; so the load peaks at the span's final memory plus
+about one part's float copies, never a block's or the model's; every parameter of the part must come from the checkpoint (strict loading: missing
 tensors are an error naming them); what is returned is in eval mode with ``requires_grad`` off.
 Checkpoint names: ours mirror Hugging Face's, except where a family's ``aliases`` rename a part, and
 stacked experts (``experts.gate_up_proj`` [E, 2I, H], ``experts.down_proj`` [E, H, I]), which come
@@ -183,8 +185,8 @@ def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype:
               fuse: bool = True) -> BlockSpan:
     """Load blocks ``[start, end)``, reading only their tensors from the checkpoint, one block at a time.
 
-    ``quant`` ("none", "int8", "int4" with ``group_size``): quantize each block's linear weights as
-    soon as it is loaded (see :mod:`.quant`), so the float copy of one block only ever exists.
+    ``quant`` ("none", "int8", "int4" with ``group_size``): quantize each part's linear weights as
+    soon as it is loaded (see :mod:`.quant`), so the float copy of one part only ever exists.
     ``on_block(i)`` is called once block ``i`` is loaded (a progress bar).
     ``fuse``: stack the q/k/v and the gate/up projections of each block into one matrix each, before
     quantizing (:func:`~.blocks.fuse_projections`), so a decoding step runs fewer, larger products.
