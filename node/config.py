@@ -25,6 +25,24 @@ DEFAULT_INT4_GROUP_SIZE = 32
 DEFAULT_IMBALANCE = 0.2  # homeswarm.routing.block_chooser's (which loads numpy): a test holds them equal
 
 
+# --help lists the options in these groups (a setting in none of them goes under "other options")
+HELP_GROUPS = {
+    "the swarm and the network": ("new_swarm", "initial_peers", "host", "port", "dht_port", "public_address",
+                                  "reachability", "identity", "insecure", "public_name", "ready_file",
+                                  "metrics_port"),
+    "the model": ("model_name", "cache_dir", "dtype", "device", "quant", "quant_group_size"),
+    "blocks and memory": ("blocks", "num_blocks", "max_memory", "fixed_cost", "max_cache_tokens", "cache_share",
+                          "rebalance_interval", "rebalance_imbalance"),
+    "serving only while the PC is idle": ("idle_only", "idle_cpu_busy", "idle_users", "idle_input_after",
+                                          "busy_after", "idle_after", "idle_check_interval", "busy_grace",
+                                          "serve_on_battery"),
+    "compute": ("max_threads", "compute_threads", "throughput", "max_batch_size", "batch_wait_ms",
+                "inline_compute_ms"),
+    "sessions and limits": ("max_session_length", "session_idle_timeout", "max_sessions_per_peer",
+                            "max_requests_per_peer", "shutdown_grace", "announce_ttl"),
+}
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message says which and why."""
 
@@ -82,7 +100,8 @@ class NodeConfig:
                                   "runs, plus working memory for the largest step)")
     cache_share: float = _opt(DEFAULT_CACHE_SHARE, "share of --max-memory kept for the KV cache when "
                               "--max-cache-tokens is not given")
-    max_threads: int = _opt(0, "at most this many threads compute (0: torch's default)")
+    max_threads: int = _opt(0, "at most this many threads compute, torch's inter-op threads included (0: torch's "
+                            "default); caps --compute-threads")
     throughput: float | None = _opt(None, "announce this many steps per second through one block instead of "
                                     "the self-test's (default: the self-test, cached per model, blocks, dtype, "
                                     "weight format and device)")
@@ -113,7 +132,8 @@ class NodeConfig:
                                         "twice that (0: no limit); steps of an open session do not count")
     shutdown_grace: float = _opt(10.0, "on SIGTERM/SIGINT, seconds open sessions get to finish")
     announce_ttl: float = _opt(30.0, "seconds an announcement lives; refreshed every third of that")
-    compute_threads: int = _opt(0, "torch intra-op threads (0: torch's default)")
+    compute_threads: int = _opt(0, "torch's intra-op threads, set exactly (0: torch's default, one per core); "
+                                "--max-threads, when given too, caps it")
     batch_wait_ms: float = _opt(
         5.0, "hold a batch back up to this many ms for the next steps of sessions that were in the last one "
         "(their answers left together; their next steps come back staggered) (0: never wait)"
@@ -204,21 +224,25 @@ class NodeConfig:
         parser = argparse.ArgumentParser(
             prog=prog, description="Serve a slice of a model's Transformer blocks to a homeswarm swarm."
         )
+        groups = {title: parser.add_argument_group(title) for title in HELP_GROUPS}
+        group_of = {name: groups[title] for title, names in HELP_GROUPS.items() for name in names}
+        other = parser.add_argument_group("other options")
         for f in dataclasses.fields(cls):
             meta = dict(f.metadata)
             help_text = meta.pop("help")
             if meta.pop("positional", False):
                 parser.add_argument(f.name, metavar=f.name.upper(), help=help_text)
                 continue
+            group = group_of.get(f.name, other)
             flag = "--" + f.name.replace("_", "-")
             if f.type in ("bool", bool):
-                parser.add_argument(flag, action="store_true", help=help_text)
+                group.add_argument(flag, action="store_true", help=help_text)
                 continue
             kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(str(f.type), str)
             default_text = "" if f.default in (None, (), "") else f" (default: {f.default})"
             # None for a tuple: argparse's "extend" adds to a list (from_args makes it a tuple again)
             default = None if f.default == () else f.default
-            parser.add_argument(flag, type=kind, default=default, help=help_text + default_text, **meta)
+            group.add_argument(flag, type=kind, default=default, help=help_text + default_text, **meta)
         return parser
 
     @classmethod

@@ -146,3 +146,15 @@ def test_an_identity_file_keeps_the_peer_id(tmp_path):
     path.write_bytes(b"not a key")
     with pytest.raises(ValueError, match="is not a peer identity file"):
         NodeKey.load_or_create(path)
+
+
+def test_help_groups_the_options():
+    text = NodeConfig.parser().format_help()
+    sections = {title: text.index(f"\n{title}:\n") for title in
+                ("the swarm and the network", "the model", "blocks and memory", "serving only while the PC is idle",
+                 "compute", "sessions and limits")}
+    assert list(sections.values()) == sorted(sections.values())
+    swarm = text[sections["the swarm and the network"]:sections["the model"]]
+    assert "--initial-peers" in swarm and "--identity" in swarm and "--max-memory" not in swarm
+    compute = text[sections["compute"]:sections["sessions and limits"]]
+    assert "--max-threads" in compute and "--compute-threads" in compute
