@@ -4,6 +4,8 @@
 // then holding 8 consecutive inputs of one block and one group.
 #include <immintrin.h>
 
+#include <array>
+
 #include "qmm_ref.h"
 
 namespace homeswarm {
@@ -152,18 +154,27 @@ inline __m256 load_scales(const void* s, int64_t start) {
   }
 }
 
+// lane i -> Z * (8i / G) + O: where lane i's scale (O = 0) or zero (O = 1) is among a step's values
+template <int Z, int G, int O>
+struct Lanes {
+  alignas(64) static constexpr std::array<int32_t, 8> v = [] {
+    std::array<int32_t, 8> a{};
+    for (int i = 0; i < 8; ++i) a[i] = Z * (8 * i / G) + O;
+    return a;
+  }();
+};
+
+template <int Z, int G, int O>
+inline __m256i lane_groups() {
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(Lanes<Z, G, O>::v.data()));
+}
+
 template <int R, int ST, int Z, int G>
 void int4_rows(const Int4Weights& w, int64_t K, const QRows& a, const int64_t* rows, float* res) {
   constexpr int kStep = 64;                                   // inputs a step
   constexpr int N = Z * (kStep >= G ? kStep / G : 1);         // scale values a step
   const int64_t blocks = a.Kp / kBlock, chunks = K / kStep;
-  alignas(32) int32_t is[8], iz[8];
-  for (int i = 0; i < 8; ++i) {
-    is[i] = Z * (8 * i / G);
-    iz[i] = is[i] + 1;
-  }
-  const __m256i idx_s = _mm256_load_si256(reinterpret_cast<const __m256i*>(is));
-  const __m256i idx_z = _mm256_load_si256(reinterpret_cast<const __m256i*>(iz));
+  const __m256i idx_s = lane_groups<Z, G, 0>(), idx_z = lane_groups<Z, G, 1>();
   const int8_t* pr[R];
   const float* dr[R];
   const float* sr[R];

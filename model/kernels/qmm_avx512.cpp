@@ -4,6 +4,8 @@
 // holding 8 consecutive inputs of one block and one group.
 #include <immintrin.h>
 
+#include <array>
+
 #include "qmm_ref.h"
 
 namespace homeswarm {
@@ -113,17 +115,27 @@ inline __m512 load_scales(const void* s, int64_t start) {
   }
 }
 
+// lane i -> Z * (8i / G) + O: where lane i's scale (O = 0) or zero (O = 1) is among a step's values
+template <int Z, int G, int O>
+struct Lanes {
+  alignas(64) static constexpr std::array<int32_t, 16> v = [] {
+    std::array<int32_t, 16> a{};
+    for (int i = 0; i < 16; ++i) a[i] = Z * (8 * i / G) + O;
+    return a;
+  }();
+};
+
+template <int Z, int G, int O>
+inline __m512i lane_groups() {
+  return _mm512_load_si512(Lanes<Z, G, O>::v.data());
+}
+
 template <int R, int ST, int Z, int G>
 void int4_rows(const Int4Weights& w, int64_t K, const QRows& a, const int64_t* rows, float* res) {
   constexpr int N = Z * kChunk / G;  // scale values per chunk
   const int64_t blocks = a.Kp / kBlock, chunks = K / kChunk;
-  // lane i holds inputs 8i..8i+7 of the chunk: group 8i / G of it
-  alignas(64) int32_t is[16], iz[16];
-  for (int i = 0; i < 16; ++i) {
-    is[i] = Z * (8 * i / G);
-    iz[i] = is[i] + 1;
-  }
-  const __m512i idx_s = _mm512_load_si512(is), idx_z = _mm512_load_si512(iz);
+  // lane i holds inputs 8i..8i+7 of the chunk: group 8i / G of it (constants: no work per row)
+  const __m512i idx_s = lane_groups<Z, G, 0>(), idx_z = lane_groups<Z, G, 1>();
   const int8_t* pr[R];
   const float* dr[R];
   const float* sr[R];
