@@ -12,7 +12,11 @@ def _opt(default, help: str):  # noqa: ANN001, A002
 @dataclass(frozen=True)
 class ClientConfig:
     connect_timeout: float = _opt(5.0, "seconds to wait for a node to answer a ping or open a session")
-    step_timeout: float = _opt(60.0, "seconds one inference step on one node may take before it counts as failed")
+    step_timeout: float = _opt(30.0, "seconds one inference step on one node may take beyond what its tokens take "
+                               "at the node's announced speed; then the client asks the node (Info): one that answers "
+                               "is busy and waited for (up to max_step_wait), one that does not counts as failed")
+    max_step_wait: float = _opt(600.0, "the longest the client waits for one step of a node that still answers Info "
+                                "(busy behind other sessions' prefills) before it counts as failed")
     forward_timeout: float = _opt(300.0, "seconds a stateless forward pass may take")
     records_max_age: float = _opt(5.0, "re-read server records from the DHT in the background when older "
                                   "than this many seconds (planning goes on with the ones held)")
@@ -40,6 +44,11 @@ class ClientConfig:
         0.0, "share of steps (0..1) whose every hop is re-run on a second server of the same span and compared; "
         "a node caught returning wrong hidden states is banned and the step recomputed (checked steps are relayed)"
     )
+    mirrors: bool = _opt(False, "give each hop a mirror where a second server of its blocks takes one: it gets the "
+                         "same inputs, its answers are compared with the hop's (a node caught is banned and the "
+                         "right answer used), and it takes over at once when the hop fails (no replay); costs the "
+                         "mirrors' compute and the client's bandwidth, and relays every step (no hand-off). Off "
+                         "(--trust) for a swarm of trusted nodes")
     require_tls: bool = _opt(False, "use only nodes whose signed record pins a TLS certificate (skip nodes started "
                              "with --insecure, which are otherwise dialled in plaintext)")
     check_weights: bool = _opt(True, "refuse nodes whose announced weights digest differs from the checkpoint's "

@@ -3,7 +3,9 @@
 The session keeps, for every hop, the hidden states it sent in this session. When a node fails
 (connection lost, timeout, error status) the session bans it, plans a replacement for exactly the
 blocks that node served (possibly over several nodes), opens sessions there, replays the stored
-inputs to rebuild their caches, and carries on, so the output is the same as without the failure.
+inputs to rebuild their caches, and carries on, so the output is the same as without the failure. A
+replay is a prefill of what the cache held (``client.replay``: few messages, each computed by the node
+in chunks), not one step per recorded step.
 A step may first roll every hop's cache back (``keep_length``, e.g. for rejected draft tokens); the
 stored inputs record it, so a replay rebuilds the same cache. Each result's reported cache length is
 checked against the session's: a node that disagrees (one that ignored a rollback) counts as failed.
@@ -23,11 +25,13 @@ from dataclasses import dataclass, field
 import torch
 
 from homeswarm.client.config import ClientConfig
+from homeswarm.client.mirror import MirrorBuild
+from homeswarm.client.replay import cache_segments, replay_steps
 from homeswarm.client.route import RouteManager
-from homeswarm.client.transport import ChannelPool, HopFailed, HopStream
-from homeswarm.client.verify import Culprit, Verifier
+from homeswarm.client.transport import ChannelPool, HopFailed, HopStream, ping
+from homeswarm.client.verify import Culprit, Verifier, judge, rel_err, tolerance
 from homeswarm.protocol import parse_compression
-from homeswarm.routing.planner import Hop
+from homeswarm.routing.planner import Hop, MissingBlocksError
 from homeswarm.routing.records import ServerRecord
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,24 @@ class _OpenHop:
     # (step_id, hidden, keep_length) sent, in order
     inputs: list[tuple[int, torch.Tensor, int | None]] = field(default_factory=list)
     server: ServerRecord | None = None  # the record the hop was planned from
+    mirror: HopStream | None = None  # a second server of the blocks, fed the same inputs (client.mirror)
+    mirror_server: ServerRecord | None = None
+    mirror_step: int = 0  # the last step sent to the mirror
+    building: MirrorBuild | None = None  # a mirror being built in the background
+
+
+# a prefill position costs a node less than a decoding step (its weights are read once for many positions):
+# a step's expected time counts each position at this fraction of a decoding step at the announced speed
+PREFILL_STEP_FRACTION = 0.125
+_MIN_THROUGHPUT = 1.0  # decoding steps per second through one block assumed of a node announcing less
+
+
+def step_time_limit(config: ClientConfig, server: ServerRecord | None, blocks: int, tokens: int) -> float:
+    """Seconds after which a step of ``tokens`` positions (batch included) through ``blocks`` blocks of
+    ``server`` is late: ``config.step_timeout`` plus what the node's announced throughput (decoding steps per
+    second through one block) says the positions take. Late is not failed: the client then checks on the node."""
+    throughput = max(server.throughput if server is not None else 0.0, _MIN_THROUGHPUT)
+    return config.step_timeout + PREFILL_STEP_FRACTION * max(tokens, 1) * blocks / throughput
 
 
 def use_handoff(config: ClientConfig, rtts: list[float | None]) -> bool:
@@ -81,6 +103,8 @@ class InferenceSession:
         self.max_length = max_length
         self.length = 0
         self.failovers = 0
+        self.replayed_tokens = 0  # positions replayed to replacement nodes (failover without a mirror)
+        self.busy_waits = 0  # late answers waited for because the node still answered Info
         self.caught: list[str] = []  # peer ids of nodes caught returning wrong hidden states
         self.verifier = Verifier(pool, fraction=config.verify_fraction, compression=config.compression,
                                  timeout=config.forward_timeout)
@@ -88,16 +112,21 @@ class InferenceSession:
         self._wakeups: queue.SimpleQueue = queue.SimpleQueue()  # hop streams signal arrivals here
         self._hops: list[_OpenHop] = []
         self._closed = False
+        self.mirror_checks = 0  # hop answers compared with a mirror's
+        self.promotions = 0  # failed or caught primaries replaced by their mirror (no replay)
+        self._unmirrored: set[tuple[int, int]] = set()  # spans said to have no mirror (once each)
         try:
             for hop in self._plan(0, routes.num_blocks):
                 self._hops.append(hop)
+            for index in range(len(self._hops)):
+                self._start_mirror(index)
         except BaseException:
             self.close()
             raise
 
     # --- opening -------------------------------------------------------------------------------
 
-    def _open_stream(self, hop: Hop) -> HopStream:
+    def _open_stream(self, hop: Hop, *, mirror: bool = False) -> HopStream:
         return HopStream(
             self.pool,
             peer_id=hop.peer_id,
@@ -111,6 +140,7 @@ class InferenceSession:
             connect_timeout=self.config.connect_timeout,
             step_timeout=self.config.step_timeout,
             wakeups=self._wakeups,
+            mirror=mirror,
         )
 
     def _compression_for(self, hop: Hop) -> int:
@@ -163,15 +193,18 @@ class InferenceSession:
         expected_length = kept + hidden.shape[1]
         dtype = hidden.dtype
         verify = self.verifier.pick_step()
-        handoff = self._use_handoff() and not verify  # a checked step is relayed: nothing downstream sees
-        # an output before it is checked
+        self._adopt_mirrors()
+        # a checked step (by a re-run or by mirrors) is relayed: nothing downstream sees an output before it is
+        # checked
+        handoff = self._use_handoff() and not verify and not any(h.mirror for h in self._hops)
         self._step_id += 1
         step_id = self._step_id
         self._drain_wakeups()
         i = 0
         need_send = True  # False while hop i gets its input pushed by the previous node
         relayed = False  # whether the client already sent hop i its input after a failed hand-off
-        deadline = time.monotonic() + self.config.step_timeout
+        tokens = hidden.shape[0] * hidden.shape[1]
+        waited_since, deadline = self._clock_for(0, tokens)
         while i < len(self._hops):
             hop = self._hops[i]
             assert hop.stream is not None
@@ -187,8 +220,8 @@ class InferenceSession:
                 if event is None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise HopFailed(hop.stream.peer_id, hop.stream.address,
-                                        f"no answer within {self.config.step_timeout:g} s")
+                        deadline = self._wait_longer(hop, step_id, waited_since)
+                        continue
                     with contextlib.suppress(queue.Empty):
                         self._wakeups.get(timeout=remaining)
                     continue
@@ -196,25 +229,62 @@ class InferenceSession:
                     raise HopFailed(hop.stream.peer_id, hop.stream.address,
                                     f"its cache holds {hop.stream.last_cache_length} positions after step "
                                     f"{step_id}, {expected_length} expected")
-                if verify and self._caught(i, hidden, keep_length, event[1]):
+                output = event[1]
+                if hop.mirror is not None:
+                    output = self._mirror_check(i, step_id, hidden, keep_length, output, expected_length)
+                elif verify and self._caught(i, hidden, keep_length, output):
                     self._replace(i)
                     need_send = True
-                    deadline = time.monotonic() + self.config.step_timeout
+                    waited_since, deadline = self._clock_for(i, tokens)
                     continue
             except HopFailed as e:
                 self._count_failure(e)
-                self._replace(i)  # the replacement hops start at index i and have replayed the history
-                need_send = True
-                deadline = time.monotonic() + self.config.step_timeout
+                if hop.mirror is not None and e.peer_id == hop.stream.peer_id:
+                    sent = hop.mirror_step == step_id
+                    self._promote(i, f"{e}")  # its mirror holds the same cache: no replay
+                    need_send = not sent  # else its answer to this step is on the way
+                else:
+                    self._replace(i, cause=e)  # the replacement hops start at index i and have replayed the history
+                    need_send = True
+                waited_since, deadline = self._clock_for(i, tokens)
                 continue
             hop.inputs.append((step_id, hidden, keep_length))
-            hidden = event[1].to(dtype)
+            hidden = output.to(dtype)
             i += 1
             need_send = not handoff
             relayed = False
-            deadline = time.monotonic() + self.config.step_timeout
+            waited_since, deadline = self._clock_for(i, tokens)
         self.length = expected_length
         return hidden
+
+    def _clock_for(self, index: int, tokens: int) -> tuple[float, float]:
+        """(now, when to check on hop ``index`` if its answer to a step of ``tokens`` positions has not come)."""
+        now = time.monotonic()
+        if index >= len(self._hops):
+            return now, now
+        hop = self._hops[index]
+        return now, now + step_time_limit(self.config, hop.server, hop.end - hop.start, tokens)
+
+    def _wait_longer(self, hop: _OpenHop, step_id: int, waited_since: float) -> float:
+        """A new deadline for a hop whose answer is late, if the node still answers Info (it is busy, e.g.
+        behind another session's prefill) and ``max_step_wait`` is not spent; else HopFailed saying which."""
+        stream = hop.stream
+        assert stream is not None
+        waited = time.monotonic() - waited_since
+        try:
+            _, info = ping(self.pool, stream.peer_id, stream.address, self.config.connect_timeout)
+        except HopFailed as e:
+            raise HopFailed(stream.peer_id, stream.address, f"no answer to step {step_id} after {waited:.0f} s, "
+                            f"and no answer to Info either ({e.code.name if e.code else e})", e.code) from None
+        state = (f"{info.active_sessions} session(s) open, {info.forward_passes} forward passes since start, "
+                 f"{info.cache_tokens_left} cache tokens free")
+        if waited >= self.config.max_step_wait:
+            raise HopFailed(stream.peer_id, stream.address, f"no answer to step {step_id} after {waited:.0f} s "
+                            f"though it answers Info ({state}): stuck or overloaded")
+        logger.info("node %s (%s) has not answered step %d after %.0f s but answers Info (%s): busy, waiting",
+                    stream.address, stream.peer_id[:16], step_id, waited, state)
+        self.busy_waits += 1
+        return time.monotonic() + min(self.config.step_timeout, self.config.max_step_wait - waited)
 
     @property
     def uses_handoff(self) -> bool:
@@ -228,8 +298,15 @@ class InferenceSession:
     def _send(self, index: int, step_id: int, hidden: torch.Tensor, handoff: bool,
               keep_length: int | None = None) -> None:
         """Send hop ``index`` its input; with hand-off, it passes its output down the rest of the chain."""
-        stream = self._hops[index].stream
+        hop = self._hops[index]
+        stream = hop.stream
         assert stream is not None
+        if hop.mirror is not None:
+            try:
+                hop.mirror.send(step_id, hidden, (), keep_length)
+                hop.mirror_step = step_id
+            except HopFailed as e:
+                self._drop_mirror(index, e)
         rest = self._hops[index + 1 :] if handoff else []
         stream.send(step_id, hidden, [(h.stream.address, h.stream.session_id, h.stream.peer_id) for h in rest
                                       if h.stream], keep_length)
@@ -279,35 +356,216 @@ class InferenceSession:
         self.caught.append(wrong.peer_id)
         return verdict.culprit is Culprit.HOP
 
+    # --- mirrors (client.mirror) ------------------------------------------------------------------
+
+    def _mirror_candidates(self, hop: _OpenHop, *exclude: str) -> list[ServerRecord]:
+        if hop.server is None:
+            return []
+        return [r for r in self.verifier.replicas(hop.server, hop.start, hop.end, self.routes.records(),
+                                                  banned=self.routes.is_banned) if r.peer_id not in exclude]
+
+    def _start_mirror(self, index: int) -> None:
+        """Give hop ``index`` a mirror where another server of its blocks takes one: opened at once while the hop
+        has no history, else built in the background from its history (adopted by ``_adopt_mirrors``)."""
+        hop = self._hops[index]
+        if not self.config.mirrors or hop.server is None or hop.mirror is not None or hop.building is not None:
+            return
+        candidates = self._mirror_candidates(hop, hop.server.peer_id)
+        if not candidates:
+            if (hop.start, hop.end) not in self._unmirrored:
+                self._unmirrored.add((hop.start, hop.end))
+                logger.info("no second server of blocks %d..%d to mirror %s: its answers are unchecked%s",
+                            hop.start, hop.end - 1, hop.server.address,
+                            "" if self.config.verify_fraction else " (--verify-fraction re-runs a share of steps)")
+            return
+        span = hop.end - hop.start
+
+        def open_stream(server: ServerRecord) -> HopStream:
+            return self._open_stream(Hop(server, hop.start, hop.end), mirror=True)
+
+        def limit(server: ServerRecord, tokens: int) -> float:
+            return step_time_limit(self.config, server, span, tokens * self.batch_size)
+
+        build = MirrorBuild(candidates, hop.inputs, open_stream, limit)
+        if hop.inputs:
+            hop.building = build
+            return
+        build.done.wait()
+        self._adopt(hop, build)
+
+    def _adopt_mirrors(self) -> None:
+        """Adopt the mirrors built in the background, catching them up with the steps taken meanwhile."""
+        for hop in self._hops:
+            if hop.building is not None and hop.building.done.is_set():
+                build, hop.building = hop.building, None
+                self._adopt(hop, build)
+
+    def _adopt(self, hop: _OpenHop, build: MirrorBuild) -> None:
+        for e in build.failures:
+            logger.info("no mirror on %s: %s", e.address, e)
+        if build.stream is None or build.server is None:
+            return
+        stream, span = build.stream, hop.end - hop.start
+        try:
+            for step_id, hidden, keep in hop.inputs[build.upto :]:
+                limit = step_time_limit(self.config, build.server, span, hidden.shape[0] * hidden.shape[1])
+                stream.send(step_id, hidden, (), keep)
+                stream.receive(step_id, limit)
+        except HopFailed as e:
+            logger.info("mirror %s failed while catching up: %s", stream.address, e)
+            stream.close()
+            return
+        hop.mirror, hop.mirror_server = stream, build.server
+        hop.mirror_step = hop.inputs[-1][0] if hop.inputs else 0
+        logger.info("blocks %d..%d: %s mirrored by %s", hop.start, hop.end - 1,
+                    hop.stream.address if hop.stream else "?", stream.address)
+
+    def _drop_mirror(self, index: int, e: HopFailed | None = None, *, ban: bool = True) -> None:
+        """Hop ``index`` goes on without its mirror (which failed: ``e``), and starts building another."""
+        hop = self._hops[index]
+        if hop.mirror is None:
+            return
+        if e is not None:
+            logger.warning("mirror of blocks %d..%d failed: %s", hop.start, hop.end - 1, e)
+            if ban:
+                self.routes.ban(hop.mirror.peer_id)
+        hop.mirror.close()
+        hop.mirror, hop.mirror_server = None, None
+        self._start_mirror(index)
+
+    def _promote(self, index: int, why: str) -> None:
+        """The mirror of hop ``index`` becomes its primary (same inputs, same cache): the failed or caught primary
+        is closed, a new mirror built in the background."""
+        hop = self._hops[index]
+        assert hop.mirror is not None and hop.mirror_server is not None
+        old = hop.stream
+        if old is not None:
+            old.close()
+        hop.stream, hop.server = hop.mirror, hop.mirror_server
+        hop.mirror, hop.mirror_server = None, None
+        self.promotions += 1
+        logger.info("blocks %d..%d now served by %s, their mirror (%s): no replay", hop.start, hop.end - 1,
+                    hop.stream.address, why)
+        self._start_mirror(index)
+
+    def _history(self, hop: _OpenHop, hidden: torch.Tensor, keep_length: int | None) -> torch.Tensor:
+        """Every position the hop's cache holds after this step's input, [batch, positions, hidden]."""
+        parts = [x.to(hidden.dtype) for _, x in cache_segments([*hop.inputs, (0, hidden, keep_length)])]
+        return torch.cat(parts, dim=1)
+
+    def _mirror_check(self, index: int, step_id: int, hidden: torch.Tensor, keep_length: int | None,
+                      output: torch.Tensor, expected_length: int) -> torch.Tensor:
+        """The hop's output for this step once its mirror agrees (or the judge says whose answer is right)."""
+        hop = self._hops[index]
+        mirror, mirror_server, server = hop.mirror, hop.mirror_server, hop.server
+        assert mirror is not None and mirror_server is not None and server is not None and hop.stream is not None
+        tokens = hidden.shape[0] * hidden.shape[1]
+        try:
+            if hop.mirror_step != step_id:
+                raise HopFailed(mirror.peer_id, mirror.address, f"step {step_id} never reached the mirror")
+            limit = step_time_limit(self.config, mirror_server, hop.end - hop.start, tokens)
+            answer = mirror.receive(step_id, limit)
+            if mirror.last_cache_length != expected_length:
+                raise HopFailed(mirror.peer_id, mirror.address, f"its cache holds {mirror.last_cache_length} "
+                                f"positions after step {step_id}, {expected_length} expected")
+        except HopFailed as e:
+            self._drop_mirror(index, e)
+            return output
+        self.mirror_checks += 1
+        tol = tolerance(server.dtype, server.quant, self.config.compression)
+        error = rel_err(output, answer)
+        if error <= tol:
+            return output
+        history = self._history(hop, hidden, keep_length)
+        width = hidden.shape[1]
+        start, end = hop.start, hop.end
+
+        def again(record: ServerRecord) -> torch.Tensor:
+            return self.verifier.forward(record, history, start, end)[:, -width:]
+
+        def third() -> torch.Tensor | None:
+            for other in self._mirror_candidates(hop, server.peer_id, mirror_server.peer_id):
+                try:
+                    return again(other)
+                except HopFailed:
+                    continue
+            return None
+
+        try:
+            culprit = judge(output, answer, hop_again=lambda: again(server), replica_again=lambda: again(mirror_server),
+                            third=third, tol=tol)
+        except HopFailed as e:  # one of the two failed to answer the re-run: the other's answer stands
+            culprit = Culprit.HOP if e.peer_id == server.peer_id else Culprit.REPLICA
+        if culprit is Culprit.NONE:
+            return output
+        if culprit is Culprit.UNDECIDED:
+            raise SessionError(
+                f"nodes {server.address} and {mirror_server.address} disagree on blocks {start}..{end - 1} "
+                f"(relative error {error:.3g}) and no third server can tell which is right")
+        wrong, right = (server, mirror_server) if culprit is Culprit.HOP else (mirror_server, server)
+        logger.warning(
+            "node %s (%s) returned wrong hidden states for blocks %d..%d (relative error %.3g against %s); "
+            "banned for %.0f s%s", wrong.address, wrong.peer_id[:16], start, end - 1, error, right.address,
+            self.config.caught_ban_seconds, ", its mirror's answer used" if culprit is Culprit.HOP else "")
+        self.routes.ban(wrong.peer_id, seconds=self.config.caught_ban_seconds)
+        self.caught.append(wrong.peer_id)
+        if culprit is Culprit.HOP:
+            self._promote(index, f"{server.address} was caught")
+            return answer
+        self._drop_mirror(index, ban=False)
+        return output
+
     def _drain_wakeups(self) -> None:
         with contextlib.suppress(queue.Empty):
             while True:
                 self._wakeups.get_nowait()
 
-    def _replace(self, index: int) -> None:
-        """Replace hop ``index`` by new hops over the same blocks, replaying its inputs on them."""
+    def _replace(self, index: int, cause: HopFailed | None = None) -> None:
+        """Replace hop ``index`` by new hops over the same blocks, replaying its inputs on them. With no
+        server left for its blocks, SessionError names the failure (``cause``) and the blocks."""
         failed = self._hops[index]
         if failed.stream is not None:
             failed.stream.close()
+        replay = replay_steps(failed.inputs)  # the cache's contents, rollbacks applied, in few messages
+        length = sum(hidden.shape[1] for _, hidden in replay)
         while True:
-            new_hops = self._plan(failed.start, failed.end)
             try:
-                for step_id, step_inputs, keep_length in failed.inputs:
+                new_hops = self._plan(failed.start, failed.end)
+            except MissingBlocksError as e:
+                why = f"{cause}; " if cause is not None else ""
+                raise SessionError(f"{why}no other server can take over: {e}") from e
+            try:
+                for step_id, step_inputs in replay:
                     hidden = step_inputs
                     for hop in new_hops:
                         assert hop.stream is not None
-                        hop.inputs.append((step_id, hidden, keep_length))
-                        hidden = hop.stream.step(step_id, hidden, keep_length).to(step_inputs.dtype)
+                        hop.inputs.append((step_id, hidden, None))
+                        limit = step_time_limit(self.config, hop.server, hop.end - hop.start, hidden.shape[1])
+                        hidden = hop.stream.replay(step_id, hidden, timeout=limit).to(step_inputs.dtype)
+                for hop in new_hops:
+                    assert hop.stream is not None
+                    if replay and hop.stream.last_cache_length != length:
+                        raise HopFailed(hop.stream.peer_id, hop.stream.address,
+                                        f"its cache holds {hop.stream.last_cache_length} positions after the "
+                                        f"replay, {length} expected")
                 break
             except HopFailed as e:
                 for hop in new_hops:
                     assert hop.stream is not None
                     hop.stream.close()
                 self._count_failure(e)
+        if failed.mirror is not None:
+            failed.mirror.close()
+        if failed.building is not None:
+            failed.building.cancel()
         self._hops[index : index + 1] = new_hops
+        for k in range(index, index + len(new_hops)):
+            self._start_mirror(k)
+        self.replayed_tokens += length
         logger.info(
-            "blocks %d..%d now served by %s (replayed %d step(s))",
-            failed.start, failed.end - 1, ", ".join(h.stream.address for h in new_hops if h.stream), len(failed.inputs),
+            "blocks %d..%d now served by %s (replayed %d position(s) in %d step(s))",
+            failed.start, failed.end - 1, ", ".join(h.stream.address for h in new_hops if h.stream), length,
+            len(replay),
         )
 
     @property
@@ -320,11 +578,20 @@ class InferenceSession:
         """Every hop of the current route, in order, with the server record it was planned from."""
         return [Hop(h.server, h.start, h.end) for h in self._hops if h.server is not None]
 
+    @property
+    def mirrors(self) -> list[tuple[str, int, int]]:
+        """(address, start, end) of every hop's mirror, in route order (hops without one left out)."""
+        return [(h.mirror.address, h.start, h.end) for h in self._hops if h.mirror is not None]
+
     def close(self) -> None:
         self._closed = True
         for hop in self._hops:
             if hop.stream is not None:
                 hop.stream.close()
+            if hop.mirror is not None:
+                hop.mirror.close()
+            if hop.building is not None:
+                hop.building.cancel()
 
     def __enter__(self) -> InferenceSession:
         return self

@@ -156,7 +156,9 @@ class HopStream:
         connect_timeout: float,
         step_timeout: float,
         wakeups: queue.SimpleQueue | None = None,
+        mirror: bool = False,
     ):
+        """``mirror``: open a mirror session (``OpenSession.mirror``: a node short of cache refuses it first)."""
         self.peer_id = peer_id
         self._wakeups = wakeups
         self.address = address
@@ -182,6 +184,7 @@ class HopStream:
                     batch_size=batch_size,
                     max_length=max_length,
                     response_compression=compression,
+                    mirror=mirror,
                 ),
             )
         )
@@ -225,9 +228,10 @@ class HopStream:
         return item
 
     def send(self, step_id: int, hidden: torch.Tensor, next_hops: Sequence[tuple[str, str, str]] = (),
-             keep_length: int | None = None) -> None:
+             keep_length: int | None = None, *, replay: bool = False) -> None:
         """Queue a step; with ``next_hops`` ((address, session_id, peer_id), ...) the node hands its output on;
-        with ``keep_length`` the node first keeps only that many positions of its cache (rollback)."""
+        with ``keep_length`` the node first keeps only that many positions of its cache (rollback); ``replay``:
+        a history merged into this step (``Step.replay``: its id may skip those merged)."""
         if self._closed:
             raise HopFailed(self.peer_id, self.address, "the session is closed")
         self._queue.put(
@@ -239,6 +243,7 @@ class HopStream:
                     next=[node_pb2.NextHop(address=a, session_id=s, peer_id=p, relays=self._pool.relays(p))
                           for a, s, p in next_hops],
                     keep_length=keep_length,
+                    replay=replay,
                 ),
             )
         )
@@ -273,13 +278,14 @@ class HopStream:
             except CodecError as e:
                 raise self._fail(f"malformed hidden states: {e}") from None
 
-    def receive(self, step_id: int) -> torch.Tensor:
-        """Wait for the output of step ``step_id`` (at most ``step_timeout`` s)."""
-        deadline = time.monotonic() + self.step_timeout
+    def receive(self, step_id: int, timeout: float | None = None) -> torch.Tensor:
+        """Wait for the output of step ``step_id`` (at most ``timeout``, default ``step_timeout``, s)."""
+        timeout = self.step_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self._fail(f"no answer within {self.step_timeout:g} s", grpc.StatusCode.DEADLINE_EXCEEDED)
+                raise self._fail(f"no answer to step {step_id} within {timeout:g} s", grpc.StatusCode.DEADLINE_EXCEEDED)
             event = self.poll(step_id, timeout=remaining)
             if event is not None and event[0] == "result":
                 return event[1]
@@ -288,6 +294,11 @@ class HopStream:
         """Send one step and wait for its output (client relay)."""
         self.send(step_id, hidden, keep_length=keep_length)
         return self.receive(step_id)
+
+    def replay(self, step_id: int, hidden: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
+        """Send a replayed history (``client.replay``) as step ``step_id`` and wait for its output (client relay)."""
+        self.send(step_id, hidden, replay=True)
+        return self.receive(step_id, timeout)
 
     def close(self) -> None:
         if not self._closed:

@@ -8,12 +8,14 @@ twice, so the KV cache never holds a position twice.
 Every request is checked before any compute, and a tensor's declared shape and dtype before its
 values are decoded: protocol version, on every message of a stream (FAILED_PRECONDITION); model and
 block range, batch size, length, shape, dtype, NaN/inf, session ids, step order (each step the one
-after the last), hand-off targets (only nodes the DHT's records name for the block after the span),
+after the last; a client's replayed history, ``Step.replay``, may skip the ids merged into it),
+hand-off targets (only nodes the DHT's records name for the block after the span),
 a cache rollback (``Step.keep_length``) within the positions the cache holds (INVALID_ARGUMENT); cache
 budget, open sessions and request rate per peer host (RESOURCE_EXHAUSTED);
 draining for shutdown (UNAVAILABLE). A client's stream is read no faster than its steps are taken up
 (at most ``_MAX_INBOX`` waiting), so nobody can queue unbounded work or memory here. Compute runs on the executor's thread;
-only a short step of a node's single session may run on the event loop (see ``ComputeExecutor``).
+only a short step of a node's single session may run on the event loop (see ``ComputeExecutor``). A long
+step runs in chunks (``PREFILL_CHUNK_TOKENS``): a session whose client leaves stops within one chunk.
 A session's cache is released however its stream ends.
 """
 
@@ -59,6 +61,9 @@ _HIDDEN_DTYPES = ("float32", "bfloat16", "float16")
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")  # what SessionManager hands out (uuid4().hex)
 
 _MAX_INBOX = 64
+# positions of a long step computed at once: a cancelled session stops within one chunk, and a chunk's
+# attention scores stay bounded (a chunk of 512 after 4k cached positions: 512 x 4.5k per head)
+PREFILL_CHUNK_TOKENS = 512
 
 
 def _keep_length(step: node_pb2.Step) -> int | None:
@@ -90,6 +95,7 @@ class _Inbound:
     next: list[node_pb2.NextHop]
     from_peer: bool
     keep_length: int | None = None  # cache rollback before appending (Step.keep_length), None: append only
+    replay: bool = False  # a replayed history (Step.replay): its step id may skip those merged into it
 
 
 @dataclass
@@ -138,6 +144,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         peer_limits: PeerLimits | None = None,
         handoff_targets: HandoffTargets | None = None,
         corrupt_outputs: bool = False,
+        prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
     ):
         """``peer_limits``: per-host sessions and request rate (None: unlimited); ``handoff_targets``:
         which addresses outputs may be pushed to (None: any well-formed address, for tests alone);
@@ -162,6 +169,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
         self.peer_limits = peer_limits
         self.handoff_targets = handoff_targets
         self.corrupt_outputs = corrupt_outputs
+        if prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be positive, got {prefill_chunk_tokens}")
+        self.prefill_chunk_tokens = prefill_chunk_tokens
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -373,7 +383,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
                     return
                 await live.client_slots.acquire()  # released when the step is taken up
                 live.inbox.put_nowait(_Inbound(request.step.step_id, request.step.hidden, list(request.step.next),
-                                               from_peer=False, keep_length=_keep_length(request.step)))
+                                               from_peer=False, keep_length=_keep_length(request.step),
+                                               replay=request.step.replay))
         except (asyncio.CancelledError, grpc.RpcError):
             pass
         finally:
@@ -389,6 +400,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         if live is None:
             await self._abort(context, grpc.StatusCode.NOT_FOUND, f"no open session {request.session_id!r} here")
         try:
+            if request.step.replay:
+                raise BadRequest("a replayed history comes from the session's client, not in a push")
             hidden = self._decode_hidden(request.step.hidden, live.session.batch_size, live.session.max_length)
             await self._check_next(live.session, list(request.step.next))
         except BadRequest as e:
@@ -410,7 +423,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         taken_up = time.perf_counter()
         if not item.from_peer:
             live.client_slots.release()
-        if item.step_id > live.last_step_id + 1:
+        if item.step_id > live.last_step_id + 1 and not (item.replay and not item.from_peer):
             message = (f"step {item.step_id} is out of order: the session is at step {live.last_step_id}, "
                        f"the next must be {live.last_step_id + 1}")
             if item.from_peer:
@@ -462,10 +475,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         span = self._subspan(session.start, session.end)
         if item.keep_length is not None:
             session.cache.truncate(item.keep_length)  # this session has no other step queued or running
-        # a single session has nothing to batch with: a short step may skip the compute thread
         try:
-            output, seconds = await self.executor.timed_step(span, hidden, session.cache,
-                                                             inline_ok=len(self._live) == 1)
+            output, seconds = await self._compute(span, hidden, session, inline_ok=len(self._live) == 1)
         except Exception:
             self.metrics.error("compute")
             raise
@@ -489,6 +500,23 @@ class NodeService(node_pb2_grpc.NodeServicer):
         live.last_step_id = item.step_id
         live.last_response = response
         return response
+
+    async def _compute(self, span: BlockSpan, hidden: torch.Tensor, session: Session, *,
+                       inline_ok: bool) -> tuple[torch.Tensor, float]:
+        """The step's output and compute seconds. A long step (a prompt, a replayed history) runs in chunks of
+        ``prefill_chunk_tokens`` positions, each its own executor step (batched with other sessions' steps):
+        a session whose stream ends (its handler cancelled) stops within one chunk, and other sessions' short
+        steps are not held behind a whole prefill. ``inline_ok``: a single session has nothing to batch with,
+        so a short step may skip the compute thread."""
+        chunk = self.prefill_chunk_tokens
+        if hidden.shape[1] <= chunk:
+            return await self.executor.timed_step(span, hidden, session.cache, inline_ok=inline_ok)
+        outputs, seconds = [], 0.0
+        for begin in range(0, hidden.shape[1], chunk):
+            output, took = await self.executor.timed_step(span, hidden[:, begin : begin + chunk], session.cache)
+            outputs.append(output)
+            seconds += took
+        return torch.cat(outputs, dim=1), seconds
 
     async def _push(
         self, live: _LiveSession, next_hops: list[node_pb2.NextHop], step_id: int, hidden: node_pb2.Tensor,
@@ -546,6 +574,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 reserved_bytes=needed,
                 make_cache=lambda: span.new_cache(request.batch_size, request.max_length),
                 now=self.clock(),
+                mirror=request.mirror,
             )
         except SessionRefused as e:
             await self._abort(context, _REFUSAL_CODES[e.reason], str(e))

@@ -4,6 +4,10 @@ Invariants: the sum of ``reserved_bytes`` over open sessions never exceeds ``bud
 session's cache is reserved in full when it opens (so a step can never run out of memory), and its
 bytes return to the budget when it closes. Refusals raise ``SessionRefused`` with a reason the
 service maps to a gRPC status. No clock is read here: callers pass ``now``.
+
+A mirror session (a client's second copy of another node's session, for checks and failover without replay)
+counts against the budget like any other, and is refused first: it is opened only while, after it, at least
+``mirror_reserve`` of the budget stays free for primaries.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from dataclasses import dataclass
 from typing import Any, NewType
 
 SessionId = NewType("SessionId", str)
+
+
+MIRROR_RESERVE = 0.25  # share of the KV budget that mirror sessions leave to primary sessions
 
 
 class Refusal(enum.Enum):
@@ -40,11 +47,16 @@ class Session:
     opened_at: float
     last_active: float
     steps: int = 0
+    mirror: bool = False
 
 
 class SessionManager:
-    def __init__(self, budget_bytes: int, bytes_per_token: int):
-        """``bytes_per_token``: cache bytes of one token of batch size 1 over the node's whole span."""
+    def __init__(self, budget_bytes: int, bytes_per_token: int, *, mirror_reserve: float = MIRROR_RESERVE):
+        """``bytes_per_token``: cache bytes of one token of batch size 1 over the node's whole span;
+        ``mirror_reserve``: the share of the budget a mirror session must leave free."""
+        if not 0 <= mirror_reserve <= 1:
+            raise ValueError(f"mirror_reserve must be in [0, 1], got {mirror_reserve}")
+        self.mirror_reserve = mirror_reserve
         self.budget_bytes = budget_bytes
         self.bytes_per_token = bytes_per_token
         self.sessions: dict[SessionId, Session] = {}
@@ -69,10 +81,18 @@ class SessionManager:
         reserved_bytes: int,
         make_cache: Callable[[], Any],
         now: float,
+        mirror: bool = False,
     ) -> Session:
         if self.draining:
             raise SessionRefused(Refusal.DRAINING, self.drain_message)
         free = self.budget_bytes - self.used_bytes
+        reserve = int(self.mirror_reserve * self.budget_bytes)
+        if mirror and reserved_bytes <= free and free - reserved_bytes < reserve:
+            raise SessionRefused(
+                Refusal.NO_MEMORY,
+                f"not taking mirror sessions: one of {reserved_bytes} bytes would leave {free - reserved_bytes} of "
+                f"{self.budget_bytes} bytes of KV cache free, under the {reserve} kept for primary sessions",
+            )
         if reserved_bytes > free:
             raise SessionRefused(
                 Refusal.NO_MEMORY,
@@ -90,6 +110,7 @@ class SessionManager:
             cache=make_cache(),
             opened_at=now,
             last_active=now,
+            mirror=mirror,
         )
         self.sessions[session.session_id] = session
         return session

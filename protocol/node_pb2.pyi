@@ -111,32 +111,36 @@ class InferenceRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("model", "start_block", "end_block", "batch_size", "max_length", "response_compression")
+    __slots__ = ("model", "start_block", "end_block", "batch_size", "max_length", "response_compression", "mirror")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    MIRROR_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_block: int
     end_block: int
     batch_size: int
     max_length: int
     response_compression: Compression
-    def __init__(self, model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+    mirror: bool
+    def __init__(self, model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ..., mirror: _Optional[bool] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("step_id", "hidden", "next", "keep_length")
+    __slots__ = ("step_id", "hidden", "next", "keep_length", "replay")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     NEXT_FIELD_NUMBER: _ClassVar[int]
     KEEP_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden: Tensor
     next: _containers.RepeatedCompositeFieldContainer[NextHop]
     keep_length: int
-    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., next: _Optional[_Iterable[_Union[NextHop, _Mapping]]] = ..., keep_length: _Optional[int] = ...) -> None: ...
+    replay: bool
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., next: _Optional[_Iterable[_Union[NextHop, _Mapping]]] = ..., keep_length: _Optional[int] = ..., replay: _Optional[bool] = ...) -> None: ...
 
 class NextHop(_message.Message):
     __slots__ = ("address", "session_id", "peer_id", "relays")

@@ -106,19 +106,19 @@ def test_two_failures_in_one_generation(swarm, checkpoint, expected, mode):
 
 def test_failure_during_replay(swarm, checkpoint, expected, monkeypatch):
     """The replacement node is killed while the client replays the history to it (replay goes through
-    HopStream.step; live steps use send/receive)."""
+    HopStream.replay; live steps use send/receive)."""
     daemons = start_nodes(swarm, checkpoint, "fo-replay", [(0, 3), (3, 6), (3, 6), (3, 6)])
-    original_step = HopStream.step
+    original_replay = HopStream.replay
     state = {"armed": False, "killed": None, "first": None}
 
-    def step(self: HopStream, step_id: int, hidden: torch.Tensor, keep_length: int | None = None) -> torch.Tensor:
+    def replay(self: HopStream, step_id: int, hidden: torch.Tensor, timeout: float | None = None) -> torch.Tensor:
         if state["armed"] and self.start == 3 and state["killed"] is None and self.address != state["first"]:
             victim = next(d for d in daemons if d.info["address"] == self.address)
             LocalSwarm.kill(victim)
             state["killed"] = victim
-        return original_step(self, step_id, hidden, keep_length)
+        return original_replay(self, step_id, hidden, timeout)
 
-    monkeypatch.setattr(HopStream, "step", step)
+    monkeypatch.setattr(HopStream, "replay", replay)
 
     def first_kill(session) -> None:
         state["first"] = kill_serving(daemons, session, (3, 6)).info["address"]

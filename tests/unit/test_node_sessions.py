@@ -97,3 +97,28 @@ def test_free_tokens_rounds_down_and_handles_zero_bytes_per_token():
     assert m.free_tokens == 99  # 999 // 10
     assert SessionManager(budget_bytes=50, bytes_per_token=0).free_tokens == 50
     assert SessionManager(budget_bytes=0, bytes_per_token=10).free_tokens == 0
+
+
+def test_mirrors_count_against_the_budget_and_are_refused_first():
+    m = SessionManager(budget_bytes=1000, bytes_per_token=10, mirror_reserve=0.25)
+    mirror = m.open(start=0, end=4, batch_size=1, max_length=64, reserved_bytes=500, make_cache=lambda: None,
+                    now=0.0, mirror=True)
+    assert mirror.mirror and m.used_bytes == 500 and m.free_tokens == 50
+    # a second mirror would leave 200 bytes free, under the 250 kept for primaries; a primary of that size opens
+    with pytest.raises(SessionRefused, match="not taking mirror sessions") as refused:
+        m.open(start=0, end=4, batch_size=1, max_length=64, reserved_bytes=300, make_cache=lambda: None, now=0.0,
+               mirror=True)
+    assert refused.value.reason is Refusal.NO_MEMORY
+    primary = open_session(m, 300)
+    assert not primary.mirror and m.used_bytes == 800
+    # past the budget, a mirror is refused as a primary would be
+    with pytest.raises(SessionRefused, match="not enough KV cache memory"):
+        m.open(start=0, end=4, batch_size=1, max_length=64, reserved_bytes=300, make_cache=lambda: None, now=0.0,
+               mirror=True)
+    m.close(mirror.session_id)
+    assert m.used_bytes == 300
+
+
+def test_mirror_reserve_is_a_share():
+    with pytest.raises(ValueError, match="mirror_reserve"):
+        SessionManager(budget_bytes=1000, bytes_per_token=10, mirror_reserve=1.5)
