@@ -2,19 +2,22 @@
 
 Used by `homeswarm demo` and by the tests. Every process it starts is stopped on ``close()``
 (SIGTERM, then SIGKILL after a timeout; the APIs first, as clients of the nodes), also when start-up
-fails half way.
+fails half way, and receives SIGTERM if the process that started it dies first (killed, say, by a
+test run's time limit) rather than living on in its own session.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,31 @@ def console_script(name: str) -> list[str]:
         return [str(candidate)]
     module = {"join-swarm": "homeswarm.node.main", "homeswarm": "homeswarm.client.cli"}[name]
     return [sys.executable, "-m", module]
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _term_with_parent() -> Callable[[], None] | None:
+    """A hook, run in a child between fork and exec, that has the child receive SIGTERM when this process
+    dies, however it dies (SIGKILL included: a test run killed by its time limit): each daemon then stops as
+    on SIGTERM, its DHT process and p2pd with it. Linux's parent-death signal follows the thread that forks,
+    so it is armed only for children started from the main thread (whose end is the process's); None
+    elsewhere and on other systems, where ``close()`` alone stops the children."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
 
 
 def split_blocks(num_blocks: int, parts: int) -> list[tuple[int, int]]:
@@ -85,6 +113,7 @@ class LocalSwarm:
             stdin=subprocess.DEVNULL,
             env=self.env,
             start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop the children in order
+            preexec_fn=_term_with_parent(),
         )
         log.close()
         return Daemon(process, ready, log_path)

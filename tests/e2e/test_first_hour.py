@@ -8,15 +8,20 @@ announces an address peers can dial; a peer nobody answers at is named with what
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from homeswarm.client.local_swarm import LocalSwarm, console_script
 from homeswarm.routing.signing import NodeKey
-from tests.e2e.test_cli import assert_usage_error, run_cli
+from tests.e2e.test_cli import MARK, assert_usage_error, processes_marked, reap_marked, run_cli
 from tests.helpers.checkpoints import make_checkpoint
 
 DEAD_PEER = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWBGeVDU6RWjU62wSHBu8SxcPN7iTm4V8PdZLu2sjXWcx9"
@@ -127,3 +132,28 @@ def test_an_unreachable_peer_is_named_with_what_to_check(ckpt, tmp_path):
                                              r"check that they are running")
     assert "Daemon failed to start" not in result.stderr and not (tmp_path / "ready.json").exists()
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # warnings and errors only: the error
+
+
+def test_daemons_die_with_the_process_that_started_them(tmp_path):
+    """A test run killed by its time limit (SIGKILL) leaves no daemon, DHT process or p2pd behind."""
+    mark = uuid.uuid4().hex
+    code = ("import sys, time\nfrom homeswarm.client.local_swarm import LocalSwarm\n"
+            f"swarm = LocalSwarm({str(tmp_path)!r})\nswarm.start_bootstrap()\n"
+            "print(swarm.bootstrap.process.pid, flush=True)\ntime.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, MARK: mark}, start_new_session=True)
+    try:
+        line = parent.stdout.readline()
+        assert line.strip().isdigit(), parent.stderr.read() if parent.poll() is not None else line
+        assert len(processes_marked(mark)) >= 3  # the parent, `homeswarm dht` and its p2pd
+        os.killpg(parent.pid, signal.SIGKILL)  # the parent's group only: the daemon has a session of its own
+        parent.wait(10)
+        left = reap_marked(mark, grace=20)
+        assert not left, f"left behind: {left}"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        parent.stdout.close()
+        parent.stderr.close()
+        reap_marked(mark)
