@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--verify-fraction", type=float, default=0.0, metavar="F",
                      help="re-run this share (0..1) of steps on a second server of each span and compare; a node "
                      "caught returning wrong hidden states is banned and the step recomputed (default 0: off)")
+    gen.add_argument("--trust", action="store_true",
+                     help="the swarm's nodes are trusted (a private swarm): no mirror sessions, so nodes' answers are "
+                     "not compared and a failed node's blocks are rebuilt by a replay (by default each hop gets a "
+                     "mirror on a second server of its blocks, where one exists)")
+    gen.add_argument("--step-timeout", type=float, default=ClientConfig.step_timeout, metavar="SECONDS",
+                     help="seconds a step on one node may take beyond what its tokens take at the node's announced "
+                     "speed before the client checks on the node; a node that still answers is waited for "
+                     f"(default {ClientConfig.step_timeout:g})")
     gen.add_argument("--require-tls", action="store_true", help="use only nodes that serve over TLS (skip nodes "
                      "started with --insecure, which are otherwise used in plaintext)")
     gen.add_argument("--exact", action="store_true", help="route only through nodes serving the checkpoint's own "
@@ -136,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests generating at once, each with its own sessions; more wait (default 8)")
     srv.add_argument("--compression", default="none", choices=["none", "float16", "bfloat16", "int8", "auto"],
                      help="compression of hidden states on the wire (default none: exact)")
+    srv.add_argument("--trust", action="store_true",
+                     help="the swarm's nodes are trusted (a private swarm): no mirror sessions, so nodes' answers are "
+                     "not compared and a failed node's blocks are rebuilt by a replay (by default each hop gets a "
+                     "mirror on a second server of its blocks, where one exists)")
+    srv.add_argument("--step-timeout", type=float, default=ClientConfig.step_timeout, metavar="SECONDS",
+                     help="seconds a step on one node may take beyond what its tokens take at the node's announced "
+                     "speed before the client checks on the node; a node that still answers is waited for "
+                     f"(default {ClientConfig.step_timeout:g})")
     srv.add_argument("--ready-file", default=None, help="write {address, url, model} here once serving")
 
     status = sub.add_parser("status", help="show what the swarm serves: per model its blocks, who serves them, "
@@ -235,12 +251,16 @@ def _join(model_dir: Path, args: argparse.Namespace):  # noqa: ANN202 - the clie
     from homeswarm.model import MissingTensorsError
     from homeswarm.model.checkpoint import MissingShardsError
 
+    step_timeout = getattr(args, "step_timeout", ClientConfig.step_timeout)
+    if not step_timeout > 0:
+        raise UsageError(f"--step-timeout must be positive, got {step_timeout:g}")
     try:
         return AutoDistributedModelForCausalLM.from_pretrained(
             model_dir, initial_peers=args.initial_peers, model_name=args.model_name,
             config=ClientConfig(compression=args.compression, exact=getattr(args, "exact", False),
                                 verify_fraction=getattr(args, "verify_fraction", 0.0),
-                                require_tls=getattr(args, "require_tls", False)),
+                                require_tls=getattr(args, "require_tls", False), step_timeout=step_timeout,
+                                mirrors=not getattr(args, "trust", False)),
         )
     except (MissingTensorsError, MissingShardsError) as e:
         raise UsageError(str(e)) from None
