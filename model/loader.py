@@ -27,6 +27,8 @@ from .blocks import BlockSpan, fuse_projections
 from .checkpoint import CheckpointReader, MissingTensorsError
 from .config import ModelConfig
 from .families import Family, family_of
+from .gguf_files import open_checkpoint
+from .gguf_reader import GGUFCheckpoint
 from .head import ClientHead
 from .heap import HeapTrimmer
 from .moe import Experts
@@ -81,7 +83,7 @@ def _checkpoint_name(family: Family, layer: int, key: str) -> str:
     return f"model.layers.{layer}.{key}"
 
 
-def _sources(reader: CheckpointReader, family: Family, layer: int, key: str,
+def _sources(reader: CheckpointReader | GGUFCheckpoint, family: Family, layer: int, key: str,
              num_experts: int) -> tuple[str, list[str]] | None:
     """How parameter ``key`` of block ``layer`` is stored: ("direct", [name]), ("mxfp4", [blocks, scales]),
     or ("gate_up" | "down", per-expert names), or None when the checkpoint has neither."""
@@ -101,7 +103,7 @@ def _sources(reader: CheckpointReader, family: Family, layer: int, key: str,
     return None
 
 
-def _read_stacked(reader: CheckpointReader, names: list[str], rows: list[int], dtype: torch.dtype,
+def _read_stacked(reader: CheckpointReader | GGUFCheckpoint, names: list[str], rows: list[int], dtype: torch.dtype,
                   device: str | torch.device) -> Tensor:
     """Per-expert tensors read one by one into one stacked tensor ``[E, sum(rows), ...]``: ``names`` in
     order, ``rows`` each part's rows (gate then up for ``gate_up``), so no second copy is ever made."""
@@ -119,7 +121,7 @@ def _read_stacked(reader: CheckpointReader, names: list[str], rows: list[int], d
     return out.to(device)
 
 
-def _block_state(reader: CheckpointReader, config: ModelConfig, layer: int, keys: list[str],
+def _block_state(reader: CheckpointReader | GGUFCheckpoint, config: ModelConfig, layer: int, keys: list[str],
                  dtype: torch.dtype | None, device: str | torch.device) -> dict[str, Tensor]:
     """The tensors of block ``layer`` for our parameter names ``keys`` (relative to the block), each read
     straight into its own memory (``dtype`` None: as stored)."""
@@ -197,7 +199,7 @@ def load_span(model_dir: str | os.PathLike[str], start: int, end: int, *, dtype:
     if not 0 <= start < end <= config.num_hidden_layers:
         raise ValueError(f"invalid block range [{start}, {end}) for a model with {config.num_hidden_layers} blocks")
     check_model_quant(config, quant)
-    reader = CheckpointReader(model_dir)
+    reader = open_checkpoint(model_dir)  # safetensors, or the GGUF a folder stands for
     with torch.device("meta"):
         span = BlockSpan(config, start, end)
     wide = family_of(config.family).float32_params
@@ -235,7 +237,7 @@ def load_head(model_dir: str | os.PathLike[str], *, dtype: torch.dtype = torch.f
     """Load the embedding, the final norm and (when untied) the LM head; nothing else."""
     _check_dtype(dtype)
     config = ModelConfig.from_dir(model_dir)
-    reader = CheckpointReader(model_dir)
+    reader = open_checkpoint(model_dir)  # safetensors, or the GGUF a folder stands for
     names = {_HEAD_EMBED: "embed_tokens.weight", _HEAD_NORM: "norm.weight"}
     if not config.tie_word_embeddings:
         names[_HEAD_LM] = "lm_head.weight"

@@ -1,0 +1,231 @@
+"""Reading a GGUF file (or a split one, ``NAME-00001-of-0000N.gguf``) as a checkpoint of Hugging Face names.
+
+Responsibility: the same reading interface as :class:`~.checkpoint.CheckpointReader` (``names``, ``in``,
+``entry``, ``load``, ``read_into``) over llama.cpp's tensors, so the loader builds blocks from a GGUF as
+from safetensors: names mapped by :mod:`.gguf_names`, llama.cpp's permuted Q/K rows put back in Hugging
+Face's order, stacked experts' gate and up concatenated, and every type other than F32/F16 dequantized
+(``gguf.quants``) to the dtype asked for, a bounded number of rows at a time, straight into the tensor's
+own storage. The metadata (``metadata``) and the ``config.json`` it stands for (:meth:`config_dict`)
+come from the first file.
+
+Invariants: the files are memory-mapped by the ``gguf`` package and only the tensors asked for are
+read; nothing returned is a view of a map (each tensor is copied into its own memory as converted). A
+split with a file missing, or a tensor of a type that cannot be dequantized, is an error naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .checkpoint import MissingTensorsError
+from .gguf_names import ARCHITECTURES, PERMUTED_QK, config_dict, gguf_names, hf_names, llama3_rope_scaling
+from .tensor_file import TensorEntry
+
+logger = logging.getLogger(__name__)
+
+_SPLIT = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
+_CHUNK_BYTES = 16 << 20  # float32 rows dequantized at a time
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def gguf_paths(path: str | os.PathLike[str]) -> list[Path]:
+    """The files of the GGUF ``path``: itself, or for the first (any) file of a split, every part in order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    match = _SPLIT.match(path.name)
+    if match is None:
+        return [path]
+    count = int(match["count"])
+    paths = [path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"split GGUF {path.name} lacks its part(s) {', '.join(missing)} in {path.parent}")
+    return paths
+
+
+def model_stem(path: str | os.PathLike[str]) -> str:
+    """A GGUF's model name: the file's stem, without a split's ``-00001-of-0000N``."""
+    name = Path(path).name
+    match = _SPLIT.match(name)
+    return match["stem"] if match else name.removesuffix(".gguf")
+
+
+def _open(path: Path) -> Any:
+    import gguf  # numpy-only, but only a GGUF needs it
+
+    try:
+        return gguf.GGUFReader(path, "r")
+    except (ValueError, OSError, IndexError) as e:
+        raise ValueError(f"{path} is not a readable GGUF file: {e}") from None
+
+
+class GGUFCheckpoint:
+    """Hugging Face names and selective loading of the tensors of one GGUF model (one file, or a split)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        import gguf
+
+        self.paths = gguf_paths(path)
+        self.model_dir = self.paths[0]
+        readers = [_open(p) for p in self.paths]
+        self.metadata: dict[str, Any] = {
+            name: field.contents() for name, field in readers[0].fields.items() if not name.startswith("GGUF.")
+        }
+        self._tensors = {t.name: t for reader in readers for t in reader.tensors}
+        self.arch = self.metadata.get("general.architecture")
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"{self.model_dir}: unsupported GGUF architecture {self.arch!r}; supported: "
+                             f"{', '.join(ARCHITECTURES)}")
+        self._types = gguf.GGMLQuantizationType
+        self._dequant = gguf.quants.dequantize
+        self._logged: set[str] = set()
+        self.num_layers = int(self.metadata.get(f"{self.arch}.block_count", 0))
+
+    # --- what the file is -------------------------------------------------------------------------------
+
+    def config_dict(self) -> dict[str, Any]:
+        """The ``config.json`` this GGUF stands for."""
+        if "token_embd.weight" not in self._tensors:
+            raise ValueError(f"{self.model_dir} has no token_embd.weight tensor")
+        vocab = int(self._tensors["token_embd.weight"].shape[1])
+        try:
+            d = config_dict(self.metadata, set(self._tensors), vocab)
+            if "rope_freqs.weight" in self._tensors:  # llama3's RoPE scaling, stored as per-frequency divisors
+                factors = self._float(self._tensors["rope_freqs.weight"]).reshape(-1).tolist()
+                scaling = llama3_rope_scaling(factors, d["head_dim"], d["rope_theta"])
+                if scaling is None:
+                    raise ValueError("its rope_freqs tensor matches none of Llama 3's RoPE scalings")
+                d["rope_scaling"] = scaling
+        except ValueError as e:
+            raise ValueError(f"{self.model_dir}: {e}") from None
+        return d
+
+    def file_type(self) -> str:
+        """llama.cpp's name for what the blocks' weights are stored as, lower case (``q4_k_m``, ``f16``):
+        ``general.file_type``, else the most common type of the blocks' matrices."""
+        import gguf
+
+        value = self.metadata.get("general.file_type")
+        try:
+            name = gguf.LlamaFileType(value).name if value is not None else None
+        except ValueError:
+            name = None
+        if name is not None and name not in ("GUESSED",):
+            return name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+        types = [t.tensor_type.name for n, t in self._tensors.items() if n.startswith("blk.") and len(t.shape) >= 2]
+        return max(set(types), key=types.count).lower() if types else "f32"
+
+    def block_types(self, start: int, end: int) -> set[str]:
+        """The GGML types of the tensors of blocks ``[start, end)`` (``F32``, ``Q4_0`` ...)."""
+        prefixes = tuple(f"blk.{i}." for i in range(start, end))
+        return {t.tensor_type.name for n, t in self._tensors.items() if n.startswith(prefixes)}
+
+    # --- the reader interface of CheckpointReader ---------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Every Hugging Face tensor name the file holds, sorted."""
+        prefix = "block_sparse_moe." if self.config_dict()["model_type"] == "mixtral" else "mlp."
+        return sorted(hf_names(set(self._tensors), self.num_layers, moe_prefix=prefix))
+
+    def __contains__(self, name: object) -> bool:
+        parts = gguf_names(name) if isinstance(name, str) else None
+        return parts is not None and all(p in self._tensors for p in parts)
+
+    def _parts(self, name: str) -> list[Any]:
+        if name not in self:
+            raise MissingTensorsError(self.model_dir, [name])
+        return [self._tensors[p] for p in gguf_names(name)]  # type: ignore[union-attr]
+
+    def entry(self, name: str) -> TensorEntry:
+        """Tensor ``name``'s dtype as read (float32 for a quantized one) and shape, in torch's order."""
+        parts = self._parts(name)
+        shapes = [tuple(int(d) for d in reversed(t.shape)) for t in parts]
+        shape = shapes[0] if len(shapes) == 1 else (shapes[0][0], sum(s[1] for s in shapes), *shapes[0][2:])
+        dtype = torch.float16 if parts[0].tensor_type.name == "F16" else torch.float32
+        return TensorEntry(dtype=dtype, shape=shape, begin=0, end=0)
+
+    def read_into(self, name: str, out: Tensor) -> Tensor:
+        """Read tensor ``name`` into ``out`` (its final storage), converting to ``out``'s dtype."""
+        parts = self._parts(name)
+        if tuple(out.shape) != self.entry(name).shape:
+            raise ValueError(f"{name}: shape {tuple(out.shape)} asked for, {self.entry(name).shape} in {self.model_dir}")
+        if len(parts) == 1:
+            self._convert(parts[0], out)
+        else:  # a fused gate/up stack: the parts one after the other along rows
+            begin = 0
+            for t in parts:
+                rows = int(t.shape[1])  # GGML's order: [columns, rows, experts]
+                data = np.asarray(t.data)
+                for e in range(out.shape[0]):  # expert by expert: each target is contiguous
+                    self._convert(t, out[e, begin : begin + rows], data[e])
+                begin += rows
+        if self.arch in PERMUTED_QK:
+            self._unpermute(name, out)
+        return out
+
+    def load(self, names: Iterable[str], dtype: torch.dtype | None = None,
+             device: str | torch.device = "cpu") -> dict[str, Tensor]:
+        """Read ``names`` in ``dtype`` (None: float32, or float16 for an F16 tensor) onto ``device``."""
+        names = list(dict.fromkeys(names))
+        missing = sorted(n for n in names if n not in self)
+        if missing:
+            raise MissingTensorsError(self.model_dir, missing)
+        out = {}
+        for name in names:
+            entry = self.entry(name)
+            tensor = torch.empty(entry.shape, dtype=dtype if dtype is not None else entry.dtype)
+            out[name] = self.read_into(name, tensor).to(device)
+        return out
+
+    # --- conversion -----------------------------------------------------------------------------------
+
+    def _float(self, t: Any) -> np.ndarray:
+        return self._dequant(np.asarray(t.data), t.tensor_type)
+
+    def _convert(self, t: Any, out: Tensor, data: np.ndarray | None = None) -> None:
+        """GGUF tensor ``t`` (or ``data``, a part of it) into ``out`` (its shape in torch's order), a
+        bounded number of rows at a time."""
+        kind = t.tensor_type.name
+        data = np.asarray(t.data) if data is None else data
+        rows = data.reshape(-1, data.shape[-1])
+        target = out.view(-1, out.shape[-1])
+        if kind not in FLOAT_TYPES and kind not in self._logged:
+            self._logged.add(kind)
+            logger.info("%s: dequantizing %s tensors to %s at load", self.model_dir.name, kind,
+                        str(out.dtype).removeprefix("torch."))
+        step = max(1, _CHUNK_BYTES // (4 * target.shape[-1]))
+        for begin in range(0, rows.shape[0], step):
+            chunk = rows[begin : begin + step]
+            if kind in ("F32", "F16"):
+                values = torch.from_numpy(np.array(chunk))  # copied out of the map
+            else:
+                try:
+                    values = torch.from_numpy(self._dequant(chunk, t.tensor_type))
+                except NotImplementedError:
+                    raise ValueError(f"{self.model_dir}: {t.name} is stored as {kind}, which cannot be "
+                                     f"dequantized here") from None
+            target[begin : begin + values.shape[0]].copy_(values.view(-1, target.shape[-1]))
+
+    def _unpermute(self, name: str, out: Tensor) -> None:
+        """Undo llama.cpp's Q/K row permutation (``LlamaModel.permute``: each head's rotary halves
+        interleaved) so rows are in Hugging Face's order again."""
+        if ".self_attn.q_proj." in name:
+            heads = int(self.metadata[f"{self.arch}.attention.head_count"])
+        elif ".self_attn.k_proj." in name:
+            heads = int(self.metadata.get(f"{self.arch}.attention.head_count_kv",
+                                          self.metadata[f"{self.arch}.attention.head_count"]))
+        else:
+            return
+        rest = out.shape[1:]
+        half = out.shape[0] // heads // 2
+        out.copy_(out.reshape(heads, half, 2, *rest).transpose(1, 2).reshape(out.shape))

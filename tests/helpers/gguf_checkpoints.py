@@ -1,0 +1,129 @@
+"""Tiny GGUF files written from the random checkpoints of :mod:`.checkpoints`, as llama.cpp's converter
+writes them: the ``gguf`` package's writer and tensor name map, llama's permuted Q/K rows, norms in F32,
+matrices in the type asked for (F32, F16, Q8_0, Q4_0 ...), and optionally a tokenizer and chat template.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from safetensors.numpy import load_file
+
+_ARCH = {"llama2": "llama", "llama3": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_QTYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
+           "Q8_0": gguf.GGMLQuantizationType.Q8_0, "Q4_0": gguf.GGMLQuantizationType.Q4_0,
+           "Q4_K": gguf.GGMLQuantizationType.Q4_K}
+_FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+               "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+               "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+
+
+def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's ``LlamaModel.permute``: each head's rotary halves interleaved."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def byte_level_tokenizer(extra_merges: int = 40) -> dict[str, Any]:
+    """A byte-level BPE vocabulary (``gpt2``) of 256 bytes, some merges, a control and a user-defined
+    token: ``tokenizer.ggml.*`` values."""
+    from homeswarm.model.gguf_tokenizer import _bytes_to_unicode
+
+    spelled = _bytes_to_unicode()
+    tokens = [spelled[b] for b in range(256)]
+    merges = []
+    for pair in ("Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "r e", "Ġ s", "a t", "Ġ w", "Ġ o",
+                 "e n", "i s", "Ġ b", "Ġ c", "o u", "e d", "Ġ f", "Ġ m", "Ġ p", "i t", "a n", "o r")[:extra_merges]:
+        a, b = pair.split(" ")
+        merges.append(pair)
+        tokens.append(a + b)
+    tokens += ["<|endoftext|>", "<think>"]
+    types = [1] * (len(tokens) - 2) + [3, 4]
+    return {"model": "gpt2", "pre": "qwen2", "tokens": tokens, "merges": merges, "token_type": types,
+            "eos": len(tokens) - 2, "bos": len(tokens) - 2, "add_bos": False}
+
+
+def sentencepiece_tokenizer() -> dict[str, Any]:
+    """A SentencePiece BPE vocabulary (``llama``): unk, bos, eos, 256 byte tokens, scored pieces."""
+    pieces = ["▁", "t", "h", "e", "a", "o", "n", "s", "i", "r", "▁t", "he", "▁the", "in", "er", "on", "▁a",
+              "re", "at", "▁s", "▁w", "en", "is", "it", "an", "or", "▁o", "▁b", "ou", "ed"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    scores = [0.0] * (3 + 256) + [-float(i) for i in range(len(pieces))]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    return {"model": "llama", "tokens": tokens, "scores": scores, "token_type": types, "bos": 1, "eos": 2,
+            "unk": 0, "add_bos": True}
+
+
+def write_gguf(checkpoint: str | Path, path: str | Path, family: str, qtype: str = "F32", *,
+               tokenizer: dict[str, Any] | None = None, chat_template: str | None = None,
+               split_max_tensors: int = 0) -> Path:
+    """Write the float32 checkpoint folder ``checkpoint`` (of test ``family``) as a GGUF at ``path``; return
+    the path of its (first) file."""
+    checkpoint, path = Path(checkpoint), Path(path)
+    config = json.loads((checkpoint / "config.json").read_text())
+    arch = _ARCH[family]
+    n_layers, heads, kv_heads = config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]
+    writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
+    writer.add_block_count(n_layers)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta"), "rope_type": "default"}
+    writer.add_rope_freq_base(rope["rope_theta"])
+    writer.add_file_type(_FILE_TYPES[qtype])
+    if tokenizer is not None:
+        writer.add_tokenizer_model(tokenizer["model"])
+        if "pre" in tokenizer:
+            writer.add_tokenizer_pre(tokenizer["pre"])
+        writer.add_token_list(tokenizer["tokens"])
+        writer.add_token_types(tokenizer["token_type"])
+        if "scores" in tokenizer:
+            writer.add_token_scores(tokenizer["scores"])
+        if "merges" in tokenizer:
+            writer.add_token_merges(tokenizer["merges"])
+        writer.add_bos_token_id(tokenizer["bos"])
+        writer.add_eos_token_id(tokenizer["eos"])
+        if "unk" in tokenizer:
+            writer.add_unk_token_id(tokenizer["unk"])
+        writer.add_add_bos_token(tokenizer["add_bos"])
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
+    tensors = load_file(checkpoint / "model.safetensors")
+    if rope.get("rope_type") == "llama3":  # llama.cpp stores the scaling as each frequency's divisor
+        from homeswarm.model.gguf_names import _llama3_factors
+
+        factors = _llama3_factors(config["head_dim"], rope["rope_theta"], rope["factor"], rope["low_freq_factor"],
+                                  rope["high_freq_factor"], rope["original_max_position_embeddings"])
+        writer.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
+    for hf_name, data in sorted(tensors.items()):
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert name is not None, hf_name
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
+            data = _permute(data, heads)
+        elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
+            data = _permute(data, kv_heads)
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        if data.ndim == 1 or qtype == "F32":
+            writer.add_tensor(name, data)
+        elif qtype == "F16":
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            quantized = gguf.quants.quantize(data, _QTYPES[qtype])
+            writer.add_tensor(name, quantized, raw_shape=quantized.shape, raw_dtype=_QTYPES[qtype])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if split_max_tensors:
+        return sorted(path.parent.glob(f"{path.stem}-00001-of-*.gguf"))[0]
+    return path
