@@ -69,6 +69,7 @@ def write_gguf(checkpoint: str | Path, path: str | Path, family: str, qtype: str
     n_layers, heads, kv_heads = config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]
     writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     writer.add_block_count(n_layers)
+    writer.add_vocab_size(config["vocab_size"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_feed_forward_length(config["intermediate_size"])

@@ -1,0 +1,162 @@
+"""GGUF files as checkpoints: an F32 GGUF written from a random checkpoint generates exactly what transformers
+generates on the source checkpoint (llama 2 and 3 with llama.cpp's permuted Q/K and RoPE factors, Qwen2
+biases, Qwen3 q/k norms); F16, Q8_0 and Q4_0 files give the logits transformers gives on the same GGUF
+(both dequantize: equal); a split file reads as the whole; tokenizers (byte-level BPE and SentencePiece)
+encode and decode as transformers' GGUF conversion does, with the chat template; bad files are refused
+with their reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import transformers
+
+from homeswarm.model import LocalModel, load_span
+from homeswarm.model.gguf_files import gguf_folder, gguf_weight_format, is_gguf_folder, open_checkpoint
+from homeswarm.model.gguf_names import gguf_names
+from homeswarm.model.gguf_reader import GGUFCheckpoint, gguf_paths, model_stem
+from homeswarm.model.gguf_tokenizer import build_tokenizer
+from tests.helpers.checkpoints import make_checkpoint, reference_greedy, reference_model
+from tests.helpers.gguf_checkpoints import byte_level_tokenizer, sentencepiece_tokenizer, write_gguf
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEXTS = ["the weather is nice", "  leading spaces and\nnew lines\n\n", "Ünïcödé ✓ 数字 123456",
+         "<|endoftext|> special <think>inside</think>", "", "on the other hand, it is"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("gguf")
+
+
+def _prompt() -> torch.Tensor:
+    return torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("family", ["llama2", "llama3", "qwen2", "qwen3"])
+def test_f32_gguf_generates_what_transformers_generates_on_the_source(family, root):
+    source = make_checkpoint(root / family, family, num_layers=2, seed=5)
+    path = write_gguf(source, root / f"{family}.gguf", family, "F32")
+    folder = gguf_folder(path, cache_dir=root / "cache")
+    assert folder.name == family and is_gguf_folder(folder)
+    model = LocalModel(folder)
+    reference = reference_model(source)
+    prompt = _prompt()
+    with torch.no_grad():
+        want = reference(prompt).logits
+        got = model.head.logits(model.forward(model.head.embed(prompt)))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert model.generate(prompt, 12).tolist() == reference_greedy(source, prompt, 12, model=reference).tolist()
+    assert gguf_weight_format(folder, 0, 2) == "gguf-f32"
+
+
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0", "Q4_0"])
+def test_quantized_gguf_equals_transformers_on_the_same_file(qtype, root, caplog):
+    source = make_checkpoint(root / f"src-{qtype}", "llama2", num_layers=2, seed=6)
+    path = write_gguf(source, root / f"llama-{qtype}.gguf", "llama2", qtype)
+    folder = gguf_folder(path, cache_dir=root / "cache")
+    with caplog.at_level(logging.INFO, logger="homeswarm.model.gguf_reader"):
+        model = LocalModel(folder)
+    dequantized = [r for r in caplog.records if "dequantizing" in r.getMessage()]
+    assert len(dequantized) == (0 if qtype == "F16" else 2)  # once per load (head, span), not per tensor
+    reference = transformers.AutoModelForCausalLM.from_pretrained(root, gguf_file=path.name, dtype=torch.float32).eval()
+    prompt = _prompt()
+    with torch.no_grad():
+        want = reference(prompt).logits
+        got = model.head.logits(model.forward(model.head.embed(prompt)))
+    # both dequantize the same blocks to float32 and compute in float32: the same numbers
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert gguf_weight_format(folder, 0, 2) == f"gguf-{qtype.lower()}"
+
+
+def test_span_in_bfloat16_and_split_file(root):
+    source = make_checkpoint(root / "split-src", "qwen3", num_layers=3, seed=7)
+    whole = write_gguf(source, root / "whole.gguf", "qwen3", "F16")
+    (root / "parts").mkdir()
+    first = write_gguf(source, root / "parts" / "qwen3-split.gguf", "qwen3", "F16", split_max_tensors=10)
+    assert first.name.startswith("qwen3-split-00001-of-")
+    assert len(gguf_paths(first)) > 2 and model_stem(first) == "qwen3-split"
+    a = load_span(gguf_folder(whole, cache_dir=root / "cache"), 1, 3, dtype=torch.bfloat16)
+    b = load_span(gguf_folder(first, cache_dir=root / "cache"), 1, 3, dtype=torch.bfloat16)
+    assert a.layers[0].self_attn.o_proj.weight.dtype == torch.bfloat16
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    assert gguf_folder(first, cache_dir=root / "cache").name == "qwen3-split"
+    last = sorted((root / "parts").glob("*.gguf"))[-1]
+    last.rename(last.with_suffix(".bak"))
+    with pytest.raises(FileNotFoundError, match="lacks its part"):
+        gguf_paths(first)
+
+
+def test_names_follow_llama_cpp(root):
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2MOE, 2)
+    for hf in ["model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.shared_expert.up_proj.weight",
+               "model.layers.1.mlp.gate.weight", "model.layers.0.post_attention_layernorm.weight",
+               "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"]:
+        assert gguf_names(hf) == (names.get_name(hf, try_suffixes=(".weight", ".bias")),), hf
+    assert gguf_names("model.layers.3.mlp.experts.gate_up_proj") == ("blk.3.ffn_gate_exps.weight",
+                                                                   "blk.3.ffn_up_exps.weight")
+    assert gguf_names("model.layers.3.block_sparse_moe.experts.down_proj") == ("blk.3.ffn_down_exps.weight",)
+    assert gguf_names("model.layers.3.self_attn.rotary_emb.inv_freq") is None
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_tokenizer_and_chat_template_equal_transformers(kind, root):
+    family = "qwen2" if kind == "gpt2" else "llama2"
+    vocab = byte_level_tokenizer() if kind == "gpt2" else sentencepiece_tokenizer()
+    source = make_checkpoint(root / f"tok-{kind}", family, num_layers=1, vocab_size=len(vocab["tokens"]), seed=8)
+    path = write_gguf(source, root / f"tok-{kind}.gguf", family, "F32", tokenizer=vocab, chat_template=TEMPLATE)
+    folder = gguf_folder(path, cache_dir=root / "cache")
+    ours = build_tokenizer(GGUFCheckpoint(path).metadata)
+    theirs = transformers.AutoTokenizer.from_pretrained(root, gguf_file=path.name)
+    for text in TEXTS:
+        ids = theirs(text)["input_ids"]
+        assert ours.encode(text).ids == ids, text
+        assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True), text
+    saved = json.loads((folder / "tokenizer_config.json").read_text())
+    assert saved["chat_template"] == theirs.chat_template == TEMPLATE
+    assert saved["eos_token"] == theirs.eos_token
+    assert (folder / "tokenizer.json").is_file()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["vocab_size"] == len(vocab["tokens"]) and config["eos_token_id"] == vocab["eos"]
+
+
+def test_bad_files_are_refused(root, tmp_path):
+    not_gguf = tmp_path / "junk.gguf"
+    not_gguf.write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(ValueError, match="not a readable GGUF"):
+        gguf_folder(not_gguf, cache_dir=tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        gguf_folder(tmp_path / "absent.gguf", cache_dir=tmp_path / "cache")
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp_path / "gpt2.gguf", "gpt2")
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'gpt2'"):
+        gguf_folder(tmp_path / "gpt2.gguf", cache_dir=tmp_path / "cache")
+    source = make_checkpoint(tmp_path / "src", "llama2", num_layers=1)
+    path = write_gguf(source, tmp_path / "ok.gguf", "llama2", "F32")
+    reader = open_checkpoint(path)
+    assert "model.layers.0.self_attn.q_proj.weight" in reader and "model.layers.1.mlp.up_proj.weight" not in reader
+    with pytest.raises(KeyError, match="lacks tensors: model.layers.1"):
+        reader.load(["model.layers.1.mlp.up_proj.weight"])
