@@ -1,5 +1,5 @@
-"""The `homeswarm` command: generate through a swarm, serve it over an OpenAI-compatible HTTP API,
-show what a swarm serves, run a bootstrap DHT peer, run the demo.
+"""The `homeswarm` command: generate through a swarm, chat with it, serve it over an OpenAI-compatible HTTP
+API, show what a swarm serves, run a bootstrap DHT peer, run the demo.
 
 Bad input (a missing folder, malformed prompt ids, out-of-range options) prints a message and
 exits with code 2; a swarm that cannot serve the request (missing blocks, failed nodes) exits 1.
@@ -173,6 +173,27 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: a new peer id at every start)")
     dht.add_argument("--initial-peers", nargs="+", action="extend", default=[], metavar="MADDR",
                      help="join an existing swarm as one more bootstrap peer and relay (default: start one)")
+
+    chat = sub.add_parser("chat", help="talk with an instruct model through the swarm (its chat template, the "
+                          "conversation kept; /reset forgets it)")
+    chat.add_argument("model_dir", metavar="MODEL", help="checkpoint folder with tokenizer.json and a chat template "
+                      "(tokenizer_config.json or chat_template.jinja), or a Hugging Face repository id (owner/name)")
+    chat.add_argument("--cache-dir", default=None, help="where a repository's files are downloaded (default: "
+                      "huggingface_hub's cache)")
+    chat.add_argument("--initial-peers", nargs="+", action="extend", required=True, metavar="MADDR",
+                      help="any peer of the swarm (several: after one flag, comma-separated, or the flag repeated)")
+    chat.add_argument("--model-name", help="name the nodes serve the model under (default: the folder's name, or "
+                      "the repository id)")
+    chat.add_argument("--system", default=None, metavar="TEXT", help="a system message that opens the conversation "
+                      "(kept by /reset)")
+    chat.add_argument("--max-new-tokens", type=int, default=512, help="most tokens of one reply (default 512; a reply "
+                      "also ends at the model's end token)")
+    chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 is greedy (default 0.7)")
+    chat.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens only (default: all)")
+    chat.add_argument("--top-p", type=float, default=0.9, help="sample among the likeliest tokens whose "
+                      "probabilities add up to P (default 0.9)")
+    chat.add_argument("--seed", type=int, default=None, help="random seed of the sampling (default: a fresh one)")
+    chat.set_defaults(compression="none")
 
     # listed for --help only: main() hands `homeswarm dashboard ...` to the dashboard's own command line
     sub.add_parser("dashboard", add_help=False, help="serve the swarm's health: a web page, a JSON API and "
@@ -407,6 +428,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    if args.temperature < 0:
+        raise UsageError("--temperature must be >= 0")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError("--top-p must be in (0, 1]")
+    _check_peers(args.initial_peers)
+    model_dir = _model_dir(args)
+    config = _check_checkpoint(model_dir)
+    from homeswarm.client.chat import Conversation, read_lines, run_chat
+    from homeswarm.client.chat_template import ChatTemplate, ChatTemplateError
+    from homeswarm.client.tokenizer import TextCodec
+
+    codec = TextCodec.for_model(model_dir)
+    if codec is None:
+        raise UsageError(f"{model_dir} has no tokenizer.json: a chat needs it to read and write text")
+    try:
+        template = ChatTemplate.for_model(model_dir)
+    except (ChatTemplateError, ValueError, OSError) as e:
+        raise UsageError(f"{model_dir}: {e}") from None
+    if template is None:
+        raise UsageError(f"{model_dir} has no chat template (tokenizer_config.json's chat_template, or "
+                         "chat_template.jinja): use homeswarm generate --prompt")
+    conversation = Conversation(template, system=args.system)
+    try:
+        conversation.prompt("hello")
+    except ChatTemplateError as e:
+        raise UsageError(f"{model_dir}: {e}") from None
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    model = _join(model_dir, args)
+    try:
+        return run_chat(model, codec, conversation, read_lines(), context_length=config.max_position_embeddings,
+                        max_new_tokens=args.max_new_tokens, say=lambda text: print(text, file=sys.stderr, flush=True),
+                        write=write, do_sample=args.temperature > 0,
+                        temperature=args.temperature if args.temperature > 0 else 1.0, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed)
+    finally:
+        model.close()
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     _check_peers(args.initial_peers)
     from homeswarm.client.status import format_report, swarm_report
@@ -504,6 +572,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = cmd_dht(args)
         elif args.command == "status":
             code = cmd_status(args)
+        elif args.command == "chat":
+            code = cmd_chat(args)
         else:
             from homeswarm.client.demo import run_demo
 

@@ -88,6 +88,7 @@ class LocalSwarm:
     def __init__(self, workdir: str | os.PathLike[str] | None = None, *, env: dict[str, str] | None = None):
         self._tmp = tempfile.TemporaryDirectory(prefix="homeswarm-") if workdir is None else None
         self.workdir = Path(workdir) if workdir is not None else Path(self._tmp.name)  # type: ignore[union-attr]
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, **(env or {})}
         self.bootstrap: Daemon | None = None
         self.nodes: list[Daemon] = []

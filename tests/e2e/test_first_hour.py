@@ -3,12 +3,15 @@
 Bad input answers in one line with exit code 2 in under two seconds, before torch, hivemind or the DHT
 start; a bootstrap peer and a node keep their peer id (and the bootstrap peer its multiaddrs) across
 restarts with --identity; a port another process holds is refused by name; a node bound to 0.0.0.0
-announces an address peers can dial; a peer nobody answers at is named with what to check.
+announces an address peers can dial and `homeswarm chat` talks through it; a peer nobody answers at is
+named with what to check; daemons die with the process that started them.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +24,14 @@ import pytest
 
 from homeswarm.client.local_swarm import LocalSwarm, console_script
 from homeswarm.routing.signing import NodeKey
-from tests.e2e.test_cli import MARK, assert_usage_error, processes_marked, reap_marked, run_cli
+from tests.e2e.test_cli import (
+    MARK,
+    assert_usage_error,
+    byte_level_tokenizer,
+    processes_marked,
+    reap_marked,
+    run_cli,
+)
 from tests.helpers.checkpoints import make_checkpoint
 
 DEAD_PEER = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWBGeVDU6RWjU62wSHBu8SxcPN7iTm4V8PdZLu2sjXWcx9"
@@ -96,11 +106,23 @@ def test_bad_input_is_one_fast_line(case, ckpt, tmp_path, held_port):
     assert seconds < FAST, f"{case} took {seconds:.2f} s: {result.stderr}"
 
 
-def test_identity_keeps_a_bootstrap_address_and_a_node_id(ckpt, tmp_path):
+def chat_model(ckpt: Path, tmp_path: Path) -> Path:
+    """The checkpoint with a tokenizer and a chat template (the nodes serve the same weights)."""
+    folder = tmp_path / "chat-model"
+    shutil.copytree(ckpt, folder)
+    byte_level_tokenizer().save(str(folder / "tokenizer.json"))
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant:{% endif %}")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return folder
+
+
+def test_a_swarm_set_up_by_hand(ckpt, tmp_path):
+    """A bootstrap peer keeps its address across restarts with --identity and a fixed port; a second peer and a
+    node's DHT are refused its port; a node bound to 0.0.0.0 announces 127.0.0.1 and keeps its own identity;
+    `homeswarm chat` talks through it."""
     identity, port = tmp_path / "dht.key", free_port()
     argv = [*console_script("homeswarm"), "dht", "--identity", str(identity), "--port", str(port)]
-    (tmp_path / "first").mkdir()
-    (tmp_path / "second").mkdir()
     with LocalSwarm(tmp_path / "first") as swarm:
         first = swarm.start_process(argv, "dht", timeout=60).info
     assert identity.stat().st_mode & 0o777 == 0o600
@@ -123,6 +145,18 @@ def test_identity_keeps_a_bootstrap_address_and_a_node_id(ckpt, tmp_path):
         host, node_port = node.info["address"].rsplit(":", 1)
         assert host == "127.0.0.1" and int(node_port) > 0, node.info
         assert node.info["peer_id"] == NodeKey.load_or_create(node_key).peer_id
+
+        # and a person talks to the model through it: greedy replies stream to stdout, the second turn's prompt
+        # holds the first, and after /reset the first turn is answered as before
+        chat = subprocess.run(
+            [*console_script("homeswarm"), "chat", "--initial-peers", *second["dht_maddrs"], str(chat_model(ckpt, tmp_path)),
+             "--model-name", "tiny", "--temperature", "0", "--max-new-tokens", "6"],
+            input="hello\nand then?\n/reset\nhello\n/exit\n", capture_output=True, text=True, timeout=120,
+        )
+    assert chat.returncode == 0, chat.stderr
+    assert "Traceback" not in chat.stderr and "(the conversation is forgotten)" in chat.stderr
+    replies = chat.stdout.split("\n")[:3]
+    assert len(replies) == 3 and replies[0] == replies[2] and all(replies), chat.stdout
 
 
 def test_an_unreachable_peer_is_named_with_what_to_check(ckpt, tmp_path):
