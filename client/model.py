@@ -28,6 +28,8 @@ from homeswarm.client.speculative import MAX_DRAFT, SpeculationStats, Speculativ
 from homeswarm.client.transport import ChannelPool
 from homeswarm.model import ModelConfig, load_head, parse_dtype
 from homeswarm.model.digest import block_digests
+from homeswarm.model.gguf_files import gguf_folder, is_gguf_path
+from homeswarm.model.gguf_reader import model_stem
 from homeswarm.model.hub import fetch_client_files, is_hub_id
 from homeswarm.routing.dht import SwarmDHT
 from homeswarm.routing.relay import forwarder_address
@@ -54,11 +56,14 @@ class DistributedModelForCausalLM:
         exact: bool | None = None,
         cache_dir: str | Path | None = None,
     ):
-        """``model_dir``: a checkpoint folder, or a Hugging Face repository id (``owner/name``, the default
-        model name then) whose config, head shards and tokenizer are downloaded into ``cache_dir`` (default:
-        huggingface_hub's cache). ``exact``: route only through nodes serving unquantized weights
-        (overrides ``config.exact``)."""
-        if is_hub_id(model_dir):
+        """``model_dir``: a checkpoint folder, a GGUF file (its stem the default model name), or a Hugging
+        Face repository id (``owner/name``, the default model name then) whose config, head shards and
+        tokenizer are downloaded into ``cache_dir`` (default: huggingface_hub's cache). ``exact``: route only
+        through nodes serving unquantized weights (overrides ``config.exact``)."""
+        if is_gguf_path(model_dir):  # a folder of its config and tokenizer; the head's weights read from the file
+            model_name = model_name or model_stem(model_dir)
+            model_dir = gguf_folder(model_dir)
+        elif is_hub_id(model_dir):
             model_name = model_name or str(model_dir)
             model_dir = fetch_client_files(str(model_dir), cache_dir=cache_dir)
         self.model_dir = Path(model_dir)

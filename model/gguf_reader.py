@@ -141,6 +141,10 @@ class GGUFCheckpoint:
         parts = gguf_names(name) if isinstance(name, str) else None
         return parts is not None and all(p in self._tensors for p in parts)
 
+    def missing_files(self, names: Iterable[str] | None = None) -> list[str]:
+        """Files holding ``names`` that are absent: none (every part of a split is checked at open)."""
+        return []
+
     def _parts(self, name: str) -> list[Any]:
         if name not in self:
             raise MissingTensorsError(self.model_dir, [name])

@@ -30,6 +30,8 @@ from grpc_reflection.v1alpha import reflection
 
 from homeswarm.model import ModelConfig, cache_bytes, parse_dtype
 from homeswarm.model.digest import block_digests, span_digest
+from homeswarm.model.gguf_files import gguf_folder, gguf_weight_format, is_gguf_folder, is_gguf_path
+from homeswarm.model.gguf_reader import model_stem
 from homeswarm.model.hub import (
     HubError,
     HubSnapshot,
@@ -95,6 +97,10 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
             snapshot = await asyncio.to_thread(fetch_checkpoint_info, config.model_dir, cache_dir=config.cache_dir)
             config = dataclasses.replace(config, model_dir=str(snapshot),
                                          model_name=config.model_name or config.model_dir)
+        if is_gguf_path(config.model_dir):  # its config, tokenizer and chat template as a folder; weights stay in it
+            folder = await asyncio.to_thread(gguf_folder, config.model_dir)
+            config = dataclasses.replace(config, model_dir=str(folder),
+                                         model_name=config.model_name or model_stem(config.model_dir))
         model_config = ModelConfig.from_dir(config.model_dir)
         check_model_quant(model_config, config.quant)
         dtype = parse_dtype(config.dtype)
@@ -131,7 +137,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
 def check_local_shards(config: NodeConfig, block_range: tuple[int, int] | None, total_blocks: int) -> None:
     """A folder with only some blocks' shards (not a hub snapshot, which downloads what it lacks) serves
     only those: it needs --blocks, within them."""
-    if HubSnapshot.of(config.model_dir) is not None:
+    if HubSnapshot.of(config.model_dir) is not None or is_gguf_folder(config.model_dir):
         return
     try:
         held = local_blocks(config.model_dir, total_blocks)
@@ -185,6 +191,8 @@ async def _serve_with_dht(
     bytes_per_token = cache_bytes(model_config, end - start, 1, 1, dtype)
     # what the node holds, not only what --quant asked: a pre-quantized checkpoint's 4-bit layers too
     weight_format = await asyncio.to_thread(announced_weight_format, model_config, config.quant, start, end)
+    if config.quant == "none" and is_gguf_folder(config.model_dir):  # which GGUF type the span is stored as
+        weight_format = await asyncio.to_thread(gguf_weight_format, config.model_dir, start, end) or weight_format
     sessions = SessionManager(budget, bytes_per_token)
     executor = ComputeExecutor(inline_max_seconds=config.inline_compute_ms / 1000,
                                batch_wait_seconds=config.batch_wait_ms / 1000)

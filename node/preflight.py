@@ -50,6 +50,8 @@ def check_model_path(model_dir: str) -> None:
     """A folder here must hold config.json and some weights; a hub repository id (owner/name, where no
     folder owner exists) is left to the download."""
     path = Path(model_dir)
+    if model_dir.lower().endswith(".gguf"):
+        return check_gguf_path(path)
     if not path.exists():
         if _REPO_ID.fullmatch(model_dir) and not path.parent.exists():
             return
@@ -70,6 +72,19 @@ def check_model_path(model_dir: str) -> None:
         raise ConfigError(f"{model_dir} holds no block's weights (no model.safetensors, nor a "
                           f"model.safetensors.index.json naming its shards): give the checkpoint's folder with the "
                           f"shards of the blocks to serve, or a repository id to download them")
+
+
+def check_gguf_path(path: Path) -> None:
+    """A GGUF file must exist and start as one (its parts, metadata and tensors are read once torch loads)."""
+    if not path.is_file():
+        raise ConfigError(f"GGUF file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror or e}") from None
+    if magic != b"GGUF":
+        raise ConfigError(f"{path} is not a GGUF file (it does not start with GGUF)")
 
 
 def check_memory(config: NodeConfig) -> None:

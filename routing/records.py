@@ -32,7 +32,14 @@ _MAX_MADDR = 512
 # weight formats a node may announce: "none" is the checkpoint's own weights in the record's dtype;
 # "int4-experts" a checkpoint shipped with 4-bit routed experts, the rest in the record's dtype (model.
 # weight_format). Nodes that predate a format drop such records as malformed, which routes around them.
-QUANT_FORMATS = ("none", "int8", "int4", "int4-experts")
+# A node serving a GGUF file announces its type ("gguf-q4_k_m", llama.cpp's file type names); the float
+# ones (f32, f16, bf16) compute with the file's own floats and count as exact.
+GGUF_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q8_1", "q2_k", "q2_k_s", "q3_k",
+              "q3_k_s", "q3_k_m", "q3_k_l", "q4_k", "q4_k_s", "q4_k_m", "q5_k", "q5_k_s", "q5_k_m", "q6_k", "q8_k",
+              "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m",
+              "iq4_nl", "iq4_xs", "tq1_0", "tq2_0", "mxfp4", "mxfp4_moe")
+QUANT_FORMATS = ("none", "int8", "int4", "int4-experts", *(f"gguf-{t}" for t in GGUF_TYPES))
+EXACT_FORMATS = ("none", "gguf-f32", "gguf-f16", "gguf-bf16")
 
 
 class InvalidRecord(ValueError):
@@ -62,7 +69,7 @@ class ServerRecord:
     cache_tokens_left: int  # free KV cache, tokens of batch size 1
     public_name: str = ""
     queue: int = 0  # requests waiting in the node's compute queue when it announced (optional field)
-    quant: str = "none"  # weight format: none (exact), int8, int4, int4-experts (optional field)
+    quant: str = "none"  # weight format: none (exact), int8, int4, int4-experts, gguf-TYPE (optional field)
     # multiaddrs (/ip4/.../tcp/.../p2p/RELAY_ID) of the libp2p relays through which a node that cannot be
     # dialled is reached; empty: clients dial ``address`` directly (optional field)
     relays: tuple[str, ...] = ()
@@ -77,8 +84,8 @@ class ServerRecord:
 
     @property
     def exact(self) -> bool:
-        """Whether the node computes with the checkpoint's own weights (no quantization)."""
-        return self.quant == "none"
+        """Whether the node computes with the checkpoint's own weights (no quantization): a float GGUF's too."""
+        return self.quant in EXACT_FORMATS
 
     @property
     def num_blocks(self) -> int:

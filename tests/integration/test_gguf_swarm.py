@@ -1,0 +1,109 @@
+"""GGUF files through real daemons on 127.0.0.1: `join-swarm FILE.gguf` and clients on the same file.
+
+One swarm for the module, under the model name of the F32 file's stem: two nodes serve an F32 GGUF (with
+llama.cpp's permuted Q/K rows and a tokenizer) in two spans, and a third serves a Q8_0 GGUF of the same
+checkpoint, whole, under that name. An exact client (Python, and `homeswarm generate --exact` with a text
+prompt) routes through the F32 nodes only and generates exactly transformers' greedy tokens on the
+source checkpoint; the Q8_0 node announces its file type; once the F32 nodes are gone, a client on the
+Q8_0 file generates what transformers generates on that same GGUF (both dequantize it to float32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+import transformers
+
+from homeswarm.client.local_swarm import LocalSwarm, console_script
+from homeswarm.client.model import AutoDistributedModelForCausalLM
+from homeswarm.client.tokenizer import TextCodec
+from homeswarm.model.gguf_files import gguf_folder
+from tests.helpers.checkpoints import make_checkpoint, reference_greedy
+from tests.helpers.gguf_checkpoints import byte_level_tokenizer, write_gguf
+
+NAME = "tiny-f32"  # the F32 file's stem: the swarm's model name
+PROMPT = "the weather is nice on the other hand"
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    vocab = byte_level_tokenizer()
+    source = make_checkpoint(root / "source", "llama2", num_layers=4, vocab_size=len(vocab["tokens"]), seed=11)
+    return {"source": source, "root": root,
+            "f32": write_gguf(source, root / f"{NAME}.gguf", "llama2", "F32", tokenizer=vocab),
+            "q8_0": write_gguf(source, root / "tiny-q8_0.gguf", "llama2", "Q8_0", tokenizer=vocab)}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """Where GGUF folders (and digests) go: in the test's folder, for the daemons and this process."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def swarm(files, cache, tmp_path_factory):
+    with LocalSwarm(tmp_path_factory.mktemp("swarm"), env={"XDG_CACHE_HOME": str(cache)}) as swarm:
+        swarm.start_bootstrap()
+        daemons = [swarm.start_node(files["f32"], "--blocks", blocks, "--compute-threads", "1", wait=False)
+                   for blocks in ("0:2", "2:4")]
+        daemons.append(swarm.start_node(files["q8_0"], "--model-name", NAME, "--compute-threads", "1", wait=False))
+        for daemon in daemons:
+            swarm.wait_ready(daemon, timeout=180)
+        swarm.gguf_daemons = daemons
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(files, cache) -> list[int]:
+    codec = TextCodec.for_model(gguf_folder(files["f32"]))
+    assert codec is not None
+    return codec.encode(PROMPT)
+
+
+def test_exact_client_routes_through_float_nodes_and_equals_transformers(swarm, files, prompt_ids):
+    assert all(d.info["model"] == NAME for d in swarm.gguf_daemons)
+    want = reference_greedy(files["source"], torch.tensor([prompt_ids]), NEW_TOKENS)
+    with AutoDistributedModelForCausalLM.from_pretrained(files["f32"], initial_peers=swarm.initial_peers,
+                                                         exact=True) as model:
+        assert model.model_name == NAME
+        with model.inference_session(max_length=8) as session:
+            assert [(h.start, h.end, h.server.quant) for h in session.hops] == [(0, 2, "gguf-f32"), (2, 4, "gguf-f32")]
+        got = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS)
+    assert got.tolist() == want.tolist()
+
+
+def test_generate_cli_on_the_gguf_file(swarm, files, prompt_ids):
+    argv = [*console_script("homeswarm"), "generate", str(files["f32"]), "--initial-peers", *swarm.initial_peers,
+            "--prompt", PROMPT, "--max-new-tokens", str(NEW_TOKENS), "--exact", "--json"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "HOMESWARM_LOG_LEVEL": "WARNING"})
+    assert result.returncode == 0, result.stderr
+    want = reference_greedy(files["source"], torch.tensor([prompt_ids]), NEW_TOKENS)
+    assert json.loads(result.stdout)["token_ids"] == want[0, len(prompt_ids):].tolist()
+    status = subprocess.run([*console_script("homeswarm"), "status", "--initial-peers", *swarm.initial_peers, "--json"],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert status.returncode == 0, status.stderr
+    assert '"gguf-q8_0"' in status.stdout and '"gguf-f32"' in status.stdout
+
+
+def test_quantized_gguf_through_the_swarm_equals_transformers_on_the_file(swarm, files, prompt_ids):
+    for daemon in swarm.gguf_daemons[:2]:  # only the Q8_0 node is left
+        swarm.stop(daemon)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(files["root"], gguf_file=files["q8_0"].name,
+                                                                  dtype=torch.float32).eval()
+    want = reference_greedy(files["source"], torch.tensor([prompt_ids]), NEW_TOKENS, model=reference)
+    with AutoDistributedModelForCausalLM.from_pretrained(files["q8_0"], initial_peers=swarm.initial_peers,
+                                                         model_name=NAME) as model:
+        with model.inference_session(max_length=8) as session:
+            assert [(h.start, h.end, h.server.quant) for h in session.hops] == [(0, 4, "gguf-q8_0")]
+        got = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS)
+    assert got.tolist() == want.tolist()
