@@ -16,7 +16,8 @@ the rotated key part [B, L, qk_rope_head_dim] (576 values per token for DeepSeek
 tensors transformers caches, so results do not depend on whether a position came from the cache;
 rotated parts are laid out as halves (even pairs' members first) in queries, keys and the cache alike.
 ``kv_b_proj`` keeps its key and value rows as two contiguous per-head stacks (:class:`LatentUpProjection`),
-made once when the checkpoint's matrix is loaded; it stays in the model dtype under ``--quant``.
+made once when the checkpoint's matrix is loaded (from a checkpoint that ships it 4-bit: dequantized once,
+at the first step); it stays in the model dtype under ``--quant``, and is counted so.
 """
 
 from __future__ import annotations
@@ -149,8 +150,28 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_b_proj = nn.Linear(mla.q_lora_rank, heads * self.qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, mla.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, _LATENT_NORM_EPS)
-        self.kv_b_proj = LatentUpProjection(mla.kv_lora_rank, heads, self.nope_dim, self.v_dim)
+        self.kv_b_proj: nn.Module
+        if config.prequant is not None and config.prequant.covers("self_attn.kv_b_proj", layer_index):
+            # a checkpoint that ships kv_b_proj 4-bit: read as stored (build_block swaps this layer for its
+            # 4-bit module), dequantized into the per-head stacks once, at the first step (_up)
+            self.kv_b_proj = nn.Linear(mla.kv_lora_rank, heads * (self.nope_dim + self.v_dim), bias=False)
+        else:
+            self.kv_b_proj = LatentUpProjection(mla.kv_lora_rank, heads, self.nope_dim, self.v_dim)
         self.o_proj = nn.Linear(heads * self.v_dim, hidden, bias=bias)
+
+    # model/sizes.py counts these children in the model dtype, whatever form they are loaded in
+    held_in_float = ("kv_b_proj",)
+
+    def _up(self, dtype: torch.dtype) -> LatentUpProjection:
+        """``kv_b_proj`` as per-head stacks; a 4-bit one is dequantized into them once, here."""
+        up = self.kv_b_proj
+        if not isinstance(up, LatentUpProjection):
+            weight = up.dequantized_weight(dtype)  # type: ignore[operator]
+            up = LatentUpProjection(self.kv_lora_rank, self.num_heads, self.nope_dim, self.v_dim).to(weight.device)
+            up.load_state_dict({"weight": weight}, assign=True)
+            up.requires_grad_(False)
+            self.kv_b_proj = up
+        return up
 
     def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         # Interleaved pairs rotated directly equal, bit for bit, the pairs gathered into halves and
@@ -184,34 +205,35 @@ class MultiHeadLatentAttention(nn.Module):
         latent = self.kv_a_layernorm(latent)
         q_rot = self._rope(q_rot, cos, sin)
         k_rot = self._rope(k_rot[:, None], cos, sin)[:, 0]  # one key part shared by every head
+        up = self._up(latent.dtype)
         forms = [self.absorbs(seg.length, seg.past_length + seg.length) for seg in segments]
         # every session absorbing (decoding): one product takes all rows' queries in, one takes them out
         shared = all(forms) and len(segments) > 1
-        q_latent = self._absorb_queries(q_pass) if shared else None
+        q_latent = self._absorb_queries(up, q_pass) if shared else None
         outs = []
         for seg, absorbed in zip(segments, forms, strict=True):
             shape = (seg.batch, seg.length)
             stored_latent, stored_rot = append_to_cache(
                 seg, index, latent[seg.rows].view(*shape, -1), k_rot[seg.rows].view(*shape, -1), dim=1)
             if absorbed:
-                seg_q = q_latent[:, seg.rows] if q_latent is not None else self._absorb_queries(q_pass[seg.rows])
+                seg_q = q_latent[:, seg.rows] if q_latent is not None else self._absorb_queries(up, q_pass[seg.rows])
                 out = self._attend_latent(seg, seg_q, q_rot[seg.rows], stored_latent, stored_rot, h.device)
-                outs.append(out if shared else self._values_out(out))
+                outs.append(out if shared else self._values_out(up, out))
             else:
-                outs.append(self._attend_expanded(seg, q_pass, q_rot, stored_latent, stored_rot, h.device))
+                outs.append(self._attend_expanded(up, seg, q_pass, q_rot, stored_latent, stored_rot, h.device))
         if shared:  # [heads, n, rank] per session
-            out = self._values_out(torch.cat(outs, dim=1))
+            out = self._values_out(up, torch.cat(outs, dim=1))
         else:
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return self.o_proj(out)
 
-    def _absorb_queries(self, q_pass: Tensor) -> Tensor:
+    def _absorb_queries(self, up: LatentUpProjection, q_pass: Tensor) -> Tensor:
         """Unrotated query parts [n, heads, nope] -> the latent space, per head: [heads, n, rank]."""
-        return torch.bmm(q_pass.transpose(0, 1), self.kv_b_proj.w_uk)
+        return torch.bmm(q_pass.transpose(0, 1), up.w_uk)
 
-    def _values_out(self, out_latent: Tensor) -> Tensor:
+    def _values_out(self, up: LatentUpProjection, out_latent: Tensor) -> Tensor:
         """Attention-weighted latents [heads, n, rank] -> each head's values, as rows [n, heads * v]."""
-        values = torch.bmm(out_latent, self.kv_b_proj.w_uv.transpose(1, 2))  # [heads, n, v]
+        values = torch.bmm(out_latent, up.w_uv.transpose(1, 2))  # [heads, n, v]
         return values.transpose(0, 1).reshape(out_latent.shape[1], self.num_heads * self.v_dim)
 
     def _attend_latent(self, seg: Segment, q_latent: Tensor, q_rot: Tensor, latent: Tensor, k_rot: Tensor,
@@ -234,11 +256,11 @@ class MultiHeadLatentAttention(nn.Module):
         out = torch.bmm(probs, latent)  # [B, heads * T, rank]
         return out.view(batch, heads, length, -1).transpose(0, 1).reshape(heads, batch * length, -1)
 
-    def _attend_expanded(self, seg: Segment, q_pass: Tensor, q_rot: Tensor, latent: Tensor, k_rot: Tensor,
-                         device: torch.device) -> Tensor:
+    def _attend_expanded(self, up: LatentUpProjection, seg: Segment, q_pass: Tensor, q_rot: Tensor,
+                         latent: Tensor, k_rot: Tensor, device: torch.device) -> Tensor:
         """One session's attention with keys and values expanded from every stored latent -> [B*T, heads * v]."""
         batch, length = latent.shape[:2]
-        k_nope, values = self.kv_b_proj.keys_and_values(latent)  # [B, S, heads, nope | v]
+        k_nope, values = up.keys_and_values(latent)  # [B, S, heads, nope | v]
         k_rot = k_rot[:, None].expand(batch, self.num_heads, length, self.rope_dim)
         keys = torch.cat((k_nope.transpose(1, 2), k_rot), dim=-1)
         q = torch.cat((q_pass, q_rot), dim=-1)

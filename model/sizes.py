@@ -4,7 +4,7 @@ Responsibility: the real size of blocks of every family (a MoE block counts all 
 a node can say what a span costs before loading it, and benchmarks can state what one decoding step
 must read: every dense weight, but of the routed experts only the ``top_k`` that a token uses. With a
 weight format (``quant``), the layers :func:`~.quant.quantize_block` quantizes count their quantized
-bytes, scales and zero points included.
+bytes, scales and zero points included; a module's ``held_in_float`` children count in the model dtype.
 Invariant: counts come from the very modules ``BlockSpan`` builds (on the meta device, no memory),
 so they cannot drift from the code.
 """
@@ -51,8 +51,16 @@ def _module_bytes(name: str, module: nn.Module, element: int, quant: str, group_
         bias = module.bias.numel() * element if module.bias is not None else 0
         return matrix_bytes(module.out_features, module.in_features, quant, group_size) + bias
     own = sum(p.numel() for p in module.parameters(recurse=False)) * element
-    return own + sum(_module_bytes(f"{name}.{child}" if name else child, sub, element, quant, group_size)
+    floats = getattr(module, "held_in_float", ())  # children a module keeps in the model dtype (MLA's kv_b_proj)
+    return own + sum(_float_bytes(sub, element) if child in floats
+                     else _module_bytes(f"{name}.{child}" if name else child, sub, element, quant, group_size)
                      for child, sub in module.named_children())
+
+
+def _float_bytes(layer: nn.Module, element: int) -> int:
+    """Bytes of a linear layer's weight and bias in the model dtype, whatever form it is loaded in."""
+    bias = getattr(layer, "bias", None)
+    return (layer.out_features * layer.in_features + (bias.numel() if bias is not None else 0)) * element
 
 
 def block_bytes(config: ModelConfig, layer: int, dtype: torch.dtype, quant: str = "none",

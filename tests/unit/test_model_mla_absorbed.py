@@ -228,3 +228,52 @@ def test_kv_b_proj_stays_in_the_model_dtype_under_int8_and_is_counted_so(checkpo
     cache = span.new_cache(1, 8)
     span(torch.randn(1, 6, 64), cache)
     assert torch.isfinite(span(torch.randn(1, 1, 64), cache)).all()
+
+
+def test_a_kv_b_proj_shipped_4_bit_is_dequantized_once_and_counted_in_the_model_dtype(checkpoints, tmp_path):
+    """A compressed-tensors checkpoint whose kv_b_proj is 4-bit: loaded as stored, dequantized into the
+    per-head stacks at the first step, computing what its dequantized twin computes."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from homeswarm.model.prequant import pack_int32
+
+    source = checkpoints["kimi_k2"]
+    packed, plain = tmp_path / "packed", tmp_path / "plain"
+    tensors = load_file(str(source / "model.safetensors"))
+    stored, twin = dict(tensors), dict(tensors)
+    for name in [n for n in tensors if n.endswith("self_attn.kv_b_proj.weight")]:
+        w = tensors[name].view(tensors[name].shape[0], -1, 32)  # symmetric groups of 32 inputs
+        scales = (w.abs().amax(-1) / 7).to(torch.bfloat16)
+        q = torch.round(w / scales.float()[..., None]).clamp(-8, 7) + 8
+        twin[name] = ((q - 8) * scales.float()[..., None]).view_as(tensors[name])
+        base = name[: -len("weight")]
+        del stored[name]
+        stored.update({base + "weight_packed": pack_int32(q.view_as(tensors[name]).to(torch.int64), 1),
+                       base + "weight_scale": scales, base + "weight_shape": torch.tensor(list(tensors[name].shape))})
+    config = json.loads((source / "config.json").read_text())
+    for folder, state in ((packed, stored), (plain, twin)):
+        folder.mkdir()
+        save_file(state, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(config))
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head", "re:(?!.*kv_b_proj$).*"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}}}
+    (packed / "config.json").write_text(json.dumps(config))
+    span, reference = load_span(packed, 0, NUM_LAYERS), load_span(plain, 0, NUM_LAYERS)
+    attn = span.layers[1].self_attn
+    assert not isinstance(attn.kv_b_proj, LatentUpProjection)  # as stored, until the first step
+    hidden = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(6))
+    outs = [_steps_of(s, hidden) for s in (span, reference)]
+    assert isinstance(attn.kv_b_proj, LatentUpProjection)
+    for got, want in zip(*outs, strict=True):
+        assert rel_err(got, want) < 1e-5
+    held = sum(p.numel() * p.element_size() for p in span.parameters())
+    assert held == span_weight_bytes(ModelConfig.from_dir(packed), 0, NUM_LAYERS, torch.float32)
+
+
+def _steps_of(span, hidden: torch.Tensor) -> list[torch.Tensor]:
+    cache = span.new_cache(hidden.shape[0], hidden.shape[1])
+    return [span(hidden[:, :9], cache), span(hidden[:, 9:10], cache), span(hidden[:, 10:12], cache)]
