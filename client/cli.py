@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs tokenizer.json in MODEL_DIR)")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
+    gen.add_argument("--chat", action="store_true", help="--prompt is a user's message: render it with the "
+                     "checkpoint's chat template (as homeswarm chat and serve do) and generate the answer")
     gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
     gen.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens only (default: all)")
@@ -216,16 +218,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_dir(args: argparse.Namespace) -> Path:
     """MODEL_DIR, or for a repository id the snapshot folder its client files were downloaded to (the
     repository id is then the default model name)."""
-    if args.model_dir.lower().endswith(".gguf"):  # a folder of its config and tokenizer; weights stay in the file
-        from homeswarm.model.gguf_files import gguf_folder
-        from homeswarm.model.gguf_reader import model_stem
-
-        try:
-            folder = gguf_folder(args.model_dir)
-        except (OSError, ValueError) as e:
-            raise UsageError(str(e)) from None
-        args.model_name = args.model_name or model_stem(args.model_dir)
-        return folder
     path = Path(args.model_dir)
     if not path.exists() and (not _REPO_ID.fullmatch(args.model_dir) or path.parent.exists()):
         raise UsageError(f"{args.model_dir} is not a checkpoint folder (no config.json)")  # before loading torch
@@ -246,13 +238,12 @@ def _check_checkpoint(model_dir: Path, *, head_only: bool = True) -> ModelConfig
     network. ``head_only``: a client's folder needs only the shards of the head (not a draft model's)."""
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"{model_dir} is not a checkpoint folder (no config.json)")
-    from homeswarm.model import ModelConfig
+    from homeswarm.model import CheckpointReader, ModelConfig
     from homeswarm.model.checkpoint import block_of
-    from homeswarm.model.gguf_files import open_checkpoint
 
     try:
         config = ModelConfig.from_dir(model_dir)
-        reader = open_checkpoint(model_dir)  # safetensors, or the GGUF file the folder stands for
+        reader = CheckpointReader(model_dir)
         lacking = reader.missing_files(n for n in reader.names() if not head_only or block_of(n) is None)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
@@ -304,6 +295,21 @@ def _join_failure(error: Exception, peers: Sequence[str]) -> str:
     return f"could not join the swarm through --initial-peers: {explain_dht_error(error, peers, '127.0.0.1', 0)}"
 
 
+def _chat_prompt_ids(model_dir: Path, codec: TextCodec, message: str) -> list[int]:
+    """``message`` as a user's turn in the checkpoint's chat template, with the assistant's turn opened."""
+    from homeswarm.client.chat_template import ChatTemplate, ChatTemplateError
+
+    try:
+        template = ChatTemplate.for_model(model_dir)
+        if template is None:
+            raise UsageError(f"{model_dir} has no chat template (tokenizer_config.json's chat_template, or "
+                             "chat_template.jinja): --chat needs one")
+        text = template.render([{"role": "user", "content": message}])
+    except (ChatTemplateError, ValueError, OSError) as e:
+        raise UsageError(f"{model_dir}: {e}") from None
+    return codec.encode(text, add_special_tokens=False)  # the template wrote them
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
@@ -315,6 +321,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("--top-p must be in (0, 1]")
     if not 0 <= args.verify_fraction <= 1:
         raise UsageError("--verify-fraction must be in [0, 1]")
+    if args.chat and args.prompt is None:
+        raise UsageError("--chat needs --prompt TEXT (the user's message)")
     _check_peers(args.initial_peers)
     model_dir = _model_dir(args)
     vocab = _check_checkpoint(model_dir).vocab_size
@@ -327,7 +335,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         if codec is None:
             raise UsageError(f"{model_dir} has no tokenizer.json: give --prompt-ids instead of --prompt")
-        ids = codec.encode(args.prompt)
+        ids = _chat_prompt_ids(model_dir, codec, args.prompt) if args.chat else codec.encode(args.prompt)
         if not ids:
             raise UsageError("the prompt encodes to no tokens")
     else:

@@ -89,6 +89,8 @@ BAD_INPUT = {
                                               "--prompt-ids", "1"], r"no config\.json"),
     "generate_peers_then_folder": ("homeswarm", ["generate", "--initial-peers", DEAD_PEER, "{tmp}/nothing",
                                                  "--prompt-ids", "1"], r"nothing is not a checkpoint folder"),
+    "generate_chat_without_prompt": ("homeswarm", ["generate", "{ckpt}", "--initial-peers", DEAD_PEER, "--prompt-ids",
+                                                   "1", "--chat"], r"--chat needs --prompt"),
     "generate_bad_peer": ("homeswarm", ["generate", "{ckpt}", "--initial-peers", "garbage", "--prompt-ids", "1"],
                           r"--initial-peers takes multiaddrs.*'garbage'"),
 }
@@ -153,10 +155,16 @@ def test_a_swarm_set_up_by_hand(ckpt, tmp_path):
              "--model-name", "tiny", "--temperature", "0", "--max-new-tokens", "6"],
             input="hello\nand then?\n/reset\nhello\n/exit\n", capture_output=True, text=True, timeout=120,
         )
+        # the same first turn through generate --chat: the message in the template, the answer generated
+        generated = run_cli("homeswarm", "generate", chat_model(ckpt, tmp_path / "generate"), "--initial-peers",
+                            *second["dht_maddrs"], "--model-name", "tiny", "--chat", "--prompt", "hello",
+                            "--max-new-tokens", "6", "--json", timeout=120)
     assert chat.returncode == 0, chat.stderr
     assert "Traceback" not in chat.stderr and "(the conversation is forgotten)" in chat.stderr
     replies = chat.stdout.split("\n")[:3]
     assert len(replies) == 3 and replies[0] == replies[2] and all(replies), chat.stdout
+    assert generated.returncode == 0, generated.stderr
+    assert json.loads(generated.stdout)["text"] == replies[0]
 
 
 def test_an_unreachable_peer_is_named_with_what_to_check(ckpt, tmp_path):
