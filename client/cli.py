@@ -218,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _model_dir(args: argparse.Namespace) -> Path:
     """MODEL_DIR, or for a repository id the snapshot folder its client files were downloaded to (the
     repository id is then the default model name)."""
+    if args.model_dir.lower().endswith(".gguf"):  # a folder of its config and tokenizer; weights stay in the file
+        from homeswarm.model.gguf_files import gguf_folder
+        from homeswarm.model.gguf_reader import model_stem
+
+        try:
+            folder = gguf_folder(args.model_dir)
+        except (OSError, ValueError) as e:
+            raise UsageError(str(e)) from None
+        args.model_name = args.model_name or model_stem(args.model_dir)
+        return folder
     path = Path(args.model_dir)
     if not path.exists() and (not _REPO_ID.fullmatch(args.model_dir) or path.parent.exists()):
         raise UsageError(f"{args.model_dir} is not a checkpoint folder (no config.json)")  # before loading torch
@@ -238,12 +248,13 @@ def _check_checkpoint(model_dir: Path, *, head_only: bool = True) -> ModelConfig
     network. ``head_only``: a client's folder needs only the shards of the head (not a draft model's)."""
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"{model_dir} is not a checkpoint folder (no config.json)")
-    from homeswarm.model import CheckpointReader, ModelConfig
+    from homeswarm.model import ModelConfig
     from homeswarm.model.checkpoint import block_of
+    from homeswarm.model.gguf_files import open_checkpoint
 
     try:
         config = ModelConfig.from_dir(model_dir)
-        reader = CheckpointReader(model_dir)
+        reader = open_checkpoint(model_dir)  # safetensors, or the GGUF file the folder stands for
         lacking = reader.missing_files(n for n in reader.names() if not head_only or block_of(n) is None)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
