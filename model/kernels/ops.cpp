@@ -110,13 +110,10 @@ static at::Tensor qmm(const at::Tensor& x, at::TensorList weights, at::TensorLis
       if (count == 0) continue;
       float* dst = o + off[e] * N + n;
       if (group) {
-        // two weight rows at once where both are this expert's: they share the activations' loads
-        const int pair = i + 1 < end && n + 1 < N ? 2 : 1;
         Int4Weights w{static_cast<const uint8_t*>(wp[e]) + n * (K / 2),
                       static_cast<const char*>(sp[e]) + n * (K / group) * Z * (stype == kFloat32 ? 4 : 2), stype, Z,
-                      group, pair};
+                      group};
         kern->int4_row(w, K, a, ri + off[e], count, dst, N);
-        i += pair - 1;
       } else {
         const void* s = sp[e];
         float scale = stype == kFloat32    ? static_cast<const float*>(s)[n]

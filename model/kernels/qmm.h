@@ -34,18 +34,7 @@ struct Int4Weights {
   int stype;         // ScaleType
   int Z;             // 1 (symmetric: z = 0) or 2
   int64_t group;     // 32, 64 or 128
-  int rows = 1;      // consecutive weight rows to compute (1 or 2): out[i * ldo + j] for row j
 };
-
-// Weight row j (< w.rows) of a run of consecutive rows.
-inline Int4Weights int4_row_of(const Int4Weights& w, int64_t K, int j) {
-  const int64_t scale_bytes = w.stype == kFloat32 ? 4 : 2;
-  Int4Weights one = w;
-  one.w = w.w + j * (K / 2);
-  one.s = static_cast<const char*>(w.s) + j * (K / w.group) * w.Z * scale_bytes;
-  one.rows = 1;
-  return one;
-}
 
 // One ISA's kernels. `rows` lists `count` activation rows; out[i * ldo] receives row rows[i]'s dot.
 struct Kernels {

@@ -242,14 +242,11 @@ void int4_type(const Int4Weights& w, int64_t K, const QRows& a, const int64_t* r
   return int4_group<ST, 1>(w, K, a, rows, count, out, ldo);
 }
 
-void int4_row(const Int4Weights& ws, int64_t K, const QRows& a, const int64_t* rows, int count, float* out,
+void int4_row(const Int4Weights& w, int64_t K, const QRows& a, const int64_t* rows, int count, float* out,
               int64_t ldo) {
-  for (int j = 0; j < ws.rows; ++j) {
-    const Int4Weights w = int4_row_of(ws, K, j);
-    if (w.stype == kFloat32) int4_type<kFloat32>(w, K, a, rows, count, out + j, ldo);
-    else if (w.stype == kBFloat16) int4_type<kBFloat16>(w, K, a, rows, count, out + j, ldo);
-    else int4_type<kFloat16>(w, K, a, rows, count, out + j, ldo);
-  }
+  if (w.stype == kFloat32) return int4_type<kFloat32>(w, K, a, rows, count, out, ldo);
+  if (w.stype == kBFloat16) return int4_type<kBFloat16>(w, K, a, rows, count, out, ldo);
+  return int4_type<kFloat16>(w, K, a, rows, count, out, ldo);
 }
 
 const Kernels kAvx2 = {"avx2", quantize, int8_row, int4_row};

@@ -130,82 +130,62 @@ inline __m512i lane_groups() {
   return _mm512_load_si512(Lanes<Z, G, O>::v.data());
 }
 
-// R activation rows against W consecutive weight rows: each activation row's loads and block scales
-// serve every weight row.
-template <int R, int W, int ST, int Z, int G>
-void int4_rows(const Int4Weights& ws, int64_t K, const QRows& a, const int64_t* rows, float (*res)[4]) {
+template <int R, int ST, int Z, int G>
+void int4_rows(const Int4Weights& w, int64_t K, const QRows& a, const int64_t* rows, float* res) {
   constexpr int N = Z * kChunk / G;  // scale values per chunk
   const int64_t blocks = a.Kp / kBlock, chunks = K / kChunk;
   // lane i holds inputs 8i..8i+7 of the chunk: group 8i / G of it (constants: no work per row)
   const __m512i idx_s = lane_groups<Z, G, 0>(), idx_z = lane_groups<Z, G, 1>();
-  Int4Weights w[W];
-  for (int j = 0; j < W; ++j) w[j] = int4_row_of(ws, K, j);
   const int8_t* pr[R];
   const float* dr[R];
   const float* sr[R];
-  __m512 acc[W][R];
+  __m512 acc[R], accz[R];
   for (int r = 0; r < R; ++r) {
     pr[r] = a.qp + rows[r] * a.Kp;
     dr[r] = a.d + rows[r] * blocks;
     sr[r] = a.sl4 + rows[r] * blocks;
-    for (int j = 0; j < W; ++j) acc[j][r] = _mm512_setzero_ps();
+    acc[r] = _mm512_setzero_ps();
+    accz[r] = _mm512_setzero_ps();
   }
   const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
   const __m512 eight = _mm512_set1_ps(8.0f);
   for (int64_t c = 0; c < chunks; ++c) {
-    __m512i lo[W], hi[W];
-    __m512 sv[W], zv[W];
-    for (int j = 0; j < W; ++j) {
-      const __m512i wv = _mm512_loadu_si512(w[j].w + 64 * c);
-      lo[j] = _mm512_and_si512(wv, low);
-      hi[j] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
-      const __m512 raw = load_scales<ST, N>(w[j].s, c * N);
-      sv[j] = _mm512_permutexvar_ps(idx_s, raw);
-      if constexpr (Z == 2) zv[j] = _mm512_permutexvar_ps(idx_z, raw);
-    }
+    const __m512i wv = _mm512_loadu_si512(w.w + 64 * c);
+    const __m512i lo = _mm512_and_si512(wv, low);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
+    const __m512 raw = load_scales<ST, N>(w.s, c * N);
+    const __m512 sv = _mm512_permutexvar_ps(idx_s, raw);
     for (int r = 0; r < R; ++r) {
       const __m512i ae = _mm512_loadu_si512(pr[r] + kChunk * c);
       const __m512i ao = _mm512_loadu_si512(pr[r] + kChunk * c + 64);
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, ae), hi, ao);
       const __m512 slv = spread4(sr[r] + 4 * c);
-      const __m512 dl = spread4(dr[r] + 4 * c);
-      const __m512 s8 = _mm512_mul_ps(slv, eight);
-      for (int j = 0; j < W; ++j) {
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo[j], ae), hi[j], ao);
-        const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(dot), dl, s8);
-        acc[j][r] = _mm512_fmadd_ps(t, sv[j], acc[j][r]);
-        if constexpr (Z == 2) acc[j][r] = _mm512_fmadd_ps(zv[j], slv, acc[j][r]);
-      }
+      const __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(dot), spread4(dr[r] + 4 * c), _mm512_mul_ps(slv, eight));
+      acc[r] = _mm512_fmadd_ps(t, sv, acc[r]);
+      if constexpr (Z == 2) accz[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx_z, raw), slv, accz[r]);
     }
   }
   for (int r = 0; r < R; ++r) {
     const int64_t row = rows[r];
-    for (int j = 0; j < W; ++j)
-      res[j][r] = _mm512_reduce_add_ps(acc[j][r]) + int4_dot_ref(w[j], kChunk * chunks, K, a.q + row * a.Kp, dr[r], sr[r]);
-  }
-}
-
-template <int W, int ST, int Z, int G>
-void int4_run(const Int4Weights& w, int64_t K, const QRows& a, const int64_t* rows, int count, float* out,
-              int64_t ldo) {
-  float res[W][4];
-  for (int i = 0; i < count; i += 4) {
-    const int n = count - i < 4 ? count - i : 4;
-    switch (n) {
-      case 1: int4_rows<1, W, ST, Z, G>(w, K, a, rows + i, res); break;
-      case 2: int4_rows<2, W, ST, Z, G>(w, K, a, rows + i, res); break;
-      case 3: int4_rows<3, W, ST, Z, G>(w, K, a, rows + i, res); break;
-      default: int4_rows<4, W, ST, Z, G>(w, K, a, rows + i, res); break;
-    }
-    for (int r = 0; r < n; ++r)
-      for (int j = 0; j < W; ++j) out[(i + r) * ldo + j] = res[j][r];
+    res[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], accz[r])) +
+             int4_dot_ref(w, kChunk * chunks, K, a.q + row * a.Kp, dr[r], sr[r]);
   }
 }
 
 template <int ST, int Z, int G>
 void int4_any(const Int4Weights& w, int64_t K, const QRows& a, const int64_t* rows, int count, float* out,
               int64_t ldo) {
-  if (w.rows == 2) return int4_run<2, ST, Z, G>(w, K, a, rows, count, out, ldo);
-  return int4_run<1, ST, Z, G>(w, K, a, rows, count, out, ldo);
+  float res[4];
+  for (int i = 0; i < count; i += 4) {
+    const int n = count - i < 4 ? count - i : 4;
+    switch (n) {
+      case 1: int4_rows<1, ST, Z, G>(w, K, a, rows + i, res); break;
+      case 2: int4_rows<2, ST, Z, G>(w, K, a, rows + i, res); break;
+      case 3: int4_rows<3, ST, Z, G>(w, K, a, rows + i, res); break;
+      default: int4_rows<4, ST, Z, G>(w, K, a, rows + i, res); break;
+    }
+    for (int j = 0; j < n; ++j) out[(i + j) * ldo] = res[j];
+  }
 }
 
 template <int ST, int Z>

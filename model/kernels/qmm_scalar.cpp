@@ -39,15 +39,12 @@ void int8_row(const int8_t* w, int64_t K, float scale, const QRows& a, const int
   }
 }
 
-void int4_row(const Int4Weights& ws, int64_t K, const QRows& a, const int64_t* rows, int count, float* out,
+void int4_row(const Int4Weights& w, int64_t K, const QRows& a, const int64_t* rows, int count, float* out,
               int64_t ldo) {
   int64_t blocks = a.Kp / kBlock;
-  for (int j = 0; j < ws.rows; ++j) {
-    const Int4Weights w = int4_row_of(ws, K, j);
-    for (int i = 0; i < count; ++i) {
-      int64_t r = rows[i];
-      out[i * ldo + j] = int4_dot_ref(w, 0, K, a.q + r * a.Kp, a.d + r * blocks, a.sl4 + r * blocks);
-    }
+  for (int i = 0; i < count; ++i) {
+    int64_t r = rows[i];
+    out[i * ldo] = int4_dot_ref(w, 0, K, a.q + r * a.Kp, a.d + r * blocks, a.sl4 + r * blocks);
   }
 }
 
