@@ -158,6 +158,10 @@ def config_dict(meta: dict[str, Any], tensor_names: set[str], vocab_size: int) -
             d["moe_intermediate_size"] = _get(meta, f"{arch}.expert_feed_forward_length", required=True)
         if model_type == "qwen3_moe":
             d["norm_topk_prob"] = True  # llama.cpp always renormalizes Qwen3-MoE's chosen experts
+        # layers without a router are dense (Qwen's mlp_only_layers, decoder_sparse_step)
+        d["mlp_only_layers"] = [i for i in range(d["num_hidden_layers"]) if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names]
+        if model_type == "mixtral" and d["mlp_only_layers"]:
+            raise ValueError(f"{arch}: dense layers among experts are not supported for Mixtral")
         if model_type == "qwen2_moe":
             d["shared_expert_intermediate_size"] = _get(meta, f"{arch}.expert_shared_feed_forward_length", 0)
     return d

@@ -6,6 +6,7 @@ matrices in the type asked for (F32, F16, Q8_0, Q4_0 ...), and optionally a toke
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,12 @@ import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
-_ARCH = {"llama2": "llama", "llama3": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_ARCH = {"llama2": "llama", "llama3": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+         "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
+# per-expert matrices -> llama.cpp's stacked tensors (Mixtral's w1/w3/w2 are gate/up/down)
+_STACKS = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
+           "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
 _QTYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
            "Q8_0": gguf.GGMLQuantizationType.Q8_0, "Q4_0": gguf.GGMLQuantizationType.Q4_0,
            "Q4_K": gguf.GGMLQuantizationType.Q4_K}
@@ -75,12 +81,21 @@ def write_gguf(checkpoint: str | Path, path: str | Path, family: str, qtype: str
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_key_length(config["head_dim"])
-    writer.add_value_length(config["head_dim"])
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta"), "rope_type": "default"}
     writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_file_type(_FILE_TYPES[qtype])
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        if "moe_intermediate_size" in config:
+            writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        if config.get("shared_expert_intermediate_size"):
+            writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
     if tokenizer is not None:
         writer.add_tokenizer_model(tokenizer["model"])
         if "pre" in tokenizer:
@@ -99,15 +114,23 @@ def write_gguf(checkpoint: str | Path, path: str | Path, family: str, qtype: str
     if chat_template is not None:
         writer.add_chat_template(chat_template)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layers)
+    dense = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)  # a MoE's dense layers, as llama.cpp names them
     tensors = load_file(checkpoint / "model.safetensors")
     if rope.get("rope_type") == "llama3":  # llama.cpp stores the scaling as each frequency's divisor
         from homeswarm.model.gguf_names import _llama3_factors
 
-        factors = _llama3_factors(config["head_dim"], rope["rope_theta"], rope["factor"], rope["low_freq_factor"],
+        factors = _llama3_factors(head_dim, rope["rope_theta"], rope["factor"], rope["low_freq_factor"],
                                   rope["high_freq_factor"], rope["original_max_position_embeddings"])
         writer.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
+    stacks: dict[str, dict[int, np.ndarray]] = {}
+    for hf_name in [n for n in tensors if _EXPERT.match(n)]:
+        layer, expert, part = _EXPERT.match(hf_name).groups()  # type: ignore[union-attr]
+        stacks.setdefault(f"blk.{layer}.{_STACKS[part]}.weight", {})[int(expert)] = tensors.pop(hf_name)
+    for name, parts in stacks.items():
+        tensors[name] = np.stack([parts[e] for e in range(len(parts))])
     for hf_name, data in sorted(tensors.items()):
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        name = hf_name if hf_name.startswith("blk.") else (names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+                                                            or dense.get_name(hf_name, try_suffixes=(".weight", ".bias")))
         assert name is not None, hf_name
         if arch == "llama" and name.endswith(("attn_q.weight", "attn_q.bias")):
             data = _permute(data, heads)

@@ -22,6 +22,7 @@ from homeswarm.model.gguf_reader import GGUFCheckpoint, gguf_paths, model_stem
 from homeswarm.model.gguf_tokenizer import build_tokenizer
 from tests.helpers.checkpoints import make_checkpoint, reference_greedy, reference_model
 from tests.helpers.gguf_checkpoints import byte_level_tokenizer, sentencepiece_tokenizer, write_gguf
+from tests.helpers.moe_checkpoints import make_moe_checkpoint
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -81,6 +82,37 @@ def test_quantized_gguf_equals_transformers_on_the_same_file(qtype, root, caplog
     # both dequantize the same blocks to float32 and compute in float32: the same numbers
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert gguf_weight_format(folder, 0, 2) == f"gguf-{qtype.lower()}"
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_f32_moe_gguf_generates_what_transformers_generates_on_the_source(family, root):
+    # Qwen3-MoE's layer 1 and Qwen2-MoE's layer 0 are dense: a block without a router in the file
+    overrides = {"sliding_window": None} if family == "mixtral" else {}  # a GGUF llama has no window
+    source = make_moe_checkpoint(root / family, family, num_layers=2, seed=9, **overrides)
+    folder = gguf_folder(write_gguf(source, root / f"{family}.gguf", family, "F32"), cache_dir=root / "cache")
+    model = LocalModel(folder)
+    assert model.config.moe is not None and model.config.family == family
+    reference = reference_model(source)
+    prompt = _prompt()
+    with torch.no_grad():
+        want = reference(prompt).logits
+        got = model.head.logits(model.forward(model.head.embed(prompt)))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert model.generate(prompt, 8).tolist() == reference_greedy(source, prompt, 8, model=reference).tolist()
+
+
+def test_quantized_moe_gguf_equals_transformers_on_the_same_file(root):
+    source = make_moe_checkpoint(root / "moe-q8", "qwen3_moe", num_layers=2, seed=10, mlp_only_layers=[])
+    path = write_gguf(source, root / "qwen3moe-Q8_0.gguf", "qwen3_moe", "Q8_0")
+    model = LocalModel(gguf_folder(path, cache_dir=root / "cache"))
+    # transformers reads no expert_feed_forward_length from a GGUF: the source's config, the file's weights
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        root, gguf_file=path.name, config=transformers.AutoConfig.from_pretrained(source), dtype=torch.float32).eval()
+    prompt = _prompt()
+    with torch.no_grad():
+        want = reference(prompt).logits
+        got = model.head.logits(model.forward(model.head.embed(prompt)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_span_in_bfloat16_and_split_file(root):
