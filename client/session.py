@@ -9,9 +9,14 @@ in chunks), not one step per recorded step.
 A step may first roll every hop's cache back (``keep_length``, e.g. for rejected draft tokens); the
 stored inputs record it, so a replay rebuilds the same cache. Each result's reported cache length is
 checked against the session's: a node that disagrees (one that ignored a rollback) counts as failed.
-With ``ClientConfig.verify_fraction``, a random share of steps is checked hop by hop against a second
-server of the same span (``client.verify``); a node caught returning wrong hidden states is replaced
-the same way, and the step recomputed.
+With ``ClientConfig.mirrors``, every hop that has a second server of its blocks keeps a mirror session
+there (``client.mirror``): it gets the hop's inputs too, each answer is compared with the hop's (a liar is
+caught and banned, the right answer used), and a failed hop's mirror takes over with no replay. A hop with
+no mirror may be checked as before: with ``ClientConfig.verify_fraction``, a random share of steps is
+re-run on a second server of the same span (``client.verify``); a node caught returning wrong hidden
+states is replaced the same way, and the step recomputed. A step is late after ``step_time_limit``; a late
+node that still answers Info is waited for (busy), not taken for dead. ``close()`` from another thread
+abandons the step in flight (SessionError), and the nodes stop its work.
 """
 
 from __future__ import annotations
@@ -238,6 +243,8 @@ class InferenceSession:
                     waited_since, deadline = self._clock_for(i, tokens)
                     continue
             except HopFailed as e:
+                if self._closed:  # closed from another thread (the caller gave up): nobody failed
+                    raise SessionError(f"the session was closed during step {step_id}") from None
                 self._count_failure(e)
                 if hop.mirror is not None and e.peer_id == hop.stream.peer_id:
                     sent = hop.mirror_step == step_id
@@ -469,6 +476,8 @@ class InferenceSession:
                 raise HopFailed(mirror.peer_id, mirror.address, f"its cache holds {mirror.last_cache_length} "
                                 f"positions after step {step_id}, {expected_length} expected")
         except HopFailed as e:
+            if self._closed:
+                raise SessionError(f"the session was closed during step {step_id}") from None
             self._drop_mirror(index, e)
             return output
         self.mirror_checks += 1
@@ -584,6 +593,8 @@ class InferenceSession:
         return [(h.mirror.address, h.start, h.end) for h in self._hops if h.mirror is not None]
 
     def close(self) -> None:
+        """End the session on every node. From another thread while a step is in flight, it cancels the nodes'
+        work (a node stops a prefill within one chunk) and the step raises SessionError."""
         self._closed = True
         for hop in self._hops:
             if hop.stream is not None:

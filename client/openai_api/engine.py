@@ -5,7 +5,8 @@ at once; more requests wait for a free worker), never on the event loop. Each ha
 session, so concurrent requests are concurrent sessions, which the nodes batch into shared forward
 passes. Invariants: a generation's events arrive in order and end with exactly one ``Finished`` or
 ``Failed``; its session is closed when it ends, whatever the reason; ``cancel()`` (the client went
-away, the server shuts down) ends it after the step in flight, which closes its sessions on the nodes.
+away, the server shuts down) closes its session at once, under the step in flight: the nodes stop its work
+(a prefill within one chunk) instead of finishing it for nobody.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -84,15 +86,19 @@ class Generation:
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._cancelled = threading.Event()
         self._cancel_error: APIError | None = None
+        self.abort: Callable[[], None] | None = None  # stops the step in flight (closes the session)
 
     async def next_event(self) -> Event:
         return await self._events.get()
 
     def cancel(self, error: APIError | None = None) -> None:
-        """Stop after the step in flight; ``error`` is reported to whoever still listens."""
+        """Stop now: the step in flight is abandoned and the nodes stop its work (a prefill within one chunk);
+        ``error`` is reported to whoever still listens."""
         if not self._cancelled.is_set():
             self._cancel_error = error
             self._cancelled.set()
+            if self.abort is not None:
+                self.abort()
 
     @property
     def cancelled(self) -> bool:
@@ -158,9 +164,14 @@ class SwarmEngine:
             raise APIError(503, f"no route through the swarm: {e}", type="server_error",
                            code="swarm_unavailable") from None
         try:
+            generation.abort = session.close
+            if generation.cancelled:
+                generation.emit_cancelled()
+                return
             generation.emit(Opened())
             self._decode(generation, params, session)
         finally:
+            generation.abort = None
             session.close()
 
     def _decode(self, generation: Generation, params: GenerationParams, session: InferenceSession) -> None:
@@ -183,6 +194,9 @@ class SwarmEngine:
                     generation.emit_cancelled()
                     return
         except SWARM_ERRORS as e:
+            if generation.cancelled:  # the session was closed under the step in flight
+                generation.emit_cancelled()
+                return
             raise APIError(503, f"the swarm failed during generation: {e}", type="server_error",
                            code="swarm_failed") from None
         finally:

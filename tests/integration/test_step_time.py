@@ -8,6 +8,7 @@ One node serves the whole (wide) model and announces a far higher throughput tha
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.local_swarm import LocalSwarm
 from homeswarm.client.model import AutoDistributedModelForCausalLM
+from homeswarm.client.session import SessionError
 from homeswarm.client.transport import HopStream
 from homeswarm.node.service import PREFILL_CHUNK_TOKENS
 from homeswarm.protocol import node_pb2
@@ -84,3 +86,41 @@ def test_a_closed_session_stops_its_prefill_within_one_chunk(swarm):
         after = node_info(node["address"], node, pool)
     assert after.active_sessions == 0
     assert after.forward_passes - at_close <= 1 < chunks - (at_close - before)
+
+
+def test_closing_a_session_under_its_step_cancels_it_and_blames_nobody(swarm, checkpoint):
+    """What `homeswarm serve` does when a client leaves mid-prefill: the session is closed from another thread;
+    the step ends at once with SessionError, the node is neither banned nor counted as failed, and its
+    compute stops within one chunk."""
+    node = swarm.nodes[0].info
+    ids = torch.randint(0, 256, (1, PROMPT), generator=torch.Generator().manual_seed(2))
+    with (AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
+                                                          config=ClientConfig(handoff=False)) as model,
+          contextlib.closing(swarm.pool()) as pool):
+        session = model.inference_session(max_length=PROMPT)
+        before = node_info(node["address"], node, pool).forward_passes
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                session.step(model.head.embed(ids))
+            except BaseException as e:  # noqa: BLE001 - examined below
+                errors.append(e)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        deadline = time.monotonic() + 60
+        while node_info(node["address"], node, pool).forward_passes == before:
+            assert time.monotonic() < deadline, "the prefill never started"
+            time.sleep(0.005)
+        closed_at = time.monotonic()
+        session.close()
+        worker.join(30)
+        assert not worker.is_alive() and time.monotonic() - closed_at < 5
+        assert len(errors) == 1 and isinstance(errors[0], SessionError) and "closed during step 1" in str(errors[0])
+        assert session.failovers == 0 and not model.routes.is_banned(node["peer_id"])
+        deadline = time.monotonic() + 30
+        while node_info(node["address"], node, pool).active_sessions and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        assert node_info(node["address"], node, pool).forward_passes - before < PROMPT // PREFILL_CHUNK_TOKENS
