@@ -2,9 +2,10 @@
 
 One swarm for the module, under the model name of the F32 file's stem: two nodes serve an F32 GGUF (with
 llama.cpp's permuted Q/K rows and a tokenizer) in two spans, and a third serves a Q8_0 GGUF of the same
-checkpoint, whole, under that name. An exact client (Python, and `homeswarm generate --exact` with a text
+checkpoint, whole, under that name; a fourth serves an F16 Qwen3-MoE GGUF (a dense layer among the
+experts) under its own stem. An exact client (Python, and `homeswarm generate --exact` with a text
 prompt) routes through the F32 nodes only and generates exactly transformers' greedy tokens on the
-source checkpoint; the Q8_0 node announces its file type; once the F32 nodes are gone, a client on the
+source checkpoint (the MoE one: transformers on the source rounded to float16); the Q8_0 node announces its file type; once the F32 nodes are gone, a client on the
 Q8_0 file generates what transformers generates on that same GGUF (both dequantize it to float32).
 """
 
@@ -24,6 +25,7 @@ from homeswarm.client.tokenizer import TextCodec
 from homeswarm.model.gguf_files import gguf_folder
 from tests.helpers.checkpoints import make_checkpoint, reference_greedy
 from tests.helpers.gguf_checkpoints import byte_level_tokenizer, write_gguf
+from tests.helpers.moe_checkpoints import make_moe_checkpoint
 
 NAME = "tiny-f32"  # the F32 file's stem: the swarm's model name
 PROMPT = "the weather is nice on the other hand"
@@ -37,7 +39,9 @@ def files(tmp_path_factory):
     source = make_checkpoint(root / "source", "llama2", num_layers=4, vocab_size=len(vocab["tokens"]), seed=11)
     return {"source": source, "root": root,
             "f32": write_gguf(source, root / f"{NAME}.gguf", "llama2", "F32", tokenizer=vocab),
-            "q8_0": write_gguf(source, root / "tiny-q8_0.gguf", "llama2", "Q8_0", tokenizer=vocab)}
+            "q8_0": write_gguf(source, root / "tiny-q8_0.gguf", "llama2", "Q8_0", tokenizer=vocab),
+            "moe_source": (moe := make_moe_checkpoint(root / "moe", "qwen3_moe", num_layers=2, seed=12)),
+            "moe": write_gguf(moe, root / "tiny-qwen3moe.gguf", "qwen3_moe", "F16")}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +60,7 @@ def swarm(files, cache, tmp_path_factory):
         daemons = [swarm.start_node(files["f32"], "--blocks", blocks, "--compute-threads", "1", wait=False)
                    for blocks in ("0:2", "2:4")]
         daemons.append(swarm.start_node(files["q8_0"], "--model-name", NAME, "--compute-threads", "1", wait=False))
+        daemons.append(swarm.start_node(files["moe"], "--compute-threads", "1", wait=False))
         for daemon in daemons:
             swarm.wait_ready(daemon, timeout=180)
         swarm.gguf_daemons = daemons
@@ -70,7 +75,7 @@ def prompt_ids(files, cache) -> list[int]:
 
 
 def test_exact_client_routes_through_float_nodes_and_equals_transformers(swarm, files, prompt_ids):
-    assert all(d.info["model"] == NAME for d in swarm.gguf_daemons)
+    assert [d.info["model"] for d in swarm.gguf_daemons] == [NAME, NAME, NAME, "tiny-qwen3moe"]
     want = reference_greedy(files["source"], torch.tensor([prompt_ids]), NEW_TOKENS)
     with AutoDistributedModelForCausalLM.from_pretrained(files["f32"], initial_peers=swarm.initial_peers,
                                                          exact=True) as model:
@@ -78,6 +83,20 @@ def test_exact_client_routes_through_float_nodes_and_equals_transformers(swarm, 
         with model.inference_session(max_length=8) as session:
             assert [(h.start, h.end, h.server.quant) for h in session.hops] == [(0, 2, "gguf-f32"), (2, 4, "gguf-f32")]
         got = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS)
+    assert got.tolist() == want.tolist()
+
+
+def test_moe_gguf_through_the_swarm_equals_transformers(swarm, files):
+    prompt = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(2))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(files["moe_source"], dtype=torch.float16)
+    reference = reference.float().eval()  # the F16 file's weights, computed in float32
+    want = reference_greedy(files["moe_source"], prompt, NEW_TOKENS, model=reference)
+    with AutoDistributedModelForCausalLM.from_pretrained(files["moe"], initial_peers=swarm.initial_peers,
+                                                         exact=True) as model:
+        assert model.model_name == "tiny-qwen3moe"
+        with model.inference_session(max_length=8) as session:
+            assert [(h.start, h.end, h.server.quant) for h in session.hops] == [(0, 2, "gguf-f16")]
+        got = model.generate(prompt, max_new_tokens=NEW_TOKENS)
     assert got.tolist() == want.tolist()
 
 
@@ -96,7 +115,7 @@ def test_generate_cli_on_the_gguf_file(swarm, files, prompt_ids):
 
 
 def test_quantized_gguf_through_the_swarm_equals_transformers_on_the_file(swarm, files, prompt_ids):
-    for daemon in swarm.gguf_daemons[:2]:  # only the Q8_0 node is left
+    for daemon in swarm.gguf_daemons[:2]:  # only the Q8_0 node is left of the model's
         swarm.stop(daemon)
     reference = transformers.AutoModelForCausalLM.from_pretrained(files["root"], gguf_file=files["q8_0"].name,
                                                                   dtype=torch.float32).eval()
