@@ -417,8 +417,10 @@ def _disable_relay_discovery() -> None:
 
 
 def _exit_with_children(code: int) -> None:
-    """Stop p2pd (SIGTERM, then SIGKILL after a second) and exit at once."""
+    """Stop p2pd (SIGTERM, then SIGKILL after a second), remove the sockets hivemind's shutdown would have
+    removed, and exit at once."""
     children = _children(os.getpid())
+    sockets = [path for pid in children for path in p2pd_sockets(pid)]
     for pid in children:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
@@ -427,7 +429,28 @@ def _exit_with_children(code: int) -> None:
         time.sleep(0.02)
     for pid in children:
         _kill_process_tree(pid)
+    for path in sockets:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
     os._exit(code)
+
+
+def p2pd_sockets(pid: int) -> list[str]:
+    """The Unix sockets of p2pd process ``pid`` (its control socket, from its command line) and of hivemind's
+    side of it (named alike): files in /tmp that only an orderly shutdown removes. None for another process."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+    for arg in args:
+        if arg.startswith("-listen=/unix/"):
+            daemon = arg[len("-listen=/unix"):]
+            folder, name = os.path.split(daemon)
+            if name.startswith("hivemind-p2pd-"):
+                return [daemon, os.path.join(folder, "hivemind-p2pclient-" + name[len("hivemind-p2pd-"):])]
+            return [daemon]
+    return []
 
 
 def _start_time(pid: int) -> int | None:

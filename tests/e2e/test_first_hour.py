@@ -4,7 +4,7 @@ Bad input answers in one line with exit code 2 in under two seconds, before torc
 start; a bootstrap peer and a node keep their peer id (and the bootstrap peer its multiaddrs) across
 restarts with --identity; a port another process holds is refused by name; a node bound to 0.0.0.0
 announces an address peers can dial and `homeswarm chat` talks through it; a peer nobody answers at is
-named with what to check; daemons die with the process that started them.
+named with what to check; daemons die with the process that started them, and leave no sockets.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from homeswarm.client.local_swarm import LocalSwarm, console_script
+from homeswarm.routing.dht import p2pd_sockets
 from homeswarm.routing.signing import NodeKey
 from tests.e2e.test_cli import (
     MARK,
@@ -91,6 +92,10 @@ BAD_INPUT = {
                                                  "--prompt-ids", "1"], r"nothing is not a checkpoint folder"),
     "generate_chat_without_prompt": ("homeswarm", ["generate", "{ckpt}", "--initial-peers", DEAD_PEER, "--prompt-ids",
                                                    "1", "--chat"], r"--chat needs --prompt"),
+    "join_missing_gguf": ("join-swarm", ["{tmp}/model.gguf", "--new-swarm"], r"GGUF file not found"),
+    "join_not_a_gguf": ("join-swarm", ["{ckpt}/model.safetensors.gguf", "--new-swarm"], r"not found"),
+    "generate_missing_gguf": ("homeswarm", ["generate", "{tmp}/model.gguf", "--initial-peers", DEAD_PEER,
+                                            "--prompt-ids", "1"], r"GGUF file not found"),
     "generate_bad_peer": ("homeswarm", ["generate", "{ckpt}", "--initial-peers", "garbage", "--prompt-ids", "1"],
                           r"--initial-peers takes multiaddrs.*'garbage'"),
 }
@@ -199,3 +204,25 @@ def test_daemons_die_with_the_process_that_started_them(tmp_path):
         parent.stdout.close()
         parent.stderr.close()
         reap_marked(mark)
+
+
+def descendants(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            for child in map(int, f.read().split()):
+                found += [child, *descendants(child)]
+    return found
+
+
+def test_a_killed_daemon_leaves_no_sockets(tmp_path):
+    """SIGKILL skips hivemind's shutdown; the DHT process, going with its owner, removes p2pd's sockets itself."""
+    with LocalSwarm(tmp_path) as swarm:
+        swarm.start_bootstrap()
+        sockets = [path for pid in descendants(swarm.bootstrap.process.pid) for path in p2pd_sockets(pid)]
+        assert len(sockets) == 2 and all(os.path.exists(path) for path in sockets), sockets
+        LocalSwarm.kill(swarm.bootstrap)
+        deadline = time.monotonic() + 15
+        while any(os.path.exists(path) for path in sockets) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [path for path in sockets if os.path.exists(path)]
