@@ -219,6 +219,8 @@ def _model_dir(args: argparse.Namespace) -> Path:
     """MODEL_DIR, or for a repository id the snapshot folder its client files were downloaded to (the
     repository id is then the default model name)."""
     if args.model_dir.lower().endswith(".gguf"):  # a folder of its config and tokenizer; weights stay in the file
+        if not Path(args.model_dir).is_file():
+            raise UsageError(f"GGUF file not found: {args.model_dir}")  # before loading torch
         from homeswarm.model.gguf_files import gguf_folder
         from homeswarm.model.gguf_reader import model_stem
 

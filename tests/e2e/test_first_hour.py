@@ -93,7 +93,6 @@ BAD_INPUT = {
     "generate_chat_without_prompt": ("homeswarm", ["generate", "{ckpt}", "--initial-peers", DEAD_PEER, "--prompt-ids",
                                                    "1", "--chat"], r"--chat needs --prompt"),
     "join_missing_gguf": ("join-swarm", ["{tmp}/model.gguf", "--new-swarm"], r"GGUF file not found"),
-    "join_not_a_gguf": ("join-swarm", ["{ckpt}/model.safetensors.gguf", "--new-swarm"], r"not found"),
     "generate_missing_gguf": ("homeswarm", ["generate", "{tmp}/model.gguf", "--initial-peers", DEAD_PEER,
                                             "--prompt-ids", "1"], r"GGUF file not found"),
     "generate_bad_peer": ("homeswarm", ["generate", "{ckpt}", "--initial-peers", "garbage", "--prompt-ids", "1"],

@@ -53,6 +53,16 @@ def test_model_folders_that_cannot_serve(case, model, tmp_path, monkeypatch):
         check_model_path(path)
 
 
+def test_gguf_files(tmp_path):
+    with pytest.raises(ConfigError, match="GGUF file not found"):
+        check_model_path(str(tmp_path / "model.gguf"))
+    (tmp_path / "junk.gguf").write_bytes(b"PK\x03\x04 not a gguf")
+    with pytest.raises(ConfigError, match="is not a GGUF file"):
+        check_model_path(str(tmp_path / "junk.gguf"))
+    (tmp_path / "model-00001-of-00002.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    check_model_path(str(tmp_path / "model-00001-of-00002.gguf"))  # its parts are checked once torch loads
+
+
 def test_hub_ids_and_snapshots_are_left_to_the_download(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     check_model_path("owner/name")  # no folder "owner" here: a repository id

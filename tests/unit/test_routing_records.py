@@ -73,7 +73,8 @@ def test_optional_fields_default():
 @pytest.mark.parametrize("quant", QUANT_FORMATS)
 def test_every_weight_format_round_trips(quant):
     r = ServerRecord.from_dict({**good(), "quant": quant})
-    assert r.quant == quant and r.exact == (quant == "none")
+    # a float GGUF's node computes with the file's own floats: exact
+    assert r.quant == quant and r.exact == (quant in ("none", "gguf-f32", "gguf-f16", "gguf-bf16"))
     assert ServerRecord.from_dict(r.to_dict()) == r
 
 
@@ -128,7 +129,7 @@ BAD_FIELDS = [
     ("public_name", 5), ("public_name", None), ("public_name", {"a": 1}),
     # weight format: present, it must be one that nodes announce
     ("quant", "int3"), ("quant", "INT8"), ("quant", ""), ("quant", None), ("quant", 8), ("quant", ["int8"]),
-    ("quant", "none "),
+    ("quant", "none "), ("quant", "gguf-"), ("quant", "gguf-q9_9"), ("quant", "GGUF-Q4_0"), ("quant", "gguf-f32 "),
 ]  # fmt: skip
 
 
