@@ -9,13 +9,15 @@ own storage. The metadata (``metadata``) and the ``config.json`` it stands for (
 come from the first file.
 
 Invariants: the files are memory-mapped by the ``gguf`` package and only the tensors asked for are
-read; nothing returned is a view of a map (each tensor is copied into its own memory as converted). A
+read; nothing returned is a view of a map (each tensor is copied into its own memory as converted), and
+a tensor's pages are dropped from the process's resident memory once it is read. A
 split with a file missing, or a tensor of a type that cannot be dequantized, is an error naming it.
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 from collections.abc import Iterable
@@ -82,6 +84,7 @@ class GGUFCheckpoint:
             name: field.contents() for name, field in readers[0].fields.items() if not name.startswith("GGUF.")
         }
         self._tensors = {t.name: t for reader in readers for t in reader.tensors}
+        self._maps = {t.name: reader.data for reader in readers for t in reader.tensors}
         self.arch = self.metadata.get("general.architecture")
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"{self.model_dir}: unsupported GGUF architecture {self.arch!r}; supported: "
@@ -173,6 +176,8 @@ class GGUFCheckpoint:
                 for e in range(out.shape[0]):  # expert by expert: each target is contiguous
                     self._convert(t, out[e, begin : begin + rows], data[e])
                 begin += rows
+        for t in parts:
+            self._release(t)
         if self.arch in PERMUTED_QK:
             self._unpermute(name, out)
         return out
@@ -219,6 +224,18 @@ class GGUFCheckpoint:
                     raise ValueError(f"{self.model_dir}: {t.name} is stored as {kind}, which cannot be "
                                      f"dequantized here") from None
             target[begin : begin + values.shape[0]].copy_(values.view(-1, target.shape[-1]))
+
+    def _release(self, t: Any) -> None:
+        """Drop the pages of ``t`` just read from this process's resident memory: a file's pages read
+        through a map count for the process until unmapped (they stay in the page cache, uncharged)."""
+        mapped = getattr(self._maps[t.name], "_mmap", None)
+        if mapped is None or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin = t.data_offset - t.data_offset % mmap.PAGESIZE
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED, begin, t.data_offset + int(t.n_bytes) - begin)
+        except (OSError, ValueError):  # only a cost, never an error
+            pass
 
     def _unpermute(self, name: str, out: Tensor) -> None:
         """Undo llama.cpp's Q/K row permutation (``LlamaModel.permute``: each head's rotary halves
