@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from homeswarm.routing.preflight import (
     check_initial_peers,
     explain_dht_error,
     is_multiaddr,
-    is_wildcard,
-    outgoing_host,
-    port_taken,
     split_peers_argv,
 )
 
@@ -45,31 +40,6 @@ def test_multiaddrs_need_a_peer_id():
         message = check_initial_peers([PEER, bad])
         assert message is not None and repr(bad) in message and "/p2p/PEER_ID" in message
 
-
-@pytest.mark.parametrize("reuse_port", [False, True], ids=["plain", "so_reuseport"])
-def test_a_port_another_process_listens_on_is_taken(reuse_port):
-    with socket.socket() as holder:  # p2pd listens with SO_REUSEPORT: a second p2pd would share the port
-        if reuse_port:
-            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        holder.bind(("127.0.0.1", 0))
-        holder.listen(1)
-        port = holder.getsockname()[1]
-        message = port_taken("127.0.0.1", port)
-        assert message is not None and f"port {port}" in message and "taken" in message
-        assert port_taken("0.0.0.0", port) is not None
-    assert port_taken("127.0.0.1", port) is None
-    assert port_taken("127.0.0.1", 0) is None
-
-
-def test_an_address_not_of_this_machine():
-    message = port_taken("192.0.2.7", 4001)
-    assert message is not None and "not an address of this machine" in message
-
-
-def test_wildcard_hosts_resolve_to_the_interface_toward_the_peers():
-    assert is_wildcard("0.0.0.0") and is_wildcard("::") and not is_wildcard("127.0.0.1")
-    assert outgoing_host([PEER]) == "127.0.0.1"
-    assert outgoing_host(["/dns4/example.org/tcp/1/p2p/Qm", PEER]) == "127.0.0.1"  # the first with an IP
 
 
 def test_p2pd_errors_say_what_was_tried_and_what_to_check():
