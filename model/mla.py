@@ -186,7 +186,9 @@ class MultiHeadLatentAttention(nn.Module):
         expanded: total * rank * (nope + v) to expand every stored position, plus
         length * total * (nope + rope + v). With K2's sizes (rank 512, nope = v = 128, rope 64) decoding
         steps, verify steps and small batches of new tokens absorb (up to about 170 queries per
-        sequence over a long past), a prefill from an empty cache never does."""
+        sequence over a long past), a prefill from an empty cache never does. Measured, the absorbed form
+        stays faster past that line (docs/BENCHMARKS.md, "Kimi K2 on N PCs"); the count bounds it anyway,
+        since it holds every head's scores over every stored position at once, in float32."""
         if self.attention_form != "auto":
             if self.attention_form not in ATTENTION_FORMS:
                 raise ValueError(f"attention_form must be one of {ATTENTION_FORMS}, got {self.attention_form!r}")
