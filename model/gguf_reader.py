@@ -39,6 +39,23 @@ _CHUNK_BYTES = 16 << 20  # float32 rows dequantized at a time
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
+_LINEARS = tuple(f"{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
+                                         "ffn_down"))
+_PACKED = ("weight_packed", "weight_scale", "weight_shape")
+# A file whose blocks' matrices are all Q4_0, read as compressed-tensors' symmetric 4-bit groups of 32
+Q4_0_AS_PACKED_INT4 = {
+    "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+    "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}},
+}
+
+
+def _packed_base(name: str) -> tuple[str, str | None]:
+    """``x.weight_packed`` -> (``x.weight``, ``weight_packed``); any other name -> (name, None)."""
+    head, _, last = name.rpartition(".")
+    return (f"{head}.weight", last) if head and last in _PACKED else (name, None)
+
+
 def gguf_paths(path: str | os.PathLike[str]) -> list[Path]:
     """The files of the GGUF ``path``: itself, or for the first (any) file of a split, every part in order."""
     path = Path(path)
@@ -93,6 +110,7 @@ class GGUFCheckpoint:
         self._dequant = gguf.quants.dequantize
         self._logged: set[str] = set()
         self.num_layers = int(self.metadata.get(f"{self.arch}.block_count", 0))
+        self.q4_0 = self._all_linears_q4_0()
 
     # --- what the file is -------------------------------------------------------------------------------
 
@@ -109,6 +127,8 @@ class GGUFCheckpoint:
                 if scaling is None:
                     raise ValueError("its rope_freqs tensor matches none of Llama 3's RoPE scalings")
                 d["rope_scaling"] = scaling
+            if self.q4_0:
+                d["quantization_config"] = Q4_0_AS_PACKED_INT4
         except ValueError as e:
             raise ValueError(f"{self.model_dir}: {e}") from None
         return d
@@ -141,7 +161,12 @@ class GGUFCheckpoint:
         return sorted(hf_names(set(self._tensors), self.num_layers, moe_prefix=prefix))
 
     def __contains__(self, name: object) -> bool:
-        parts = gguf_names(name) if isinstance(name, str) else None
+        if not isinstance(name, str):
+            return False
+        base, packed = _packed_base(name)
+        if packed and not (self.q4_0 and base in self and self._tensors[gguf_names(base)[0]].tensor_type.name == "Q4_0"):  # type: ignore[index]
+            return False
+        parts = gguf_names(base)
         return parts is not None and all(p in self._tensors for p in parts)
 
     def missing_files(self, names: Iterable[str] | None = None) -> list[str]:
@@ -151,11 +176,18 @@ class GGUFCheckpoint:
     def _parts(self, name: str) -> list[Any]:
         if name not in self:
             raise MissingTensorsError(self.model_dir, [name])
-        return [self._tensors[p] for p in gguf_names(name)]  # type: ignore[union-attr]
+        return [self._tensors[p] for p in gguf_names(_packed_base(name)[0])]  # type: ignore[union-attr]
 
     def entry(self, name: str) -> TensorEntry:
         """Tensor ``name``'s dtype as read (float32 for a quantized one) and shape, in torch's order."""
         parts = self._parts(name)
+        packed = _packed_base(name)[1]
+        if packed:  # a Q4_0 matrix [N, K] as compressed-tensors' pack-quantized int4 (groups of 32)
+            rows, cols = int(parts[0].shape[1]), int(parts[0].shape[0])
+            dtype, shape = {"weight_packed": (torch.int32, (rows, cols // 8)),
+                            "weight_scale": (torch.float16, (rows, cols // 32)),
+                            "weight_shape": (torch.int64, (2,))}[packed]
+            return TensorEntry(dtype=dtype, shape=shape, begin=0, end=0)
         shapes = [tuple(int(d) for d in reversed(t.shape)) for t in parts]
         shape = shapes[0] if len(shapes) == 1 else (shapes[0][0], sum(s[1] for s in shapes), *shapes[0][2:])
         dtype = torch.float16 if parts[0].tensor_type.name == "F16" else torch.float32
@@ -166,7 +198,13 @@ class GGUFCheckpoint:
         parts = self._parts(name)
         if tuple(out.shape) != self.entry(name).shape:
             raise ValueError(f"{name}: shape {tuple(out.shape)} asked for, {self.entry(name).shape} in {self.model_dir}")
-        if len(parts) == 1:
+        packed = _packed_base(name)[1]
+        if packed == "weight_shape":
+            out.copy_(torch.tensor([int(parts[0].shape[1]), int(parts[0].shape[0])]))
+            return out
+        if packed:
+            self._q4_0_into(parts[0], packed, out)
+        elif len(parts) == 1:
             self._convert(parts[0], out)
         else:  # a fused gate/up stack: the parts one after the other along rows
             begin = 0
@@ -192,7 +230,8 @@ class GGUFCheckpoint:
         out = {}
         for name in names:
             entry = self.entry(name)
-            tensor = torch.empty(entry.shape, dtype=dtype if dtype is not None else entry.dtype)
+            keep = dtype is None or not entry.dtype.is_floating_point  # packed integers keep their dtype
+            tensor = torch.empty(entry.shape, dtype=entry.dtype if keep else dtype)
             out[name] = self.read_into(name, tensor).to(device)
         return out
 
@@ -224,6 +263,35 @@ class GGUFCheckpoint:
                     raise ValueError(f"{self.model_dir}: {t.name} is stored as {kind}, which cannot be "
                                      f"dequantized here") from None
             target[begin : begin + values.shape[0]].copy_(values.view(-1, target.shape[-1]))
+
+    def _all_linears_q4_0(self) -> bool:
+        """Whether every linear weight of every block is stored as Q4_0 (a dense model: experts are not
+        read so), so that blocks can hold them as they are."""
+        kinds = {t.tensor_type.name for n, t in self._tensors.items()
+                 if n.startswith("blk.") and n.endswith(_LINEARS)}
+        return kinds == {"Q4_0"} and not any("_exps." in n for n in self._tensors)
+
+    def _q4_0_into(self, t: Any, packed: str, out: Tensor) -> None:
+        """A Q4_0 matrix's words (``weight_packed``: eight 4-bit values ``q`` a word, the first in the low
+        bits) or block scales (``weight_scale``, float16 ``d``): Q4_0's ``w = d * (q - 8)`` is
+        pack-quantized's symmetric ``w = scale * (v - 8)`` with ``v`` stored, so both are copied exactly."""
+        from .prequant import pack_int32
+
+        data = np.asarray(t.data)  # [N, K / 32 * 18]: per block, float16 d then 16 bytes of nibbles
+        rows = data.shape[0]
+        step = max(1, _CHUNK_BYTES // max(1, data.shape[1] * 4))
+        for begin in range(0, rows, step):
+            blocks = torch.from_numpy(np.array(data[begin : begin + step])).view(-1, data.shape[1] // 18, 18)
+            if packed == "weight_scale":
+                out[begin : begin + blocks.shape[0]] = blocks[..., :2].contiguous().view(torch.float16)[..., 0]
+                continue
+            nibbles = blocks[..., 2:]
+            # in a block, byte j holds element j (low nibble) and element j + 16 (high nibble)
+            values = torch.cat((nibbles & 15, nibbles >> 4), dim=-1).reshape(blocks.shape[0], -1)
+            out[begin : begin + blocks.shape[0]] = pack_int32(values, 1)
+        if "Q4_0" not in self._logged:
+            self._logged.add("Q4_0")
+            logger.info("%s: Q4_0 matrices held as they are (4-bit, groups of 32)", self.model_dir.name)
 
     def _release(self, t: Any) -> None:
         """Drop the pages of ``t`` just read from this process's resident memory: a file's pages read
