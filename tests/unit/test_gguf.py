@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -208,3 +209,31 @@ def test_bad_files_are_refused(root, tmp_path):
     assert "model.layers.0.self_attn.q_proj.weight" in reader and "model.layers.1.mlp.up_proj.weight" not in reader
     with pytest.raises(KeyError, match="lacks tensors: model.layers.1"):
         reader.load(["model.layers.1.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize(("factor", "original"), [(8.0, 8192), (32.0, 8192), (16.0, 2048)])
+def test_llama3_rope_scaling_read_back_from_rope_freqs(factor, original):
+    from homeswarm.model.gguf_names import _llama3_factors, llama3_rope_scaling
+
+    factors = [float(np.float32(f)) for f in _llama3_factors(128, 500000.0, factor, 1.0, 4.0, original)]
+    assert llama3_rope_scaling(factors, 128, 500000.0) == {
+        "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": original}
+    assert llama3_rope_scaling([1.0] * 64, 128, 500000.0) is None
+    assert llama3_rope_scaling([float(i + 1) for i in range(64)], 128, 500000.0) is None
+
+
+def test_metadata_we_cannot_reproduce_is_refused():
+    from homeswarm.model.gguf_names import config_dict
+
+    meta = {"general.architecture": "qwen2", "qwen2.block_count": 2, "qwen2.embedding_length": 64,
+            "qwen2.feed_forward_length": 128, "qwen2.attention.head_count": 4}
+    assert config_dict(meta, {"output.weight"}, 256)["tie_word_embeddings"] is False
+    with pytest.raises(ValueError, match="per-layer values"):
+        config_dict({**meta, "qwen2.attention.head_count_kv": [2, 4]}, set(), 256)
+    with pytest.raises(ValueError, match="RoPE scaling 'yarn'"):
+        config_dict({**meta, "qwen2.rope.scaling.type": "yarn"}, set(), 256)
+    with pytest.raises(ValueError, match="lacks qwen2.block_count"):
+        config_dict({k: v for k, v in meta.items() if k != "qwen2.block_count"}, set(), 256)
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'phi3'"):
+        config_dict({**meta, "general.architecture": "phi3"}, set(), 256)
