@@ -3,9 +3,10 @@
 One swarm for the module, under the model name of the F32 file's stem: two nodes serve an F32 GGUF (with
 llama.cpp's permuted Q/K rows and a tokenizer) in two spans, and a third serves a Q8_0 GGUF of the same
 checkpoint, whole, under that name; a fourth serves an F16 Qwen3-MoE GGUF (a dense layer among the
-experts) under its own stem. An exact client (Python, and `homeswarm generate --exact` with a text
+experts) under its own stem, and a fifth a Q4_0 GGUF (held 4-bit) under its own. An exact client (Python, and `homeswarm generate --exact` with a text
 prompt) routes through the F32 nodes only and generates exactly transformers' greedy tokens on the
-source checkpoint (the MoE one: transformers on the source rounded to float16); the Q8_0 node announces its file type; once the F32 nodes are gone, a client on the
+source checkpoint (the MoE one: transformers on the source rounded to float16); the Q8_0 node announces its file type; the Q4_0 node's logits are transformers' on that file within the
+4-bit products' rounding; once the F32 nodes are gone, a client on the
 Q8_0 file generates what transformers generates on that same GGUF (both dequantize it to float32).
 """
 
@@ -40,6 +41,7 @@ def files(tmp_path_factory):
     return {"source": source, "root": root,
             "f32": write_gguf(source, root / f"{NAME}.gguf", "llama2", "F32", tokenizer=vocab),
             "q8_0": write_gguf(source, root / "tiny-q8_0.gguf", "llama2", "Q8_0", tokenizer=vocab),
+            "q4_0": write_gguf(source, root / "tiny-q4_0.gguf", "llama2", "Q4_0", tokenizer=vocab),
             "moe_source": (moe := make_moe_checkpoint(root / "moe", "qwen3_moe", num_layers=2, seed=12)),
             "moe": write_gguf(moe, root / "tiny-qwen3moe.gguf", "qwen3_moe", "F16")}
 
@@ -61,6 +63,7 @@ def swarm(files, cache, tmp_path_factory):
                    for blocks in ("0:2", "2:4")]
         daemons.append(swarm.start_node(files["q8_0"], "--model-name", NAME, "--compute-threads", "1", wait=False))
         daemons.append(swarm.start_node(files["moe"], "--compute-threads", "1", wait=False))
+        daemons.append(swarm.start_node(files["q4_0"], "--compute-threads", "1", wait=False))
         for daemon in daemons:
             swarm.wait_ready(daemon, timeout=180)
         swarm.gguf_daemons = daemons
@@ -75,7 +78,7 @@ def prompt_ids(files, cache) -> list[int]:
 
 
 def test_exact_client_routes_through_float_nodes_and_equals_transformers(swarm, files, prompt_ids):
-    assert [d.info["model"] for d in swarm.gguf_daemons] == [NAME, NAME, NAME, "tiny-qwen3moe"]
+    assert [d.info["model"] for d in swarm.gguf_daemons] == [NAME, NAME, NAME, "tiny-qwen3moe", "tiny-q4_0"]
     want = reference_greedy(files["source"], torch.tensor([prompt_ids]), NEW_TOKENS)
     with AutoDistributedModelForCausalLM.from_pretrained(files["f32"], initial_peers=swarm.initial_peers,
                                                          exact=True) as model:
@@ -98,6 +101,20 @@ def test_moe_gguf_through_the_swarm_equals_transformers(swarm, files):
             assert [(h.start, h.end, h.server.quant) for h in session.hops] == [(0, 2, "gguf-f16")]
         got = model.generate(prompt, max_new_tokens=NEW_TOKENS)
     assert got.tolist() == want.tolist()
+
+
+def test_q4_0_gguf_stays_4_bit_through_the_swarm(swarm, files, prompt_ids):
+    reference = transformers.AutoModelForCausalLM.from_pretrained(files["root"], gguf_file=files["q4_0"].name,
+                                                                  dtype=torch.float32).eval()
+    prompt = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        want = reference(prompt).logits
+    with AutoDistributedModelForCausalLM.from_pretrained(files["q4_0"], initial_peers=swarm.initial_peers) as model:
+        with model.inference_session(max_length=prompt.shape[1]) as session, torch.no_grad():
+            assert [(h.start, h.end, h.server.quant) for h in session.hops] == [(0, 4, "gguf-q4_0")]
+            got = model.head.logits(session.step(model.head.embed(prompt)))
+    # the file's weights through the 4-bit products, which round (test_gguf.py: 1.0% measured in one process)
+    assert (got - want).abs().max() <= 0.03 * want.abs().max()
 
 
 def test_generate_cli_on_the_gguf_file(swarm, files, prompt_ids):
