@@ -41,8 +41,11 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 
 _LINEARS = tuple(f"{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
                                          "ffn_down"))
+_HF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
 _PACKED = ("weight_packed", "weight_scale", "weight_shape")
-# A file whose blocks' matrices are all Q4_0, read as compressed-tensors' symmetric 4-bit groups of 32
+# A file's Q4_0 block matrices, read as compressed-tensors' symmetric 4-bit groups of 32
 Q4_0_AS_PACKED_INT4 = {
     "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
     "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
@@ -110,7 +113,7 @@ class GGUFCheckpoint:
         self._dequant = gguf.quants.dequantize
         self._logged: set[str] = set()
         self.num_layers = int(self.metadata.get(f"{self.arch}.block_count", 0))
-        self.q4_0 = self._all_linears_q4_0()
+        self.q4_0, self._float_linears = self._q4_0_linears()
 
     # --- what the file is -------------------------------------------------------------------------------
 
@@ -127,8 +130,8 @@ class GGUFCheckpoint:
                 if scaling is None:
                     raise ValueError("its rope_freqs tensor matches none of Llama 3's RoPE scalings")
                 d["rope_scaling"] = scaling
-            if self.q4_0:
-                d["quantization_config"] = Q4_0_AS_PACKED_INT4
+            if self.q4_0:  # matrices of other types (llama.cpp promotes some) are read as floats
+                d["quantization_config"] = {**Q4_0_AS_PACKED_INT4, "ignore": ["lm_head", *self._float_linears]}
         except ValueError as e:
             raise ValueError(f"{self.model_dir}: {e}") from None
         return d
@@ -264,12 +267,19 @@ class GGUFCheckpoint:
                                      f"dequantized here") from None
             target[begin : begin + values.shape[0]].copy_(values.view(-1, target.shape[-1]))
 
-    def _all_linears_q4_0(self) -> bool:
-        """Whether every linear weight of every block is stored as Q4_0 (a dense model: experts are not
-        read so), so that blocks can hold them as they are."""
-        kinds = {t.tensor_type.name for n, t in self._tensors.items()
+    def _q4_0_linears(self) -> tuple[bool, list[str]]:
+        """Whether blocks hold Q4_0 matrices as they are (some block matrix is Q4_0, in a dense model:
+        experts are not read so), and the Hugging Face names of the block matrices of other types."""
+        kinds = {n: t.tensor_type.name for n, t in self._tensors.items()
                  if n.startswith("blk.") and n.endswith(_LINEARS)}
-        return kinds == {"Q4_0"} and not any("_exps." in n for n in self._tensors)
+        if "Q4_0" not in kinds.values() or any("_exps." in n for n in self._tensors):
+            return False, []
+        others = []
+        for name, kind in sorted(kinds.items()):
+            if kind != "Q4_0":
+                _, layer, part, _ = name.split(".")
+                others.append(f"model.layers.{layer}.{_HF_LINEARS[part]}")
+        return True, others
 
     def _q4_0_into(self, t: Any, packed: str, out: Tensor) -> None:
         """A Q4_0 matrix's words (``weight_packed``: eight 4-bit values ``q`` a word, the first in the low

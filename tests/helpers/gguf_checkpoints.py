@@ -66,9 +66,10 @@ def sentencepiece_tokenizer() -> dict[str, Any]:
 
 def write_gguf(checkpoint: str | Path, path: str | Path, family: str, qtype: str = "F32", *,
                tokenizer: dict[str, Any] | None = None, chat_template: str | None = None,
-               split_max_tensors: int = 0) -> Path:
+               split_max_tensors: int = 0, promoted: dict[str, str] | None = None) -> Path:
     """Write the float32 checkpoint folder ``checkpoint`` (of test ``family``) as a GGUF at ``path``; return
     the path of its (first) file."""
+    file_qtype = qtype
     checkpoint, path = Path(checkpoint), Path(path)
     config = json.loads((checkpoint / "config.json").read_text())
     arch = _ARCH[family]
@@ -137,6 +138,8 @@ def write_gguf(checkpoint: str | Path, path: str | Path, family: str, qtype: str
         elif arch == "llama" and name.endswith(("attn_k.weight", "attn_k.bias")):
             data = _permute(data, kv_heads)
         data = np.ascontiguousarray(data, dtype=np.float32)
+        # ``promoted``: a type per tensor name ending (``attn_v.weight``), as llama.cpp's mixes raise some
+        qtype = next((t for end, t in (promoted or {}).items() if name.endswith(end)), file_qtype)
         if data.ndim == 1 or qtype == "F32":
             writer.add_tensor(name, data)
         elif qtype == "F16":

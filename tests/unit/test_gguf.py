@@ -132,6 +132,35 @@ def test_quantized_moe_gguf_equals_transformers_on_the_same_file(root):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_q4_0_file_with_promoted_matrices(root):
+    """llama.cpp's mixes store some matrices in a wider type: those are read as floats, the rest stay 4-bit."""
+    source = make_checkpoint(root / "src-mix", "llama2", num_layers=2, seed=13)
+    path = write_gguf(source, root / "llama-mix.gguf", "llama2", "Q4_0",
+                      promoted={"attn_v.weight": "Q8_0", "blk.1.ffn_down.weight": "Q8_0"})
+    folder = gguf_folder(path, cache_dir=root / "cache")
+    ignored = json.loads((folder / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignored == ["lm_head", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj",
+                       "model.layers.1.mlp.down_proj"]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(root, gguf_file=path.name, dtype=torch.float32).eval()
+    span = load_span(folder, 0, 2, fuse=False)
+    kinds = {}
+    for i, layer in enumerate(span.layers):
+        for name, ours in layer.named_modules():
+            if isinstance(ours, torch.nn.Linear | PackedInt4Linear) and "proj" in name:
+                theirs = reference.model.layers[i].get_submodule(name).weight
+                packed = isinstance(ours, PackedInt4Linear)
+                kinds[f"{i}.{name}"] = packed
+                assert torch.equal(ours.dequantized_weight(torch.float32) if packed else ours.weight, theirs), (i, name)
+    assert not kinds["0.self_attn.v_proj"] and not kinds["1.mlp.down_proj"]
+    assert kinds["0.self_attn.q_proj"] and kinds["0.mlp.down_proj"] and kinds["1.mlp.gate_proj"]
+    model = LocalModel(folder)
+    prompt = _prompt()
+    with torch.no_grad():
+        want = reference(prompt).logits
+        got = model.head.logits(model.forward(model.head.embed(prompt)))
+    assert (got - want).abs().max() <= 0.03 * want.abs().max()
+
+
 def test_span_in_bfloat16_and_split_file(root):
     source = make_checkpoint(root / "split-src", "qwen3", num_layers=3, seed=7)
     whole = write_gguf(source, root / "whole.gguf", "qwen3", "F16")
