@@ -27,6 +27,12 @@ from .gguf_reader import FLOAT_TYPES, GGUFCheckpoint, gguf_paths, model_stem
 from .gguf_tokenizer import build_tokenizer, tokenizer_config
 
 MARKER = "gguf.json"
+# the file types a node announces (``gguf-TYPE``; routing's records accept these, a test keeps them equal);
+# a type llama.cpp names later is announced as ``gguf-other``
+GGUF_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q8_1", "q2_k", "q2_k_s", "q3_k",
+              "q3_k_s", "q3_k_m", "q3_k_l", "q4_k", "q4_k_s", "q4_k_m", "q5_k", "q5_k_s", "q5_k_m", "q6_k", "q8_k",
+              "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m",
+              "iq4_nl", "iq4_xs", "tq1_0", "tq2_0", "q1_0", "mxfp4", "mxfp4_moe", "nvfp4", "other")
 _VERSION = 1
 
 
@@ -104,4 +110,5 @@ def gguf_weight_format(model_dir: str | os.PathLike[str], start: int, end: int) 
     types = GGUFCheckpoint(_marker(model_dir)["files"][0]).block_types(start, end)
     if types and types <= set(FLOAT_TYPES):  # norms stay F32 in a GGUF: the narrowest type is the file's
         return "gguf-" + next(t for t in ("BF16", "F16", "F32") if t in types).lower()
-    return f"gguf-{_marker(model_dir)['file_type']}"
+    file_type = _marker(model_dir)["file_type"]
+    return f"gguf-{file_type if file_type in GGUF_TYPES else 'other'}"

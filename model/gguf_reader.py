@@ -109,7 +109,6 @@ class GGUFCheckpoint:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"{self.model_dir}: unsupported GGUF architecture {self.arch!r}; supported: "
                              f"{', '.join(ARCHITECTURES)}")
-        self._types = gguf.GGMLQuantizationType
         self._dequant = gguf.quants.dequantize
         self._logged: set[str] = set()
         self.num_layers = int(self.metadata.get(f"{self.arch}.block_count", 0))

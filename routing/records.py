@@ -37,7 +37,7 @@ _MAX_MADDR = 512
 GGUF_TYPES = ("f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q8_1", "q2_k", "q2_k_s", "q3_k",
               "q3_k_s", "q3_k_m", "q3_k_l", "q4_k", "q4_k_s", "q4_k_m", "q5_k", "q5_k_s", "q5_k_m", "q6_k", "q8_k",
               "iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "iq3_s", "iq3_m",
-              "iq4_nl", "iq4_xs", "tq1_0", "tq2_0", "mxfp4", "mxfp4_moe")
+              "iq4_nl", "iq4_xs", "tq1_0", "tq2_0", "q1_0", "mxfp4", "mxfp4_moe", "nvfp4", "other")
 QUANT_FORMATS = ("none", "int8", "int4", "int4-experts", *(f"gguf-{t}" for t in GGUF_TYPES))
 EXACT_FORMATS = ("none", "gguf-f32", "gguf-f16", "gguf-bf16")
 

@@ -266,3 +266,14 @@ def test_metadata_we_cannot_reproduce_is_refused():
         config_dict({k: v for k, v in meta.items() if k != "qwen2.block_count"}, set(), 256)
     with pytest.raises(ValueError, match="unsupported GGUF architecture 'phi3'"):
         config_dict({**meta, "general.architecture": "phi3"}, set(), 256)
+
+
+def test_every_file_type_is_one_records_accept():
+    import gguf
+
+    from homeswarm.model.gguf_files import GGUF_TYPES
+    from homeswarm.routing.records import GGUF_TYPES as RECORD_TYPES
+
+    assert GGUF_TYPES == RECORD_TYPES
+    named = {n.removeprefix("MOSTLY_").removeprefix("ALL_").lower() for n in gguf.LlamaFileType.__members__}
+    assert named - {"guessed"} <= set(GGUF_TYPES)
