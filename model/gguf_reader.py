@@ -39,12 +39,18 @@ _CHUNK_BYTES = 16 << 20  # float32 rows dequantized at a time
 FLOAT_TYPES = ("F32", "F16", "BF16")
 
 
-_LINEARS = tuple(f"{n}.weight" for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up",
-                                         "ffn_down"))
 _HF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj"}
+               "ffn_down": "mlp.down_proj", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+               "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj"}
+_EXPERT_STACKS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+# one expert's matrix of a stack (a 4-bit expert is read per expert, as pre-quantized checkpoints store them)
+_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                         r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_STACK_OF = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
+             "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
 _PACKED = ("weight_packed", "weight_scale", "weight_shape")
+_LINEARS = tuple(f"{n}.weight" for n in _HF_LINEARS)
 # A file's Q4_0 block matrices, read as compressed-tensors' symmetric 4-bit groups of 32
 Q4_0_AS_PACKED_INT4 = {
     "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
@@ -162,14 +168,25 @@ class GGUFCheckpoint:
         prefix = "block_sparse_moe." if self.config_dict()["model_type"] == "mixtral" else "mlp."
         return sorted(hf_names(set(self._tensors), self.num_layers, moe_prefix=prefix))
 
-    def __contains__(self, name: object) -> bool:
-        if not isinstance(name, str):
-            return False
+    def _source(self, name: str) -> tuple[list[Any], int | None] | None:
+        """The GGUF tensor(s) holding ``name`` and, for one expert's 4-bit matrix, which expert of the stack."""
         base, packed = _packed_base(name)
-        if packed and not (self.q4_0 and base in self and self._tensors[gguf_names(base)[0]].tensor_type.name == "Q4_0"):  # type: ignore[index]
-            return False
+        expert = _PER_EXPERT.match(base) if packed else None
+        if expert is not None:
+            layer, index, part = expert.groups()
+            stack = self._tensors.get(f"blk.{layer}.{_STACK_OF[part]}.weight")
+            return ([stack], int(index)) if stack is not None and int(index) < int(stack.shape[2]) else None
         parts = gguf_names(base)
-        return parts is not None and all(p in self._tensors for p in parts)
+        if parts is None or not all(p in self._tensors for p in parts):
+            return None
+        return [self._tensors[p] for p in parts], None
+
+    def __contains__(self, name: object) -> bool:
+        source = self._source(name) if isinstance(name, str) else None
+        if source is None:
+            return False
+        # 4-bit names exist for the Q4_0 matrices of a file whose blocks hold them so
+        return not _packed_base(name)[1] or (self.q4_0 and source[0][0].tensor_type.name == "Q4_0")  # type: ignore[arg-type]
 
     def missing_files(self, names: Iterable[str] | None = None) -> list[str]:
         """Files holding ``names`` that are absent: none (every part of a split is checked at open)."""
@@ -178,7 +195,7 @@ class GGUFCheckpoint:
     def _parts(self, name: str) -> list[Any]:
         if name not in self:
             raise MissingTensorsError(self.model_dir, [name])
-        return [self._tensors[p] for p in gguf_names(_packed_base(name)[0])]  # type: ignore[union-attr]
+        return self._source(name)[0]  # type: ignore[index]
 
     def entry(self, name: str) -> TensorEntry:
         """Tensor ``name``'s dtype as read (float32 for a quantized one) and shape, in torch's order."""
@@ -204,8 +221,9 @@ class GGUFCheckpoint:
         if packed == "weight_shape":
             out.copy_(torch.tensor([int(parts[0].shape[1]), int(parts[0].shape[0])]))
             return out
+        expert = self._source(name)[1]  # type: ignore[index]
         if packed:
-            self._q4_0_into(parts[0], packed, out)
+            self._q4_0_into(parts[0], packed, out, expert)
         elif len(parts) == 1:
             self._convert(parts[0], out)
         else:  # a fused gate/up stack: the parts one after the other along rows
@@ -217,7 +235,7 @@ class GGUFCheckpoint:
                     self._convert(t, out[e, begin : begin + rows], data[e])
                 begin += rows
         for t in parts:
-            self._release(t)
+            self._release(t, expert)
         if self.arch in PERMUTED_QK:
             self._unpermute(name, out)
         return out
@@ -267,26 +285,38 @@ class GGUFCheckpoint:
             target[begin : begin + values.shape[0]].copy_(values.view(-1, target.shape[-1]))
 
     def _q4_0_linears(self) -> tuple[bool, list[str]]:
-        """Whether blocks hold Q4_0 matrices as they are (some block matrix is Q4_0, in a dense model:
-        experts are not read so), and the Hugging Face names of the block matrices of other types."""
+        """Whether blocks hold Q4_0 matrices as they are (some block matrix is Q4_0), and the Hugging Face
+        names of the block matrices of other types (a layer's experts count as one: all Q4_0 or none)."""
         kinds = {n: t.tensor_type.name for n, t in self._tensors.items()
                  if n.startswith("blk.") and n.endswith(_LINEARS)}
-        if "Q4_0" not in kinds.values() or any("_exps." in n for n in self._tensors):
+        stacks: dict[str, set[str]] = {}
+        for n, t in self._tensors.items():
+            if n.startswith("blk.") and n.split(".")[2] in _EXPERT_STACKS:
+                stacks.setdefault(n.split(".")[1], set()).add(t.tensor_type.name)
+        if "Q4_0" not in {*kinds.values(), *(k for ks in stacks.values() for k in ks)}:
             return False, []
+        if any(len(ks) > 1 and "Q4_0" in ks for ks in stacks.values()):
+            return False, []  # a layer's experts partly 4-bit: dequantized, the whole file
+        mixtral = self.arch == "llama" and bool(stacks)
         others = []
         for name, kind in sorted(kinds.items()):
             if kind != "Q4_0":
                 _, layer, part, _ = name.split(".")
                 others.append(f"model.layers.{layer}.{_HF_LINEARS[part]}")
+        for layer, ks in sorted(stacks.items(), key=lambda item: int(item[0])):
+            if ks != {"Q4_0"}:
+                others.append(f"model.layers.{layer}." + ("block_sparse_moe.experts.0.w1" if mixtral
+                                                           else "mlp.experts.0.gate_proj"))
         return True, others
 
-    def _q4_0_into(self, t: Any, packed: str, out: Tensor) -> None:
+    def _q4_0_into(self, t: Any, packed: str, out: Tensor, expert: int | None = None) -> None:
         """A Q4_0 matrix's words (``weight_packed``: eight 4-bit values ``q`` a word, the first in the low
         bits) or block scales (``weight_scale``, float16 ``d``): Q4_0's ``w = d * (q - 8)`` is
         pack-quantized's symmetric ``w = scale * (v - 8)`` with ``v`` stored, so both are copied exactly."""
         from .prequant import pack_int32
 
         data = np.asarray(t.data)  # [N, K / 32 * 18]: per block, float16 d then 16 bytes of nibbles
+        data = data[expert] if expert is not None else data
         rows = data.shape[0]
         step = max(1, _CHUNK_BYTES // max(1, data.shape[1] * 4))
         for begin in range(0, rows, step):
@@ -302,15 +332,19 @@ class GGUFCheckpoint:
             self._logged.add("Q4_0")
             logger.info("%s: Q4_0 matrices held as they are (4-bit, groups of 32)", self.model_dir.name)
 
-    def _release(self, t: Any) -> None:
+    def _release(self, t: Any, expert: int | None = None) -> None:
         """Drop the pages of ``t`` just read from this process's resident memory: a file's pages read
         through a map count for the process until unmapped (they stay in the page cache, uncharged)."""
         mapped = getattr(self._maps[t.name], "_mmap", None)
         if mapped is None or not hasattr(mapped, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        begin = t.data_offset - t.data_offset % mmap.PAGESIZE
+        offset, size = t.data_offset, int(t.n_bytes)
+        if expert is not None:  # that expert's part of the stack only
+            size //= int(t.shape[2])
+            offset += expert * size
+        begin = offset - offset % mmap.PAGESIZE
         try:
-            mapped.madvise(mmap.MADV_DONTNEED, begin, t.data_offset + int(t.n_bytes) - begin)
+            mapped.madvise(mmap.MADV_DONTNEED, begin, offset + size - begin)
         except (OSError, ValueError):  # only a cost, never an error
             pass
 

@@ -161,6 +161,39 @@ def test_q4_0_file_with_promoted_matrices(root):
     assert (got - want).abs().max() <= 0.03 * want.abs().max()
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_q4_0_moe_experts_stay_4_bit(family, root):
+    import gguf
+
+    from homeswarm.model.prequant import PrequantExperts
+
+    overrides = {"mlp_only_layers": []} if family == "qwen3_moe" else {"sliding_window": None, "intermediate_size": 64}
+    source = make_moe_checkpoint(root / f"moe-q4-{family}", family, num_layers=2, seed=14, **overrides)
+    path = write_gguf(source, root / f"{family}-Q4_0.gguf", family, "Q4_0")
+    folder = gguf_folder(path, cache_dir=root / "cache")
+    span = load_span(folder, 0, 2, fuse=False)
+    file = gguf.GGUFReader(path)
+    stacks = {t.name: gguf.quants.dequantize(t.data, t.tensor_type) for t in file.tensors if "_exps" in t.name}
+    names = ("gate_proj", "up_proj", "down_proj") if family == "qwen3_moe" else ("w1", "w3", "w2")
+    for i, layer in enumerate(span.layers):
+        experts = layer.mlp.experts
+        assert isinstance(experts, PrequantExperts)
+        for e in (0, 5):
+            for name, stack in zip(names, ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"), strict=True):
+                want = torch.from_numpy(stacks[f"blk.{i}.{stack}.weight"][e])
+                assert torch.equal(getattr(experts[e], name).dequantized_weight(torch.float32), want), (i, e, name)
+    if family != "qwen3_moe":
+        return
+    model = LocalModel(folder)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        root, gguf_file=path.name, config=transformers.AutoConfig.from_pretrained(source), dtype=torch.float32).eval()
+    prompt = _prompt()
+    with torch.no_grad():
+        want = reference(prompt).logits
+        got = model.head.logits(model.forward(model.head.embed(prompt)))
+    assert (got - want).abs().max() <= 0.03 * want.abs().max()
+
+
 def test_span_in_bfloat16_and_split_file(root):
     source = make_checkpoint(root / "split-src", "qwen3", num_layers=3, seed=7)
     whole = write_gguf(source, root / "whole.gguf", "qwen3", "F16")
