@@ -84,13 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text through the swarm")
     gen.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder (config.json, head weights, tokenizer), "
-                     "or a Hugging Face repository id (owner/name): only those files are downloaded")
+                     "a Hugging Face repository id (owner/name): only those files are downloaded; or a GGUF file")
     gen.add_argument("--cache-dir", default=None, help="where a repository's files are downloaded (default: "
                      "huggingface_hub's cache, $HF_HUB_CACHE or ~/.cache/huggingface/hub)")
     gen.add_argument("--initial-peers", nargs="+", action="extend", required=True, metavar="MADDR",
                      help="any peer of the swarm (several: after one flag, comma-separated, or the flag repeated)")
-    gen.add_argument("--model-name", help="name the nodes serve the model under (default: the folder's name, or "
-                     "the repository id)")
+    gen.add_argument("--model-name", help="name the nodes serve the model under (default: the folder's name, "
+                     "the repository id, or a GGUF file's stem)")
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs tokenizer.json in MODEL_DIR)")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="serve the model through the swarm over an OpenAI-compatible HTTP API")
     srv.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint folder (config.json, head weights, "
-                     "tokenizer.json), or a Hugging Face repository id (owner/name): only those files are downloaded")
+                     "tokenizer.json), a Hugging Face repository id (owner/name): only those files are downloaded; "
+                     "or a GGUF file")
     srv.add_argument("--cache-dir", default=None, help="where a repository's files are downloaded (default: "
                      "huggingface_hub's cache)")
     srv.add_argument("--initial-peers", nargs="+", action="extend", required=True, metavar="MADDR",
@@ -179,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="talk with an instruct model through the swarm (its chat template, the "
                           "conversation kept; /reset forgets it)")
     chat.add_argument("model_dir", metavar="MODEL", help="checkpoint folder with tokenizer.json and a chat template "
-                      "(tokenizer_config.json or chat_template.jinja), or a Hugging Face repository id (owner/name)")
+                      "(tokenizer_config.json or chat_template.jinja), a Hugging Face repository id (owner/name), "
+                      "or a GGUF file")
     chat.add_argument("--cache-dir", default=None, help="where a repository's files are downloaded (default: "
                       "huggingface_hub's cache)")
     chat.add_argument("--initial-peers", nargs="+", action="extend", required=True, metavar="MADDR",

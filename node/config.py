@@ -55,10 +55,11 @@ def _opt(default, help: str, **argparse_kwargs):  # noqa: ANN001, A002
 class NodeConfig:
     model_dir: str = field(metadata={"help": "checkpoint folder (config.json, the safetensors index and the shards of "
                                      "the blocks served), or a Hugging Face repository id (owner/name): its config "
-                                     "and index are downloaded, then only the shards of the blocks chosen",
+                                     "and index are downloaded, then only the shards of the blocks chosen; or a GGUF "
+                                     "file (FILE.gguf, or a split's NAME-00001-of-0000N.gguf)",
                                      "positional": True})
-    model_name: str | None = _opt(None, "name nodes and clients meet under (default: the folder's name, or the "
-                                  "repository id)")
+    model_name: str | None = _opt(None, "name nodes and clients meet under (default: the folder's name, the "
+                                  "repository id, or a GGUF file's stem)")
     cache_dir: str | None = _opt(None, "where a repository's files are downloaded (default: huggingface_hub's cache, "
                                  "$HF_HUB_CACHE or ~/.cache/huggingface/hub)")
     blocks: str | None = _opt(None, "serve blocks A..B-1, written A:B")
