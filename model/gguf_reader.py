@@ -3,9 +3,9 @@
 Responsibility: the same reading interface as :class:`~.checkpoint.CheckpointReader` (``names``, ``in``,
 ``entry``, ``load``, ``read_into``) over llama.cpp's tensors, so the loader builds blocks from a GGUF as
 from safetensors: names mapped by :mod:`.gguf_names`, llama.cpp's permuted Q/K rows put back in Hugging
-Face's order, stacked experts' gate and up concatenated, and every type other than F32/F16 dequantized
-(``gguf.quants``) to the dtype asked for, a bounded number of rows at a time, straight into the tensor's
-own storage. The metadata (``metadata``) and the ``config.json`` it stands for (:meth:`config_dict`)
+Face's order, stacked experts' gate and up concatenated, Q4_0 matrices offered in their 4-bit form
+(:mod:`.gguf_q4_0`), and every other type than F32/F16 dequantized (``gguf.quants``) to the dtype asked
+for, a bounded number of rows at a time, straight into the tensor's own storage. The metadata (``metadata``) and the ``config.json`` it stands for (:meth:`config_dict`)
 come from the first file.
 
 Invariants: the files are memory-mapped by the ``gguf`` package and only the tensors asked for are
@@ -30,6 +30,14 @@ from torch import Tensor
 
 from .checkpoint import MissingTensorsError
 from .gguf_names import ARCHITECTURES, PERMUTED_QK, config_dict, gguf_names, hf_names, llama3_rope_scaling
+from .gguf_q4_0 import (
+    PER_EXPERT,
+    Q4_0_AS_PACKED_INT4,
+    STACK_OF,
+    packed_base,
+    q4_0_as_packed,
+    q4_0_plan,
+)
 from .tensor_file import TensorEntry
 
 logger = logging.getLogger(__name__)
@@ -37,32 +45,6 @@ logger = logging.getLogger(__name__)
 _SPLIT = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 _CHUNK_BYTES = 16 << 20  # float32 rows dequantized at a time
 FLOAT_TYPES = ("F32", "F16", "BF16")
-
-
-_HF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
-               "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj"}
-_EXPERT_STACKS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
-# one expert's matrix of a stack (a 4-bit expert is read per expert, as pre-quantized checkpoints store them)
-_PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
-                         r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
-_STACK_OF = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
-             "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
-_PACKED = ("weight_packed", "weight_scale", "weight_shape")
-_LINEARS = tuple(f"{n}.weight" for n in _HF_LINEARS)
-# A file's Q4_0 block matrices, read as compressed-tensors' symmetric 4-bit groups of 32
-Q4_0_AS_PACKED_INT4 = {
-    "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
-    "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}},
-}
-
-
-def _packed_base(name: str) -> tuple[str, str | None]:
-    """``x.weight_packed`` -> (``x.weight``, ``weight_packed``); any other name -> (name, None)."""
-    head, _, last = name.rpartition(".")
-    return (f"{head}.weight", last) if head and last in _PACKED else (name, None)
 
 
 def gguf_paths(path: str | os.PathLike[str]) -> list[Path]:
@@ -170,11 +152,11 @@ class GGUFCheckpoint:
 
     def _source(self, name: str) -> tuple[list[Any], int | None] | None:
         """The GGUF tensor(s) holding ``name`` and, for one expert's 4-bit matrix, which expert of the stack."""
-        base, packed = _packed_base(name)
-        expert = _PER_EXPERT.match(base) if packed else None
+        base, packed = packed_base(name)
+        expert = PER_EXPERT.match(base) if packed else None
         if expert is not None:
             layer, index, part = expert.groups()
-            stack = self._tensors.get(f"blk.{layer}.{_STACK_OF[part]}.weight")
+            stack = self._tensors.get(f"blk.{layer}.{STACK_OF[part]}.weight")
             return ([stack], int(index)) if stack is not None and int(index) < int(stack.shape[2]) else None
         parts = gguf_names(base)
         if parts is None or not all(p in self._tensors for p in parts):
@@ -186,7 +168,7 @@ class GGUFCheckpoint:
         if source is None:
             return False
         # 4-bit names exist for the Q4_0 matrices of a file whose blocks hold them so
-        return not _packed_base(name)[1] or (self.q4_0 and source[0][0].tensor_type.name == "Q4_0")  # type: ignore[arg-type]
+        return not packed_base(name)[1] or (self.q4_0 and source[0][0].tensor_type.name == "Q4_0")  # type: ignore[arg-type]
 
     def missing_files(self, names: Iterable[str] | None = None) -> list[str]:
         """Files holding ``names`` that are absent: none (every part of a split is checked at open)."""
@@ -200,7 +182,7 @@ class GGUFCheckpoint:
     def entry(self, name: str) -> TensorEntry:
         """Tensor ``name``'s dtype as read (float32 for a quantized one) and shape, in torch's order."""
         parts = self._parts(name)
-        packed = _packed_base(name)[1]
+        packed = packed_base(name)[1]
         if packed:  # a Q4_0 matrix [N, K] as compressed-tensors' pack-quantized int4 (groups of 32)
             rows, cols = int(parts[0].shape[1]), int(parts[0].shape[0])
             dtype, shape = {"weight_packed": (torch.int32, (rows, cols // 8)),
@@ -217,7 +199,7 @@ class GGUFCheckpoint:
         parts = self._parts(name)
         if tuple(out.shape) != self.entry(name).shape:
             raise ValueError(f"{name}: shape {tuple(out.shape)} asked for, {self.entry(name).shape} in {self.model_dir}")
-        packed = _packed_base(name)[1]
+        packed = packed_base(name)[1]
         if packed == "weight_shape":
             out.copy_(torch.tensor([int(parts[0].shape[1]), int(parts[0].shape[0])]))
             return out
@@ -285,49 +267,11 @@ class GGUFCheckpoint:
             target[begin : begin + values.shape[0]].copy_(values.view(-1, target.shape[-1]))
 
     def _q4_0_linears(self) -> tuple[bool, list[str]]:
-        """Whether blocks hold Q4_0 matrices as they are (some block matrix is Q4_0), and the Hugging Face
-        names of the block matrices of other types (a layer's experts count as one: all Q4_0 or none)."""
-        kinds = {n: t.tensor_type.name for n, t in self._tensors.items()
-                 if n.startswith("blk.") and n.endswith(_LINEARS)}
-        stacks: dict[str, set[str]] = {}
-        for n, t in self._tensors.items():
-            if n.startswith("blk.") and n.split(".")[2] in _EXPERT_STACKS:
-                stacks.setdefault(n.split(".")[1], set()).add(t.tensor_type.name)
-        if "Q4_0" not in {*kinds.values(), *(k for ks in stacks.values() for k in ks)}:
-            return False, []
-        if any(len(ks) > 1 and "Q4_0" in ks for ks in stacks.values()):
-            return False, []  # a layer's experts partly 4-bit: dequantized, the whole file
-        mixtral = self.arch == "llama" and bool(stacks)
-        others = []
-        for name, kind in sorted(kinds.items()):
-            if kind != "Q4_0":
-                _, layer, part, _ = name.split(".")
-                others.append(f"model.layers.{layer}.{_HF_LINEARS[part]}")
-        for layer, ks in sorted(stacks.items(), key=lambda item: int(item[0])):
-            if ks != {"Q4_0"}:
-                others.append(f"model.layers.{layer}." + ("block_sparse_moe.experts.0.w1" if mixtral
-                                                           else "mlp.experts.0.gate_proj"))
-        return True, others
+        return q4_0_plan({n: t.tensor_type.name for n, t in self._tensors.items()}, self.arch)
 
     def _q4_0_into(self, t: Any, packed: str, out: Tensor, expert: int | None = None) -> None:
-        """A Q4_0 matrix's words (``weight_packed``: eight 4-bit values ``q`` a word, the first in the low
-        bits) or block scales (``weight_scale``, float16 ``d``): Q4_0's ``w = d * (q - 8)`` is
-        pack-quantized's symmetric ``w = scale * (v - 8)`` with ``v`` stored, so both are copied exactly."""
-        from .prequant import pack_int32
-
-        data = np.asarray(t.data)  # [N, K / 32 * 18]: per block, float16 d then 16 bytes of nibbles
-        data = data[expert] if expert is not None else data
-        rows = data.shape[0]
-        step = max(1, _CHUNK_BYTES // max(1, data.shape[1] * 4))
-        for begin in range(0, rows, step):
-            blocks = torch.from_numpy(np.array(data[begin : begin + step])).view(-1, data.shape[1] // 18, 18)
-            if packed == "weight_scale":
-                out[begin : begin + blocks.shape[0]] = blocks[..., :2].contiguous().view(torch.float16)[..., 0]
-                continue
-            nibbles = blocks[..., 2:]
-            # in a block, byte j holds element j (low nibble) and element j + 16 (high nibble)
-            values = torch.cat((nibbles & 15, nibbles >> 4), dim=-1).reshape(blocks.shape[0], -1)
-            out[begin : begin + blocks.shape[0]] = pack_int32(values, 1)
+        data = np.asarray(t.data)
+        q4_0_as_packed(data[expert] if expert is not None else data, packed, out)
         if "Q4_0" not in self._logged:
             self._logged.add("Q4_0")
             logger.info("%s: Q4_0 matrices held as they are (4-bit, groups of 32)", self.model_dir.name)

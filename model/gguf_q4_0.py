@@ -1,0 +1,92 @@
+"""Q4_0 matrices of a GGUF file held as they are: llama.cpp's Q4_0 read as pre-quantized 4-bit weights.
+
+Responsibility: decide which block matrices of a file stay 4-bit (:func:`q4_0_plan`) and turn a Q4_0
+matrix's bytes into compressed-tensors' ``pack-quantized`` form (:func:`q4_0_as_packed`), which the
+pre-quantized layers of :mod:`.prequant` read. Q4_0 stores ``w = d * (q - 8)`` per block of 32 inputs,
+``d`` float16 and ``q`` in 0..15: exactly pack-quantized's symmetric int4 in groups of 32 (``v = q``
+stored, ``scale = d``), so nothing is rounded on the way.
+
+Invariants: a layer's routed experts are 4-bit all together or not at all (a layer with some Q4_0
+experts and some of another type leaves the whole file to be dequantized); every other block matrix not
+stored as Q4_0 is named in the quantization config's ``ignore`` list and read as floats.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .prequant import pack_int32
+
+# llama.cpp's block matrices -> Hugging Face module names
+HF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+              "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj"}
+EXPERT_STACKS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+# one expert's matrix of a stack (a 4-bit expert is read per expert, as pre-quantized checkpoints store them)
+PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                        r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+STACK_OF = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
+            "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
+PACKED = ("weight_packed", "weight_scale", "weight_shape")
+LINEARS = tuple(f"{n}.weight" for n in HF_LINEARS)
+# A file's Q4_0 block matrices, read as compressed-tensors' symmetric 4-bit groups of 32
+Q4_0_AS_PACKED_INT4 = {
+    "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+    "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+        "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}},
+}
+_CHUNK_BYTES = 16 << 20  # of a matrix's rows converted at a time
+
+
+def packed_base(name: str) -> tuple[str, str | None]:
+    """``x.weight_packed`` -> (``x.weight``, ``weight_packed``); any other name -> (name, None)."""
+    head, _, last = name.rpartition(".")
+    return (f"{head}.weight", last) if head and last in PACKED else (name, None)
+
+
+def q4_0_plan(types: dict[str, str], arch: str) -> tuple[bool, list[str]]:
+    """Whether blocks hold the Q4_0 matrices of a file (tensor name -> GGML type name) as they are (some
+    block matrix is Q4_0), and the Hugging Face names of the block matrices of other types."""
+    kinds = {n: kind for n, kind in types.items() if n.startswith("blk.") and n.endswith(LINEARS)}
+    stacks: dict[str, set[str]] = {}
+    for n, kind in types.items():
+        if n.startswith("blk.") and n.split(".")[2] in EXPERT_STACKS:
+            stacks.setdefault(n.split(".")[1], set()).add(kind)
+    if "Q4_0" not in {*kinds.values(), *(k for ks in stacks.values() for k in ks)}:
+        return False, []
+    if any(len(ks) > 1 and "Q4_0" in ks for ks in stacks.values()):
+        return False, []  # a layer's experts partly 4-bit: dequantized, the whole file
+    mixtral = arch == "llama" and bool(stacks)
+    others = []
+    for name, kind in sorted(kinds.items()):
+        if kind != "Q4_0":
+            _, layer, part, _ = name.split(".")
+            others.append(f"model.layers.{layer}.{HF_LINEARS[part]}")
+    for layer, ks in sorted(stacks.items(), key=lambda item: int(item[0])):
+        if ks != {"Q4_0"}:
+            others.append(f"model.layers.{layer}." + ("block_sparse_moe.experts.0.w1" if mixtral
+                                                       else "mlp.experts.0.gate_proj"))
+    return True, others
+
+
+def q4_0_as_packed(data: np.ndarray, packed: str, out: Tensor) -> None:
+    """A Q4_0 matrix's bytes ``data`` ``[N, K / 32 * 18]`` (per block of 32 inputs: float16 ``d``, then 16
+    bytes of nibbles) into ``out``: its words (``weight_packed`` ``[N, K / 8]``: eight values ``q`` a word,
+    the first in the low bits) or its block scales (``weight_scale`` ``[N, K / 32]``, ``d``), a bounded
+    number of rows at a time."""
+    rows = data.shape[0]
+    step = max(1, _CHUNK_BYTES // max(1, data.shape[1] * 4))
+    for begin in range(0, rows, step):
+        blocks = torch.from_numpy(np.array(data[begin : begin + step])).view(-1, data.shape[1] // 18, 18)
+        if packed == "weight_scale":
+            out[begin : begin + blocks.shape[0]] = blocks[..., :2].contiguous().view(torch.float16)[..., 0]
+            continue
+        nibbles = blocks[..., 2:]
+        # in a block, byte j holds element j (low nibble) and element j + 16 (high nibble)
+        values = torch.cat((nibbles & 15, nibbles >> 4), dim=-1).reshape(blocks.shape[0], -1)
+        out[begin : begin + blocks.shape[0]] = pack_int32(values, 1)
