@@ -142,12 +142,16 @@ def prequant_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc to read peak memory")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_loading_a_sharded_prequantized_moe_span_peaks_near_what_it_holds(prequant_moe, dtype):
+def test_loading_a_sharded_prequantized_moe_span_peaks_near_what_it_holds(prequant_moe, dtype, monkeypatch):
     # A block loads part by part (attention, router, each expert's projections) and the heap is trimmed
     # as it goes: the load peaks at most 1.3x the memory the loaded span holds (plus a few MiB of
     # working memory), where reading whole blocks peaked at 2x (packed, unpacked and float scales at once)
+    import homeswarm.model.loader as loader
     from homeswarm.model.heap import trim_heap
 
+    # the heap is trimmed once the process grew this much: garbage up to it may be held at any moment,
+    # so a span this small is checked at a finer grain than a node's 32 MiB
+    monkeypatch.setattr(loader, "_TRIM_BYTES", 2 << 20)
     trim_heap()  # what earlier work freed (the checkpoint's writing) must not be returned during the load
     before = _status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
@@ -156,4 +160,4 @@ def test_loading_a_sharded_prequantized_moe_span_peaks_near_what_it_holds(prequa
     peak = _status_bytes("VmHWM") - before
     tensors = sum(t.nbytes for t in [*span.parameters(), *span.buffers()])
     assert tensors * 0.9 <= held <= tensors * 1.1 + (8 << 20)  # nothing kept beside the span's own tensors
-    assert peak <= 1.3 * held + (8 << 20), (peak >> 20, held >> 20)
+    assert peak <= 1.3 * held + loader._TRIM_BYTES + (8 << 20), (peak >> 20, held >> 20)
