@@ -42,6 +42,7 @@ from homeswarm.model import (  # noqa: E402
     parse_dtype,
     span_weight_bytes,
 )
+from homeswarm.node import process_memory  # noqa: E402
 from homeswarm.protocol import node_pb2  # noqa: E402
 
 SESSION_LENGTH = 160  # the measured session: a 128-token prompt, then 8 decoding steps
@@ -66,25 +67,13 @@ def pss(pid: int) -> int:
 
 
 def descendants(pid: int) -> list[tuple[int, str]]:
-    """(pid, name) of every process below ``pid``: children of any of its threads, recursively (the DHT
-    process is forked from a worker thread, so the main thread's own children list misses it)."""
-    found: list[tuple[int, str]] = []
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except FileNotFoundError:
-        return found
-    for task in tasks:
+    """(pid, name) of every process below ``pid`` (found as the node's memory budget finds them)."""
+    found = []
+    for kid in process_memory.descendants(pid):
         try:
-            kids = [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
+            found.append((kid, Path(f"/proc/{kid}/comm").read_text().strip()))
+        except OSError:  # ended meanwhile
             continue
-        for kid in kids:
-            try:
-                name = Path(f"/proc/{kid}/comm").read_text().strip()
-            except OSError:
-                continue
-            found.append((kid, name))
-            found += descendants(kid)
     return found
 
 
