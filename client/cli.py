@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a step on one node may take beyond what its tokens take at the node's announced "
                      "speed before the client checks on the node; a node that still answers is waited for "
                      f"(default {ClientConfig.step_timeout:g})")
+    srv.add_argument("--default-max-tokens", type=int, default=512, metavar="N",
+                     help="tokens a chat completion generates when the request sets neither max_tokens nor "
+                     "max_completion_tokens (default 512, or what the context leaves); /v1/completions keeps "
+                     "OpenAI's 16")
     srv.add_argument("--ready-file", default=None, help="write {address, url, model} here once serving")
 
     status = sub.add_parser("status", help="show what the swarm serves: per model its blocks, who serves them, "
@@ -412,6 +416,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.max_sessions < 1:
         raise UsageError("--max-sessions must be at least 1")
+    if args.default_max_tokens < 1:
+        raise UsageError(f"--default-max-tokens must be at least 1, got {args.default_max_tokens}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("HOMESWARM_API_KEY") or None
     if api_key is not None and (not api_key.strip() or api_key != api_key.strip()):
         raise UsageError("--api-key must not be empty nor start or end with spaces")
@@ -442,7 +448,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine = SwarmEngine(model, codec, max_sessions=args.max_sessions)
         try:
             served = ServedModel(id=model.model_name, context_length=config.max_position_embeddings,
-                                 vocab_size=config.vocab_size, chat_template=template, created=int(time.time()))
+                                 vocab_size=config.vocab_size, chat_template=template, created=int(time.time()),
+                                 default_max_tokens=args.default_max_tokens)
             app = create_app(engine, served, api_key=api_key)
             host, port = sock.getsockname()[:2]
             print(f"serving {served.id!r} with the OpenAI API at http://{host}:{port}/v1"

@@ -39,7 +39,10 @@ from homeswarm.client.openai_api.schemas import APIError, ChatCompletionRequest,
 
 logger = logging.getLogger(__name__)
 
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# A chat request without max_tokens stops here (or at the end of the context, if sooner): running to the
+# end of a long context takes longer than the openai client's 600 s timeout, after which it retries silently
+CHAT_DEFAULT_MAX_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class ServedModel:
     vocab_size: int
     chat_template: ChatTemplate | None
     created: int  # unix time the server started
+    default_max_tokens: int = CHAT_DEFAULT_MAX_TOKENS  # a chat request's completion limit when it sets none
 
 
 class BearerAuth:
@@ -160,9 +164,10 @@ def create_app(engine: SwarmEngine, served: ServedModel, *, api_key: str | None 
                            param="model", code="model_not_found")
 
     def token_budget(prompt_len: int, requested: int | None, param: str, prompt_param: str) -> int:
-        """max_tokens as requested or defaulted; 400 when the prompt and completion exceed the context."""
+        """max_tokens as requested, or the default cut to the context left; 400 when the prompt and the
+        completion exceed the context."""
         limit = served.context_length
-        max_tokens = requested if requested is not None else limit - prompt_len
+        max_tokens = requested if requested is not None else min(served.default_max_tokens, limit - prompt_len)
         if max_tokens < 1 or prompt_len + max_tokens > limit:
             raise APIError(
                 400, f"This model's maximum context length is {limit} tokens. However, you requested "

@@ -36,6 +36,7 @@ MODEL = "demo"  # the folder's name: the served model id by default
 DOOMED = "doomed"
 API_KEY = "sk-test-4a1f"
 PROMPT = "ROMEO:\n"
+CHAT_DEFAULT = 6  # the demo API's --default-max-tokens: a chat request without max_tokens stops there
 MESSAGES = [{"role": "system", "content": "Speak as a player."}, {"role": "user", "content": "What news, my lord?"}]
 
 
@@ -51,7 +52,7 @@ def swarm(tmp_path_factory):
                  for blocks in ("0:2", "2:4")]
         nodes.append(swarm.start_node(DEMO_MODEL_DIR, "--model-name", DOOMED, "--blocks", "0:4",
                                       "--compute-threads", "1", wait=False))
-        swarm.start_api(DEMO_MODEL_DIR, wait=False)
+        swarm.start_api(DEMO_MODEL_DIR, "--default-max-tokens", str(CHAT_DEFAULT), wait=False)
         swarm.start_api(DEMO_MODEL_DIR, "--model-name", DOOMED, "--api-key", API_KEY, wait=False)
         for daemon in [*nodes, *swarm.apis]:
             swarm.wait_ready(daemon, timeout=90)
@@ -195,6 +196,26 @@ def test_streamed_chat_completion(client, codec):
     assert finishes[-1] == "length" and not any(finishes[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 20
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_chat_without_max_tokens_stops_at_the_default(client):
+    """Not at the end of the context (1,018 more tokens here): --default-max-tokens bounds it."""
+    bounded = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=CHAT_DEFAULT, temperature=0)
+    started = time.monotonic()
+    unbounded = client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0)
+    assert time.monotonic() - started < 30
+    assert unbounded.usage.completion_tokens == bounded.usage.completion_tokens <= CHAT_DEFAULT
+    assert unbounded.choices[0].message.content == bounded.choices[0].message.content
+    assert unbounded.choices[0].finish_reason == bounded.choices[0].finish_reason
+    # and the greedy reply runs to the limit (no end token in the first tokens): the default was what stopped it
+    assert bounded.choices[0].finish_reason == "length" and bounded.usage.completion_tokens == CHAT_DEFAULT
+
+
+def test_serve_help_states_the_default_max_tokens():
+    result = subprocess.run([*console_script("homeswarm"), "serve", "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0
+    assert "--default-max-tokens" in result.stdout and "default 512" in " ".join(result.stdout.split())
 
 
 def test_greedy_output_equals_homeswarm_generate(generate_cli, client, codec):
