@@ -41,7 +41,7 @@ class InfoRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("protocol_version", "model", "start_block", "end_block", "dtype", "peer_id", "throughput", "cache_tokens_left", "active_sessions", "software_version", "steps_from_client", "steps_from_peers", "pushes_sent", "forward_passes", "batched_steps", "inline_steps", "quant", "uptime_seconds")
+    __slots__ = ("protocol_version", "model", "start_block", "end_block", "dtype", "peer_id", "throughput", "cache_tokens_left", "active_sessions", "software_version", "steps_from_client", "steps_from_peers", "pushes_sent", "forward_passes", "batched_steps", "inline_steps", "quant", "uptime_seconds", "block_digests")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class InfoResponse(_message.Message):
     INLINE_STEPS_FIELD_NUMBER: _ClassVar[int]
     QUANT_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     model: str
     start_block: int
@@ -78,27 +79,56 @@ class InfoResponse(_message.Message):
     inline_steps: int
     quant: str
     uptime_seconds: float
-    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., peer_id: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_tokens_left: _Optional[int] = ..., active_sessions: _Optional[int] = ..., software_version: _Optional[str] = ..., steps_from_client: _Optional[int] = ..., steps_from_peers: _Optional[int] = ..., pushes_sent: _Optional[int] = ..., forward_passes: _Optional[int] = ..., batched_steps: _Optional[int] = ..., inline_steps: _Optional[int] = ..., quant: _Optional[str] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+    block_digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., peer_id: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_tokens_left: _Optional[int] = ..., active_sessions: _Optional[int] = ..., software_version: _Optional[str] = ..., steps_from_client: _Optional[int] = ..., steps_from_peers: _Optional[int] = ..., pushes_sent: _Optional[int] = ..., forward_passes: _Optional[int] = ..., batched_steps: _Optional[int] = ..., inline_steps: _Optional[int] = ..., quant: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., block_digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("protocol_version", "hidden", "start_block", "end_block", "response_compression")
+    __slots__ = ("protocol_version", "hidden", "start_block", "end_block", "response_compression", "prompts")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     hidden: Tensor
     start_block: int
     end_block: int
     response_compression: Compression
-    def __init__(self, protocol_version: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ...) -> None: ...
+    prompts: Tensor
+    def __init__(self, protocol_version: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("hidden",)
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("protocol_version", "hidden", "grad_output", "start_block", "end_block", "response_compression", "prompts")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    START_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    END_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    hidden: Tensor
+    grad_output: Tensor
+    start_block: int
+    end_block: int
+    response_compression: Compression
+    prompts: Tensor
+    def __init__(self, protocol_version: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class BackwardResponse(_message.Message):
+    __slots__ = ("grad_hidden", "grad_prompts")
+    GRAD_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    GRAD_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    grad_hidden: Tensor
+    grad_prompts: Tensor
+    def __init__(self, grad_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad_prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
     __slots__ = ("protocol_version", "open", "step")
@@ -203,3 +233,27 @@ class HandoffFailed(_message.Message):
     step_id: int
     error: str
     def __init__(self, step_id: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class WeightsRequest(_message.Message):
+    __slots__ = ("protocol_version", "model", "block", "offset", "chunk_size")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    model: str
+    block: int
+    offset: int
+    chunk_size: int
+    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., block: _Optional[int] = ..., offset: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("offset", "data", "total_bytes")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    total_bytes: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ...) -> None: ...

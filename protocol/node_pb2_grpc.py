@@ -44,6 +44,11 @@ class NodeStub:
                 request_serializer=homeswarm_dot_protocol_dot_node__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=homeswarm_dot_protocol_dot_node__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.Backward = channel.unary_unary(
+                '/homeswarm.v1.Node/Backward',
+                request_serializer=homeswarm_dot_protocol_dot_node__pb2.BackwardRequest.SerializeToString,
+                response_deserializer=homeswarm_dot_protocol_dot_node__pb2.BackwardResponse.FromString,
+                _registered_method=True)
         self.Inference = channel.stream_stream(
                 '/homeswarm.v1.Node/Inference',
                 request_serializer=homeswarm_dot_protocol_dot_node__pb2.InferenceRequest.SerializeToString,
@@ -53,6 +58,11 @@ class NodeStub:
                 '/homeswarm.v1.Node/Push',
                 request_serializer=homeswarm_dot_protocol_dot_node__pb2.PushRequest.SerializeToString,
                 response_deserializer=homeswarm_dot_protocol_dot_node__pb2.PushResponse.FromString,
+                _registered_method=True)
+        self.Weights = channel.unary_stream(
+                '/homeswarm.v1.Node/Weights',
+                request_serializer=homeswarm_dot_protocol_dot_node__pb2.WeightsRequest.SerializeToString,
+                response_deserializer=homeswarm_dot_protocol_dot_node__pb2.WeightsChunk.FromString,
                 _registered_method=True)
 
 
@@ -71,6 +81,12 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Inference(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -78,6 +94,12 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Push(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Weights(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +118,11 @@ def add_NodeServicer_to_server(servicer, server):
                     request_deserializer=homeswarm_dot_protocol_dot_node__pb2.ForwardRequest.FromString,
                     response_serializer=homeswarm_dot_protocol_dot_node__pb2.ForwardResponse.SerializeToString,
             ),
+            'Backward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backward,
+                    request_deserializer=homeswarm_dot_protocol_dot_node__pb2.BackwardRequest.FromString,
+                    response_serializer=homeswarm_dot_protocol_dot_node__pb2.BackwardResponse.SerializeToString,
+            ),
             'Inference': grpc.stream_stream_rpc_method_handler(
                     servicer.Inference,
                     request_deserializer=homeswarm_dot_protocol_dot_node__pb2.InferenceRequest.FromString,
@@ -105,6 +132,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=homeswarm_dot_protocol_dot_node__pb2.PushRequest.FromString,
                     response_serializer=homeswarm_dot_protocol_dot_node__pb2.PushResponse.SerializeToString,
+            ),
+            'Weights': grpc.unary_stream_rpc_method_handler(
+                    servicer.Weights,
+                    request_deserializer=homeswarm_dot_protocol_dot_node__pb2.WeightsRequest.FromString,
+                    response_serializer=homeswarm_dot_protocol_dot_node__pb2.WeightsChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +204,33 @@ class Node:
             _registered_method=True)
 
     @staticmethod
+    def Backward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/homeswarm.v1.Node/Backward',
+            homeswarm_dot_protocol_dot_node__pb2.BackwardRequest.SerializeToString,
+            homeswarm_dot_protocol_dot_node__pb2.BackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Inference(request_iterator,
             target,
             options=(),
@@ -215,6 +274,33 @@ class Node:
             '/homeswarm.v1.Node/Push',
             homeswarm_dot_protocol_dot_node__pb2.PushRequest.SerializeToString,
             homeswarm_dot_protocol_dot_node__pb2.PushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Weights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/homeswarm.v1.Node/Weights',
+            homeswarm_dot_protocol_dot_node__pb2.WeightsRequest.SerializeToString,
+            homeswarm_dot_protocol_dot_node__pb2.WeightsChunk.FromString,
             options,
             channel_credentials,
             insecure,
