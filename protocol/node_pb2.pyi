@@ -83,20 +83,22 @@ class InfoResponse(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., peer_id: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_tokens_left: _Optional[int] = ..., active_sessions: _Optional[int] = ..., software_version: _Optional[str] = ..., steps_from_client: _Optional[int] = ..., steps_from_peers: _Optional[int] = ..., pushes_sent: _Optional[int] = ..., forward_passes: _Optional[int] = ..., batched_steps: _Optional[int] = ..., inline_steps: _Optional[int] = ..., quant: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., block_digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("protocol_version", "hidden", "start_block", "end_block", "response_compression", "prompts")
+    __slots__ = ("protocol_version", "hidden", "start_block", "end_block", "response_compression", "prompts", "adapter")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     hidden: Tensor
     start_block: int
     end_block: int
     response_compression: Compression
     prompts: Tensor
-    def __init__(self, protocol_version: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    adapter: str
+    def __init__(self, protocol_version: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("hidden",)
@@ -105,7 +107,7 @@ class ForwardResponse(_message.Message):
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("protocol_version", "hidden", "grad_output", "start_block", "end_block", "response_compression", "prompts")
+    __slots__ = ("protocol_version", "hidden", "grad_output", "start_block", "end_block", "response_compression", "prompts", "adapter")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +115,7 @@ class BackwardRequest(_message.Message):
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     hidden: Tensor
     grad_output: Tensor
@@ -120,7 +123,8 @@ class BackwardRequest(_message.Message):
     end_block: int
     response_compression: Compression
     prompts: Tensor
-    def __init__(self, protocol_version: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    adapter: str
+    def __init__(self, protocol_version: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
     __slots__ = ("grad_hidden", "grad_prompts")
@@ -141,7 +145,7 @@ class InferenceRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("model", "start_block", "end_block", "batch_size", "max_length", "response_compression", "mirror")
+    __slots__ = ("model", "start_block", "end_block", "batch_size", "max_length", "response_compression", "mirror", "adapter")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +153,7 @@ class OpenSession(_message.Message):
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     MIRROR_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_block: int
     end_block: int
@@ -156,7 +161,8 @@ class OpenSession(_message.Message):
     max_length: int
     response_compression: Compression
     mirror: bool
-    def __init__(self, model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ..., mirror: _Optional[bool] = ...) -> None: ...
+    adapter: str
+    def __init__(self, model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ..., mirror: _Optional[bool] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("step_id", "hidden", "next", "keep_length", "replay")
