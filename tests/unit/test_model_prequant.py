@@ -9,7 +9,8 @@ random checkpoints, as for every int4 layer); through ours (homeswarm.model.kern
 rounded to int8 in blocks of 32) within 8%, as test_model_quant.py holds every family's blocks
 (measured 3.9-5.0% over the four formats). In memory: 4-bit values and 16-bit (symmetric) or
 float32 (asymmetric) scales and zero points, counted exactly by span_weight_bytes. A Kimi K2 checkpoint
-with its routed experts alone stored 4-bit (as Kimi K2 Thinking ships) is held to the same checks.
+with its routed experts alone stored 4-bit (as Kimi K2 Thinking ships) is held to the same checks, and
+under --quant int8|int4 its attention and shared expert are quantized beside the 4-bit experts.
 """
 
 from __future__ import annotations
@@ -168,3 +169,63 @@ def test_kimi_k2_with_4_bit_routed_experts(tmp_path, monkeypatch):
         hidden = span(head.embed(prompt if i == 0 else got[:, -1:]), cache)
         got = torch.cat([got, head.logits(hidden[:, -1:])[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quant_applies_to_what_a_4_bit_experts_checkpoint_keeps_in_float(fmt, tmp_path, monkeypatch):
+    """--quant over Kimi K2 Thinking's form: attention and the shared expert quantized at load, the routed
+    experts left as the checkpoint's 4-bit layers; counted exactly, announced ``int4``. Against the float
+    span holding what every layer dequantizes to (the experts' twin, with the quantized layers' weights
+    copied in): every product dense and float32, within 1e-5; through the kernels, as a node decodes, the
+    median row within 5% (the same bounds as every family's quantized blocks, test_model_quant.py)."""
+    from homeswarm.model.prequant import PrequantExperts
+    from homeswarm.model.quant import QuantizedLinearInt8
+    from homeswarm.model.weight_format import weight_format
+    from tests.helpers.deepseek_checkpoints import make_deepseek_checkpoint
+
+    source = make_deepseek_checkpoint(tmp_path / "float", "kimi_k2", moe_intermediate_size=32)
+    packed, plain = write_prequantized(source, tmp_path / "packed", tmp_path / "plain", "compressed",
+                                       experts_only=True)
+    config = ModelConfig.from_dir(packed)
+    span, head = load_span(packed, 0, NUM_LAYERS, quant=fmt), load_head(packed)
+    kind = QuantizedLinearInt8 if fmt == "int8" else QuantizedLinearInt4
+    expert_layers = {n for n, m in span.named_modules() if isinstance(m, PrequantExperts)}
+    assert len(expert_layers) == NUM_LAYERS - 1
+    linears = {n: m for n, m in span.named_modules() if isinstance(m, (nn.Linear, QuantizedLinearInt4, QuantizedLinearInt8))
+               and not n.startswith(tuple(f"{e}." for e in expert_layers))}
+    assert not [n for n, m in linears.items() if type(m) is not kind and not n.endswith(".gate")]
+    assert any(n.endswith("self_attn.o_proj") for n in linears) and any("shared_expert" in n for n in linears)
+    for experts in (span.get_submodule(e) for e in expert_layers):  # the checkpoint's own 4-bit form
+        assert all(type(m) is PackedInt4Linear for m in experts.modules() if isinstance(m, QuantizedLinearInt4))
+    held = sum(p.numel() * p.element_size() for p in span.parameters()) + sum(
+        b.numel() * b.element_size() for m in span.modules() if isinstance(m, (QuantizedLinearInt4, QuantizedLinearInt8))
+        for b in m.buffers(recurse=False))  # weights, scales, zero points (routers' score biases aside)
+    assert held == span_weight_bytes(config, 0, NUM_LAYERS, torch.float32, fmt)
+    quantized = [m for n, m in linears.items() if not n.endswith(".gate")]
+    held_there = sum(b.numel() * b.element_size() for m in quantized for b in m.buffers(recurse=False))
+    # int8: a byte a weight and a 2-byte scale a row; int4 in groups of 32: half a byte and two 2-byte numbers a group
+    assert held_there < sum(m.out_features * m.in_features for m in quantized) * (1.1 if fmt == "int8" else 0.7)
+    assert weight_format(config, fmt, 0, NUM_LAYERS) == "int4"
+    assert weight_format(config, fmt, 0, 1) == fmt  # the dense first block: --quant's weights only
+
+    twin = load_span(plain, 0, NUM_LAYERS)
+    with torch.no_grad():
+        for name in linears:
+            if not name.endswith(".gate"):
+                twin.get_submodule(name).weight.copy_(linears[name].dequantized_weight())
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+
+    def run(blocks) -> torch.Tensor:  # a prefill, then decoding steps (through the kernels where they run)
+        cache = blocks.new_cache(2, 24)
+        steps = [blocks(head.embed(ids[:, :20]), cache)]
+        return torch.cat(steps + [blocks(head.embed(ids[:, i : i + 1]), cache) for i in range(20, 24)], 1)
+
+    want = run(twin)
+    rows = (run(span) - want).norm(dim=-1) / want.norm(dim=-1)
+    # a row whose router choice flips under the activations' rounding differs wholly: the median holds
+    print(f"\n{fmt} over 4-bit experts, against the dequantized twin: row error median {rows.median():.4f}")
+    assert rows.median() < 0.05, rows.median().item()
+    monkeypatch.setattr(quant, "_dense_bfloat16", False)  # every product dense, float32
+    monkeypatch.setattr(QuantizedLinearInt8, "kernel_max_rows", 0)
+    monkeypatch.setattr(QuantizedLinearInt4, "kernel_max_rows", 0)
+    assert rel_err(run(span), want) < 1e-5

@@ -37,7 +37,10 @@ def test_formats_say_what_the_span_holds():
     assert weight_format(experts_only, "none", 0, 1) == "none"  # the dense first block: the checkpoint's floats
     assert weight_format(everything, "none", 0, 1) == weight_format(everything, "none", 1, 3) == "int4"
     assert weight_format(plain, "none", 0, 3) == "none"
-    assert weight_format(plain, "int8", 0, 3) == weight_format(experts_only, "int8", 0, 3) == "int8"
+    assert weight_format(plain, "int8", 0, 3) == weight_format(experts_only, "int8", 0, 1) == "int8"
+    # --quant over 4-bit experts: the rest int8 or int4, the span's coarsest weights 4-bit
+    assert weight_format(experts_only, "int8", 0, 3) == weight_format(experts_only, "int4", 1, 3) == "int4"
+    assert weight_format(everything, "int8", 0, 3) == "int4"
     assert weight_format(plain, "int4", 1, 2) == "int4"
     with pytest.raises(ValueError, match="quantization"):
         weight_format(plain, "int3", 0, 1)
