@@ -25,53 +25,21 @@ import contextlib
 import logging
 import queue
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from homeswarm.client.config import ClientConfig
-from homeswarm.client.mirror import MirrorBuild
-from homeswarm.client.replay import cache_segments, replay_steps
+from homeswarm.client.hop import OpenHop, SessionError, step_time_limit
+from homeswarm.client.mirror import MirroredHops
+from homeswarm.client.repeats import RepeatedFailures
+from homeswarm.client.replay import replay_steps
 from homeswarm.client.route import RouteManager
 from homeswarm.client.transport import ChannelPool, HopFailed, HopStream, ping
-from homeswarm.client.verify import Culprit, Verifier, judge, rel_err, tolerance
+from homeswarm.client.verify import Culprit, Verifier
 from homeswarm.protocol import parse_compression
 from homeswarm.routing.planner import Hop, MissingBlocksError
-from homeswarm.routing.records import ServerRecord
 
 logger = logging.getLogger(__name__)
-
-
-class SessionError(RuntimeError):
-    """The session cannot go on (no replacement for a failed node, or too many failures)."""
-
-
-@dataclass
-class _OpenHop:
-    start: int
-    end: int
-    stream: HopStream | None
-    # (step_id, hidden, keep_length) sent, in order
-    inputs: list[tuple[int, torch.Tensor, int | None]] = field(default_factory=list)
-    server: ServerRecord | None = None  # the record the hop was planned from
-    mirror: HopStream | None = None  # a second server of the blocks, fed the same inputs (client.mirror)
-    mirror_server: ServerRecord | None = None
-    mirror_step: int = 0  # the last step sent to the mirror
-    building: MirrorBuild | None = None  # a mirror being built in the background
-
-
-# a prefill position costs a node less than a decoding step (its weights are read once for many positions):
-# a step's expected time counts each position at this fraction of a decoding step at the announced speed
-PREFILL_STEP_FRACTION = 0.125
-_MIN_THROUGHPUT = 1.0  # decoding steps per second through one block assumed of a node announcing less
-
-
-def step_time_limit(config: ClientConfig, server: ServerRecord | None, blocks: int, tokens: int) -> float:
-    """Seconds after which a step of ``tokens`` positions (batch included) through ``blocks`` blocks of
-    ``server`` is late: ``config.step_timeout`` plus what the node's announced throughput (decoding steps per
-    second through one block) says the positions take. Late is not failed: the client then checks on the node."""
-    throughput = max(server.throughput if server is not None else 0.0, _MIN_THROUGHPUT)
-    return config.step_timeout + PREFILL_STEP_FRACTION * max(tokens, 1) * blocks / throughput
 
 
 def use_handoff(config: ClientConfig, rtts: list[float | None]) -> bool:
@@ -89,7 +57,7 @@ def use_handoff(config: ClientConfig, rtts: list[float | None]) -> bool:
     return sum(known) / len(known) >= config.handoff_min_rtt
 
 
-class InferenceSession:
+class InferenceSession(MirroredHops):
     """Step hidden states [batch, tokens, hidden] through every block of the model, keeping caches."""
 
     def __init__(
@@ -115,11 +83,12 @@ class InferenceSession:
                                  timeout=config.forward_timeout)
         self._step_id = 0
         self._wakeups: queue.SimpleQueue = queue.SimpleQueue()  # hop streams signal arrivals here
-        self._hops: list[_OpenHop] = []
+        self._hops: list[OpenHop] = []
         self._closed = False
         self.mirror_checks = 0  # hop answers compared with a mirror's
         self.promotions = 0  # failed or caught primaries replaced by their mirror (no replay)
         self._unmirrored: set[tuple[int, int]] = set()  # spans said to have no mirror (once each)
+        self._repeats = RepeatedFailures(logger)  # a hand-off failing at every step is logged once
         try:
             for hop in self._plan(0, routes.num_blocks):
                 self._hops.append(hop)
@@ -157,14 +126,14 @@ class InferenceSession:
         slow = rtt is None or rtt >= self.config.auto_compression_rtt
         return parse_compression("float16" if slow else "none")
 
-    def _plan(self, start: int, end: int) -> list[_OpenHop]:
+    def _plan(self, start: int, end: int) -> list[OpenHop]:
         """Open streams covering [start, end); retries with a new plan when a node refuses."""
         while True:
             route = self.routes.plan(start, end, cache_tokens_needed=self.batch_size * self.max_length)
-            opened: list[_OpenHop] = []
+            opened: list[OpenHop] = []
             try:
                 for hop in route:
-                    opened.append(_OpenHop(hop.start, hop.end, self._open_stream(hop), server=hop.server))
+                    opened.append(OpenHop(hop.start, hop.end, self._open_stream(hop), server=hop.server))
                 return opened
             except HopFailed as e:
                 for h in opened:
@@ -255,6 +224,8 @@ class InferenceSession:
                     need_send = True
                 waited_since, deadline = self._clock_for(i, tokens)
                 continue
+            if i > 0 and handoff and not relayed:  # hop i got its input pushed: that hand-off works
+                self._repeats.cleared(self._handoff_key(i - 1), time.monotonic())
             hop.inputs.append((step_id, hidden, keep_length))
             hidden = output.to(dtype)
             i += 1
@@ -272,7 +243,7 @@ class InferenceSession:
         hop = self._hops[index]
         return now, now + step_time_limit(self.config, hop.server, hop.end - hop.start, tokens)
 
-    def _wait_longer(self, hop: _OpenHop, step_id: int, waited_since: float) -> float:
+    def _wait_longer(self, hop: OpenHop, step_id: int, waited_since: float) -> float:
         """A new deadline for a hop whose answer is late, if the node still answers Info (it is busy, e.g.
         behind another session's prefill) and ``max_step_wait`` is not spent; else HopFailed saying which."""
         stream = hop.stream
@@ -326,12 +297,19 @@ class InferenceSession:
         try:
             event = stream.poll(step_id)
         except HopFailed as e:
-            logger.info("%s after answering; relaying its output", e)
+            self._repeats.failed(self._handoff_key(index), f"{e} after answering; relaying its output",
+                                 time.monotonic())
             return True
         if event is not None and event[0] == "handoff_failed":
-            logger.info("%s; relaying through the client", event[1])
+            self._repeats.failed(self._handoff_key(index), f"{event[1]}; relaying through the client",
+                                 time.monotonic())
             return True
         return False
+
+    def _handoff_key(self, index: int) -> tuple[str, str]:
+        """Which hand-off a failure is of (the pushing node, the next hop's address): logged once each."""
+        pusher, target = self._hops[index].stream, self._hops[index + 1].stream
+        return (pusher.peer_id if pusher else "?", target.address if target else "?")
 
     def _caught(self, index: int, hidden: torch.Tensor, keep_length: int | None, output: torch.Tensor) -> bool:
         """Check hop ``index``'s ``output`` for input ``hidden`` against a replica; True if the hop was caught
@@ -362,167 +340,6 @@ class InferenceSession:
         self.routes.ban(wrong.peer_id, seconds=self.config.caught_ban_seconds)
         self.caught.append(wrong.peer_id)
         return verdict.culprit is Culprit.HOP
-
-    # --- mirrors (client.mirror) ------------------------------------------------------------------
-
-    def _mirror_candidates(self, hop: _OpenHop, *exclude: str) -> list[ServerRecord]:
-        if hop.server is None:
-            return []
-        return [r for r in self.verifier.replicas(hop.server, hop.start, hop.end, self.routes.records(),
-                                                  banned=self.routes.is_banned) if r.peer_id not in exclude]
-
-    def _start_mirror(self, index: int) -> None:
-        """Give hop ``index`` a mirror where another server of its blocks takes one: opened at once while the hop
-        has no history, else built in the background from its history (adopted by ``_adopt_mirrors``)."""
-        hop = self._hops[index]
-        if not self.config.mirrors or hop.server is None or hop.mirror is not None or hop.building is not None:
-            return
-        candidates = self._mirror_candidates(hop, hop.server.peer_id)
-        if not candidates:
-            if (hop.start, hop.end) not in self._unmirrored:
-                self._unmirrored.add((hop.start, hop.end))
-                logger.info("no second server of blocks %d..%d to mirror %s: its answers are unchecked%s",
-                            hop.start, hop.end - 1, hop.server.address,
-                            "" if self.config.verify_fraction else " (--verify-fraction re-runs a share of steps)")
-            return
-        span = hop.end - hop.start
-
-        def open_stream(server: ServerRecord) -> HopStream:
-            return self._open_stream(Hop(server, hop.start, hop.end), mirror=True)
-
-        def limit(server: ServerRecord, tokens: int) -> float:
-            return step_time_limit(self.config, server, span, tokens * self.batch_size)
-
-        build = MirrorBuild(candidates, hop.inputs, open_stream, limit)
-        if hop.inputs:
-            hop.building = build
-            return
-        build.done.wait()
-        self._adopt(hop, build)
-
-    def _adopt_mirrors(self) -> None:
-        """Adopt the mirrors built in the background, catching them up with the steps taken meanwhile."""
-        for hop in self._hops:
-            if hop.building is not None and hop.building.done.is_set():
-                build, hop.building = hop.building, None
-                self._adopt(hop, build)
-
-    def _adopt(self, hop: _OpenHop, build: MirrorBuild) -> None:
-        for e in build.failures:
-            logger.info("no mirror on %s: %s", e.address, e)
-        if build.stream is None or build.server is None:
-            return
-        stream, span = build.stream, hop.end - hop.start
-        try:
-            for step_id, hidden, keep in hop.inputs[build.upto :]:
-                limit = step_time_limit(self.config, build.server, span, hidden.shape[0] * hidden.shape[1])
-                stream.send(step_id, hidden, (), keep)
-                stream.receive(step_id, limit)
-        except HopFailed as e:
-            logger.info("mirror %s failed while catching up: %s", stream.address, e)
-            stream.close()
-            return
-        hop.mirror, hop.mirror_server = stream, build.server
-        hop.mirror_step = hop.inputs[-1][0] if hop.inputs else 0
-        logger.info("blocks %d..%d: %s mirrored by %s", hop.start, hop.end - 1,
-                    hop.stream.address if hop.stream else "?", stream.address)
-
-    def _drop_mirror(self, index: int, e: HopFailed | None = None, *, ban: bool = True) -> None:
-        """Hop ``index`` goes on without its mirror (which failed: ``e``), and starts building another."""
-        hop = self._hops[index]
-        if hop.mirror is None:
-            return
-        if e is not None:
-            logger.warning("mirror of blocks %d..%d failed: %s", hop.start, hop.end - 1, e)
-            if ban:
-                self.routes.ban(hop.mirror.peer_id)
-        hop.mirror.close()
-        hop.mirror, hop.mirror_server = None, None
-        self._start_mirror(index)
-
-    def _promote(self, index: int, why: str) -> None:
-        """The mirror of hop ``index`` becomes its primary (same inputs, same cache): the failed or caught primary
-        is closed, a new mirror built in the background."""
-        hop = self._hops[index]
-        assert hop.mirror is not None and hop.mirror_server is not None
-        old = hop.stream
-        if old is not None:
-            old.close()
-        hop.stream, hop.server = hop.mirror, hop.mirror_server
-        hop.mirror, hop.mirror_server = None, None
-        self.promotions += 1
-        logger.info("blocks %d..%d now served by %s, their mirror (%s): no replay", hop.start, hop.end - 1,
-                    hop.stream.address, why)
-        self._start_mirror(index)
-
-    def _history(self, hop: _OpenHop, hidden: torch.Tensor, keep_length: int | None) -> torch.Tensor:
-        """Every position the hop's cache holds after this step's input, [batch, positions, hidden]."""
-        parts = [x.to(hidden.dtype) for _, x in cache_segments([*hop.inputs, (0, hidden, keep_length)])]
-        return torch.cat(parts, dim=1)
-
-    def _mirror_check(self, index: int, step_id: int, hidden: torch.Tensor, keep_length: int | None,
-                      output: torch.Tensor, expected_length: int) -> torch.Tensor:
-        """The hop's output for this step once its mirror agrees (or the judge says whose answer is right)."""
-        hop = self._hops[index]
-        mirror, mirror_server, server = hop.mirror, hop.mirror_server, hop.server
-        assert mirror is not None and mirror_server is not None and server is not None and hop.stream is not None
-        tokens = hidden.shape[0] * hidden.shape[1]
-        try:
-            if hop.mirror_step != step_id:
-                raise HopFailed(mirror.peer_id, mirror.address, f"step {step_id} never reached the mirror")
-            limit = step_time_limit(self.config, mirror_server, hop.end - hop.start, tokens)
-            answer = mirror.receive(step_id, limit)
-            if mirror.last_cache_length != expected_length:
-                raise HopFailed(mirror.peer_id, mirror.address, f"its cache holds {mirror.last_cache_length} "
-                                f"positions after step {step_id}, {expected_length} expected")
-        except HopFailed as e:
-            if self._closed:
-                raise SessionError(f"the session was closed during step {step_id}") from None
-            self._drop_mirror(index, e)
-            return output
-        self.mirror_checks += 1
-        tol = tolerance(server.dtype, server.quant, self.config.compression)
-        error = rel_err(output, answer)
-        if error <= tol:
-            return output
-        history = self._history(hop, hidden, keep_length)
-        width = hidden.shape[1]
-        start, end = hop.start, hop.end
-
-        def again(record: ServerRecord) -> torch.Tensor:
-            return self.verifier.forward(record, history, start, end)[:, -width:]
-
-        def third() -> torch.Tensor | None:
-            for other in self._mirror_candidates(hop, server.peer_id, mirror_server.peer_id):
-                try:
-                    return again(other)
-                except HopFailed:
-                    continue
-            return None
-
-        try:
-            culprit = judge(output, answer, hop_again=lambda: again(server), replica_again=lambda: again(mirror_server),
-                            third=third, tol=tol)
-        except HopFailed as e:  # one of the two failed to answer the re-run: the other's answer stands
-            culprit = Culprit.HOP if e.peer_id == server.peer_id else Culprit.REPLICA
-        if culprit is Culprit.NONE:
-            return output
-        if culprit is Culprit.UNDECIDED:
-            raise SessionError(
-                f"nodes {server.address} and {mirror_server.address} disagree on blocks {start}..{end - 1} "
-                f"(relative error {error:.3g}) and no third server can tell which is right")
-        wrong, right = (server, mirror_server) if culprit is Culprit.HOP else (mirror_server, server)
-        logger.warning(
-            "node %s (%s) returned wrong hidden states for blocks %d..%d (relative error %.3g against %s); "
-            "banned for %.0f s%s", wrong.address, wrong.peer_id[:16], start, end - 1, error, right.address,
-            self.config.caught_ban_seconds, ", its mirror's answer used" if culprit is Culprit.HOP else "")
-        self.routes.ban(wrong.peer_id, seconds=self.config.caught_ban_seconds)
-        self.caught.append(wrong.peer_id)
-        if culprit is Culprit.HOP:
-            self._promote(index, f"{server.address} was caught")
-            return answer
-        self._drop_mirror(index, ban=False)
-        return output
 
     def _drain_wakeups(self) -> None:
         with contextlib.suppress(queue.Empty):
@@ -596,6 +413,7 @@ class InferenceSession:
         """End the session on every node. From another thread while a step is in flight, it cancels the nodes'
         work (a node stops a prefill within one chunk) and the step raises SessionError."""
         self._closed = True
+        self._repeats.flush(time.monotonic())
         for hop in self._hops:
             if hop.stream is not None:
                 hop.stream.close()

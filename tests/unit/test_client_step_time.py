@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from homeswarm.client.config import ClientConfig
-from homeswarm.client.session import PREFILL_STEP_FRACTION, step_time_limit
+from homeswarm.client.hop import PREFILL_STEP_FRACTION, step_time_limit
 from homeswarm.routing.records import PeerId, ServerRecord, ServerState
 
 
