@@ -2,11 +2,13 @@
 
 A node's memory budget (``--max-memory``, else a fraction of the memory available at start) holds its
 runtime (the process tree's fixed cost and working memory: see ``node.volunteer.runtime_cost``), its
-blocks' weights and the KV cache of its sessions; what the runtime leaves goes to weights and cache. Either the cache is given in tokens
-(``--max-cache-tokens``), and every block costs its weights plus that many tokens of cache, or the cache
-keeps a share of the budget (``--cache-share``) and the weights get the rest; then the cache gets
-whatever the chosen blocks leave. Blocks differ in size (a MoE model's first blocks may be dense), and
-the span is chosen after the count, so the count is one that fits wherever the span lands.
+blocks' weights and the KV cache of its sessions; what the runtime leaves goes to weights and cache.
+Either the cache is given in tokens (``--max-cache-tokens``), and every block costs its weights plus that
+many tokens of cache, or the cache gets its share of the budget (``--cache-share``) and the weights at most
+the rest: fewer blocks than fit leave memory unused rather than grow the cache past its share. The cache
+budget is a limit, not an allocation: sessions take cache as they open, up to it. Blocks differ in size (a
+MoE model's first blocks may be dense), and the span is chosen after the count, so the count is one that
+fits wherever the span lands.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ DEFAULT_FIXED_COST = 768 * 2**20
 WORKING_MEMORY = 64 * 2**20
 
 _UNITS = {
-    "": 1, "b": 1,
+    "b": 1,
     "k": 2**10, "kib": 2**10, "kb": 10**3,
     "m": 2**20, "mib": 2**20, "mb": 10**6,
     "g": 2**30, "gib": 2**30, "gb": 10**9,
@@ -35,11 +37,19 @@ _UNITS = {
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
 
 
+SIZE_UNITS = "B, KiB, MiB, GiB, TiB, KB, MB, GB, TB (K, M, G, T alone are binary)"
+
+
 def parse_size(text: str) -> int:
-    """Bytes in a size such as "4GiB", "500MB", "1.5G" (K, M, G, T alone are binary), "123" (bytes)."""
+    """Bytes in a size such as "4GiB", "500MB", "1.5G" (K, M, G, T alone are binary), "123B". A number
+    without a unit is refused: tools read it as bytes, kilobytes or gigabytes, and "4" meant as 4 GiB
+    would otherwise give a node 4 bytes."""
     match = _SIZE_RE.fullmatch(text)
+    if match is not None and not match.group(2):
+        raise ValueError(f"a size needs a unit, one of {SIZE_UNITS}: got {text!r} (a number without a unit is "
+                         f"bytes in some tools, gigabytes in others)")
     if match is None or match.group(2).lower() not in _UNITS:
-        raise ValueError(f"a size is a number and a unit (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB), got {text!r}")
+        raise ValueError(f"a size is a number and a unit, one of {SIZE_UNITS}: got {text!r}")
     size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
     if size <= 0:
         raise ValueError(f"a size must be positive, got {text!r}")
@@ -90,8 +100,10 @@ def weight_budget(budget: int, *, cache_share: float, cache_tokens: int | None, 
     return WeightBudget(int(budget * (1 - cache_share)), 0)
 
 
-def cache_budget(budget: int, weight_bytes: int, *, cache_tokens: int | None, token_bytes: int) -> int:
-    """Bytes of KV cache a node with ``weight_bytes`` of weights offers: the given tokens, else what is left."""
+def cache_budget(budget: int, weight_bytes: int, *, cache_share: float, cache_tokens: int | None,
+                 token_bytes: int) -> int:
+    """Bytes of KV cache a node with ``weight_bytes`` of weights may use: the given tokens, else its share of
+    the budget, or less where the weights leave less (the caller decides whether that is an error)."""
     if cache_tokens is not None:
         return cache_tokens * token_bytes
-    return max(0, budget - weight_bytes)
+    return max(0, min(int(budget * cache_share), budget - weight_bytes))

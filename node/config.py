@@ -12,10 +12,11 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from homeswarm.node.capacity import DEFAULT_CACHE_SHARE, parse_size
 from homeswarm.routing.preflight import check_initial_peers, split_peers_argv
-from homeswarm.routing.records import is_valid_address
+from homeswarm.routing.records import ADAPTER_NAME_RE, is_valid_address
 
 # homeswarm.model.quant's choices (a test holds them equal): importing it would load torch, and the
 # command line must answer --help and refuse bad input without that (it takes seconds)
@@ -30,7 +31,7 @@ HELP_GROUPS = {
     "the swarm and the network": ("new_swarm", "initial_peers", "host", "port", "dht_port", "public_address",
                                   "reachability", "identity", "insecure", "public_name", "ready_file",
                                   "metrics_port"),
-    "the model": ("model_name", "cache_dir", "dtype", "device", "quant", "quant_group_size"),
+    "the model": ("model_name", "cache_dir", "dtype", "device", "quant", "quant_group_size", "adapters"),
     "blocks and memory": ("blocks", "num_blocks", "max_memory", "fixed_cost", "max_cache_tokens", "cache_share",
                           "rebalance_interval", "rebalance_imbalance"),
     "serving only while the PC is idle": ("idle_only", "idle_cpu_busy", "idle_users", "idle_input_after",
@@ -77,6 +78,10 @@ class NodeConfig:
                              "(through libp2p relays: the --initial-peers)", choices=["auto", "direct", "relayed"])
     dtype: str = _opt("float32", "compute and weight dtype", choices=["float32", "bfloat16", "float16"])
     device: str = _opt("cpu", "torch device for the blocks (cpu, cuda, cuda:1, ...)")
+    adapters: tuple[str, ...] = _opt((), "LoRA adapter folders as peft's save_pretrained writes them "
+                                     "(adapter_config.json, adapter_model.safetensors), served beside the base "
+                                     "weights to clients that name one; an adapter's name is its folder's name",
+                                     nargs="+", action="extend", metavar="DIR")
     quant: str = _opt("none", "weight format of the blocks' linear layers and experts, quantized at load: none "
                       "(the checkpoint's weights, exact), int8 (per output channel, 0.25x float32's bytes), int4 "
                       "(per group of inputs, 0.13-0.16x); announced to the swarm", choices=list(QUANT_FORMATS))
@@ -90,17 +95,18 @@ class NodeConfig:
                                 "its peer id, and so its DHT address (with a fixed --dht-port), across restarts "
                                 "(default: a new key at every start)")
     max_cache_tokens: int | None = _opt(
-        None, "KV cache budget, in tokens of batch size 1 (default: a quarter of free memory)"
+        None, "KV cache limit, in tokens of batch size 1 (default: --cache-share of the memory budget)"
     )
     max_memory: str | None = _opt(None, "memory the whole node may take, as the system counts it (the resident "
                                   "memory of this process, its DHT process and p2pd): runtime, the blocks' "
-                                  "weights and the KV cache, e.g. 4GiB, 500MB (default: half the memory available "
+                                  "weights and the KV cache, with a unit: 4GiB, 500MB, 4G (default: half the memory available "
                                   "at start; on a GPU, 90%% of its free memory for weights and cache)")
     fixed_cost: str | None = _opt(None, "the memory the node's runtime takes besides weights and KV cache, counted "
                                   "against --max-memory; 0 counts weights and cache alone (default: measured at start, once the DHT "
                                   "runs, plus working memory for the largest step)")
-    cache_share: float = _opt(DEFAULT_CACHE_SHARE, "share of --max-memory kept for the KV cache when "
-                              "--max-cache-tokens is not given")
+    cache_share: float = _opt(DEFAULT_CACHE_SHARE, "share of the memory budget (--max-memory or its default, less "
+                              "the runtime) the KV cache may use, when --max-cache-tokens is not given; the "
+                              "weights get at most the rest")
     max_threads: int = _opt(0, "at most this many threads compute, torch's inter-op threads included (0: torch's "
                             "default); caps --compute-threads")
     throughput: float | None = _opt(None, "announce this many steps per second through one block instead of "
@@ -168,6 +174,13 @@ class NodeConfig:
             raise ConfigError(f"--reachability must be auto, direct or relayed, got {self.reachability!r}")
         if self.reachability == "relayed" and not self.initial_peers:
             raise ConfigError("--reachability relayed needs --initial-peers: they serve as the node's relays")
+        names = [Path(folder).name for folder in self.adapters]
+        for name in names:
+            if not ADAPTER_NAME_RE.fullmatch(name):
+                raise ConfigError(f"--adapters: an adapter's name is its folder's name, which must be 1-64 letters, "
+                                  f"digits, '.', '_' or '-' (starting with a letter or digit), got {name!r}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--adapters: two folders have the same name ({', '.join(names)}); names must differ")
         if self.quant not in QUANT_FORMATS:
             raise ConfigError(f"--quant must be one of {', '.join(QUANT_FORMATS)}, got {self.quant!r}")
         if self.quant_group_size not in INT4_GROUP_SIZES:

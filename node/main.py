@@ -42,6 +42,7 @@ from homeswarm.model.hub import (
 )
 from homeswarm.model.loader import check_model_quant
 from homeswarm.model.weight_format import weight_format as announced_weight_format
+from homeswarm.node.adapters import SpanAdapters, check_adapter_folders
 from homeswarm.node.announcer import Announcer
 from homeswarm.node.config import ConfigError, NodeConfig
 from homeswarm.node.executor import ComputeExecutor
@@ -103,6 +104,7 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
                                          model_name=config.model_name or model_stem(config.model_dir))
         model_config = ModelConfig.from_dir(config.model_dir)
         check_model_quant(model_config, config.quant)
+        check_adapter_folders(config.adapters, model_config)  # before the DHT starts or weights load
         dtype = parse_dtype(config.dtype)
     except (OSError, ValueError) as e:
         raise ConfigError(str(e)) from None
@@ -193,6 +195,8 @@ async def _serve_with_dht(
     weight_format = await asyncio.to_thread(announced_weight_format, model_config, config.quant, start, end)
     if config.quant == "none" and is_gguf_folder(config.model_dir):  # which GGUF type the span is stored as
         weight_format = await asyncio.to_thread(gguf_weight_format, config.model_dir, start, end) or weight_format
+    # the LoRA adapters' tensors of this period's blocks (small beside the weights: r x (in + out) per layer)
+    adapters = await asyncio.to_thread(SpanAdapters, span, config.adapters) if config.adapters else None
     sessions = SessionManager(budget, bytes_per_token)
     executor = ComputeExecutor(inline_max_seconds=config.inline_compute_ms / 1000,
                                batch_wait_seconds=config.batch_wait_ms / 1000)
@@ -220,6 +224,7 @@ async def _serve_with_dht(
         peer_limits=PeerLimits(max_sessions=config.max_sessions_per_peer, rate=config.max_requests_per_peer),
         handoff_targets=HandoffTargets(lambda block: dht.get_servers(model_name, block, block + 1)),
         corrupt_outputs=os.environ.get("HOMESWARM_FAULT") == "corrupt",
+        adapters=adapters,
     )
     service.peers.forwarder = partial(asyncio.to_thread, forwarder_address, dht)  # hand-off to relayed nodes
     server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -262,6 +267,7 @@ async def _serve_with_dht(
             relays=relays,
             weights=weights,
             tls_cert=announced_cert,
+            adapters=adapters.names if adapters is not None else (),
         )
 
     announcer = Announcer(dht, make_record, total_blocks, config.announce_ttl)
@@ -284,7 +290,8 @@ async def _serve_with_dht(
             },
         )
     logger.info(
-        "serving blocks %d..%d of %s at %s (%.0f steps/s per block, cache budget %d tokens)",
+        "serving blocks %d..%d of %s at %s (%.0f steps/s per block, KV cache limit %d tokens: none is allocated "
+        "until sessions open)",
         start, end - 1, model_name, address, throughput, sessions.free_tokens,
     )
     if not relays:  # a relayed node's own addresses cannot be dialled: others join through its relays

@@ -39,6 +39,7 @@ from homeswarm.model.hub import fetch_span_files
 from homeswarm.node.announcer import Announcer
 from homeswarm.node.capacity import (
     DEFAULT_FIXED_COST,
+    DEFAULT_MEMORY_FRACTION,
     WORKING_MEMORY,
     blocks_that_fit,
     cache_budget,
@@ -102,16 +103,22 @@ def plan_memory(config: NodeConfig, model: ModelConfig, dtype: torch.dtype, avai
     takes: :func:`runtime_cost`) and, without --blocks or --num-blocks, how many blocks fit in it."""
     given = config.max_memory is not None
     total = parse_size(config.max_memory) if given else default_budget(available, torch.device(config.device).type)
-    what = "--max-memory" if given else "the default budget (half the available memory)"
+    share = DEFAULT_MEMORY_FRACTION.get(torch.device(config.device).type, DEFAULT_MEMORY_FRACTION["cpu"])
+    what = "--max-memory" if given else f"the default budget ({share:.0%} of the memory available at start)"
+    # nothing is reserved: nodes started side by side each see the same available memory and count it
+    source = "--max-memory" if given else (
+        f"the default budget: {share:.0%} of the {format_size(available)} available at start, which other nodes "
+        f"started on this machine count too; give each node --max-memory")
     budget = total - runtime
     if budget <= 0:
         raise ConfigError(
             f"{what} of {format_size(total)} does not even hold the node's runtime, {format_size(runtime)} "
             f"(Python, torch, the DHT process and p2pd, and working memory; --fixed-cost sets it): give more memory"
         )
-    if runtime:
-        logger.info("memory: %s in all (%s), of which the runtime takes %s; %s for weights and KV cache",
-                    format_size(total), what, format_size(runtime), format_size(budget))
+    if runtime or not given:
+        logger.info("memory: %s in all (%s), of which the runtime takes %s; %s for weights and KV cache (the "
+                    "cache a limit, at most --cache-share %g of it)", format_size(total), source, format_size(runtime),
+                    format_size(budget), config.cache_share)
     total_blocks = model.num_hidden_layers
     if config.num_blocks is not None:
         return MemoryPlan(budget, given, min(config.num_blocks, total_blocks), total, runtime)
@@ -139,8 +146,9 @@ def span_cache_budget(config: NodeConfig, plan: MemoryPlan, model: ModelConfig, 
     """KV cache bytes for a node serving [start, end)."""
     weights = span_weight_bytes(model, start, end, dtype, config.quant, config.quant_group_size)
     token_bytes = cache_bytes(model, end - start, 1, 1, dtype)
-    budget = cache_budget(plan.budget, weights, cache_tokens=config.max_cache_tokens, token_bytes=token_bytes)
-    if config.max_cache_tokens is None and budget < config.cache_share * plan.budget:
+    budget = cache_budget(plan.budget, weights, cache_share=config.cache_share, cache_tokens=config.max_cache_tokens,
+                          token_bytes=token_bytes)
+    if config.max_cache_tokens is None and budget < int(config.cache_share * plan.budget):
         if plan.given:
             raise ConfigError(
                 f"blocks {start}..{end - 1} take {format_size(weights)} of weights, which leaves "
@@ -354,7 +362,8 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
             weights = span_weight_bytes(model, start, end, dtype, config.quant, config.quant_group_size)
             budget = span_cache_budget(config, memory, model, dtype, start, end)
             quant = config.quant if config.quant != "int4" else f"int4, groups of {config.quant_group_size}"
-            logger.info("loading blocks %d..%d of %s (%s, %s, weights %s: %s; KV cache %s)", start, end - 1,
+            logger.info("loading blocks %d..%d of %s (%s, %s, weights %s: %s; KV cache limit %s, taken only as "
+                        "sessions need it)", start, end - 1,
                         model_name, config.dtype, config.device, quant, format_size(weights), format_size(budget))
             t0 = time.perf_counter()
             span, throughput = await asyncio.to_thread(_load, config, dtype, start, end, throughput, cache,

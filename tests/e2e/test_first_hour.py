@@ -79,6 +79,8 @@ BAD_INPUT = {
     "join_no_weights": ("join-swarm", ["{no_weights}", "--new-swarm"], r"holds no block's weights"),
     "join_tiny_budget": ("join-swarm", ["{ckpt}", "--new-swarm", "--max-memory", "1MiB"],
                          r"--max-memory 1MiB is less than the node's runtime"),
+    "join_budget_without_unit": ("join-swarm", ["{ckpt}", "--new-swarm", "--max-memory", "4"],
+                                 r"--max-memory: a size needs a unit, one of B, KiB, MiB, GiB.*got '4'"),
     "join_bad_peer": ("join-swarm", ["{ckpt}", "--initial-peers", "/ip4/1.2.3.4/tcp/5"], r"with a peer id.*tcp/5'"),
     "join_dht_port_taken": ("join-swarm", ["{ckpt}", "--new-swarm", "--dht-port", "{port}"],
                             r"--dht-port {port}: port {port} on 127\.0\.0\.1 is taken"),

@@ -112,7 +112,7 @@ def ckpt(tmp_path_factory) -> Path:
 def max_memory(ckpt) -> str:
     """Room for 4 blocks' weights once the KV cache keeps its quarter (and not for 5)."""
     block = span_weight_bytes(ModelConfig.from_dir(ckpt), 0, 1, torch.float32)
-    return str(int(4.5 * block / 0.75))
+    return f"{int(4.5 * block / 0.75)}B"
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,13 @@ from homeswarm.node.volunteer import plan_memory, span_cache_budget
 
 @pytest.mark.parametrize(("text", "size"), [
     ("4GiB", 4 * 2**30), ("4G", 4 * 2**30), ("500MB", 500 * 10**6), ("500 MiB", 500 * 2**20),
-    ("1.5g", int(1.5 * 2**30)), ("123", 123), ("800KiB", 800 * 1024), ("2TB", 2 * 10**12), ("64b", 64),
+    ("1.5g", int(1.5 * 2**30)), ("123B", 123), ("800KiB", 800 * 1024), ("2TB", 2 * 10**12), ("64b", 64),
 ])  # fmt: skip
 def test_parse_size(text, size):
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "GiB", "4 XB", "-1G", "0", "1e9", "four"])
+@pytest.mark.parametrize("text", ["", "GiB", "4 XB", "-1G", "0", "1e9", "four", "4", "123"])
 def test_parse_size_refuses(text):
     with pytest.raises(ValueError):
         parse_size(text)
@@ -50,8 +50,11 @@ def test_the_cache_keeps_its_share_or_its_tokens():
     assert weight_budget(1000, cache_share=0.25, cache_tokens=None, token_bytes_per_block=8).weights == 750
     split = weight_budget(1000, cache_share=0.25, cache_tokens=10, token_bytes_per_block=8)
     assert (split.weights, split.per_block_cache) == (1000, 80)
-    assert cache_budget(1000, 700, cache_tokens=None, token_bytes=8) == 300
-    assert cache_budget(1000, 700, cache_tokens=10, token_bytes=8) == 80
+    # the share, however little the weights take (--max-memory far above what the blocks need)
+    assert cache_budget(1000, 100, cache_share=0.25, cache_tokens=None, token_bytes=8) == 250
+    assert cache_budget(1000, 700, cache_share=0.25, cache_tokens=None, token_bytes=8) == 250
+    assert cache_budget(1000, 800, cache_share=0.25, cache_tokens=None, token_bytes=8) == 200  # what is left
+    assert cache_budget(1000, 700, cache_share=0.25, cache_tokens=10, token_bytes=8) == 80
 
 
 def test_default_budget_is_a_share_of_what_is_available():
@@ -68,20 +71,25 @@ def test_plan_memory_counts_real_block_bytes():
     block = span_weight_bytes(model, 0, 1, torch.float32)
     total = model.num_hidden_layers
     # room for 2 blocks' weights once the cache takes its quarter
-    plan = plan_memory(config("--max-memory", str(int(2.5 * block / 0.75))), model, torch.float32, 10**12)
+    plan = plan_memory(config("--max-memory", f"{int(2.5 * block / 0.75)}B"), model, torch.float32, 10**12)
     assert plan.num_blocks == 2 and plan.given
-    # the cache gets the rest: at least its share
-    budget = span_cache_budget(config("--max-memory", str(plan.budget)), plan, model, torch.float32, 0, 2)
-    assert budget == plan.budget - 2 * block >= 0.25 * plan.budget
+    # the cache gets its share, not what the blocks leave
+    budget = span_cache_budget(config("--max-memory", f"{plan.budget}B"), plan, model, torch.float32, 0, 2)
+    assert budget == int(0.25 * plan.budget) < plan.budget - 2 * block
+    # one block of a budget 100 times larger: still the share (--max-memory 4GB for a 6 MiB model)
+    big = plan_memory(config("--max-memory", f"{100 * plan.budget}B", "--blocks", "0:1"), model, torch.float32,
+                      10**12)
+    assert span_cache_budget(config("--max-memory", f"{big.budget}B", "--cache-share", "0.1"), big, model,
+                             torch.float32, 0, 1) == int(0.1 * big.budget)
     # bfloat16 weights take half: twice the blocks
-    assert plan_memory(config("--max-memory", str(plan.budget), "--dtype", "bfloat16"), model,
+    assert plan_memory(config("--max-memory", f"{plan.budget}B", "--dtype", "bfloat16"), model,
                        torch.bfloat16, 10**12).num_blocks == min(total, 5)
     # int8: a quarter of float32's linear bytes, and more blocks
-    assert plan_memory(config("--max-memory", str(plan.budget), "--quant", "int8"), model, torch.float32,
+    assert plan_memory(config("--max-memory", f"{plan.budget}B", "--quant", "int8"), model, torch.float32,
                        10**12).num_blocks > 2
     # with a token budget each block reserves its cache: a block's weights' worth of tokens halves the count
     tokens = block // cache_bytes(model, 1, 1, 1, torch.float32)
-    assert plan_memory(config("--max-memory", str(4 * block), "--max-cache-tokens", str(tokens)), model,
+    assert plan_memory(config("--max-memory", f"{4 * block}B", "--max-cache-tokens", str(tokens)), model,
                        torch.float32, 10**12).num_blocks == 2
     # without --max-memory: half of what is available
     assert plan_memory(config(), model, torch.float32, 4 * 2**30).budget == 2 * 2**30
@@ -103,7 +111,7 @@ def test_the_runtime_counts_against_max_memory():
     model = ModelConfig.from_dir(DEMO_MODEL_DIR)
     block = span_weight_bytes(model, 0, 1, torch.float32)
     runtime = 700 * 2**20
-    plan = plan_memory(config("--max-memory", str(runtime + int(2.5 * block / 0.75))), model, torch.float32,
+    plan = plan_memory(config("--max-memory", f"{runtime + int(2.5 * block / 0.75)}B"), model, torch.float32,
                        10**12, runtime)
     assert (plan.num_blocks, plan.total - plan.budget, plan.runtime) == (2, runtime, runtime)
     with pytest.raises(ConfigError, match="does not even hold the node's runtime"):
