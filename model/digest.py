@@ -164,6 +164,11 @@ def _hash_block(block: int, paths: list[Path], headers: dict[str, tuple[int, dic
     return h.hexdigest()
 
 
+def file_block_digest(path: str | os.PathLike[str], block: int) -> str:
+    """The digest of block ``block``'s tensors in one safetensors file (a block fetched from peers), uncached."""
+    return _hash_block(block, [Path(path)], {})
+
+
 def span_digest(digests: dict[int, str], start: int, end: int) -> str | None:
     """The digest of blocks [start, end) from per-block digests; None if one of them is unknown."""
     parts = [digests.get(block) for block in range(start, end)]

@@ -31,7 +31,8 @@ HELP_GROUPS = {
     "the swarm and the network": ("new_swarm", "initial_peers", "host", "port", "dht_port", "public_address",
                                   "reachability", "identity", "insecure", "public_name", "ready_file",
                                   "metrics_port"),
-    "the model": ("model_name", "cache_dir", "dtype", "device", "quant", "quant_group_size", "adapters"),
+    "the model": ("model_name", "cache_dir", "dtype", "device", "quant", "quant_group_size", "adapters",
+                  "upload_limit"),
     "blocks and memory": ("blocks", "num_blocks", "max_memory", "fixed_cost", "max_cache_tokens", "cache_share",
                           "rebalance_interval", "rebalance_imbalance"),
     "serving only while the PC is idle": ("idle_only", "idle_cpu_busy", "idle_users", "idle_input_after",
@@ -62,7 +63,11 @@ class NodeConfig:
     model_name: str | None = _opt(None, "name nodes and clients meet under (default: the folder's name, the "
                                   "repository id, or a GGUF file's stem)")
     cache_dir: str | None = _opt(None, "where a repository's files are downloaded (default: huggingface_hub's cache, "
-                                 "$HF_HUB_CACHE or ~/.cache/huggingface/hub)")
+                                 "$HF_HUB_CACHE or ~/.cache/huggingface/hub), and blocks fetched from peers are "
+                                 "kept, under peer-weights/ (default: ~/.cache/homeswarm)")
+    upload_limit: str = _opt("20MB", "bytes per second this node sends, all together, to peers fetching its blocks' "
+                             "weights from it, e.g. 20MB, 500KB (0: no uploads); uploads wait while compute has "
+                             "steps queued")
     blocks: str | None = _opt(None, "serve blocks A..B-1, written A:B")
     num_blocks: int | None = _opt(None, "serve N blocks, chosen where the swarm is weakest (default: as many as "
                                   "fit --max-memory)")
@@ -199,7 +204,17 @@ class NodeConfig:
         self._validate_volunteer()
         return self
 
+    def upload_rate(self) -> float:
+        """--upload-limit in bytes per second (0: no uploads)."""
+        if self.upload_limit.strip() == "0":
+            return 0.0
+        try:
+            return float(parse_size(self.upload_limit))
+        except ValueError as e:
+            raise ConfigError(f"--upload-limit: {e}") from None
+
     def _validate_volunteer(self) -> None:
+        self.upload_rate()
         for name in ("max_memory", "fixed_cost"):
             if getattr(self, name) is not None and (name, getattr(self, name).strip()) != ("fixed_cost", "0"):
                 try:

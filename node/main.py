@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +28,7 @@ import grpc
 import torch
 from grpc_reflection.v1alpha import reflection
 
-from homeswarm.model import ModelConfig, cache_bytes, parse_dtype
+from homeswarm.model import ModelConfig, cache_bytes, parse_dtype, span_weight_bytes
 from homeswarm.model.digest import block_digests, span_digest
 from homeswarm.model.gguf_files import gguf_folder, gguf_weight_format, is_gguf_folder, is_gguf_path
 from homeswarm.model.gguf_reader import model_stem
@@ -48,14 +48,19 @@ from homeswarm.node.config import ConfigError, NodeConfig
 from homeswarm.node.executor import ComputeExecutor
 from homeswarm.node.handoff_targets import HandoffTargets
 from homeswarm.node.metrics import CacheUse, NodeMetrics, serve_metrics
+from homeswarm.node.peer_fetch import PeerFetchError, fetch_span
+from homeswarm.node.peer_folder import needs_peers, peer_folder
 from homeswarm.node.peer_limits import PeerLimits
+from homeswarm.node.peers import PeerChannels
 from homeswarm.node.preflight import parse_args
 from homeswarm.node.reachability import start_dht
 from homeswarm.node.service import NodeIdentity, NodeService
 from homeswarm.node.sessions import SessionManager
 from homeswarm.node.volunteer import LoadedSpan, PeriodEnd, PeriodEnds, run_volunteer
+from homeswarm.node.weight_upload import WeightUploader
 from homeswarm.node.wire import add_node_service
 from homeswarm.protocol import PROTOCOL_VERSION, node_pb2
+from homeswarm.protocol.block_range import block_range, block_ranges
 from homeswarm.protocol.limits import GRPC_OPTIONS
 from homeswarm.protocol.ready_file import write_certificate, write_ready_file
 from homeswarm.routing.dht import SwarmDHT
@@ -113,7 +118,17 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     block_range = config.block_range()
     if block_range is not None and block_range[1] > total_blocks:
         raise ConfigError(f"--blocks {config.blocks}: the model has only {total_blocks} blocks")
-    check_local_shards(config, block_range, total_blocks)
+    from_peers = (not config.new_swarm and HubSnapshot.of(config.model_dir) is None
+                  and not is_gguf_folder(config.model_dir) and needs_peers(config.model_dir, total_blocks))
+    if from_peers:  # the blocks' weights from nodes serving them, into a cache folder that then serves as MODEL_DIR
+        try:
+            folder = peer_folder(config.model_dir, model_name, config.cache_dir)
+        except OSError as e:
+            raise ConfigError(f"cannot prepare the folder for weights from peers: {e}") from None
+        logger.info("%s holds no block's weights: fetching them from peers into %s", config.model_dir, folder)
+        config = dataclasses.replace(config, model_dir=str(folder), model_name=model_name)
+    else:
+        check_local_shards(config, block_range, total_blocks)
 
     logger.info("starting the DHT peer")
     try:  # the same peer id across restarts with --identity
@@ -124,16 +139,33 @@ async def serve(config: NodeConfig, stop: asyncio.Event) -> int:
     metrics = NodeMetrics()  # one for the process: its counters carry on across serving periods
     # one TLS certificate for the process too (pinned by every record it announces); none with --insecure
     certificate = None if config.insecure else NodeCertificate()
+    prepare = _peer_fetcher(config, dht, model_config, model_name) if from_peers else None
     try:
         with serve_metrics(metrics, config.host, config.metrics_port) as metrics_address:
             return await run_volunteer(config, stop, dht, model_config, dtype, model_name, block_range,
                                        available_memory_bytes(torch.device(config.device)),
                                        partial(_serve_with_dht, metrics=metrics, metrics_address=metrics_address,
-                                               relays=relays, certificate=certificate))
-    except HubError as e:  # a shard of the blocks chosen could not be downloaded
+                                               relays=relays, certificate=certificate),
+                                       prepare_span=prepare)
+    except (HubError, PeerFetchError) as e:  # a shard of the blocks chosen could not be had
         raise ConfigError(str(e)) from None
     finally:
         dht.shutdown()
+
+
+def _peer_fetcher(config: NodeConfig, dht: SwarmDHT, model: ModelConfig,
+                  model_name: str) -> Callable[[int, int], Awaitable[None]]:
+    """What fetches a span's blocks from peers before it loads (node.peer_fetch)."""
+    channels = PeerChannels()
+    channels.forwarder = partial(asyncio.to_thread, forwarder_address, dht)  # relayed peers too
+    # a sanity bound on what a peer may send for one block: 4x its float32 size (a checkpoint is float32 at most)
+    largest = max(span_weight_bytes(model, b, b + 1, torch.float32) for b in range(model.num_hidden_layers))
+
+    async def prepare(start: int, end: int) -> None:
+        await fetch_span(Path(config.model_dir), dht, channels, model_name, start, end, me=dht.peer_id,
+                         max_block_bytes=4 * largest + (1 << 20))
+
+    return prepare
 
 
 def check_local_shards(config: NodeConfig, block_range: tuple[int, int] | None, total_blocks: int) -> None:
@@ -151,7 +183,7 @@ def check_local_shards(config: NodeConfig, block_range: tuple[int, int] | None, 
         raise ConfigError(f"{config.model_dir} holds no block's weights (no model.safetensors, nor the shards its "
                           f"model.safetensors.index.json names for any block): give a folder with the shards of the "
                           f"blocks to serve, or a repository id to download them")
-    spans = ", ".join(f"{a}..{b - 1}" for a, b in _runs(held))
+    spans = block_ranges(held)
     if block_range is None:
         raise ConfigError(f"{config.model_dir} holds the shards of blocks {spans} only (of {total_blocks}): "
                           f"give --blocks A:B within them, or a repository id to download what the blocks need")
@@ -159,17 +191,7 @@ def check_local_shards(config: NodeConfig, block_range: tuple[int, int] | None, 
     if lacking:
         files = [f for f in span_files(config.model_dir, *block_range) if not Path(config.model_dir, f).is_file()]
         raise ConfigError(f"--blocks {config.blocks}: {config.model_dir} lacks {', '.join(files)}, shard file(s) of "
-                          f"block(s) {', '.join(map(str, lacking))} (it holds those of blocks {spans})")
-
-
-def _runs(blocks: list[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for b in blocks:
-        if runs and runs[-1][1] == b:
-            runs[-1] = (runs[-1][0], b + 1)
-        else:
-            runs.append((b, b + 1))
-    return runs
+                          f"block(s) {block_ranges(lacking)} (it holds those of blocks {spans})")
 
 
 async def _serve_with_dht(
@@ -224,6 +246,9 @@ async def _serve_with_dht(
         peer_limits=PeerLimits(max_sessions=config.max_sessions_per_peer, rate=config.max_requests_per_peer),
         handoff_targets=HandoffTargets(lambda block: dht.get_servers(model_name, block, block + 1)),
         corrupt_outputs=os.environ.get("HOMESWARM_FAULT") == "corrupt",
+        weight_uploads=WeightUploader(config.model_dir, model_name, rate=config.upload_rate(),
+                                      busy=lambda: executor.queue_length > 0,
+                                      corrupt=os.environ.get("HOMESWARM_FAULT") == "corrupt-weights"),
         adapters=adapters,
     )
     service.peers.forwarder = partial(asyncio.to_thread, forwarder_address, dht)  # hand-off to relayed nodes
@@ -247,7 +272,9 @@ async def _serve_with_dht(
     announced_cert = certificate.cert_pem if certificate is not None else ""
     if certificate is not None and os.environ.get("HOMESWARM_FAULT") == "wrong-cert":
         announced_cert = NodeCertificate().cert_pem  # announces one certificate and presents another
-    weights = span_digest(await asyncio.to_thread(block_digests, config.model_dir), start, end) or ""
+    digests = await asyncio.to_thread(block_digests, config.model_dir)
+    weights = span_digest(digests, start, end) or ""
+    identity.block_digests = tuple(digests[b] for b in range(start, end)) if weights else ()  # for peers' fetches
 
     def make_record(state: ServerState) -> ServerRecord:
         return ServerRecord(
@@ -290,9 +317,9 @@ async def _serve_with_dht(
             },
         )
     logger.info(
-        "serving blocks %d..%d of %s at %s (%.0f steps/s per block, KV cache limit %d tokens: none is allocated "
+        "serving blocks %s of %s at %s (%.0f steps/s per block, KV cache limit %d tokens: none is allocated "
         "until sessions open)",
-        start, end - 1, model_name, address, throughput, sessions.free_tokens,
+        block_range(start, end), model_name, address, throughput, sessions.free_tokens,
     )
     if not relays:  # a relayed node's own addresses cannot be dialled: others join through its relays
         logger.info("others join with: join-swarm MODEL_DIR --initial-peers %s", maddrs[0] if maddrs else "?")
@@ -320,7 +347,7 @@ async def _serve_with_dht(
     metrics.live = None
     announcer.close()
     executor.shutdown()
-    logger.info("stopped serving blocks %d..%d", start, end - 1)
+    logger.info("stopped serving blocks %s", block_range(start, end))
     return period_end
 
 
@@ -364,10 +391,13 @@ def run(config: NodeConfig) -> None:
     """Run the node of a checked config (``node.preflight.parse_args``) until it stops; exit with its code."""
     setup_logging()
     fault = os.environ.get("HOMESWARM_FAULT", "")
-    if fault not in ("", "corrupt", "wrong-cert"):
-        print(f"join-swarm: error: HOMESWARM_FAULT must be 'corrupt', 'wrong-cert' or unset, got {fault!r}",
-              file=sys.stderr)
+    if fault not in ("", "corrupt", "wrong-cert", "corrupt-weights"):
+        print(f"join-swarm: error: HOMESWARM_FAULT must be 'corrupt', 'wrong-cert', 'corrupt-weights' or unset, "
+              f"got {fault!r}", file=sys.stderr)
         sys.exit(2)
+    if fault == "corrupt-weights":
+        logger.warning("HOMESWARM_FAULT=corrupt-weights: THIS NODE SENDS WRONG TENSOR BYTES TO PEERS FETCHING "
+                       "WEIGHTS ON PURPOSE (for tests); their digest checks ban it")
     if fault == "wrong-cert":
         logger.warning("HOMESWARM_FAULT=wrong-cert: THIS NODE ANNOUNCES A TLS CERTIFICATE OTHER THAN THE ONE IT "
                        "PRESENTS ON PURPOSE (for tests); every peer refuses it")

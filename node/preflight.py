@@ -37,7 +37,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "join-swarm") -> N
 def check(config: NodeConfig) -> NodeConfig:
     """Raise ConfigError for a setting or file that cannot work; return the config with a wildcard bind
     address resolved to the address to announce (``public_address``)."""
-    check_model_path(config.model_dir)
+    check_model_path(config.model_dir, from_peers=bool(config.initial_peers))
     check_memory(config)
     check_identity(config.identity)
     for flag, port in (("--port", config.port), ("--dht-port", config.dht_port), ("--metrics-port", config.metrics_port)):
@@ -46,8 +46,9 @@ def check(config: NodeConfig) -> NodeConfig:
     return resolve_wildcard(config)
 
 
-def check_model_path(model_dir: str) -> None:
-    """A folder here must hold config.json and some weights; a hub repository id (owner/name, where no
+def check_model_path(model_dir: str, *, from_peers: bool = False) -> None:
+    """A folder here must hold config.json and some weights (``from_peers``, joining a swarm: config.json
+    alone will do, the blocks come from nodes serving them); a hub repository id (owner/name, where no
     folder owner exists) is left to the download."""
     path = Path(model_dir)
     if model_dir.lower().endswith(".gguf"):
@@ -66,12 +67,13 @@ def check_model_path(model_dir: str) -> None:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         raise ConfigError(f"{config_path} is not a checkpoint config: {e}") from None
-    if _SNAPSHOT.search(path.absolute().as_posix()):
-        return  # a hub cache snapshot downloads the shards it lacks
+    if _SNAPSHOT.search(path.absolute().as_posix()) or from_peers:
+        return  # a hub cache snapshot downloads the shards it lacks; a joining node fetches them from peers
     if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
         raise ConfigError(f"{model_dir} holds no block's weights (no model.safetensors, nor a "
                           f"model.safetensors.index.json naming its shards): give the checkpoint's folder with the "
-                          f"shards of the blocks to serve, or a repository id to download them")
+                          f"shards of the blocks to serve, a repository id to download them, or join a swarm "
+                          f"(--initial-peers) whose nodes serve them to fetch them from those")
 
 
 def check_gguf_path(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The node's gRPC service: Info, a stateless Forward, the Inference session stream, and Push.
+"""The node's gRPC service: Info, a stateless Forward and Backward, the Inference session stream, and Push.
 
 A session's inputs arrive in one inbox, from its client's stream or pushed by the previous node of
 the chain (server-to-server hand-off); steps run in step_id order, a duplicate (a push that lost the
@@ -32,12 +32,15 @@ import grpc
 import torch
 
 from homeswarm.model import BlockSpan, cache_bytes
+from homeswarm.node import backward
+from homeswarm.node.adapters import SpanAdapters
 from homeswarm.node.executor import ComputeExecutor
 from homeswarm.node.handoff_targets import HandoffTargets, TargetsUnknown
 from homeswarm.node.metrics import NodeMetrics
 from homeswarm.node.peer_limits import PeerLimits, peer_host
 from homeswarm.node.peers import PeerChannels
 from homeswarm.node.sessions import Refusal, Session, SessionManager, SessionRefused
+from homeswarm.node.weight_upload import WeightUploader
 from homeswarm.node.wire import MalformedRequest
 from homeswarm.protocol import (
     PROTOCOL_VERSION,
@@ -108,6 +111,7 @@ class _LiveSession:
     pushes: set[asyncio.Task] = field(default_factory=set)
     # the client's steps read from its stream and not yet taken up: reading waits while it is full
     client_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(_MAX_INBOX))
+    adapter: str = ""  # the LoRA adapter every step runs with (OpenSession.adapter); "": the base weights
 
 
 @dataclass
@@ -125,6 +129,7 @@ class NodeIdentity:
     throughput: float = 0.0  # steps per second through one block
     software_version: str = ""
     quant: str = "none"  # weight format (model.weight_format: none, int8, int4, int4-experts)
+    block_digests: tuple[str, ...] = ()  # per block of the span, from the checkpoint files (model.digest)
 
 
 class NodeService(node_pb2_grpc.NodeServicer):
@@ -145,6 +150,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
         handoff_targets: HandoffTargets | None = None,
         corrupt_outputs: bool = False,
         prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
+        weight_uploads: WeightUploader | None = None,
+        adapters: SpanAdapters | None = None,
     ):
         """``peer_limits``: per-host sessions and request rate (None: unlimited); ``handoff_targets``:
         which addresses outputs may be pushed to (None: any well-formed address, for tests alone);
@@ -172,15 +179,29 @@ class NodeService(node_pb2_grpc.NodeServicer):
         if prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens must be positive, got {prefill_chunk_tokens}")
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.weight_uploads = weight_uploads  # None: the Weights rpc answers UNAVAILABLE
+        self.adapters = adapters  # LoRA adapters served beside the base weights (None: none)
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _subspan(self, start: int, end: int) -> BlockSpan:
+    def _subspan(self, start: int, end: int, adapter: str = "") -> BlockSpan:
+        """Blocks [start, end), with LoRA ``adapter`` applied when named (checked by ``_check_adapter``)."""
         if (start, end) == (self.span.start, self.span.end):
-            return self.span
-        if (start, end) not in self._subspans:
-            self._subspans[start, end] = self.span.subspan(start, end)
-        return self._subspans[start, end]
+            span = self.span
+        else:
+            if (start, end) not in self._subspans:
+                self._subspans[start, end] = self.span.subspan(start, end)
+            span = self._subspans[start, end]
+        if adapter and self.adapters is not None:
+            return self.adapters.view(adapter, span)
+        return span
+
+    def _check_adapter(self, adapter: str) -> None:
+        """BadRequest (NOT_FOUND) unless the node serves ``adapter`` ("" asks for the base weights)."""
+        if adapter and (self.adapters is None or adapter not in self.adapters):
+            message = (self.adapters.missing(adapter) if self.adapters is not None
+                       else f"this node does not serve LoRA adapter {adapter[:80]!r} (it serves none)")
+            raise BadRequest(message, grpc.StatusCode.NOT_FOUND)
 
     def _check_range(self, start: int, end: int) -> None:
         if not self.span.start <= start < end <= self.span.end:
@@ -277,6 +298,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             inline_steps=self.executor.inline_steps,
             quant=self.identity.quant,
             uptime_seconds=self.clock() - self.started,
+            block_digests=self.identity.block_digests,
         )
 
     async def Forward(
@@ -288,15 +310,21 @@ class NodeService(node_pb2_grpc.NodeServicer):
             self._check_range(request.start_block, request.end_block)
             if request.response_compression not in _COMPRESSIONS:
                 raise BadRequest(f"unknown compression {request.response_compression}")
+            self._check_adapter(request.adapter)
             hidden = self._decode_hidden(request.hidden, None, self.max_session_length)
         except BadRequest as e:
-            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self._abort(context, e.code, str(e))
         self.metrics.bytes_received.inc(request.ByteSize())
-        span = self._subspan(request.start_block, request.end_block)
-        output = await self.executor.run(span.forward, hidden)
+        span = self._subspan(request.start_block, request.end_block, request.adapter)
+        output = await backward.forward(self, request, span, hidden, context)  # deep prompts, when sent
         response = node_pb2.ForwardResponse(hidden=self._encode(output, request.response_compression))
         self.metrics.bytes_sent.inc(response.ByteSize())
         return response
+
+    async def Backward(
+        self, request: node_pb2.BackwardRequest, context: grpc.aio.ServicerContext
+    ) -> node_pb2.BackwardResponse:
+        return await backward.backward(self, request, context)  # see node/backward.py
 
     async def Inference(
         self, request_iterator: AsyncIterator[node_pb2.InferenceRequest], context: grpc.aio.ServicerContext
@@ -321,7 +349,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             if self.peer_limits is not None:
                 self.peer_limits.close_session(host)
             raise
-        live = _LiveSession(session, first.open.response_compression)
+        live = _LiveSession(session, first.open.response_compression, adapter=first.open.adapter)
         self._live[session.session_id] = live
         reader = asyncio.create_task(self._read_client(request_iterator, live))
         try:
@@ -389,6 +417,17 @@ class NodeService(node_pb2_grpc.NodeServicer):
             pass
         finally:
             live.inbox.put_nowait(None)
+
+    async def Weights(self, request: node_pb2.WeightsRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.WeightsChunk]:
+        """A block's checkpoint tensors for a peer fetching them (node.weight_upload)."""
+        await self._admit(context, request)
+        await self._check_version(request.protocol_version, context)
+        if self.weight_uploads is None:
+            await self._abort(context, grpc.StatusCode.UNAVAILABLE, "this node does not upload weights")
+        async for chunk in self.weight_uploads.stream(request, context):
+            self.metrics.bytes_sent.inc(len(chunk.data))
+            yield chunk
 
     async def Push(self, request: node_pb2.PushRequest, context: grpc.aio.ServicerContext) -> node_pb2.PushResponse:
         await self._admit(context, request)
@@ -472,7 +511,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             self.stats.steps_from_peers += 1
         else:
             self.stats.steps_from_client += 1
-        span = self._subspan(session.start, session.end)
+        span = self._subspan(session.start, session.end, live.adapter)
         if item.keep_length is not None:
             session.cache.truncate(item.keep_length)  # this session has no other step queued or running
         try:
@@ -559,8 +598,9 @@ class NodeService(node_pb2_grpc.NodeServicer):
                 raise BadRequest(f"max_length must be in 1..{self.max_session_length}, got {request.max_length}")
             if request.response_compression not in _COMPRESSIONS:
                 raise BadRequest(f"unknown compression {request.response_compression}")
+            self._check_adapter(request.adapter)
         except BadRequest as e:
-            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self._abort(context, e.code, str(e))
         span = self._subspan(request.start_block, request.end_block)
         needed = cache_bytes(
             span.config, span.num_blocks, request.batch_size, request.max_length, span.dtype

@@ -49,10 +49,15 @@ def add_node_service(servicer: Any, server: grpc.aio.Server) -> None:
                       response_serializer=node_pb2.InfoResponse.SerializeToString),
         "Forward": unary(servicer.Forward, request_deserializer=_parser(node_pb2.ForwardRequest),
                          response_serializer=node_pb2.ForwardResponse.SerializeToString),
+        "Backward": unary(servicer.Backward, request_deserializer=_parser(node_pb2.BackwardRequest),
+                          response_serializer=node_pb2.BackwardResponse.SerializeToString),
         "Inference": grpc.stream_stream_rpc_method_handler(
             servicer.Inference, request_deserializer=_parser(node_pb2.InferenceRequest),
             response_serializer=node_pb2.InferenceResponse.SerializeToString),
         "Push": unary(servicer.Push, request_deserializer=_parser(node_pb2.PushRequest),
                       response_serializer=node_pb2.PushResponse.SerializeToString),
+        "Weights": grpc.unary_stream_rpc_method_handler(
+            servicer.Weights, request_deserializer=_parser(node_pb2.WeightsRequest),
+            response_serializer=node_pb2.WeightsChunk.SerializeToString),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -1,0 +1,91 @@
+"""The folder a node keeps the blocks it fetched from peers in: an ordinary checkpoint folder once written.
+
+A model folder that holds no block's weights (``config.json`` alone, or with the safetensors index but
+none of the shards) gets its blocks from peers. They go to ``CACHE/peer-weights/NAME-CONFIGHASH/``
+(``--cache-dir``, default ``$XDG_CACHE_HOME/homeswarm`` or ``~/.cache/homeswarm``): ``config.json`` and the
+folder's other small files (tokenizer, generation config) copied, one ``block-NNNNN.safetensors`` per
+block (the canonical file of ``node.weight_stream``), a ``.part`` file beside it while its transfer is
+under way, and a ``model.safetensors.index.json`` naming every tensor of the blocks held, so the loader,
+the digests and the Weights rpc read it like any checkpoint. The folder is keyed by the model name and
+the config's hash: another model, or another config under the same name, never mixes with it.
+
+Invariants: a ``block-*.safetensors`` file exists only once its digest matched the agreed one (it is
+renamed from its ``.part`` then), so a restart trusts the blocks it finds; the index is replaced
+atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from homeswarm.model.checkpoint import INDEX_FILE, SINGLE_FILE
+from homeswarm.model.hub import local_blocks
+
+CONFIG_FILE = "config.json"
+_SMALL_FILE_BYTES = 64 << 20  # tokenizers and configs; never a weight file
+_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+_BLOCK_FILE = re.compile(r"block-(\d{5})\.safetensors")
+
+
+def default_cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "homeswarm"
+
+
+def needs_peers(model_dir: str | os.PathLike[str], num_blocks: int) -> bool:
+    """Whether ``model_dir`` is a checkpoint folder holding ``config.json`` and no block's weights."""
+    model_dir = Path(model_dir)
+    if not (model_dir / CONFIG_FILE).is_file() or (model_dir / SINGLE_FILE).is_file():
+        return False
+    if not (model_dir / INDEX_FILE).is_file():
+        return True
+    return not local_blocks(model_dir, num_blocks)
+
+
+def block_file(block: int) -> str:
+    return f"block-{block:05d}.safetensors"
+
+
+def peer_folder(model_dir: str | os.PathLike[str], model_name: str, cache_root: str | os.PathLike[str] | None) -> Path:
+    """The folder for ``model_name``'s blocks from peers, created with the model folder's small files."""
+    model_dir = Path(model_dir)
+    config = (model_dir / CONFIG_FILE).read_bytes()
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    name = _NAME.sub("_", model_name).strip("._")[:80] or "model"
+    folder = root / "peer-weights" / f"{name}-{hashlib.sha256(config).hexdigest()[:16]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in model_dir.iterdir():
+        if (path.is_file() and path.name != INDEX_FILE and not path.name.endswith((".safetensors", ".gguf", ".bin"))
+                and path.stat().st_size <= _SMALL_FILE_BYTES):
+            target = folder / path.name
+            if not target.is_file() or target.read_bytes() != path.read_bytes():
+                shutil.copyfile(path, target)
+    if not (folder / INDEX_FILE).is_file():
+        write_index(folder)
+    return folder
+
+
+def held_blocks(folder: str | os.PathLike[str]) -> list[int]:
+    """The blocks whose verified file the folder holds."""
+    return sorted(int(m.group(1)) for p in Path(folder).iterdir() if (m := _BLOCK_FILE.fullmatch(p.name)))
+
+
+def write_index(folder: str | os.PathLike[str]) -> None:
+    """Name every tensor of the block files held in the folder's index (atomically)."""
+    folder = Path(folder)
+    weight_map = {}
+    for block in held_blocks(folder):
+        with open(folder / block_file(block), "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        weight_map.update(dict.fromkeys((n for n in header if n != "__metadata__"), block_file(block)))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".index-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
+    os.replace(tmp, folder / INDEX_FILE)

@@ -1,0 +1,126 @@
+"""The serving side of the Weights rpc: a block's checkpoint tensors streamed to a peer that fetches them.
+
+Costs the node little: bytes are read from the checkpoint files on disk (``node.weight_stream``; never
+the in-memory, possibly quantized, tensors) in small reads on the event loop, so no thread competes
+with the compute thread; before each chunk the upload waits while compute has steps queued, so it
+never delays an inference step by more than one small read; all uploads together are held to
+``--upload-limit`` bytes per second (0: no uploads) by one token bucket, and at most ``max_uploads``
+run at once. A node stepping aside (``--idle-only``, the owner back) stops its gRPC server, which ends
+its uploads with it; the fetching peer resumes elsewhere at the offset it reached.
+
+Invariants: a request is checked (model, block held, offset) before any byte is read; every refusal is
+a gRPC status with a one-line message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+
+from homeswarm.node.weight_stream import BlockLayout, WeightStreamError, block_layout, read_range
+from homeswarm.protocol import node_pb2
+
+logger = logging.getLogger(__name__)
+
+MAX_CHUNK = 1 << 18  # bytes per message at most
+READ_SIZE = 1 << 16  # bytes per read on the event loop (tens of microseconds from the page cache)
+BUSY_POLL = 0.005  # seconds between looks at the compute queue while it has work
+DEFAULT_MAX_UPLOADS = 4
+
+
+class TokenBucket:
+    """``rate`` bytes per second in bursts of ``burst``; ``reserve`` says how long to wait before sending."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.last = now
+
+    def reserve(self, size: int, now: float) -> float:
+        """Book ``size`` bytes; the seconds to wait before they may go (0 when the bucket holds them)."""
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        self.tokens -= size
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+class WeightUploader:
+    def __init__(self, model_dir: str | Path, model_name: str, *, rate: float, busy: Callable[[], bool] = lambda: False,
+                 max_uploads: int = DEFAULT_MAX_UPLOADS, clock: Callable[[], float] = time.monotonic,
+                 corrupt: bool = False) -> None:
+        """``rate``: bytes per second for all uploads together (0: none; inf: no limit); ``busy``: whether compute
+        has work waiting (uploads wait meanwhile); ``corrupt``: flip bits of every tensor byte sent (a faulty
+        node, for testing the fetchers' digest checks)."""
+        self.model_dir = Path(model_dir)
+        self.model_name = model_name
+        self.rate = rate
+        self.busy = busy
+        self.max_uploads = max_uploads
+        self.clock = clock
+        self.corrupt = corrupt
+        self.bucket = TokenBucket(rate, max(rate / 4, MAX_CHUNK), clock()) if 0 < rate < float("inf") else None
+        self.active = 0
+        self.bytes_sent = 0
+        self._layouts: dict[int, BlockLayout | None] = {}
+
+    def layout(self, block: int) -> BlockLayout | None:
+        if block not in self._layouts:
+            self._layouts[block] = block_layout(self.model_dir, block)
+        return self._layouts[block]
+
+    async def stream(self, request: node_pb2.WeightsRequest,
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.WeightsChunk]:
+        if self.rate <= 0:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this node does not upload weights (--upload-limit 0)")
+        if request.model != self.model_name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"this node serves model {self.model_name!r}, "
+                                f"not {request.model[:120]!r}")
+        try:
+            layout = self.layout(request.block)
+        except WeightStreamError as e:
+            logger.warning("cannot upload block %d: %s", request.block, e)
+            layout = None
+        if layout is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"this node does not hold the checkpoint files of "
+                                f"block {request.block}")
+        total = layout.total_bytes
+        if request.offset > total:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is past the end of block "
+                                f"{request.block}'s {total} bytes")
+        if self.active >= self.max_uploads:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"already uploading to {self.active} peers; "
+                                f"try another node or later")
+        chunk = min(request.chunk_size or MAX_CHUNK, MAX_CHUNK)
+        self.active += 1
+        offset = request.offset
+        try:
+            while offset < total:
+                while self.busy():  # inference first: an upload only fills the gaps
+                    await asyncio.sleep(BUSY_POLL)
+                size = min(chunk, total - offset)
+                if self.bucket is not None:
+                    delay = self.bucket.reserve(size, self.clock())
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                data = bytearray()
+                while len(data) < size:
+                    data += read_range(layout, offset + len(data), min(READ_SIZE, size - len(data)))
+                    await asyncio.sleep(0)
+                if self.corrupt:
+                    self._corrupt(data, offset, len(layout.header))
+                yield node_pb2.WeightsChunk(offset=offset, data=bytes(data), total_bytes=total)
+                offset += size
+                self.bytes_sent += size
+        finally:
+            self.active -= 1
+
+    @staticmethod
+    def _corrupt(data: bytearray, offset: int, header_bytes: int) -> None:
+        for i in range(max(0, header_bytes - offset), len(data)):  # the tensors' bytes; the header stays valid
+            data[i] ^= 0x01

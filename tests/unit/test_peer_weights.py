@@ -1,0 +1,201 @@
+"""Weights from peers without sockets: the block file's canonical layout and checks, the fetch planner, the
+upload token bucket, and the fetch loop against fake peers (honest, lying, dying mid-transfer)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from homeswarm.model.digest import block_digests, file_block_digest
+from homeswarm.node.peer_fetch import PeerFetchError, fetch_blocks
+from homeswarm.node.peer_fetch_plan import FetchPlan, PeerOffer, agreed_digests
+from homeswarm.node.peer_folder import held_blocks, needs_peers, peer_folder
+from homeswarm.node.weight_stream import WeightStreamError, block_layout, check_header, read_range
+from homeswarm.node.weight_upload import TokenBucket
+from homeswarm.protocol import node_pb2
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """Two shards; block 1's tensors split across them, with a non-block tensor in each."""
+    g = torch.Generator().manual_seed(0)
+    t = {f"model.layers.{b}.{n}": torch.randn(s, generator=g) for b in range(3)
+         for n, s in (("mlp.up.weight", (8, 4)), ("input_layernorm.weight", (4,)))}
+    t["model.layers.1.mlp.down.weight"] = torch.randn(4, 8, generator=g).to(torch.bfloat16)
+    first = {k: v for k, v in t.items() if ".0." in k or "up" in k and ".1." in k}
+    first["model.embed_tokens.weight"] = torch.randn(16, 4, generator=g)
+    second = {k: v for k, v in t.items() if k not in first}
+    second["lm_head.weight"] = torch.randn(16, 4, generator=g)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save_file(first, folder / "a.safetensors")
+    save_file(second, folder / "b.safetensors")
+    weight_map = {k: "a.safetensors" for k in first} | {k: "b.safetensors" for k in second}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "config.json").write_text("{}")
+    return folder, t
+
+
+def block_bytes(folder, block) -> bytes:
+    layout = block_layout(folder, block)
+    return read_range(layout, 0, layout.total_bytes)
+
+
+def test_the_block_file_holds_the_blocks_tensors_and_has_their_digest(checkpoint, tmp_path):
+    folder, tensors = checkpoint
+    digests = block_digests(folder, cache_path=tmp_path / "digests.json")
+    for block in range(3):
+        data = block_bytes(folder, block)
+        path = tmp_path / f"block{block}.safetensors"
+        path.write_bytes(data)
+        loaded = load_file(path)
+        assert sorted(loaded) == sorted(k for k in tensors if f".{block}." in k)
+        assert all(torch.equal(loaded[k], tensors[k]) for k in loaded)
+        assert file_block_digest(path, block) == digests[block]
+        assert check_header(data, block, len(data)) == json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
+    layout = block_layout(folder, 1)
+    assert len(layout.segments) == 3  # from both shards
+    # any range reads the same bytes as the whole
+    whole = block_bytes(folder, 1)
+    assert b"".join(read_range(layout, o, 37) for o in range(0, len(whole), 37)) == whole
+    assert block_layout(folder, 7) is None
+    (folder / "b.safetensors").unlink()
+    assert block_layout(folder, 1) is None and block_layout(folder, 2) is None and block_layout(folder, 0) is not None
+
+
+def test_headers_that_are_not_a_blocks_canonical_one_are_refused(checkpoint):
+    folder, _ = checkpoint
+    data = block_bytes(folder, 0)
+    length = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + length])
+    with pytest.raises(WeightStreamError, match="not of block 1"):
+        check_header(data, 1, len(data))
+    with pytest.raises(WeightStreamError, match="fill"):
+        check_header(data, 0, len(data) + 1)
+    with pytest.raises(WeightStreamError, match="not a block's"):
+        check_header(struct.pack("<Q", 1 << 40) + data[8:], 0, len(data))
+    name = next(iter(header))
+    for bad in ({"dtype": "F99"}, {"shape": [-1]}, {"data_offsets": [1, 2]}, {"data_offsets": "x"}):
+        changed = {**header, name: {**header[name], **bad}}
+        text = json.dumps(changed, sort_keys=True, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        with pytest.raises(WeightStreamError, match="bad entry"):
+            check_header(struct.pack("<Q", len(text)) + text, 0, len(data))
+    spaced = json.dumps(header, sort_keys=True).encode()  # valid JSON, not canonical
+    spaced += b" " * (-len(spaced) % 8)
+    with pytest.raises(WeightStreamError, match="canonical"):
+        check_header(struct.pack("<Q", len(spaced)) + spaced, 0, len(data) - length + len(spaced))
+
+
+def offer(peer, blocks, digest="d"):
+    return PeerOffer(peer, f"127.0.0.1:{len(peer)}", {b: f"{digest}{b}" for b in blocks})
+
+
+def test_a_digest_counts_only_with_two_distinct_peers_and_a_majority():
+    offers = [offer("a", [0, 1, 2]), offer("b", [0, 1]), offer("c", [1], "x"), offer("d", [1], "x"),
+              offer("e", [2], "x")]
+    assert agreed_digests(offers, [0, 1, 2, 3]) == {0: "d0"}  # 1: a tie; 2: one peer each; 3: nobody
+    assert agreed_digests([offer("a", [0]), offer("a", [0])], [0]) == {}  # one peer id twice is one peer
+    assert agreed_digests([*offers, offer("f", [1])], [1]) == {1: "d1"}
+
+
+def test_blocks_spread_over_peers_and_failures_mean_what_they_should():
+    offers = [offer("a", range(4)), offer("b", range(4)), offer("c", [2, 3], "x")]
+    plan = FetchPlan([0, 1, 2, 3], offers, agreed_digests(offers, range(4)))
+    assert plan.take(offers[2]) is None  # it announces another digest
+    assert (plan.take(offers[0]), plan.take(offers[1])) == (0, 1)
+    plan.received(0, "a", 10)
+    plan.broke(0, "a")  # a drops out; its bytes stay
+    assert plan.take(offers[0]) is None and plan.partial == {0: 10}
+    assert plan.take(offers[1]) == 0 and plan.resumed == [(0, 10, "b")]  # the broken one first, resumed
+    plan.received(0, "b", 5)
+    assert plan.mismatched(0) is None and plan.partial == {}  # two senders: nobody banned, fetched afresh
+    plan.received(1, "b", 5)
+    assert plan.mismatched(1) == "b" and plan.banned == {"b"}
+    assert plan.stranded() == [0, 1, 2, 3] and not plan.complete
+    plan.finished(2)
+    assert 2 in plan.done and plan.stranded() == [0, 1, 3]
+
+
+def test_the_token_bucket_holds_uploads_to_the_rate():
+    bucket = TokenBucket(rate=1000, burst=500, now=0.0)
+    assert bucket.reserve(500, 0.0) == 0.0
+    assert bucket.reserve(250, 0.0) == pytest.approx(0.25)
+    assert bucket.reserve(250, 1.0) == 0.0  # 0.75 s refilled 750: 500 left after
+    assert bucket.reserve(1000, 1.0) == pytest.approx(0.75)
+
+
+def test_a_folder_with_only_a_config_needs_peers_and_gets_a_cache_folder(checkpoint, tmp_path):
+    folder, _ = checkpoint
+    assert not needs_peers(folder, 3)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text('{"a": 1}')
+    (bare / "tokenizer.json").write_text("{}")
+    assert needs_peers(bare, 3)
+    cache = peer_folder(bare, "org/model name", tmp_path / "cache")
+    assert cache.parent == tmp_path / "cache" / "peer-weights" and cache.name.startswith("org_model_name-")
+    assert sorted(p.name for p in cache.iterdir()) == ["config.json", "model.safetensors.index.json", "tokenizer.json"]
+    assert held_blocks(cache) == []
+
+
+class FakePeer:
+    """A Weights stream from ``folder``: honest, with flipped tensor bytes, or dying after ``die_after`` bytes."""
+
+    def __init__(self, folder, *, corrupt=False, die_after=None):
+        self.folder, self.corrupt, self.die_after, self.requests = folder, corrupt, die_after, []
+
+    def Weights(self, request):  # noqa: N802
+        self.requests.append((request.block, request.offset))
+        return self._stream(request)
+
+    async def _stream(self, request):
+        layout = block_layout(self.folder, request.block)
+        offset, sent = request.offset, 0
+        while offset < layout.total_bytes:
+            if self.die_after is not None and sent >= self.die_after:
+                raise ConnectionError("the peer died")
+            data = bytearray(read_range(layout, offset, 64))
+            if self.corrupt and offset + len(data) > len(layout.header):
+                data[-1] ^= 1
+            yield node_pb2.WeightsChunk(offset=offset, data=bytes(data), total_bytes=layout.total_bytes)
+            offset += len(data)
+            sent += len(data)
+            await asyncio.sleep(0)
+
+
+def run_fetch(dest, peers, blocks, digests):
+    offers = [PeerOffer(name, "x:1", dict(digests)) for name in peers]
+
+    async def stub_of(o):
+        return peers[o.peer_id]
+
+    return asyncio.run(fetch_blocks(dest, "m", blocks, offers, stub_of, max_block_bytes=1 << 20, stall_timeout=5))
+
+
+def test_fetching_bans_a_liar_resumes_after_a_death_and_needs_agreement(checkpoint, tmp_path):
+    folder, _ = checkpoint
+    digests = block_digests(folder, cache_path=tmp_path / "digests.json")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    peers = {"liar": FakePeer(folder, corrupt=True), "dying": FakePeer(folder, die_after=128),
+             "honest": FakePeer(folder)}
+    report = run_fetch(dest, peers, [0, 1, 2], digests)
+    assert report.banned == {"liar"} and set(report.blocks.values()) == {"honest"}
+    assert [(b, o) for b, o, p in report.resumed if p == "honest"] == [(1, 128)]  # dying's block, at its offset
+    assert held_blocks(dest) == [0, 1, 2] and not list(dest.glob("*.part"))
+    assert block_digests(dest, cache_path=tmp_path / "digests.json") == digests  # and the index names them all
+    with pytest.raises(PeerFetchError, match="no two peers"):
+        run_fetch(dest, {"honest": FakePeer(folder)}, [0], digests)
+    (tmp_path / "dest2").mkdir()
+    with pytest.raises(PeerFetchError, match="no peer left"):
+        run_fetch(tmp_path / "dest2", {"liar": FakePeer(folder, corrupt=True), "liar2": FakePeer(folder, corrupt=True)},
+                  [2], digests)
+    assert held_blocks(tmp_path / "dest2") == [] and not list((tmp_path / "dest2").glob("*.part"))
