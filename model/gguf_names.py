@@ -18,9 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from .gguf_arch import ARCHITECTURES as OWN_TABLES
+from .gguf_arch import arch_config
+
 # GGUF architecture -> our model_type (a llama file with experts is Mixtral: llama.cpp writes it so)
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen2moe": "qwen2_moe",
-                 "qwen3moe": "qwen3_moe"}
+                 "qwen3moe": "qwen3_moe", **OWN_TABLES}
 # architectures whose converter permutes q/k rows for its interleaved RoPE (LlamaModel.permute)
 PERMUTED_QK = frozenset({"llama"})
 
@@ -60,7 +63,7 @@ _HEAD_NAMES = {
     "lm_head.weight": "output.weight",
 }
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(?:mlp\.|block_sparse_moe\.)?(.+)$")
-_FULL_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+FULL_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def gguf_names(hf_name: str) -> tuple[str, ...] | None:
@@ -68,7 +71,7 @@ def gguf_names(hf_name: str) -> tuple[str, ...] | None:
     stack, concatenated along rows), or None where there is no such tensor in any GGUF."""
     if hf_name in _HEAD_NAMES:
         return (_HEAD_NAMES[hf_name],)
-    match = _FULL_LAYER.match(hf_name)
+    match = FULL_LAYER.match(hf_name)
     if match is None:
         return None
     layer, key = match.groups()
@@ -142,6 +145,8 @@ def config_dict(meta: dict[str, Any], tensor_names: set[str], vocab_size: int) -
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
+    if arch in OWN_TABLES:  # DeepSeek-V3 / K2 and GPT-OSS: their own keys and tables
+        return arch_config(meta, tensor_names, vocab_size, d, _get, _f32)
     value_length = _get(meta, f"{arch}.attention.value_length", d["head_dim"])
     if value_length != d["head_dim"]:
         raise ValueError(f"{arch}: value heads of {value_length} with key heads of {d['head_dim']} are not supported")

@@ -28,8 +28,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import gguf_arch
 from .checkpoint import MissingTensorsError
-from .gguf_names import ARCHITECTURES, PERMUTED_QK, config_dict, gguf_names, hf_names, llama3_rope_scaling
+from .gguf_names import (
+    ARCHITECTURES,
+    FULL_LAYER,
+    OWN_TABLES,
+    PERMUTED_QK,
+    config_dict,
+    gguf_names,
+    hf_names,
+    llama3_rope_scaling,
+)
 from .gguf_q4_0 import (
     PER_EXPERT,
     Q4_0_AS_PACKED_INT4,
@@ -147,21 +157,31 @@ class GGUFCheckpoint:
 
     def names(self) -> list[str]:
         """Every Hugging Face tensor name the file holds, sorted."""
+        if self.arch in OWN_TABLES:
+            heads = [n for n in hf_names(set(self._tensors), 0) if n in self]
+            return sorted(heads + [f"model.layers.{i}.{key}" for i in range(self.num_layers)
+                                   for key in gguf_arch.block_keys(self.arch)
+                                   if gguf_arch.sources(self.arch, i, key, self._tensors) is not None])
         prefix = "block_sparse_moe." if self.config_dict()["model_type"] == "mixtral" else "mlp."
         return sorted(hf_names(set(self._tensors), self.num_layers, moe_prefix=prefix))
 
-    def _source(self, name: str) -> tuple[list[Any], int | None] | None:
-        """The GGUF tensor(s) holding ``name`` and, for one expert's 4-bit matrix, which expert of the stack."""
+    def _source(self, name: str) -> tuple[list[Any], int | None, str] | None:
+        """The GGUF tensor(s) holding ``name``, for one expert's 4-bit matrix which expert of the stack, and
+        how the parts make the tensor (:func:`.gguf_arch.shape`)."""
         base, packed = packed_base(name)
         expert = PER_EXPERT.match(base) if packed else None
         if expert is not None:
             layer, index, part = expert.groups()
             stack = self._tensors.get(f"blk.{layer}.{STACK_OF[part]}.weight")
-            return ([stack], int(index)) if stack is not None and int(index) < int(stack.shape[2]) else None
+            return ([stack], int(index), "plain") if stack is not None and int(index) < int(stack.shape[2]) else None
+        layer_name = FULL_LAYER.match(base)
+        if self.arch in OWN_TABLES and layer_name is not None:
+            found = gguf_arch.sources(self.arch, int(layer_name.group(1)), layer_name.group(2), self._tensors)
+            return None if found is None else ([self._tensors[p] for p in found[1]], None, found[0])
         parts = gguf_names(base)
         if parts is None or not all(p in self._tensors for p in parts):
             return None
-        return [self._tensors[p] for p in parts], None
+        return [self._tensors[p] for p in parts], None, "plain" if len(parts) == 1 else "rows"
 
     def __contains__(self, name: object) -> bool:
         source = self._source(name) if isinstance(name, str) else None
@@ -190,7 +210,7 @@ class GGUFCheckpoint:
                             "weight_shape": (torch.int64, (2,))}[packed]
             return TensorEntry(dtype=dtype, shape=shape, begin=0, end=0)
         shapes = [tuple(int(d) for d in reversed(t.shape)) for t in parts]
-        shape = shapes[0] if len(shapes) == 1 else (shapes[0][0], sum(s[1] for s in shapes), *shapes[0][2:])
+        shape = gguf_arch.shape(self._source(name)[2], shapes)  # type: ignore[index]
         dtype = torch.float16 if parts[0].tensor_type.name == "F16" else torch.float32
         return TensorEntry(dtype=dtype, shape=shape, begin=0, end=0)
 
@@ -206,16 +226,8 @@ class GGUFCheckpoint:
         expert = self._source(name)[1]  # type: ignore[index]
         if packed:
             self._q4_0_into(parts[0], packed, out, expert)
-        elif len(parts) == 1:
-            self._convert(parts[0], out)
-        else:  # a fused gate/up stack: the parts one after the other along rows
-            begin = 0
-            for t in parts:
-                rows = int(t.shape[1])  # GGML's order: [columns, rows, experts]
-                data = np.asarray(t.data)
-                for e in range(out.shape[0]):  # expert by expert: each target is contiguous
-                    self._convert(t, out[e, begin : begin + rows], data[e])
-                begin += rows
+        else:  # one tensor, a fused gate/up stack, or an architecture's own layout (gguf_arch)
+            gguf_arch.read(self._source(name)[2], parts, out, self._convert, lambda t: np.asarray(t.data))  # type: ignore[index]
         for t in parts:
             self._release(t, expert)
         if self.arch in PERMUTED_QK:
@@ -267,6 +279,8 @@ class GGUFCheckpoint:
             target[begin : begin + values.shape[0]].copy_(values.view(-1, target.shape[-1]))
 
     def _q4_0_linears(self) -> tuple[bool, list[str]]:
+        if self.arch in OWN_TABLES:  # MLA's and GPT-OSS's matrices have no 4-bit reading yet: dequantized
+            return False, []
         return q4_0_plan({n: t.tensor_type.name for n, t in self._tensors.items()}, self.arch)
 
     def _q4_0_into(self, t: Any, packed: str, out: Tensor, expert: int | None = None) -> None:

@@ -1,0 +1,116 @@
+"""DeepSeek-V3 / Kimi K2 (``deepseek2``) and GPT-OSS (``gpt-oss``) GGUF files as checkpoints: an F32 file
+written from a random checkpoint as llama.cpp's converter writes it gives transformers' logits on the
+source checkpoint and its greedy tokens (MLA with low-rank or full queries, ``kv_b_proj`` split into
+``attn_k_b``/``attn_v_b`` or whole, expert groups, shared experts, the score-correction bias, the leading
+dense layers; GPT-OSS's sinks, alternating window, biased clamped experts); a GPT-OSS file with MXFP4
+experts repacked from the hub's holds exactly the hub checkpoint's dequantized weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from homeswarm.model import LocalModel, load_span
+from homeswarm.model.gguf_files import gguf_folder, gguf_weight_format
+from homeswarm.model.gguf_names import config_dict
+from tests.helpers.checkpoints import reference_greedy, reference_model
+from tests.helpers.deepseek_checkpoints import make_deepseek_checkpoint, reference_deepseek
+from tests.helpers.gguf_families import write_deepseek_gguf, write_gpt_oss_gguf
+from tests.helpers.gpt_oss_checkpoints import make_gpt_oss_checkpoint, make_mxfp4_checkpoint
+
+# what a GGUF can say: DeepSeek's mscale equal to mscale_all_dim (llama.cpp stores one), as in every
+# release; GPT-OSS's SwiGLU limit 7 (llama.cpp's, fixed for the architecture)
+_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256,
+         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.8, "mscale_all_dim": 0.8}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("gguf-families")
+
+
+def _prompt(length: int = 24) -> torch.Tensor:
+    return torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(4))
+
+
+def _check(folder, reference, source, prompt: torch.Tensor, tokens: int = 8) -> LocalModel:
+    model = LocalModel(folder)
+    with torch.no_grad():
+        want = reference(prompt).logits
+        got = model.head.logits(model.forward(model.head.embed(prompt)))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert model.generate(prompt, tokens).tolist() == reference_greedy(source, prompt, tokens, model=reference).tolist()
+    return model
+
+
+@pytest.mark.parametrize(("variant", "split_kv_b"), [("deepseek_v3", True), ("kimi_k2", True),
+                                                     ("deepseek_v3_full_q", False)])
+def test_f32_deepseek2_gguf_equals_transformers_on_the_source(variant, split_kv_b, root):
+    # llama.cpp's deepseek2 rotates interleaved pairs: the full-query variant is written so too
+    overrides = {"rope_parameters": _YARN, **({"rope_interleave": True} if variant.endswith("full_q") else {})}
+    source = make_deepseek_checkpoint(root / variant, variant, num_layers=3, seed=21, **overrides)
+    path = write_deepseek_gguf(source, root / f"{variant}.gguf", split_kv_b=split_kv_b)
+    folder = gguf_folder(path, cache_dir=root / "cache")
+    model = _check(folder, reference_deepseek(source), source, _prompt())
+    assert model.config.family == "deepseek_v3" and model.config.mla is not None
+    assert model.config.moe.dense_layers == frozenset({0}) and model.config.moe.n_group == (1 if variant == "kimi_k2" else 4 if variant == "deepseek_v3" else 2)
+    assert gguf_weight_format(folder, 0, 3) == "gguf-f32"
+
+
+def test_quantized_deepseek2_gguf_is_dequantized_at_load(root):
+    source = make_deepseek_checkpoint(root / "ds-q8", "deepseek_v3", num_layers=2, seed=22, rope_parameters=_YARN)
+    path = write_deepseek_gguf(source, root / "ds-q8_0.gguf", "Q8_0")
+    folder = gguf_folder(path, cache_dir=root / "cache")
+    import gguf
+
+    file = gguf.GGUFReader(path)
+    stored = {t.name: np.array(gguf.quants.dequantize(t.data, t.tensor_type)) for t in file.tensors}
+    span = load_span(folder, 1, 2)
+    experts = span.layers[0].mlp.experts
+    up = torch.from_numpy(stored["blk.1.ffn_up_exps.weight"])
+    assert torch.equal(experts.gate_up_proj[:, up.shape[1]:], up)
+    assert {t.name: t.tensor_type.name for t in file.tensors}["blk.1.attn_v_b.weight"] == "Q8_0"
+    k_b = torch.from_numpy(stored["blk.1.attn_k_b.weight"])  # [heads, lora, nope]
+    assert torch.equal(span.layers[0].self_attn.kv_b_proj.w_uk, k_b.transpose(1, 2))
+    assert torch.equal(span.layers[0].self_attn.kv_b_proj.w_uv, torch.from_numpy(stored["blk.1.attn_v_b.weight"]))
+    assert gguf_weight_format(folder, 0, 2) == "gguf-q8_0"
+
+
+def test_f32_gpt_oss_gguf_equals_transformers_on_the_source(root):
+    source = make_gpt_oss_checkpoint(root / "oss", num_layers=2, seed=23, swiglu_limit=7.0)
+    folder = gguf_folder(write_gpt_oss_gguf(source, root / "oss.gguf"), cache_dir=root / "cache")
+    model = _check(folder, reference_model(source), source, _prompt(40))  # longer than the window (16)
+    assert model.config.family == "gpt_oss" and model.config.sliding_window == 16
+
+
+def test_mxfp4_gpt_oss_gguf_holds_the_hub_checkpoints_weights(root):
+    source = make_gpt_oss_checkpoint(root / "oss-src", num_layers=2, seed=24, swiglu_limit=7.0)
+    hub = make_mxfp4_checkpoint(source, root / "oss-mxfp4")
+    path = write_gpt_oss_gguf(source, root / "oss-mxfp4.gguf", mxfp4_from=hub)
+    folder = gguf_folder(path, cache_dir=root / "cache")
+    ours, theirs = load_span(folder, 0, 2), load_span(hub, 0, 2)
+    for (name, x), (other, y) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
+        assert name == other and torch.equal(x, y), name
+    assert gguf_weight_format(folder, 0, 2) == "gguf-mxfp4_moe"
+
+
+def test_softmax_routed_deepseek2_is_refused():
+    meta = {"general.architecture": "deepseek2", "deepseek2.block_count": 2, "deepseek2.embedding_length": 64,
+            "deepseek2.feed_forward_length": 128, "deepseek2.attention.head_count": 4,
+            "deepseek2.expert_gating_func": 1}
+    with pytest.raises(ValueError, match="only sigmoid-routed"):
+        config_dict(meta, set(), 256)
+    with pytest.raises(ValueError, match="only sigmoid-routed"):
+        config_dict({k: v for k, v in meta.items() if k != "deepseek2.expert_gating_func"}, set(), 256)
