@@ -21,10 +21,12 @@ import torch
 
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.drafters import Drafter, make_drafter
+from homeswarm.client.remote_blocks import RemoteBlocks
 from homeswarm.client.route import RouteManager
 from homeswarm.client.sampling import SamplingParams, next_tokens
 from homeswarm.client.session import InferenceSession
 from homeswarm.client.speculative import MAX_DRAFT, SpeculationStats, SpeculativeDecoder
+from homeswarm.client.training import CausalLMOutput, PromptTuning, causal_lm_forward
 from homeswarm.client.transport import ChannelPool
 from homeswarm.model import ModelConfig, load_head, parse_dtype
 from homeswarm.model.digest import block_digests
@@ -55,11 +57,17 @@ class DistributedModelForCausalLM:
         config: ClientConfig | None = None,
         exact: bool | None = None,
         cache_dir: str | Path | None = None,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        adapter: str | None = None,
     ):
         """``model_dir``: a checkpoint folder, a GGUF file (its stem the default model name), or a Hugging
         Face repository id (``owner/name``, the default model name then) whose config, head shards and
         tokenizer are downloaded into ``cache_dir`` (default: huggingface_hub's cache). ``exact``: route only
-        through nodes serving unquantized weights (overrides ``config.exact``)."""
+        through nodes serving unquantized weights (overrides ``config.exact``). ``tuning_mode``: "ptune" or
+        "deep_ptune" with ``pre_seq_len`` trainable prompt positions (``client.training``); None: none.
+        ``adapter``: a LoRA adapter served by nodes, by name, for every session (overrides ``config.adapter``;
+        a session may name its own)."""
         if is_gguf_path(model_dir):  # a folder of its config and tokenizer; the head's weights read from the file
             model_name = model_name or model_stem(model_dir)
             model_dir = gguf_folder(model_dir)
@@ -70,6 +78,8 @@ class DistributedModelForCausalLM:
         self.config = config or ClientConfig()
         if exact is not None:
             self.config = dataclasses.replace(self.config, exact=exact)
+        if adapter is not None:
+            self.config = dataclasses.replace(self.config, adapter=adapter)
         self.model_config = ModelConfig.from_dir(self.model_dir)
         self.model_name = model_name or self.model_dir.resolve().name
         raw = json.loads((self.model_dir / "config.json").read_text())
@@ -91,6 +101,27 @@ class DistributedModelForCausalLM:
             self.dht, self.pool, self.model_name, self.model_config.num_hidden_layers, self.config,
             weights=block_digests(self.model_dir) if self.config.check_weights else None,
         )
+        self.remote_blocks = RemoteBlocks(self.routes, self.pool, self.config)  # training: Forward/Backward RPCs
+        self.tuning: PromptTuning | None = None
+        if tuning_mode is not None:
+            self.tuning = PromptTuning(tuning_mode, pre_seq_len, self.model_config.num_hidden_layers,
+                                       self.model_config.hidden_size, dtype=self.head.dtype,
+                                       init_std=float(self.head.embed_tokens.weight.float().std()))
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
+        """``.logits`` and, with ``labels``, ``.loss`` (shifted cross-entropy) as transformers gives them;
+        differentiable through the swarm in ``inputs_embeds`` and the client's parameters."""
+        return causal_lm_forward(self.head, self.remote_blocks, self.tuning, input_ids=input_ids,
+                                 inputs_embeds=inputs_embeds, labels=labels, attention_mask=attention_mask)
+
+    __call__ = forward
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The client's parameters (prompts, then the frozen head), for a torch optimizer."""
+        if self.tuning is not None:
+            yield from self.tuning.parameters()
+        yield from self.head.parameters()
 
     @classmethod
     def from_pretrained(
@@ -102,9 +133,12 @@ class DistributedModelForCausalLM:
     ) -> DistributedModelForCausalLM:
         return cls(model_dir, initial_peers=initial_peers, model_name=model_name, **kwargs)
 
-    def inference_session(self, *, max_length: int, batch_size: int = 1) -> InferenceSession:
-        """A session for step-by-step use: ``session.step(hidden)`` runs every block with caches."""
-        return InferenceSession(self.routes, self.pool, self.config, batch_size=batch_size, max_length=max_length)
+    def inference_session(self, *, max_length: int, batch_size: int = 1,
+                          adapter: str | None = None) -> InferenceSession:
+        """A session for step-by-step use: ``session.step(hidden)`` runs every block with caches. ``adapter``: the
+        LoRA adapter its blocks run with, through the nodes that serve it ("": none; None: the model's)."""
+        config = self.config if adapter is None else dataclasses.replace(self.config, adapter=adapter)
+        return InferenceSession(self.routes, self.pool, config, batch_size=batch_size, max_length=max_length)
 
     @torch.no_grad()
     def generate_stream(

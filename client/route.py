@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.transport import ChannelPool, HopFailed, ping
 from homeswarm.model.digest import span_digest
+from homeswarm.routing.adapter_routes import plan_for_adapter
 from homeswarm.routing.dht import ServersLookup, SwarmDHT
 from homeswarm.routing.planner import Hop, MissingBlocksError, plan_exact_route, plan_route
 from homeswarm.routing.records import PeerId, ServerRecord, ServerState
@@ -188,21 +189,28 @@ class RouteManager:
                 continue
             self.record_rtt(record.peer_id, rtt)
 
-    def plan(self, start: int, end: int, *, cache_tokens_needed: int = 0) -> list[Hop]:
-        """A chain covering [start, end); MissingBlocksError (naming the blocks) if there is none."""
+    def plan(self, start: int, end: int, *, cache_tokens_needed: int = 0, exact: bool | None = None,
+             adapter: str | None = None) -> list[Hop]:
+        """A chain covering [start, end); MissingBlocksError (naming the blocks) if there is none. ``exact``
+        overrides ``config.exact`` (training needs unquantized nodes: quantized ones have no backward);
+        ``adapter`` overrides ``config.adapter`` (a LoRA adapter: only nodes announcing it are used)."""
         with self._lock:
-            return self._plan(start, end, cache_tokens_needed)
+            return self._plan(start, end, cache_tokens_needed, self.config.exact if exact is None else exact,
+                              self.config.adapter if adapter is None else adapter)
 
-    def _plan(self, start: int, end: int, cache_tokens_needed: int) -> list[Hop]:
+    def _plan(self, start: int, end: int, cache_tokens_needed: int, exact: bool = False,
+              adapter: str = "") -> list[Hop]:
         for attempt in range(2):
             records = self.records(refresh=attempt > 0)
             self._ping_unknown([r for r in records if r.start < end and r.end > start])
-            plan = plan_exact_route if self.config.exact else plan_route  # exact: unquantized nodes only
+            plan = plan_exact_route if exact else plan_route  # exact: unquantized nodes only
             try:
-                return plan(
+                return plan_for_adapter(  # with an adapter: only the nodes that announce it
                     records,
                     start,
                     end,
+                    adapter=adapter,
+                    plan=plan,
                     rtts=self.rtts,
                     banned=self.bans,
                     now=self.clock(),
