@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from homeswarm.client.config import ClientConfig
+from homeswarm.protocol.block_range import block_range
 from homeswarm.routing.preflight import (
     check_initial_peers,
     explain_dht_error,
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "started with --insecure, which are otherwise used in plaintext)")
     gen.add_argument("--exact", action="store_true", help="route only through nodes serving the checkpoint's own "
                      "weights (not int8/int4 quantized ones); fails when only quantized nodes serve some blocks")
+    gen.add_argument("--adapter", metavar="NAME", default="", help="run every block with this LoRA adapter (its "
+                     "name as nodes serving it announce it, join-swarm --adapters), through those nodes only")
     # SUPPRESS: the subcommand's flag must not reset `homeswarm -v generate`
     gen.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
                      help="log what the client does, and print the route the generation used (nodes, blocks, "
@@ -296,13 +299,20 @@ def _join(model_dir: Path, args: argparse.Namespace):  # noqa: ANN202 - the clie
     step_timeout = getattr(args, "step_timeout", ClientConfig.step_timeout)
     if not step_timeout > 0:
         raise UsageError(f"--step-timeout must be positive, got {step_timeout:g}")
+    adapter = getattr(args, "adapter", "")
+    if adapter:
+        from homeswarm.routing.records import ADAPTER_NAME_RE
+
+        if not ADAPTER_NAME_RE.fullmatch(adapter):
+            raise UsageError(f"--adapter must be an adapter's name: 1-64 letters, digits, '.', '_' or '-' "
+                             f"(starting with a letter or digit), got {adapter!r}")
     try:
         return AutoDistributedModelForCausalLM.from_pretrained(
             model_dir, initial_peers=args.initial_peers, model_name=args.model_name,
             config=ClientConfig(compression=args.compression, exact=getattr(args, "exact", False),
                                 verify_fraction=getattr(args, "verify_fraction", 0.0),
                                 require_tls=getattr(args, "require_tls", False), step_timeout=step_timeout,
-                                mirrors=not getattr(args, "trust", False)),
+                                mirrors=not getattr(args, "trust", False), adapter=adapter),
         )
     except (MissingTensorsError, MissingShardsError) as e:
         raise UsageError(str(e)) from None
@@ -402,8 +412,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             failed = f" (after {session.failovers} node failure(s))" if session.failovers else ""
             print(f"route{failed}:", file=sys.stderr)
             for hop in route:
-                print(f"  blocks {hop['blocks'][0]}..{hop['blocks'][1] - 1}: {hop['address']} "
-                      f"(peer {hop['peer_id']}, weights {hop['quant']}, {hop['dtype']})", file=sys.stderr)
+                weights = hop["dtype"] if hop["quant"] == "none" else f"{hop['quant']}, {hop['dtype']}"
+                print(f"  blocks {block_range(*hop['blocks'])}: {hop['address']} "
+                      f"(peer {hop['peer_id']}, weights {weights})", file=sys.stderr)
     finally:
         if session is not None:
             session.close()

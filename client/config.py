@@ -39,6 +39,8 @@ class ClientConfig:
                              "its memory again")
     exact: bool = _opt(False, "route only through nodes that serve the checkpoint's own weights (no int8 or "
                        "int4 quantization); by default any node is accepted")
+    adapter: str = _opt("", "LoRA adapter (its name as nodes announce it) that every block runs with: routes only "
+                        "through nodes that serve it; empty: the base weights")
     handoff: bool = _opt(True, "nodes pass hidden states straight to the next node (N+1 legs a step, not 2N)")
     verify_fraction: float = _opt(
         0.0, "share of steps (0..1) whose every hop is re-run on a second server of the same span and compared; "

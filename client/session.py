@@ -80,7 +80,7 @@ class InferenceSession(MirroredHops):
         self.busy_waits = 0  # late answers waited for because the node still answered Info
         self.caught: list[str] = []  # peer ids of nodes caught returning wrong hidden states
         self.verifier = Verifier(pool, fraction=config.verify_fraction, compression=config.compression,
-                                 timeout=config.forward_timeout)
+                                 timeout=config.forward_timeout, adapter=config.adapter)
         self._step_id = 0
         self._wakeups: queue.SimpleQueue = queue.SimpleQueue()  # hop streams signal arrivals here
         self._hops: list[OpenHop] = []
@@ -115,6 +115,7 @@ class InferenceSession(MirroredHops):
             step_timeout=self.config.step_timeout,
             wakeups=self._wakeups,
             mirror=mirror,
+            adapter=self.config.adapter,
         )
 
     def _compression_for(self, hop: Hop) -> int:
@@ -129,7 +130,8 @@ class InferenceSession(MirroredHops):
     def _plan(self, start: int, end: int) -> list[OpenHop]:
         """Open streams covering [start, end); retries with a new plan when a node refuses."""
         while True:
-            route = self.routes.plan(start, end, cache_tokens_needed=self.batch_size * self.max_length)
+            route = self.routes.plan(start, end, cache_tokens_needed=self.batch_size * self.max_length,
+                                     adapter=self.config.adapter)
             opened: list[OpenHop] = []
             try:
                 for hop in route:

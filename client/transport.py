@@ -157,8 +157,10 @@ class HopStream:
         step_timeout: float,
         wakeups: queue.SimpleQueue | None = None,
         mirror: bool = False,
+        adapter: str = "",
     ):
-        """``mirror``: open a mirror session (``OpenSession.mirror``: a node short of cache refuses it first)."""
+        """``mirror``: open a mirror session (``OpenSession.mirror``: a node short of cache refuses it first);
+        ``adapter``: the LoRA adapter the node runs the session's steps with ("": the base weights)."""
         self.peer_id = peer_id
         self._wakeups = wakeups
         self.address = address
@@ -185,6 +187,7 @@ class HopStream:
                     max_length=max_length,
                     response_compression=compression,
                     mirror=mirror,
+                    adapter=adapter,
                 ),
             )
         )

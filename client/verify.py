@@ -91,8 +91,10 @@ class Verifier:
     """Decides which steps are checked and checks one hop's answer against replicas of its span."""
 
     def __init__(self, pool: ChannelPool, *, fraction: float, compression: str, timeout: float,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, adapter: str = ""):
+        """``adapter``: the session's LoRA adapter: replicas must serve it, and run it."""
         self.pool = pool
+        self.adapter = adapter
         self.fraction = fraction
         self.compression = compression
         self.timeout = timeout
@@ -107,13 +109,13 @@ class Verifier:
                  banned: Callable[[str], bool]) -> list[ServerRecord]:
         found = [r for r in records if r.peer_id != hop.peer_id and r.start <= start and end <= r.end
                  and r.state == ServerState.ONLINE and r.dtype == hop.dtype and r.quant == hop.quant
-                 and not banned(r.peer_id)]
+                 and (not self.adapter or self.adapter in r.adapters) and not banned(r.peer_id)]
         self.rng.shuffle(found)
         return found
 
     def forward(self, server: ServerRecord, inputs: torch.Tensor, start: int, end: int) -> torch.Tensor:
         request = node_pb2.ForwardRequest(protocol_version=PROTOCOL_VERSION, hidden=serialize_tensor(inputs),
-                                          start_block=start, end_block=end)
+                                          start_block=start, end_block=end, adapter=self.adapter)
         try:
             response = self.pool.stub(server.address, server.peer_id).Forward(request, timeout=self.timeout)
             return deserialize_tensor(response.hidden)

@@ -3,7 +3,7 @@
 A record travels through the DHT as a plain dict of primitives. Records come from other peers and
 are untrusted: ``ServerRecord.from_dict`` validates every field and raises ``InvalidRecord`` on
 anything malformed, so the planner only ever sees well-formed data. Optional fields (``public_name``,
-``queue``, ``quant``, ``relays``, ``weights``, ``tls_cert``) may be absent (records from older nodes) but are validated when present; unknown
+``queue``, ``quant``, ``relays``, ``weights``, ``tls_cert``, ``adapters``) may be absent (records from older nodes) but are validated when present; unknown
 keys are ignored, so newer nodes can add fields.
 """
 
@@ -29,6 +29,9 @@ _MAX_QUEUE = 1_000_000
 _MAX_PUBLIC_NAME = 64
 _MAX_RELAYS = 8
 _MAX_MADDR = 512
+# a LoRA adapter's name (its folder's name on the node); a record lists at most _MAX_ADAPTERS
+ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MAX_ADAPTERS = 64
 # weight formats a node may announce: "none" is the checkpoint's own weights in the record's dtype;
 # "int4-experts" a checkpoint shipped with 4-bit routed experts, the rest in the record's dtype (model.
 # weight_format). Nodes that predate a format drop such records as malformed, which routes around them.
@@ -81,6 +84,7 @@ class ServerRecord:
     weights: str = ""  # sha256 of the span's checkpoint tensors (model.digest), hex; "" if not announced
     # the node's self-signed TLS certificate (PEM), pinned by this signed record (routing.tls); "": --insecure
     tls_cert: str = ""
+    adapters: tuple[str, ...] = ()  # names of the LoRA adapters the node serves beside its base weights
 
     @property
     def exact(self) -> bool:
@@ -102,6 +106,10 @@ class ServerRecord:
             del data["tls_cert"]  # an --insecure node: absent, as older nodes send it
         if not self.weights:
             del data["weights"]  # not announced (a joining node's record): absent, as older nodes send it
+        if self.adapters:
+            data["adapters"] = list(self.adapters)
+        else:
+            del data["adapters"]  # none served: absent, as older nodes send it
         return data
 
     @classmethod
@@ -126,6 +134,7 @@ class ServerRecord:
                 relays=_relays(data) if "relays" in data else (),
                 weights=_digest(data, "weights") if "weights" in data else "",
                 tls_cert=_certificate(data) if "tls_cert" in data else "",
+                adapters=_adapters(data) if "adapters" in data else (),
             )
         except ValueError as e:
             raise InvalidRecord(str(e)) from None
@@ -160,6 +169,19 @@ def _relays(data: dict) -> tuple[str, ...]:
         or not all(isinstance(m, str) and m.startswith("/") and "/p2p/" in m and len(m) <= _MAX_MADDR for m in value)
     ):
         raise InvalidRecord(f"field 'relays' must be a list of at most {_MAX_RELAYS} multiaddrs ending in /p2p/ID")
+    return tuple(value)
+
+
+def _adapters(data: dict) -> tuple[str, ...]:
+    value = data.get("adapters")
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) > _MAX_ADAPTERS
+        or not all(isinstance(name, str) and ADAPTER_NAME_RE.fullmatch(name) for name in value)
+        or len(set(value)) != len(value)
+    ):
+        raise InvalidRecord(f"field 'adapters' must be a list of at most {_MAX_ADAPTERS} distinct names of "
+                            f"1-64 letters, digits, '.', '_' or '-'")
     return tuple(value)
 
 
