@@ -64,7 +64,11 @@ class WeightUploader:
         self.max_uploads = max_uploads
         self.clock = clock
         self.corrupt = corrupt
-        self.bucket = TokenBucket(rate, max(rate / 4, MAX_CHUNK), clock()) if 0 < rate < float("inf") else None
+        limited = 0 < rate < float("inf")
+        # a slow limit sends small chunks (an eighth of a second's bytes), so a transfer moves steadily and a
+        # broken one loses little; the bucket lets a quarter of a second's bytes go at once
+        self.max_chunk = min(MAX_CHUNK, max(4096, int(rate / 8))) if limited else MAX_CHUNK
+        self.bucket = TokenBucket(rate, max(rate / 4, self.max_chunk), clock()) if limited else None
         self.active = 0
         self.bytes_sent = 0
         self._layouts: dict[int, BlockLayout | None] = {}
@@ -96,7 +100,7 @@ class WeightUploader:
         if self.active >= self.max_uploads:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"already uploading to {self.active} peers; "
                                 f"try another node or later")
-        chunk = min(request.chunk_size or MAX_CHUNK, MAX_CHUNK)
+        chunk = min(request.chunk_size or self.max_chunk, self.max_chunk)
         self.active += 1
         offset = request.offset
         try:
