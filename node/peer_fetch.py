@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from homeswarm.model.digest import file_block_digest, span_digest
 from homeswarm.node.peer_fetch_plan import FetchPlan, PeerOffer, agreed_digests
-from homeswarm.node.peer_folder import block_file, held_blocks, write_index
+from homeswarm.node.peer_folder import DIGESTS_FILE, block_file, held_blocks, trusted_digests, write_index
 from homeswarm.node.peers import PeerChannels
 from homeswarm.node.weight_stream import WeightStreamError, check_header
 from homeswarm.protocol import PROTOCOL_VERSION, node_pb2
@@ -78,12 +78,15 @@ async def discover(dht: SwarmDHT, channels: PeerChannels, model_name: str, start
 
 async def fetch_blocks(folder: Path, model_name: str, blocks: list[int], offers: list[PeerOffer],
                        stub_of: Callable[[PeerOffer], Awaitable[object]], *, max_block_bytes: int,
-                       stall_timeout: float = STALL_TIMEOUT, chunk_bytes: int = CHUNK_BYTES) -> FetchReport:
-    """Fetch ``blocks`` into ``folder`` from ``offers`` (each block against the digest peers agree on)."""
-    agreed = agreed_digests(offers, blocks)
+                       stall_timeout: float = STALL_TIMEOUT, chunk_bytes: int = CHUNK_BYTES,
+                       trusted: dict[int, str] | None = None) -> FetchReport:
+    """Fetch ``blocks`` into ``folder`` from ``offers``, each block against its ``trusted`` digest (a digest list
+    given with the config) or else the digest peers agree on."""
+    agreed = agreed_digests(offers, blocks) | {b: d for b, d in (trusted or {}).items() if b in blocks}
     if unagreed := [b for b in blocks if b not in agreed]:
         raise PeerFetchError(f"no two peers announce the same weights digest for block(s) "
-                             f"{', '.join(map(str, unagreed))} of {model_name} ({len(offers)} peer(s) with digests)")
+                             f"{', '.join(map(str, unagreed))} of {model_name} ({len(offers)} peer(s) with digests), "
+                             f"and no {DIGESTS_FILE} beside config.json names it")
     partial = {b: p.stat().st_size for b in blocks if (p := folder / f"{block_file(b)}.part").is_file()}
     # bytes from an earlier run came from peers unknown now: a wrong file then bans nobody
     plan = FetchPlan(list(blocks), list(offers), agreed, partial=partial,
@@ -197,9 +200,13 @@ async def fetch_span(folder: Path, dht: SwarmDHT, channels: PeerChannels, model_
     offers = await discover(dht, channels, model_name, start, end, me)
     logger.info("fetching block(s) %s of %s from peers (%d serve them)", ", ".join(map(str, blocks)), model_name,
                 len(offers))
+    try:
+        trusted = trusted_digests(folder)
+    except ValueError as e:
+        raise PeerFetchError(str(e)) from None
     report = await fetch_blocks(folder, model_name, blocks, offers,
                                 lambda o: channels.stub(o.address, o.peer_id, o.relays, o.tls_cert),
-                                max_block_bytes=max_block_bytes)
+                                max_block_bytes=max_block_bytes, trusted=trusted)
     logger.info("fetched block(s) %s from %d peer(s)%s", ", ".join(map(str, blocks)), len(set(report.blocks.values())),
                 f"; banned {', '.join(sorted(report.banned))}" if report.banned else "")
     return report

@@ -9,6 +9,11 @@ under way, and a ``model.safetensors.index.json`` naming every tensor of the blo
 the digests and the Weights rpc read it like any checkpoint. The folder is keyed by the model name and
 the config's hash: another model, or another config under the same name, never mixes with it.
 
+A digest list (``weight_digests.json``, written by ``python -m homeswarm.node.peer_folder MODEL_DIR``
+from a whole checkpoint) may travel with ``config.json``: it comes from where the config comes from, so
+its digests are trusted as the config is, and one peer serving the blocks is then enough (a swarm with a
+single seeder); without it a block needs the digest two peers agree on.
+
 Invariants: a ``block-*.safetensors`` file exists only once its digest matched the agreed one (it is
 renamed from its ``.part`` then), so a restart trusts the blocks it finds; the index is replaced
 atomically.
@@ -28,6 +33,7 @@ from homeswarm.model.checkpoint import INDEX_FILE, SINGLE_FILE
 from homeswarm.model.hub import local_blocks
 
 CONFIG_FILE = "config.json"
+DIGESTS_FILE = "weight_digests.json"
 _SMALL_FILE_BYTES = 64 << 20  # tokenizers and configs; never a weight file
 _NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 _BLOCK_FILE = re.compile(r"block-(\d{5})\.safetensors")
@@ -46,6 +52,32 @@ def needs_peers(model_dir: str | os.PathLike[str], num_blocks: int) -> bool:
     if not (model_dir / INDEX_FILE).is_file():
         return True
     return not local_blocks(model_dir, num_blocks)
+
+
+def trusted_digests(folder: str | os.PathLike[str]) -> dict[int, str]:
+    """Block -> digest from the folder's ``weight_digests.json`` ({} without one); ValueError if malformed."""
+    path = Path(folder) / DIGESTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        blocks = json.loads(path.read_text(encoding="utf-8"))["blocks"]
+        digests = {int(block): str(digest) for block, digest in blocks.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path} is not a digest list ({{\"blocks\": {{\"0\": \"sha256 hex\", ...}}}}): {e}") from None
+    if not all(block >= 0 and re.fullmatch(r"[0-9a-f]{64}", d) for block, d in digests.items()):
+        raise ValueError(f"{path}: blocks must be numbers >= 0 and digests sha256 in hex")
+    return digests
+
+
+def write_digests(model_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
+                  cache_path: str | os.PathLike[str] | None = None) -> Path:
+    """Write the digest list of the blocks ``model_dir`` holds (to ``out``, default its own folder)."""
+    from homeswarm.model.digest import block_digests
+
+    digests = block_digests(model_dir, cache_path=cache_path)
+    path = Path(out) if out is not None else Path(model_dir) / DIGESTS_FILE
+    path.write_text(json.dumps({"blocks": {str(b): d for b, d in sorted(digests.items())}}, indent=1) + "\n")
+    return path
 
 
 def block_file(block: int) -> str:
@@ -89,3 +121,12 @@ def write_index(folder: str | os.PathLike[str]) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=1)
     os.replace(tmp, folder / INDEX_FILE)
+
+
+if __name__ == "__main__":  # python -m homeswarm.node.peer_folder MODEL_DIR [OUT]: a seeder's digest list
+    import sys
+
+    if len(sys.argv) not in (2, 3) or not Path(sys.argv[1]).is_dir():
+        print("usage: python -m homeswarm.node.peer_folder MODEL_DIR [OUT.json]", file=sys.stderr)
+        sys.exit(2)
+    print(write_digests(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else None))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from homeswarm.model.digest import block_digests, file_block_digest
 from homeswarm.node.peer_fetch import PeerFetchError, fetch_blocks
 from homeswarm.node.peer_fetch_plan import FetchPlan, PeerOffer, agreed_digests
-from homeswarm.node.peer_folder import held_blocks, needs_peers, peer_folder
+from homeswarm.node.peer_folder import held_blocks, needs_peers, peer_folder, trusted_digests, write_digests
 from homeswarm.node.weight_stream import WeightStreamError, block_layout, check_header, read_range
 from homeswarm.node.weight_upload import TokenBucket
 from homeswarm.protocol import node_pb2
@@ -194,8 +194,30 @@ def test_fetching_bans_a_liar_resumes_after_a_death_and_needs_agreement(checkpoi
     assert block_digests(dest, cache_path=tmp_path / "digests.json") == digests  # and the index names them all
     with pytest.raises(PeerFetchError, match="no two peers"):
         run_fetch(dest, {"honest": FakePeer(folder)}, [0], digests)
+    # a digest list given with the config: one peer is enough, and a peer announcing other digests is not asked
+    (tmp_path / "dest3").mkdir()
+    offers = [PeerOffer("honest", "x:1", digests), PeerOffer("other", "x:2", {0: "0" * 64})]
+    report = asyncio.run(fetch_blocks(tmp_path / "dest3", "m", [0], offers, lambda o: _return(FakePeer(folder)),
+                                      max_block_bytes=1 << 20, trusted={0: digests[0], 5: "f" * 64}))
+    assert report.blocks == {0: "honest"} and held_blocks(tmp_path / "dest3") == [0]
     (tmp_path / "dest2").mkdir()
     with pytest.raises(PeerFetchError, match="no peer left"):
         run_fetch(tmp_path / "dest2", {"liar": FakePeer(folder, corrupt=True), "liar2": FakePeer(folder, corrupt=True)},
                   [2], digests)
     assert held_blocks(tmp_path / "dest2") == [] and not list((tmp_path / "dest2").glob("*.part"))
+
+
+async def _return(value):
+    return value
+
+
+def test_a_seeders_digest_list_is_read_back_and_bad_ones_refused(checkpoint, tmp_path):
+    folder, _ = checkpoint
+    path = write_digests(folder, tmp_path / "weight_digests.json", cache_path=tmp_path / "d.json")
+    assert trusted_digests(tmp_path) == block_digests(folder, cache_path=tmp_path / "d.json")
+    path.write_text('{"blocks": {"0": "abc"}}')
+    with pytest.raises(ValueError, match="sha256"):
+        trusted_digests(tmp_path)
+    path.write_text("[]")
+    with pytest.raises(ValueError, match="not a digest list"):
+        trusted_digests(tmp_path)
