@@ -122,6 +122,10 @@ def block_digests(model_dir: str | os.PathLike[str], *,
                   cache_path: str | os.PathLike[str] | None = None) -> dict[int, str]:
     """Block index -> hex digest of its tensors, for every block whose tensors the folder holds in full."""
     model_dir = Path(model_dir).resolve()
+    if (model_dir / "gguf.json").is_file():  # a GGUF file's folder: its weights as a checkpoint would hold them
+        from .gguf_digest import gguf_block_digests  # (it builds on this module)
+
+        return gguf_block_digests(model_dir, cache_path=cache_path)
     cache = DigestCache(cache_path)
     headers: dict[str, tuple[int, dict]] = {}
     digests: dict[int, str] = {}
