@@ -150,19 +150,17 @@ class RemoteBlocks:
             try:
                 if len(chain) == 1:
                     return self.backward_hop(chain[0], hidden, grad, prompts)
-                inner, _ = self._forward_chain(chain, hidden, prompts)
-                return self._backward_chain(chain, inner, grad, prompts)
+                return self._backward_chain(chain, self._chain_inputs(chain, hidden, prompts), grad, prompts)
             except HopFailed as e:
                 self._failed(e)
                 chain = self._plan(hop.start, hop.end)
 
-    def _forward_chain(self, chain: list[Hop], hidden: torch.Tensor,
-                       prompts: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor]:
-        inputs = []
-        for hop in chain:
-            inputs.append(hidden)
-            hidden = self.forward_hop(hop, hidden, prompts)
-        return inputs, hidden
+    def _chain_inputs(self, chain: list[Hop], hidden: torch.Tensor, prompts: torch.Tensor | None) -> list[torch.Tensor]:
+        """Each hop's input, by a forward pass through all hops but the last."""
+        inputs = [hidden]
+        for hop in chain[:-1]:
+            inputs.append(self.forward_hop(hop, inputs[-1], prompts))
+        return inputs
 
     def _backward_chain(self, chain: list[Hop], inputs: list[torch.Tensor], grad: torch.Tensor,
                         prompts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
