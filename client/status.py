@@ -3,7 +3,8 @@
 ``swarm_report`` turns the records read from the DHT into plain data (the ``--json`` output):
 per model its blocks, per block how many online servers hold it and their summed throughput, the
 blocks nobody serves, and every server with its span, state, throughput, free cache and weight
-format. ``format_report`` renders that as text. Both are pure; the CLI does the reading.
+format. ``format_report`` renders that as text, blocks written A:B as ``--blocks`` takes them. Both are
+pure; the CLI does the reading.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from homeswarm.routing.planner import format_blocks
+from homeswarm.protocol.block_range import block_range, block_ranges
 from homeswarm.routing.records import ServerRecord, ServerState
 
 _STATE_ORDER = {ServerState.ONLINE: 0, ServerState.JOINING: 1, ServerState.BUSY: 2, ServerState.OFFLINE: 3}
@@ -51,7 +52,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines: list[str] = []
     for name, model in models.items():
         missing = model["missing_blocks"]
-        health = (f"blocks {format_blocks(missing)} served by nobody" if missing
+        health = (f"blocks {block_ranges(missing)} served by nobody" if missing
                   else "every block served")
         weakest = min(b["throughput"] for b in model["blocks"]) if model["blocks"] else 0.0
         lines.append(f"{name}: {model['num_blocks']} blocks, {model['online_servers']} online server(s), "
@@ -62,7 +63,7 @@ def format_report(report: Mapping[str, Any]) -> str:
             start, end = s["blocks"]
             weights = s["dtype"] if s["quant"] == "none" else f"{s['quant']}/{s['dtype']}"
             peer = s["peer_id"][-12:] + (f" ({s['public_name']})" if s["public_name"] else "")
-            lines.append(f"  {f'{start}..{end - 1}':>9}  {s['state']:<8} {s['throughput']:>8.0f} "
+            lines.append(f"  {block_range(start, end):>9}  {s['state']:<8} {s['throughput']:>8.0f} "
                          f"{s['cache_tokens_left']:>9} {weights:<12} {s['address']:<22} {peer}")
         lines.append("")
     return "\n".join(lines).rstrip("\n")

@@ -60,7 +60,8 @@ from homeswarm.node.volunteer import LoadedSpan, PeriodEnd, PeriodEnds, run_volu
 from homeswarm.node.weight_upload import WeightUploader
 from homeswarm.node.wire import add_node_service
 from homeswarm.protocol import PROTOCOL_VERSION, node_pb2
-from homeswarm.protocol.block_range import block_range, block_ranges
+from homeswarm.protocol.block_range import block_range as span_text
+from homeswarm.protocol.block_range import block_ranges
 from homeswarm.protocol.limits import GRPC_OPTIONS
 from homeswarm.protocol.ready_file import write_certificate, write_ready_file
 from homeswarm.routing.dht import SwarmDHT
@@ -319,7 +320,7 @@ async def _serve_with_dht(
     logger.info(
         "serving blocks %s of %s at %s (%.0f steps/s per block, KV cache limit %d tokens: none is allocated "
         "until sessions open)",
-        block_range(start, end), model_name, address, throughput, sessions.free_tokens,
+        span_text(start, end), model_name, address, throughput, sessions.free_tokens,
     )
     if not relays:  # a relayed node's own addresses cannot be dialled: others join through its relays
         logger.info("others join with: join-swarm MODEL_DIR --initial-peers %s", maddrs[0] if maddrs else "?")
@@ -347,7 +348,7 @@ async def _serve_with_dht(
     metrics.live = None
     announcer.close()
     executor.shutdown()
-    logger.info("stopped serving blocks %s", block_range(start, end))
+    logger.info("stopped serving blocks %s", span_text(start, end))
     return period_end
 
 

@@ -63,7 +63,7 @@ from homeswarm.node.throughput import (
     measure_block_throughput,
 )
 from homeswarm.protocol import PROTOCOL_VERSION
-from homeswarm.protocol.block_range import block_range
+from homeswarm.protocol.block_range import block_range as span_text
 from homeswarm.routing.block_chooser import choose_blocks
 from homeswarm.routing.dht import SwarmDHT
 from homeswarm.routing.records import PeerId, ServerRecord, ServerState
@@ -152,7 +152,7 @@ def span_cache_budget(config: NodeConfig, plan: MemoryPlan, model: ModelConfig, 
     if config.max_cache_tokens is None and budget < int(config.cache_share * plan.budget):
         if plan.given:
             raise ConfigError(
-                f"blocks {block_range(start, end)} take {format_size(weights)} of weights, which leaves "
+                f"blocks {span_text(start, end)} take {format_size(weights)} of weights, which leaves "
                 f"{format_size(budget)} of --max-memory {format_size(plan.budget)} for the KV cache, less than "
                 f"its share (--cache-share {config.cache_share:g}); serve fewer blocks or give more memory"
             )
@@ -198,7 +198,7 @@ def _load(config: NodeConfig, dtype: torch.dtype, start: int, end: int, throughp
     """Load the span and take its throughput, under one progress bar (shown on a terminal only)."""
     fetch_span_files(config.model_dir, start, end)  # a hub checkpoint: the span's shards it lacks (own bars)
     steps = 0 if throughput is not None else SELF_TEST_STEPS
-    with tqdm(total=end - start + steps, desc=f"loading blocks {block_range(start, end)}", unit="step",
+    with tqdm(total=end - start + steps, desc=f"loading blocks {span_text(start, end)}", unit="step",
               disable=None, leave=False) as bar:
         span = load_span(config.model_dir, start, end, dtype=dtype, device=config.device, quant=config.quant,
                          group_size=config.quant_group_size, on_block=lambda _: bar.update(1))
@@ -368,7 +368,7 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
             weights_shown = config.dtype if config.quant == "none" else (
                 config.quant if config.quant != "int4" else f"int4 in groups of {config.quant_group_size}")
             logger.info("loading blocks %s of %s (%s, weights %s: %s; KV cache limit %s, taken only as sessions "
-                        "need it)", block_range(start, end), model_name, config.device, weights_shown,
+                        "need it)", span_text(start, end), model_name, config.device, weights_shown,
                         format_size(weights), format_size(budget))
             t0 = time.perf_counter()
             if prepare_span is not None:
@@ -414,7 +414,7 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
             if end_of_period.reason == EndReason.MOVE:
                 next_span = end_of_period.destination
             else:
-                logger.info("released the memory of blocks %s until the machine is idle again", block_range(start, end))
+                logger.info("released the memory of blocks %s until the machine is idle again", span_text(start, end))
                 next_span = (start, end) if block_range is not None else None
         quiet()
         with contextlib.suppress(Exception):

@@ -134,7 +134,7 @@ def test_a_cpu_load_sends_the_node_aside_and_it_comes_back(swarm, ckpt, dht):
                 process.wait()
             session.close()
     # after the grace, the period ends and the weights are let go (a loaded machine may take a while)
-    wait_log(idle, "released the memory of blocks 0..3 until the machine is idle again", timeout=30)
+    wait_log(idle, "released the memory of blocks 0:4 until the machine is idle again", timeout=30)
     wait_state(dht, idle.info["peer_id"], ServerState.ONLINE, timeout=90)  # idle_after of quiet, a reload
     open_session(idle)  # it takes sessions again
     assert idle.process.poll() is None and steady.process.poll() is None

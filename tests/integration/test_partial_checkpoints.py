@@ -155,7 +155,7 @@ def test_a_partial_folder_refuses_blocks_it_lacks(folders):
         [*console_script("join-swarm"), str(folders["a"]), "--new-swarm"])
     line = error_line(outside, "join-swarm")
     assert "block(s) 2" in line and "model-00007-of-00012.safetensors" in line, line
-    assert "holds the shards of blocks 0..1 only (of 4)" in error_line(unchosen, "join-swarm")
+    assert "holds the shards of blocks 0:2 only (of 4)" in error_line(unchosen, "join-swarm")
 
 
 def test_a_node_downloads_only_its_shards_and_a_restart_nothing(swarm, hub, full, tmp_path):

@@ -8,6 +8,12 @@ the default; 25 in groups of 64 or 128); a client
 demanding exact weights (ClientConfig(exact=True), `homeswarm generate --exact`) is refused, naming the
 blocks, where only quantized nodes serve them, and otherwise routes through the unquantized node only,
 getting exactly float32's tokens.
+
+A Kimi K2 checkpoint shipped with 4-bit routed experts (as Kimi K2 Thinking is) serves under a fourth
+name: blocks 1-3 under `--quant int8` (its attention and shared experts quantized beside the 4-bit
+experts), block 0 (dense, no 4-bit layer) as shipped. The first announces `int4`, the second `none`; an
+exact client is refused, naming blocks 1-3; through both, a prefill and decoding steps give the hidden
+states of the same spans loaded here (within 1e-4 of the largest value: the same code, other threads).
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ from homeswarm.client.model import AutoDistributedModelForCausalLM
 from homeswarm.client.tokenizer import TextCodec
 from homeswarm.client.transport import ping
 from homeswarm.model import DEMO_MODEL_DIR, LocalModel
+from homeswarm.model.loader import load_head, load_span
 from homeswarm.routing.planner import QuantizedOnlyError
+from tests.helpers.deepseek_checkpoints import make_deepseek_checkpoint
+from tests.helpers.prequant_checkpoints import write_prequantized
 
 PROMPT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
 NEW_TOKENS = 32
@@ -34,13 +43,27 @@ FLOOR = {"int8": 28, "int4": 16}  # tokens equal to float32's, of 32
 MIXED = "demo-mixed"
 
 
+K2 = "k2-thinking"
+
+
 @pytest.fixture(scope="module")
-def swarm(tmp_path_factory):
+def k2_checkpoint(tmp_path_factory):
+    """A tiny Kimi K2 checkpoint (block 0 dense, 1-3 MoE) with its routed experts alone stored 4-bit."""
+    root = tmp_path_factory.mktemp("k2")
+    source = make_deepseek_checkpoint(root / "float", "kimi_k2", moe_intermediate_size=32)
+    packed, _ = write_prequantized(source, root / "packed", root / "plain", "compressed", experts_only=True)
+    return packed
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory, k2_checkpoint):
     with LocalSwarm(tmp_path_factory.mktemp("swarm")) as swarm:
         swarm.start_bootstrap()
-        nodes = [("demo-int8", "int8"), ("demo-int4", "int4"), (MIXED, "int4"), (MIXED, "none")]
-        daemons = [swarm.start_node(DEMO_MODEL_DIR, "--model-name", name, "--quant", quant, "--compute-threads", "1",
-                                    wait=False) for name, quant in nodes]
+        nodes = [(DEMO_MODEL_DIR, "demo-int8", "int8", "0:4"), (DEMO_MODEL_DIR, "demo-int4", "int4", "0:4"),
+                 (DEMO_MODEL_DIR, MIXED, "int4", "0:4"), (DEMO_MODEL_DIR, MIXED, "none", "0:4"),
+                 (k2_checkpoint, K2, "int8", "1:4"), (k2_checkpoint, K2, "none", "0:1")]
+        daemons = [swarm.start_node(path, "--model-name", name, "--quant", quant, "--blocks", blocks,
+                                    "--compute-threads", "1", wait=False) for path, name, quant, blocks in nodes]
         for daemon in daemons:
             swarm.wait_ready(daemon, timeout=180)
         yield swarm
@@ -118,5 +141,37 @@ def test_generate_exact_verbose_shows_an_unquantized_route(swarm, prompt_ids, fl
     assert [(hop["blocks"], hop["quant"], hop["dtype"]) for hop in out["route"]] == [([0, 4], "none", "float32")]
     assert out["token_ids"] == float32_tokens[: len(out["token_ids"])]
     route = result.stderr[result.stderr.index("route:"):].splitlines()
-    assert len(route) == 2 and "blocks 0..3" in route[1] and "weights none" in route[1], result.stderr
+    assert len(route) == 2 and "blocks 0:4" in route[1] and "weights float32" in route[1], result.stderr
     print(result.stderr[result.stderr.index("route:"):], file=sys.stderr)
+
+
+def test_quant_over_4_bit_experts_announces_int4_and_exact_clients_avoid_it(swarm, k2_checkpoint):
+    with AutoDistributedModelForCausalLM.from_pretrained(k2_checkpoint, initial_peers=swarm.initial_peers,
+                                                         model_name=K2) as model:
+        with model.inference_session(max_length=8) as session:
+            hops = session.hops
+        assert [(h.start, h.end, h.server.quant) for h in hops] == [(0, 1, "none"), (1, 4, "int4")]
+        assert [ping(model.pool, h.peer_id, h.address, timeout=10)[1].quant for h in hops] == ["none", "int4"]
+    with AutoDistributedModelForCausalLM.from_pretrained(k2_checkpoint, initial_peers=swarm.initial_peers,
+                                                         model_name=K2, exact=True) as model:
+        with pytest.raises(QuantizedOnlyError) as caught:
+            model.generate([[1, 2, 3]], max_new_tokens=2)
+    assert caught.value.blocks == [1, 2, 3]
+    assert f"block(s) 1-3 of model '{K2}' are served only by quantized nodes (int4)" in str(caught.value)
+
+
+def test_quant_over_4_bit_experts_computes_the_quantized_span(swarm, k2_checkpoint):
+    head = load_head(k2_checkpoint)
+    spans = [load_span(k2_checkpoint, 0, 1), load_span(k2_checkpoint, 1, 4, quant="int8")]
+    ids = torch.randint(0, 256, (1, 14), generator=torch.Generator().manual_seed(3))
+    caches = [span.new_cache(1, 14) for span in spans]
+    with AutoDistributedModelForCausalLM.from_pretrained(k2_checkpoint, initial_peers=swarm.initial_peers,
+                                                         model_name=K2) as model:
+        with model.inference_session(max_length=14) as session:
+            # a prefill (dense products), then decoding steps (the kernels, one row)
+            for chunk in (ids[:, :10], *(ids[:, i : i + 1] for i in range(10, 14))):
+                got = session.step(head.embed(chunk))
+                want = head.embed(chunk)
+                for span, cache in zip(spans, caches, strict=True):
+                    want = span(want, cache)
+                assert ((got - want).abs().max() / want.abs().max()).item() < 1e-4

@@ -33,8 +33,8 @@ def test_report_per_block_and_per_server():
 def test_text_names_the_missing_blocks_and_every_server():
     records = [rec("peer-a", 0, 4), rec("peer-bb", 4, 8, ServerState.BUSY, quant="int4")]
     text = format_report(swarm_report({"m": 12}, {"m": records}))
-    assert "blocks 4-11 served by nobody" in text
-    assert "0..3  online" in text and "4..7  busy" in text and "int4/bfloat16" in text
+    assert "blocks 4:12 served by nobody" in text  # as --blocks 4:12 would fill them
+    assert "0:4  online" in text and "4:8  busy" in text and "int4/bfloat16" in text
 
 
 def test_an_empty_swarm():
