@@ -1,8 +1,10 @@
 """Small inline SVG line charts, drawn server-side: the page needs no script and no external asset.
 
 Pure: points in, SVG text out. A chart spans [start, end] in time and 0..max in value; points closer
-than a pixel column are averaged, so a week of minute samples draws as a few hundred points; the line
-breaks where samples are missing (the dashboard was down), rather than drawing across the gap.
+than a pixel column become one: the line follows each column's last value and a whisker spans its
+lowest to highest, so a drop from 3 servers to 2 reads as 3 then 2, never as an average of 2.5 that no
+moment had. The line breaks where samples are missing (the dashboard was down), rather than drawing
+across the gap. One sample is enough to draw.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ class Point(NamedTuple):
     time: float  # unix time the sample starts
     span: float  # seconds it stands for
     value: float
+    low: float | None = None  # a column of several samples: the lowest and highest of them
+    high: float | None = None
 
 
 def thin(points: Sequence[Point], start: float, end: float, columns: int) -> list[Point]:
-    """At most one point per column of ``(end - start) / columns`` seconds: their means."""
+    """At most one point per column of ``(end - start) / columns`` seconds: its last value, with the lowest
+    and highest of the column."""
     width = (end - start) / max(1, columns)
     out: list[Point] = []
     group: list[Point] = []
@@ -27,20 +32,20 @@ def thin(points: Sequence[Point], start: float, end: float, columns: int) -> lis
     for point in sorted(points):
         key = int((point.time - start) // width) if width > 0 else 0
         if group and key != column:
-            out.append(_mean(group))
+            out.append(_merge(group))
             group = []
         group.append(point)
         column = key
     if group:
-        out.append(_mean(group))
+        out.append(_merge(group))
     return out
 
 
-def _mean(group: list[Point]) -> Point:
-    span = sum(p.span for p in group)
-    weight = span if span > 0 else len(group)
-    value = sum(p.value * (p.span if span > 0 else 1) for p in group) / weight
-    return Point(group[0].time, group[-1].time + group[-1].span - group[0].time, value)
+def _merge(group: list[Point]) -> Point:
+    lows = [p.value if p.low is None else p.low for p in group]
+    highs = [p.value if p.high is None else p.high for p in group]
+    return Point(group[0].time, group[-1].time + group[-1].span - group[0].time, group[-1].value,
+                 min(lows), max(highs))
 
 
 def segments(points: Sequence[Point]) -> list[list[Point]]:
@@ -68,7 +73,7 @@ def line_chart(points: Sequence[Point], *, start: float, end: float, label: str,
     pad_top, pad_bottom = 12, 14
     inner = height - pad_top - pad_bottom
     shown = thin([p for p in points if start <= p.time <= end], start, end, width)
-    top = max([1.0, *(p.value for p in shown)])
+    top = max([1.0, *(p.value if p.high is None else p.high for p in shown)])
     duration = max(end - start, 1e-9)
 
     right = width - 4  # room for the latest value's dot
@@ -87,11 +92,16 @@ def line_chart(points: Sequence[Point], *, start: float, end: float, label: str,
             coords.append(f"{x(p.time)},{y(p.value)}")
             coords.append(f"{x(min(p.time + p.span, end))},{y(p.value)}")
         paths.append("M" + " L".join(coords))
+    # where a column held other values than its last: a whisker from its lowest to its highest
+    whiskers = [f"M{x(p.time + p.span / 2)},{y(p.low)} L{x(p.time + p.span / 2)},{y(p.high)}"
+                for p in shown if p.low is not None and p.high is not None and p.low != p.high]
+    spread = (f'<path class="range" d="{" ".join(whiskers)}" stroke="{color}" stroke-opacity="0.45" '
+              f'stroke-width="3"/>' if whiskers else "")
     # the latest value as a dot: minutes of samples are too narrow to see on a week's scale
     dot = (f'<circle cx="{x(min(shown[-1].time + shown[-1].span, end))}" cy="{y(shown[-1].value)}" r="2.5" '
            f'fill="{color}"/>' if shown else "")
     body = (f'<path d="{" ".join(paths)}" fill="none" stroke="{color}" stroke-width="1.5" '
-            f'stroke-linejoin="round"/>{dot}' if paths else
+            f'stroke-linejoin="round"/>{spread}{dot}' if paths else
             f'<text x="{width / 2}" y="{pad_top + inner / 2 + 4}" text-anchor="middle" class="muted">no data yet</text>')
     title = escape(label)
     return (

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from homeswarm.dashboard.state import RefreshStatus, SwarmState
+from homeswarm.dashboard.state import UNREACHABLE, RefreshStatus, ServerView, SwarmState
 from homeswarm.routing.records import ServerState
 
 
@@ -23,7 +23,8 @@ class SwarmCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         state, status = self._read()
-        servers = GaugeMetricFamily("homeswarm_dashboard_servers", "servers announced, by model and state",
+        servers = GaugeMetricFamily("homeswarm_dashboard_servers", "servers announced, by model and state; an "
+                                    "online server that does not answer its probe counts as offline",
                                     labels=["model", "state"])
         reachable = GaugeMetricFamily("homeswarm_dashboard_servers_reachable", "servers that answered their probe",
                                       labels=["model"])
@@ -36,7 +37,7 @@ class SwarmCollector(Collector):
                                     labels=["model"])
         for model in state.models:
             for server_state in ServerState:
-                n = sum(1 for s in model.servers if s.state is server_state)
+                n = sum(1 for s in model.servers if _metric_state(s) is server_state)
                 servers.add_metric([model.name, server_state.value], n)
             reachable.add_metric([model.name], sum(1 for s in model.servers if s.probe.reachable))
             blocks.add_metric([model.name], model.num_blocks)
@@ -52,6 +53,12 @@ class SwarmCollector(Collector):
                                 value=1 if status.ok else 0)
         yield GaugeMetricFamily("homeswarm_dashboard_dht_peers", "DHT peers the dashboard reaches",
                                 value=status.dht_peers)
+
+
+def _metric_state(server: ServerView) -> ServerState:
+    """The state a server is counted under: offline when its online record no longer answers, so that the
+    online count is what clients can use (the page shows it as unreachable)."""
+    return ServerState.OFFLINE if server.status == UNREACHABLE else server.state
 
 
 def make_registry(read: Callable[[], tuple[SwarmState, RefreshStatus]], clock: Callable[[], float]) -> CollectorRegistry:

@@ -105,9 +105,11 @@ class Monitor:
         return replace(probe, version=self._versions.get(peer, ""))
 
     async def _history_loop(self) -> None:
+        # the first sample as soon as the swarm was read, not one interval later: the charts draw from the start
+        await self.refreshed.wait()
         while True:
-            await asyncio.sleep(self.history_interval)
             await self.sample()
+            await asyncio.sleep(self.history_interval)
 
     async def sample(self) -> None:
         now = self.clock()

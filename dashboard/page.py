@@ -14,6 +14,7 @@ from html import escape
 from homeswarm.dashboard.charts import Point, line_chart
 from homeswarm.dashboard.history import DAY, Sample
 from homeswarm.dashboard.state import ModelView, RefreshStatus, ServerView, SwarmState
+from homeswarm.protocol.block_range import block_range
 
 _STYLE = """
 :root{--bg:#fff;--fg:#1d232b;--muted:#687483;--line:#dfe3e8;--card:#f6f8fa;--ok:#1a8f4b;--bad:#c93a3a;
@@ -46,6 +47,7 @@ th{font-weight:600;color:var(--muted)}td.num{text-align:right;font-variant-numer
 .span{display:inline-block;position:relative;width:70px;height:8px;background:var(--line);border-radius:4px;
 margin-left:6px;vertical-align:middle}.span b{position:absolute;top:0;bottom:0;background:var(--c2);border-radius:4px}
 .yes{color:var(--ok)}.no{color:var(--bad)}.state-offline,.state-joining,.state-busy{color:var(--warn)}
+.state-unreachable{color:var(--bad);font-weight:600}
 a{color:inherit}
 @media (max-width:600px){body{font-size:14px}header,main,footer{padding:10px}.model{padding:10px}}
 """
@@ -97,15 +99,21 @@ def _server_row(server: ServerView, num_blocks: int) -> str:
     left = server.start / num_blocks * 100
     width = (min(server.end, num_blocks) - server.start) / num_blocks * 100
     span = f'<span class="span"><b style="left:{left:.1f}%;width:{width:.1f}%"></b></span>'
+    # an unreachable server's record still says online: say so, since it is what the node announced
+    state_tip = (f' title="announced {server.state.value}; its probe failed"' if server.status != server.state.value
+                 else "")
+    # unquantized weights are their dtype; a quantized format with the dtype its other tensors keep
+    weights = (escape(server.dtype) if server.quant == "none"
+               else f"{escape(server.quant)} · {escape(server.dtype)}")
     reachable = ('<span class="yes">yes</span>' if probe.reachable else
                  f'<span class="no" title="{escape(probe.error or "")}">no</span>')
     cells = [
         f'<td title="{escape(server.peer_id)} at {escape(server.address)}">{name}</td>',
-        f"<td>{server.start}–{server.end - 1}{span}</td>",
-        f'<td class="state-{server.state.value}">{server.state.value}</td>',
+        f"<td>{block_range(server.start, server.end)}{span}</td>",
+        f'<td class="state-{server.status}"{state_tip}>{server.status}</td>',
         f'<td class="num">{_num(server.throughput)}</td>',
         f'<td class="num">{server.cache_tokens_left:,}</td>',
-        f"<td>{escape(server.quant)} · {escape(server.dtype)}</td>",
+        f"<td>{weights}</td>",
         f"<td>{escape(probe.version) or '—'}</td>",
         f"<td>{reachable}</td>",
         f"<td>{server.connection or '—'}</td>",

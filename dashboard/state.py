@@ -3,7 +3,8 @@
 Pure: records, probes and ``now`` in, a frozen ``SwarmState`` out; no clock, socket or DHT here.
 
 A server *counts* for its blocks when its record says online and it did not fail its probe: an online
-record of a node that no longer answers is a node clients cannot use either. A model is healthy when
+record of a node that no longer answers is a node clients cannot use either, and it is shown as
+"unreachable" (its ``status``), never as online, until its record expires. A model is healthy when
 every one of its blocks has at least one server that counts. A block's throughput is the sum of the
 throughputs of the servers that count for it; the weakest block's throughput bounds what the whole
 model can do. Spans are clipped to the model's blocks (records are validated, but a record may claim
@@ -18,6 +19,7 @@ from typing import Any
 
 from homeswarm.routing.records import PeerId, ServerRecord, ServerState
 
+UNREACHABLE = "unreachable"
 # the Info counters a probe reports, in the order the page lists them
 COUNTER_NAMES = ("steps_from_client", "steps_from_peers", "pushes_sent", "forward_passes", "batched_steps",
                  "inline_steps")
@@ -55,6 +57,14 @@ class ServerView:
     def counts(self) -> bool:
         """Whether the server counts for its blocks: online and answering."""
         return self.state is ServerState.ONLINE and self.probe.reachable
+
+    @property
+    def status(self) -> str:
+        """What the page and the metrics call it: its announced state, except that an online server that does
+        not answer its probe is "unreachable" (a killed node's record says online until it expires)."""
+        if self.state is ServerState.ONLINE and not self.probe.reachable:
+            return UNREACHABLE
+        return self.state.value
 
     @property
     def connection(self) -> str | None:
@@ -138,7 +148,8 @@ def server_json(server: ServerView) -> dict[str, Any]:
         "peer_id": server.peer_id,
         "public_name": server.public_name,
         "blocks": [server.start, server.end],
-        "state": server.state.value,
+        "state": server.state.value,  # as announced
+        "status": server.status,  # as seen: "unreachable" for an online record that does not answer
         "throughput": server.throughput,
         "cache_tokens_left": server.cache_tokens_left,
         "version": probe.version,

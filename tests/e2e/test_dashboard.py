@@ -1,10 +1,10 @@
 """`homeswarm dashboard` against real daemons: its JSON state, history, page, metrics, and outages.
 
-Real processes on 127.0.0.1: a bootstrap peer, three `join-swarm` nodes of a tiny Llama (blocks 0..1,
-2..3 and 0..3, the last with --metrics-port), and the dashboard, refreshing every second and sampling
+Real processes on 127.0.0.1: a bootstrap peer, three `join-swarm` nodes of a tiny Llama (blocks 0:2,
+2:4 and 0:4, the last with --metrics-port), and the dashboard, refreshing every second and sampling
 its history every second. The tests run in order: the swarm as started, the page in headless Chromium,
-metrics, bad requests, then a node killed (it must turn unreachable or leave within 60 s, and the
-history must show before and after), then the bootstrap peer and every node killed (the dashboard must
+metrics, bad requests, then a node killed (it must turn unreachable, never shown nor counted as online,
+or leave within 60 s, and the history must show before and after), then the bootstrap peer and every node killed (the dashboard must
 keep serving its last good state and say how old it is), then SIGTERM (exit 0). Every wait is a poll
 bounded by a timeout; every process started here is stopped, whatever happens.
 """
@@ -359,6 +359,15 @@ def test_a_killed_node_turns_unreachable_and_history_shows_before_and_after(swar
     state = poll(gone_or_unreachable, 60, "the killed node leaving or turning unreachable")
     (model,) = [m for m in state["models"] if m["name"] == MODEL]
     assert model["coverage"] == [1, 1, 2, 2] and model["healthy"] is True and model["online_servers"] == 2
+    # killed, it could not announce anything: its record says online until it expires, but nothing calls it so
+    alpha_now = servers_by_name(state).get("alpha")
+    if alpha_now is not None and alpha_now["state"] == "online":
+        assert alpha_now["status"] == "unreachable" and alpha_now["counts"] is False
+        html = get(url)[2].decode()
+        row = next(r for r in html.split("<tr>") if ">alpha<" in r)
+        assert ">unreachable</td>" in row and ">online</td>" not in row, row
+    dash = metrics(url + "metrics")
+    assert dash["homeswarm_dashboard_servers"][(("model", MODEL), ("state", "online"))] == 2
 
     after = poll(lambda: [s for s in get_json(history_url)["samples"] if s["time"] > killed
                           and s["online_servers"] == 2], 30, "a history sample with 2 servers online")

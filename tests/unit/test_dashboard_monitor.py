@@ -116,9 +116,34 @@ async def test_run_refreshes_in_the_background_until_cancelled(parts):
     monitor.refresh_interval = 0.01
     task = asyncio.create_task(monitor.run())
     await asyncio.wait_for(monitor.refreshed.wait(), 10)
+    # the first history sample follows the first refresh, not a history interval (60 s here) later
+    for _ in range(500):
+        if monitor.history.knows("m"):
+            break
+        await asyncio.sleep(0.01)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert monitor.status.ok
+    assert [s.online for s in monitor.history.query("m", 0)] == [2]
+
+
+async def test_a_killed_node_is_unreachable_not_online(parts):
+    """Its record still says online until it expires; the page, the state's status and the metrics do not."""
+    clock, swarm, prober, monitor = parts
+    app = create_app(monitor, clock=clock)
+    prober.down.add("b")
+    await monitor.refresh()
+    state = json.loads((await call(app, "/api/v1/state"))[2])
+    servers = {s["peer_id"]: s for s in state["models"][0]["servers"]}
+    assert servers["b"]["state"] == "online" and servers["b"]["reachable"] is False  # as announced, as probed
+    assert servers["b"]["status"] == "unreachable" and servers["a"]["status"] == "online"
+    assert state["models"][0]["online_servers"] == 1
+    families = {f.name: f for f in text_string_to_metric_families((await call(app, "/metrics"))[2].decode())}
+    by_state = {s.labels["state"]: s.value for s in families["homeswarm_dashboard_servers"].samples}
+    assert by_state["online"] == 1 and by_state["offline"] == 1
+    page = (await call(app, "/"))[2].decode()
+    assert '<td class="state-unreachable" title="announced online; its probe failed">unreachable</td>' in page
+    assert "1 server online" in page
 
 
 # --- the routes, through the ASGI interface ------------------------------------------------------

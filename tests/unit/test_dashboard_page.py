@@ -43,8 +43,11 @@ def test_page_shows_models_health_and_servers():
     assert "2 servers online" in text and "4 of 4 blocks covered" in text
     assert "0 of 2 blocks covered (2 without a server)" in text
     assert "updated 3 s ago · 4 DHT peers" in text
-    for cell in ("alice", "bob", "0–1", "2–3", "int4 · bfloat16", "3.2 ms", "2 h 1 min", "4,096", "direct"):
+    for cell in ("alice", "bob", "0:2", "2:4", "int4 · bfloat16", "3.2 ms", "2 h 1 min", "4,096", "direct"):
         assert cell in text, cell
+    # p3's record says online but it does not answer: unreachable, not online
+    assert html.count('<td class="state-online">online</td>') == 2
+    assert html.count('<td class="state-unreachable" title="announced online; its probe failed">unreachable</td>') == 1
     assert html.count("<tr>") == 4  # a header and three servers
     assert 'title="UNAVAILABLE: &lt;refused&gt;"' in html
     assert "The swarm cannot be read" not in text
@@ -103,11 +106,44 @@ def test_line_chart_is_well_formed_svg():
     assert "no data yet" in line_chart([], start=NOW - 3600, end=NOW, label="x")
 
 
-def test_thin_averages_points_per_column():
+def test_thin_keeps_each_columns_last_value_and_its_range():
     points = [Point(float(t), 1.0, float(t % 2)) for t in range(100)]
     thinned = thin(points, 0.0, 100.0, columns=10)
     assert len(thinned) == 10
-    assert all(p.value == 0.5 and p.span == 10.0 for p in thinned)
+    assert all((p.value, p.low, p.high, p.span) == (1.0, 0.0, 1.0, 10.0) for p in thinned)
+    # thinning thinned points keeps the range they carry
+    again = thin(thinned, 0.0, 100.0, columns=2)
+    assert [(p.value, p.low, p.high) for p in again] == [(1.0, 0.0, 1.0)] * 2
+
+
+def test_a_drop_from_3_to_2_servers_reads_as_3_then_2_not_2_5():
+    # a day's chart: 432 s per column, a minute's samples, the drop in the middle of a column
+    end = NOW
+    points = [Point(end - 3600 + 60 * i, 60, 3.0 if i < 33 else 2.0) for i in range(60)]
+    thinned = thin(points, end - DAY, end, columns=200)
+    assert {p.value for p in thinned} == {3.0, 2.0}
+    assert all(p.low in (2.0, 3.0) and p.high in (2.0, 3.0) for p in thinned)
+    svg = line_chart(points, start=end - DAY, end=end, label="servers")
+    line = re.search(r'<path d="([^"]+)" fill="none"', svg).group(1)
+    heights = {float(xy.split(",")[1]) for xy in re.findall(r"[\d.]+,[\d.]+", line)}
+    assert len(heights) == 2  # the line is at 3 or at 2, never between
+    whisker = re.search(r'<path class="range" d="([^"]+)"', svg).group(1)  # the column of the drop
+    assert {float(xy.split(",")[1]) for xy in re.findall(r"[\d.]+,[\d.]+", whisker)} == heights
+    assert ">3</text>" in svg  # the top of the scale: the most servers seen
+
+
+def test_one_sample_is_drawn():
+    svg = line_chart([Point(NOW - 60, 60, 3.0)], start=NOW - DAY, end=NOW, label="servers")
+    assert "no data yet" not in svg and "<path" in svg and "<circle" in svg
+
+
+def test_unquantized_weights_show_their_dtype():
+    records = [ServerRecord(peer_id=PeerId("f"), address="127.0.0.1:1", model="m", start=0, end=2,
+                            state=ServerState.ONLINE, protocol_version=1, dtype="float32", throughput=1.0,
+                            cache_tokens_left=1, quant="none")]
+    state = build_state({"m": 2}, {"m": records}, {PeerId("f"): Probe(reachable=True)}, now=NOW)
+    html = render_page(state, RefreshStatus(ok=True, last_attempt=NOW), {}, NOW, refresh_seconds=5)
+    assert "<td>float32</td>" in html and "none" not in text_of(html)
 
 
 def test_segments_break_at_gaps():
