@@ -1,0 +1,196 @@
+"""LoRA adapters served by real node daemons on 127.0.0.1, against transformers + PEFT in float32.
+
+One swarm for the module, over a tiny random Llama 3 checkpoint and a random adapter made with peft
+(q_proj, v_proj and the MLP's down_proj; B nonzero so it matters): two nodes serve blocks 0-1 and 2-3
+with `--adapters DIR`, a third serves all four blocks without it (faster on paper: one hop). A session
+with `adapter=` routes through the first two only, and its greedy tokens and every step's hidden states
+(leaving the last block, before the final norm) equal transformers + PEFT's within FLOAT32_TOL relative;
+without it, the base model's. A node without the adapter answers NOT_FOUND naming it; a swarm that does
+not serve an adapter fails with an error naming it (library and CLI, exit 1); a bad adapter folder stops
+`join-swarm` at start with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import grpc
+import pytest
+import torch
+
+from homeswarm.client.local_swarm import LocalSwarm, console_script
+from homeswarm.client.model import AutoDistributedModelForCausalLM
+from homeswarm.protocol import PROTOCOL_VERSION, deserialize_tensor, node_pb2, node_pb2_grpc, serialize_tensor
+from homeswarm.routing.adapter_routes import AdapterNotServedError
+from tests.helpers.checkpoints import make_checkpoint, reference_greedy, reference_model
+from tests.helpers.lora_adapters import edit_config, make_lora_adapter, peft_reference
+from tests.helpers.reference import FLOAT32_TOL, check_against, greedy_steps, last_hidden_states, rel_err
+
+pytestmark = pytest.mark.timeout(300)
+
+ADAPTER = "style"
+NEW_TOKENS = 8
+PROMPT = torch.tensor([[5, 17, 200, 3, 99, 42, 7, 128, 64, 31]])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    checkpoint = make_checkpoint(root / "tiny-lora", "llama3", num_layers=4)
+    adapter = make_lora_adapter(checkpoint, root / ADAPTER, target_modules=("q_proj", "v_proj", "down_proj"))
+    return checkpoint, adapter
+
+
+@pytest.fixture(scope="module")
+def references(files):
+    """(transformers + PEFT, transformers alone), float32, one torch thread."""
+    torch.set_num_threads(1)
+    checkpoint, adapter = files
+    return peft_reference(checkpoint, adapter).base_model.model, reference_model(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory, files):
+    checkpoint, adapter = files
+    with LocalSwarm(tmp_path_factory.mktemp("swarm")) as swarm:
+        swarm.start_bootstrap()
+        daemons = [swarm.start_node(checkpoint, "--blocks", blocks, *extra, "--compute-threads", "1", wait=False)
+                   for blocks, extra in (("0:2", ("--adapters", str(adapter))), ("2:4", ("--adapters", str(adapter))),
+                                         ("0:4", ()))]
+        for daemon in daemons:
+            swarm.wait_ready(daemon, timeout=180)
+        yield swarm
+
+
+def peers(swarm) -> dict[str, str]:
+    """'a' (0-1, adapter), 'b' (2-3, adapter), 'c' (0-3, none) -> peer id."""
+    return {name: node.info["peer_id"] for name, node in zip("abc", swarm.nodes, strict=True)}
+
+
+def distributed(files, swarm, **kwargs) -> AutoDistributedModelForCausalLM:
+    return AutoDistributedModelForCausalLM.from_pretrained(files[0], initial_peers=swarm.initial_peers, **kwargs)
+
+
+def test_an_adapter_session_routes_through_its_nodes_and_equals_peft(files, swarm, references):
+    peft, base = references
+    expected_ids = reference_greedy(files[0], PROMPT, NEW_TOKENS, model=peft)
+    with distributed(files, swarm) as model:
+        with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS, adapter=ADAPTER) as session:
+            ids, outputs = greedy_steps(model, session, PROMPT, NEW_TOKENS)
+            route = [(h.peer_id, h.start, h.end) for h in session.hops]
+        logits = model.head.logits(outputs[0])
+    names = peers(swarm)
+    assert route == [(names["a"], 0, 2), (names["b"], 2, 4)]
+    assert torch.equal(ids, expected_ids)
+    errors = check_against(peft, ids, outputs, FLOAT32_TOL)
+    with torch.no_grad():
+        expected_logits = peft(PROMPT).logits
+    assert rel_err(logits, expected_logits) < FLOAT32_TOL
+    print(f"\nadapter through the swarm: step errors up to {max(errors):.1e}, prompt logits "
+          f"{rel_err(logits, expected_logits):.1e}")
+    # the adapter changes the outputs: the base model's tokens or hidden states differ
+    base_hidden, _ = last_hidden_states(base, ids[:, :-1])
+    assert rel_err(torch.cat(outputs, dim=1), base_hidden) > 0.05
+
+
+def test_the_model_wide_adapter_and_generate(files, swarm, references):
+    peft, _ = references
+    expected = reference_greedy(files[0], PROMPT, NEW_TOKENS, model=peft)
+    with distributed(files, swarm, adapter=ADAPTER) as model:
+        assert torch.equal(model.generate(PROMPT, max_new_tokens=NEW_TOKENS), expected)
+
+
+def test_without_an_adapter_the_output_is_the_base_models(files, swarm, references):
+    _, base = references
+    expected_ids = reference_greedy(files[0], PROMPT, NEW_TOKENS, model=base)
+    with distributed(files, swarm) as model:
+        with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
+            ids, outputs = greedy_steps(model, session, PROMPT, NEW_TOKENS)
+    assert torch.equal(ids, expected_ids)
+    check_against(base, ids, outputs, FLOAT32_TOL)
+
+
+def test_forward_with_and_without_the_adapter_on_an_adapter_node(swarm, references):
+    """Node 'a' serves the base weights to requests that name no adapter, and the adapter to those that do."""
+    peft, base = references
+    hidden = base.get_input_embeddings()(PROMPT).detach()
+    with torch.no_grad():
+        expected = {ADAPTER: peft(PROMPT, output_hidden_states=True).hidden_states[2],
+                    "": base(PROMPT, output_hidden_states=True).hidden_states[2]}
+    with swarm.channel(swarm.nodes[0]) as channel:
+        stub = node_pb2_grpc.NodeStub(channel)
+        for adapter, want in expected.items():
+            request = node_pb2.ForwardRequest(protocol_version=PROTOCOL_VERSION, hidden=serialize_tensor(hidden),
+                                              start_block=0, end_block=2, adapter=adapter)
+            got = deserialize_tensor(stub.Forward(request, timeout=30).hidden)
+            assert rel_err(got, want) < FLOAT32_TOL, adapter
+
+
+def test_a_node_without_the_adapter_answers_not_found(swarm):
+    hidden = torch.zeros(1, 2, 64)
+    with swarm.channel(swarm.nodes[2]) as channel:
+        stub = node_pb2_grpc.NodeStub(channel)
+        request = node_pb2.ForwardRequest(protocol_version=PROTOCOL_VERSION, hidden=serialize_tensor(hidden),
+                                          start_block=0, end_block=4, adapter=ADAPTER)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Forward(request, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert caught.value.details() == f"this node does not serve LoRA adapter {ADAPTER!r} (it serves none)"
+        open_session = node_pb2.InferenceRequest(protocol_version=PROTOCOL_VERSION, open=node_pb2.OpenSession(
+            start_block=0, end_block=4, batch_size=1, max_length=8, adapter=ADAPTER))
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Inference(iter([open_session]), timeout=30))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with swarm.channel(swarm.nodes[0]) as channel:
+        request = node_pb2.ForwardRequest(protocol_version=PROTOCOL_VERSION, hidden=serialize_tensor(hidden),
+                                          start_block=0, end_block=2, adapter="other")
+        with pytest.raises(grpc.RpcError) as caught:
+            node_pb2_grpc.NodeStub(channel).Forward(request, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert caught.value.details() == f"this node does not serve LoRA adapter 'other' (adapters served here: {ADAPTER})"
+
+
+def test_an_adapter_nobody_serves_is_named(files, swarm):
+    with distributed(files, swarm) as model:
+        with pytest.raises(AdapterNotServedError) as caught:
+            model.inference_session(max_length=8, adapter="missing")
+    assert str(caught.value) == (f"no server in the swarm serves LoRA adapter 'missing' for block(s) 0-3 of model "
+                                 f"'tiny-lora' (adapters announced: {ADAPTER})")
+
+
+def generate_cli(files, swarm, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [*console_script("homeswarm"), "generate", str(files[0]), "--initial-peers", *swarm.initial_peers,
+            "--prompt-ids", ",".join(map(str, PROMPT[0].tolist())), "--max-new-tokens", str(NEW_TOKENS), "--json",
+            *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                          env={**os.environ, "HOMESWARM_LOG_LEVEL": "WARNING"})
+
+
+def test_generate_cli_with_an_adapter(files, swarm, references):
+    peft, _ = references
+    expected = reference_greedy(files[0], PROMPT, NEW_TOKENS, model=peft)[0, PROMPT.shape[1]:].tolist()
+    result = generate_cli(files, swarm, "--adapter", ADAPTER)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["token_ids"] == expected
+    missing = generate_cli(files, swarm, "--adapter", "missing")
+    assert missing.returncode == 1, missing.stderr
+    errors = [line for line in missing.stderr.splitlines() if line.startswith("homeswarm: error: ")]
+    assert len(errors) == 1 and "Traceback" not in missing.stderr, missing.stderr
+    assert "no server in the swarm serves LoRA adapter 'missing' for block(s) 0-3" in errors[0]
+
+
+def test_join_swarm_refuses_a_bad_adapter_folder_in_one_line(files, swarm, tmp_path):
+    checkpoint, adapter = files
+    bad = tmp_path / "dora"
+    bad.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (bad / name).write_bytes((adapter / name).read_bytes())
+    edit_config(bad, use_dora=True)
+    argv = [*console_script("join-swarm"), str(checkpoint), "--initial-peers", *swarm.initial_peers,
+            "--blocks", "0:2", "--adapters", str(bad)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"join-swarm: error: --adapters: adapter 'dora': {bad}/adapter_config.json: DoRA (use_dora) is not supported"]
