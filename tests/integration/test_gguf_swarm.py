@@ -5,7 +5,9 @@ llama.cpp's permuted Q/K rows and a tokenizer) in two spans, and a third serves 
 checkpoint, whole, under that name; a fourth serves an F16 Qwen3-MoE GGUF (a dense layer among the
 experts) under its own stem, and a fifth a Q4_0 GGUF (held 4-bit) under its own. An exact client (Python, and `homeswarm generate --exact` with a text
 prompt) routes through the F32 nodes only and generates exactly transformers' greedy tokens on the
-source checkpoint (the MoE one: transformers on the source rounded to float16); the Q8_0 node announces its file type; the Q4_0 node's logits are transformers' on that file within the
+source checkpoint (the MoE one: transformers on the source rounded to float16); the F32 nodes announce the
+block digests of the safetensors source (a client on the source folder routes through them) while the
+Q8_0 node announces its own (clients holding float weights refuse it); the Q8_0 node announces its file type; the Q4_0 node's logits are transformers' on that file within the
 4-bit products' rounding; once the F32 nodes are gone, a client on the
 Q8_0 file generates what transformers generates on that same GGUF (both dequantize it to float32).
 """
@@ -86,6 +88,21 @@ def test_exact_client_routes_through_float_nodes_and_equals_transformers(swarm, 
         with model.inference_session(max_length=8) as session:
             assert [(h.start, h.end, h.server.quant) for h in session.hops] == [(0, 2, "gguf-f32"), (2, 4, "gguf-f32")]
         got = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS)
+        # the Q8_0 node under the same name announces its own weights' digest: refused by a client holding F32
+        assert swarm.gguf_daemons[2].info["peer_id"] in model.routes.refused
+    assert got.tolist() == want.tolist()
+
+
+def test_safetensors_client_accepts_the_f32_gguf_nodes(swarm, files, prompt_ids):
+    """The F32 GGUF nodes announce the digests of the safetensors checkpoint the file was written from."""
+    want = reference_greedy(files["source"], torch.tensor([prompt_ids]), NEW_TOKENS)
+    with AutoDistributedModelForCausalLM.from_pretrained(files["source"], initial_peers=swarm.initial_peers,
+                                                         model_name=NAME, exact=True) as model:
+        assert model.routes.check_weights and len(model.routes.weights) == 4
+        with model.inference_session(max_length=8) as session:
+            assert [(h.start, h.end, h.server.quant) for h in session.hops] == [(0, 2, "gguf-f32"), (2, 4, "gguf-f32")]
+        got = model.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS)
+        assert set(model.routes.refused) == {swarm.gguf_daemons[2].info["peer_id"]}
     assert got.tolist() == want.tolist()
 
 
