@@ -112,6 +112,10 @@ class DistributedModelForCausalLM:
                 labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
         """``.logits`` and, with ``labels``, ``.loss`` (shifted cross-entropy) as transformers gives them;
         differentiable through the swarm in ``inputs_embeds`` and the client's parameters."""
+        if self.config.adapter:  # Forward/Backward for training carry no adapter yet: they would run the base weights
+            raise NotImplementedError(f"model(...) through LoRA adapter {self.config.adapter!r} is not supported yet "
+                                      f"(only generation and inference sessions run adapters); load the model "
+                                      f"without adapter= to train or score")
         return causal_lm_forward(self.head, self.remote_blocks, self.tuning, input_ids=input_ids,
                                  inputs_embeds=inputs_embeds, labels=labels, attention_mask=attention_mask)
 
