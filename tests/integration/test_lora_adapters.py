@@ -100,6 +100,8 @@ def test_the_model_wide_adapter_and_generate(files, swarm, references):
     expected = reference_greedy(files[0], PROMPT, NEW_TOKENS, model=peft)
     with distributed(files, swarm, adapter=ADAPTER) as model:
         assert torch.equal(model.generate(PROMPT, max_new_tokens=NEW_TOKENS), expected)
+        with pytest.raises(NotImplementedError, match="model\\(...\\) through LoRA adapter 'style' is not supported"):
+            model(input_ids=PROMPT, labels=PROMPT)  # training requests carry no adapter: never the base silently
 
 
 def test_without_an_adapter_the_output_is_the_base_models(files, swarm, references):
