@@ -1,8 +1,12 @@
 """Mirror sessions: a second server of a hop's blocks that gets the same inputs and keeps its own cache.
 
-The session sends every input of a mirrored hop to both servers and compares their answers (``client.verify``'s
-tolerance and judge): a disagreement is settled by asking again and, if needed, a third server; the liar is
-banned. A failed primary is replaced by its mirror at once, whose cache already holds the history (no replay).
+The session sends every input of a mirrored hop to both servers, goes on with the hop's answer, and compares it
+with the mirror's once the step has been through every hop (``MirroredHops._settle``: the mirror computes beside
+the hops after its own, off the step's critical path; ``client.verify``'s tolerance and judge). A disagreement
+is settled by asking again and, if needed, a third server; the liar is banned. When the hop was wrong, the hops
+after it go again from the right answer (their caches rolled back to before the step), so no step returns an
+unchecked output. A failed primary is replaced by its mirror at once, whose cache already holds the history
+(no replay).
 A mirror opened mid-session (after a promotion or a replacement) is built here, on a thread of its own, from
 a snapshot of the hop's history (``client.replay``), while the session goes on stepping; the session then
 catches it up with the steps taken meanwhile (``MirrorBuild.upto``) and adopts it.
@@ -13,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -88,6 +93,16 @@ class MirrorBuild:
                 self.stream.close()
 
 
+class MirrorCheck(NamedTuple):
+    """A mirrored hop's answer to a step, to compare with its mirror's once the step has gone through."""
+
+    index: int  # the hop's place in the route
+    step_id: int
+    hidden: torch.Tensor  # the hop's input
+    keep_length: int | None
+    output: torch.Tensor  # the hop's answer
+
+
 class MirroredHops:
     """The mirror side of an inference session (``client.session.InferenceSession`` inherits it): opening,
     building and adopting a hop's mirror, checking each answer against it, and promoting it when the hop fails
@@ -154,10 +169,12 @@ class MirroredHops:
             return
         stream, span = build.stream, hop.end - hop.start
         try:
+            last = hop.inputs[build.upto - 1][0] if build.upto else 0
             for step_id, hidden, keep in hop.inputs[build.upto :]:
                 limit = step_time_limit(self.config, build.server, span, hidden.shape[0] * hidden.shape[1])
-                stream.send(step_id, hidden, (), keep)
+                stream.send(step_id, hidden, (), keep, replay=step_id > last + 1)  # ids may skip (session.reruns)
                 stream.receive(step_id, limit)
+                last = step_id
         except HopFailed as e:
             logger.info("mirror %s failed while catching up: %s", stream.address, e)
             stream.close()
@@ -195,9 +212,22 @@ class MirroredHops:
                     hop.stream.address, why)
         self._start_mirror(index)
 
-    def _history(self, hop: OpenHop, hidden: torch.Tensor, keep_length: int | None) -> torch.Tensor:
-        """Every position the hop's cache holds after this step's input, [batch, positions, hidden]."""
-        parts = [x.to(hidden.dtype) for _, x in cache_segments([*hop.inputs, (0, hidden, keep_length)])]
+    def _settle(self, checks: Sequence[MirrorCheck], expected_length: int) -> tuple[int, torch.Tensor] | None:
+        """Compare each mirrored hop's answer to a step with its mirror's, in route order. None if every answer
+        stands; else (the index after the first hop caught, its right output): the hops after it computed from
+        a wrong input (their checks are moot) and go again."""
+        for check in checks:
+            right = self._mirror_check(check.index, check.step_id, check.hidden, check.keep_length, check.output,
+                                       expected_length)
+            if right is not check.output:
+                return check.index + 1, right
+        return None
+
+    def _history(self, hop: OpenHop, step_id: int, hidden: torch.Tensor, keep_length: int | None) -> torch.Tensor:
+        """Every position the hop's cache holds after step ``step_id``'s input, [batch, positions, hidden] (the
+        hop's record of that step, if kept already, is the input given)."""
+        before = [record for record in hop.inputs if record[0] < step_id]
+        parts = [x.to(hidden.dtype) for _, x in cache_segments([*before, (step_id, hidden, keep_length)])]
         return torch.cat(parts, dim=1)
 
     def _mirror_check(self, index: int, step_id: int, hidden: torch.Tensor, keep_length: int | None,
@@ -225,7 +255,7 @@ class MirroredHops:
         error = rel_err(output, answer)
         if error <= tol:
             return output
-        history = self._history(hop, hidden, keep_length)
+        history = self._history(hop, step_id, hidden, keep_length)
         width = hidden.shape[1]
         start, end = hop.start, hop.end
 

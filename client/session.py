@@ -10,8 +10,9 @@ A step may first roll every hop's cache back (``keep_length``, e.g. for rejected
 stored inputs record it, so a replay rebuilds the same cache. Each result's reported cache length is
 checked against the session's: a node that disagrees (one that ignored a rollback) counts as failed.
 With ``ClientConfig.mirrors``, every hop that has a second server of its blocks keeps a mirror session
-there (``client.mirror``): it gets the hop's inputs too, each answer is compared with the hop's (a liar is
-caught and banned, the right answer used), and a failed hop's mirror takes over with no replay. A hop with
+there (``client.mirror``): it gets the hop's inputs too, each answer is compared with the hop's once the step
+has been through every hop (a liar is caught and banned, the right answer used, the hops after it run again),
+and a failed hop's mirror takes over with no replay. A hop with
 no mirror may be checked as before: with ``ClientConfig.verify_fraction``, a random share of steps is
 re-run on a second server of the same span (``client.verify``); a node caught returning wrong hidden
 states is replaced the same way, and the step recomputed. A step is late after ``step_time_limit``; a late
@@ -30,7 +31,7 @@ import torch
 
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.hop import OpenHop, SessionError, step_time_limit
-from homeswarm.client.mirror import MirroredHops
+from homeswarm.client.mirror import MirrorCheck, MirroredHops
 from homeswarm.client.repeats import RepeatedFailures
 from homeswarm.client.replay import replay_steps
 from homeswarm.client.route import RouteManager
@@ -87,6 +88,7 @@ class InferenceSession(MirroredHops):
         self._closed = False
         self.mirror_checks = 0  # hop answers compared with a mirror's
         self.promotions = 0  # failed or caught primaries replaced by their mirror (no replay)
+        self.reruns = 0  # steps sent again to the hops after one caught by its mirror (they had its wrong answer)
         self._unmirrored: set[tuple[int, int]] = set()  # spans said to have no mirror (once each)
         self._repeats = RepeatedFailures(logger)  # a hand-off failing at every step is logged once
         try:
@@ -167,20 +169,42 @@ class InferenceSession(MirroredHops):
                 f"the session holds {kept} of {self.max_length} tokens; {hidden.shape[1]} more do not fit"
             )
         expected_length = kept + hidden.shape[1]
-        dtype = hidden.dtype
         verify = self.verifier.pick_step()
         self._adopt_mirrors()
-        # a checked step (by a re-run or by mirrors) is relayed: nothing downstream sees an output before it is
-        # checked
-        handoff = self._use_handoff() and not verify and not any(h.mirror for h in self._hops)
-        self._step_id += 1
-        step_id = self._step_id
+        # a checked step (by a re-run or by mirrors) is relayed: the client sees every output, and none is returned
+        # before it is checked
+        handoff = (self._use_handoff() and not verify and not any(h.mirror for h in self._hops)
+                   and not any(self._skips(k, self._step_id + 1) for k in range(1, len(self._hops))))
+        first, keep = 0, keep_length
+        while True:
+            self._step_id += 1
+            output, checks = self._through(first, self._step_id, hidden, keep, expected_length, verify, handoff)
+            # mirrors' answers are compared once the last hop has answered: each mirror computed beside the hops
+            # after its own, off the step's critical path
+            redo = self._settle(checks, expected_length)
+            if redo is None:
+                break
+            first, right = redo  # hop first - 1 was caught: the hops after it computed from its wrong answer
+            if first >= len(self._hops):
+                output = right.to(hidden.dtype)
+                break
+            hidden, keep = right.to(hidden.dtype), kept  # they go again from the right answer, rolled back first
+            self.reruns += 1
+        self.length = expected_length
+        return output
+
+    def _through(self, first: int, step_id: int, hidden: torch.Tensor, keep_length: int | None, expected_length: int,
+                 verify: bool, handoff: bool) -> tuple[torch.Tensor, list[MirrorCheck]]:
+        """Step ``hidden`` through hops ``first``.. as step ``step_id``: (the last hop's output, the mirrored hops'
+        answers still to compare with their mirrors')."""
+        dtype = hidden.dtype
+        checks: list[MirrorCheck] = []
         self._drain_wakeups()
-        i = 0
+        i = first
         need_send = True  # False while hop i gets its input pushed by the previous node
         relayed = False  # whether the client already sent hop i its input after a failed hand-off
         tokens = hidden.shape[0] * hidden.shape[1]
-        waited_since, deadline = self._clock_for(0, tokens)
+        waited_since, deadline = self._clock_for(first, tokens)
         while i < len(self._hops):
             hop = self._hops[i]
             assert hop.stream is not None
@@ -207,7 +231,7 @@ class InferenceSession(MirroredHops):
                                     f"{step_id}, {expected_length} expected")
                 output = event[1]
                 if hop.mirror is not None:
-                    output = self._mirror_check(i, step_id, hidden, keep_length, output, expected_length)
+                    checks.append(MirrorCheck(i, step_id, hidden, keep_length, output))
                 elif verify and self._caught(i, hidden, keep_length, output):
                     self._replace(i)
                     need_send = True
@@ -234,8 +258,7 @@ class InferenceSession(MirroredHops):
             need_send = not handoff
             relayed = False
             waited_since, deadline = self._clock_for(i, tokens)
-        self.length = expected_length
-        return hidden
+        return hidden, checks
 
     def _clock_for(self, index: int, tokens: int) -> tuple[float, float]:
         """(now, when to check on hop ``index`` if its answer to a step of ``tokens`` positions has not come)."""
@@ -281,15 +304,23 @@ class InferenceSession(MirroredHops):
         hop = self._hops[index]
         stream = hop.stream
         assert stream is not None
+        skips = self._skips(index, step_id)
         if hop.mirror is not None:
             try:
-                hop.mirror.send(step_id, hidden, (), keep_length)
+                hop.mirror.send(step_id, hidden, (), keep_length, replay=skips)
                 hop.mirror_step = step_id
             except HopFailed as e:
                 self._drop_mirror(index, e)
         rest = self._hops[index + 1 :] if handoff else []
         stream.send(step_id, hidden, [(h.stream.address, h.stream.session_id, h.stream.peer_id) for h in rest
-                                      if h.stream], keep_length)
+                                      if h.stream], keep_length, replay=skips)
+
+    def _skips(self, index: int, step_id: int) -> bool:
+        """Whether step ``step_id`` skips ids hop ``index`` never got: steps sent again to the hops after a hop
+        caught by its mirror (``reruns``) have ids of their own. Sent as ``Step.replay``, which lets an id skip
+        (a push cannot: such a step is relayed)."""
+        hop = self._hops[index]
+        return step_id > (hop.inputs[-1][0] if hop.inputs else 0) + 1
 
     def _handoff_failed(self, index: int, step_id: int) -> bool:
         """Whether hop ``index`` reports (after its result) that it could not push to the next hop.

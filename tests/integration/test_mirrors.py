@@ -4,20 +4,24 @@ compared with the hop's, and it takes over at once when the hop dies.
 Blocks 0..1: an honest node announcing a high throughput (routes take it) and a HOMESWARM_FAULT=corrupt one
 (noise on every output) announcing a low one: the corrupt node is the mirror. Blocks 2..3: the other way
 round (the corrupt node is the hop, an honest one its mirror), and a third, honest node. Greedy generation is
-exact every time, and both corrupt nodes are caught from their first answer. Then, with the corrupt nodes out
-of the way, the hop of blocks 2..3 is killed at a long context: its mirror answers on, with no replay.
+exact every time, and both corrupt nodes are caught from their first answer; with blocks 0..1's preference
+turned (the honest node's round trip made to look slow), and with ``homeswarm generate`` run as a user runs it
+too. Then, with the corrupt nodes out of the way, the hop of blocks 2..3 is killed at a long context: its mirror
+answers on, with no replay.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
 import time
 
 import pytest
 import torch
 
 from homeswarm.client.config import ClientConfig
-from homeswarm.client.local_swarm import LocalSwarm
+from homeswarm.client.local_swarm import LocalSwarm, console_script
 from homeswarm.client.model import AutoDistributedModelForCausalLM
 from tests.helpers.checkpoints import make_checkpoint, reference_greedy
 from tests.helpers.reference import node_info
@@ -59,28 +63,64 @@ def read_every_record(model, swarm) -> None:
         assert time.monotonic() < deadline, "some node's record was never read"
 
 
-def test_mirrored_generation_is_exact_whichever_replica_routes_prefer(swarm, checkpoint, caplog):
+@pytest.mark.parametrize("first_hop", ["honest", "corrupt"])
+def test_mirrored_generation_is_exact_whichever_replica_routes_prefer(swarm, checkpoint, caplog, first_hop):
+    """Blocks 2..3 (the last hop): routes prefer the corrupt node. Blocks 0..1: the honest node as announced, or,
+    with its round trip made to look slow, the corrupt one; then the hop after it computed from a wrong answer
+    and goes again from the right one (``session.reruns``) before the step returns."""
     nodes = swarm.by_name
     prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
     expected = reference_greedy(checkpoint, prompt, NEW_TOKENS).tolist()
-    caplog.set_level("WARNING", logger="homeswarm.client.session")
+    caplog.set_level("WARNING")
+    primary, mirror = ("honest01", "corrupt01") if first_hop == "honest" else ("corrupt01", "honest01")
     for _ in range(2):  # every time: a fresh client, which knows nothing of the corrupt nodes
         with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers,
                                                              config=CONFIG) as model:
             read_every_record(model, swarm)
+            if first_hop == "corrupt":  # 30 s of round trip outweighs its announced throughput
+                model.routes.record_rtt(nodes["honest01"]["peer_id"], 100.0)
             with model.inference_session(max_length=prompt.shape[1] + NEW_TOKENS) as session:
-                assert [a for a, _, _ in session.route] == [nodes["honest01"]["address"],
-                                                            nodes["corrupt23"]["address"]]
-                assert session.mirrors[0] == (nodes["corrupt01"]["address"], 0, 2)
+                assert [a for a, _, _ in session.route] == [nodes[primary]["address"], nodes["corrupt23"]["address"]]
+                assert session.mirrors[0] == (nodes[mirror]["address"], 0, 2)
                 got = model.generate(prompt, max_new_tokens=NEW_TOKENS, session=session)
                 assert got.tolist() == expected
                 assert sorted(session.caught) == sorted([nodes["corrupt01"]["peer_id"], nodes["corrupt23"]["peer_id"]])
                 assert session.failovers == 0 and session.replayed_tokens == 0
+                assert session.reruns == (1 if first_hop == "corrupt" else 0)
+                assert [a for a, _, _ in session.route][0] == nodes["honest01"]["address"]
                 assert nodes["corrupt23"]["address"] not in [a for a, _, _ in session.route]
             assert model.routes.is_banned(nodes["corrupt01"]["peer_id"])
             assert model.routes.is_banned(nodes["corrupt23"]["peer_id"])
     reports = [r.getMessage() for r in caplog.records if "returned wrong hidden states" in r.getMessage()]
     assert len(reports) == 4, reports
+
+
+def test_the_cli_with_default_settings_is_exact_whichever_replica_routes_prefer(swarm, checkpoint):
+    """``homeswarm generate`` as a user runs it (no --trust, no --verify-fraction): on blocks 0..1 routes prefer the
+    honest node (the corrupt one is its mirror), on blocks 2..3 the corrupt one (an honest node is its mirror).
+    The process knows nothing of the corrupt nodes; the output is exact from the first token."""
+    nodes = swarm.by_name
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(5))
+    expected = reference_greedy(checkpoint, prompt, NEW_TOKENS)[0, prompt.shape[1]:].tolist()
+    argv = [*console_script("homeswarm"), "generate", str(checkpoint), "--initial-peers", *swarm.initial_peers,
+            "--prompt-ids", ",".join(map(str, prompt[0].tolist())), "--max-new-tokens", str(NEW_TOKENS), "--json",
+            "--verbose"]
+    for _ in range(1):  # a process takes ~20 s to start here; fresh clients are repeated in the test above
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out = json.loads(done.stdout)
+        assert out["token_ids"] == expected
+        caught = [line for line in done.stderr.splitlines() if "returned wrong hidden states" in line]
+        # the corrupt hop of blocks 2..3 is caught at its first answer and its mirror's answer used; the corrupt
+        # mirror of blocks 0..1 is caught too, the honest hop's answer kept
+        assert any(nodes["corrupt23"]["address"] in line and "its mirror's answer used" in line for line in caught), \
+            done.stderr[-3000:]
+        assert any(nodes["corrupt01"]["address"] in line and "answer used" not in line for line in caught), \
+            done.stderr[-3000:]
+        assert len(caught) == 2, caught
+        route = {tuple(hop["blocks"]): hop["address"] for hop in out["route"]}
+        assert route[(0, 2)] == nodes["honest01"]["address"]
+        assert route[(2, 4)] in (nodes["honest23"]["address"], nodes["spare23"]["address"])
 
 
 LONG_PROMPT = 1500
