@@ -11,8 +11,8 @@ given input the gradient goes through the chosen experts, the same on both sides
 second server of it present) gives exactly the parameters of an uninterrupted run. A node serving int8
 weights refuses Backward (FAILED_PRECONDITION); malformed Backward requests get INVALID_ARGUMENT.
 
-One bootstrap peer for the module; per family a chain of two nodes, and for Llama a spare of the second
-span and an int8 node under another model name.
+One bootstrap peer for the module; for Llama a chain of two nodes, a spare of the second span and an int8
+node under another model name; one node serving every block of Qwen3-MoE.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ CHAIN = split_blocks(NUM_LAYERS, 2)
 FAMILIES = ("llama3", "qwen3_moe")
 GRAD_TOL = 1e-5  # relative (Frobenius norm), float32 on both sides
 PREFIX = 3
+ROUTES = {"llama3": CHAIN, "qwen3_moe": [(0, NUM_LAYERS)]}
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +50,10 @@ def swarm(tmp_path_factory):
         def node(path, a, b, *args):
             return swarm.start_node(path, "--blocks", f"{a}:{b}", "--compute-threads", "1", *args, wait=False)
 
-        daemons = {f"{family}:{a}": node(path, a, b) for family, path in paths.items() for a, b in CHAIN}
+        daemons = {f"llama3:{a}": node(paths["llama3"], a, b) for a, b in CHAIN}
         daemons["spare"] = node(paths["llama3"], *CHAIN[1])
-        daemons["int8"] = node(paths["llama3"], 0, NUM_LAYERS, "--quant", "int8", "--model-name", "llama3-int8")
+        daemons["qwen3_moe"] = node(paths["qwen3_moe"], 0, NUM_LAYERS)
+        daemons["int8"] = node(paths["llama3"], *CHAIN[0], "--quant", "int8", "--model-name", "llama3-int8")
         for daemon in daemons.values():
             swarm.wait_ready(daemon, timeout=180)
         swarm.paths, swarm.daemons = paths, daemons
@@ -86,7 +88,7 @@ def test_loss_logits_and_input_gradients_match_transformers(swarm, family):
         ours_in = embeds.clone().requires_grad_(True)
         ours = model(inputs_embeds=ours_in, labels=labels)
         ours.loss.backward()
-        assert [(h.start, h.end) for h in model.remote_blocks._route] == CHAIN
+        assert [(h.start, h.end) for h in model.remote_blocks._route] == ROUTES[family]
     assert rel_err(ours.logits, theirs.logits) < GRAD_TOL
     assert abs(ours.loss.item() - theirs.loss.item()) < GRAD_TOL * theirs.loss.item()
     assert ours_in.grad is not None and float(ours_in.grad.norm()) > 0
@@ -188,7 +190,7 @@ def backward_request(start: int = 0, end: int = 2, **changes) -> node_pb2.Backwa
 
 def test_a_quantized_node_refuses_backward(swarm):
     with LocalSwarm.channel(swarm.daemons["int8"]) as channel, pytest.raises(grpc.RpcError) as caught:
-        node_pb2_grpc.NodeStub(channel).Backward(backward_request(0, NUM_LAYERS), timeout=30)
+        node_pb2_grpc.NodeStub(channel).Backward(backward_request(*CHAIN[0]), timeout=30)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "int8" in caught.value.details() and "unquantized" in caught.value.details()
 
