@@ -1,0 +1,168 @@
+"""Weights from peers, with real daemons on 127.0.0.1: two nodes seed a tiny checkpoint; a node started with
+only its config.json fetches every block from them and serves, greedy output through it equals transformers'
+(also once the seeders stop); a node sending wrong tensor bytes (HOMESWARM_FAULT=corrupt-weights) is caught
+by the digest and banned; a throttled source killed mid-transfer leaves a partial file that another peer
+resumes at its offset.
+
+One swarm for the module: a bootstrap peer and the two seeders. The ban and resume tests fetch in this
+process (node.peer_fetch against the swarm's DHT); the last test runs the whole join-swarm path and stops
+the seeders, so it comes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from homeswarm.client.config import ClientConfig
+from homeswarm.client.local_swarm import LocalSwarm
+from homeswarm.client.model import AutoDistributedModelForCausalLM
+from homeswarm.model.digest import block_digests
+from homeswarm.node.peer_fetch import discover, fetch_blocks
+from homeswarm.node.peer_folder import held_blocks
+from homeswarm.node.peers import PeerChannels
+from homeswarm.routing.dht import SwarmDHT
+from tests.helpers.checkpoints import make_checkpoint, reference_greedy
+
+pytestmark = pytest.mark.timeout(300)
+
+MODEL = "tiny-from-peers"
+NUM_LAYERS = 4
+PROMPT = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(11))
+NEW_TOKENS = 10
+NODE_ARGS = ("--model-name", MODEL, "--blocks", f"0:{NUM_LAYERS}", "--compute-threads", "1", "--throughput", "100")
+SLOW = "20KB"  # a block (about 150 KB) takes the throttled source 7 s
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("full") / "tiny", "llama2", num_layers=NUM_LAYERS, seed=4)
+
+
+@pytest.fixture(scope="module")
+def digests(full, tmp_path_factory) -> dict[int, str]:
+    return block_digests(full, cache_path=tmp_path_factory.mktemp("digests") / "digests.json")
+
+
+@pytest.fixture(scope="module")
+def swarm(full, tmp_path_factory):
+    """The two seeders, a liar (sends wrong tensor bytes) and a slow one (--upload-limit 20KB), started at once:
+    ``swarm.liar`` and ``swarm.slow``; each test fetches from the seeders and the one it is about."""
+    work = tmp_path_factory.mktemp("swarm")
+    env = {"OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(work / "xdg")}  # digests, peer weights: none in ~
+    with LocalSwarm(work, env=env) as swarm:
+        swarm.start_bootstrap()
+        nodes = [swarm.start_node(full, *NODE_ARGS, wait=False) for _ in range(2)]
+        swarm.env["HOMESWARM_FAULT"] = "corrupt-weights"  # read when the process starts
+        swarm.liar = swarm.start_node(full, *NODE_ARGS, wait=False)
+        del swarm.env["HOMESWARM_FAULT"]
+        swarm.slow = swarm.start_node(full, *NODE_ARGS, "--upload-limit", SLOW, wait=False)
+        for node in [*nodes, swarm.liar, swarm.slow]:
+            swarm.wait_ready(node, timeout=180)
+        yield swarm
+
+
+async def fetch(swarm: LocalSwarm, dest: Path, without: str, on_progress=None):  # noqa: ANN001, ANN201
+    """Fetch every block into ``dest`` from the swarm but peer ``without``, as a joining node does;
+    ``on_progress`` runs beside it."""
+    dht = SwarmDHT.create(swarm.initial_peers, client_mode=True)
+    channels = PeerChannels()
+    try:
+        offers = [o for o in await discover(dht, channels, MODEL, 0, NUM_LAYERS) if o.peer_id != without]
+        work = fetch_blocks(dest, MODEL, list(range(NUM_LAYERS)), offers,
+                            lambda o: channels.stub(o.address, o.peer_id, o.relays, o.tls_cert),
+                            max_block_bytes=1 << 24, stall_timeout=20)
+        if on_progress is None:
+            return offers, await work
+        watcher = asyncio.create_task(on_progress())
+        try:
+            return offers, await work
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+    finally:
+        await channels.close()
+        dht.shutdown()
+
+
+def test_a_peer_sending_wrong_bytes_is_banned_and_the_fetch_completes(swarm, full, digests, tmp_path):
+    liar = swarm.liar
+    try:
+        offers, report = asyncio.run(fetch(swarm, tmp_path, without=swarm.slow.info["peer_id"]))
+        assert liar.info["peer_id"] in {o.peer_id for o in offers} and len(offers) == 3
+        # three peers, four blocks: each took one at first, so the liar sent one whole block
+        assert report.banned == {liar.info["peer_id"]}
+        assert liar.info["peer_id"] not in report.blocks.values()
+        assert held_blocks(tmp_path) == list(range(NUM_LAYERS)) and not list(tmp_path.glob("*.part"))
+        assert block_digests(tmp_path, cache_path=tmp_path / "d.json") == digests
+    finally:
+        assert LocalSwarm.stop(liar) == 0
+        swarm.nodes.remove(liar)
+
+
+def test_a_fetch_resumes_elsewhere_when_its_source_dies_mid_transfer(swarm, full, digests, tmp_path):
+    slow = swarm.slow
+    killed_at: list[int] = []
+
+    async def kill_mid_transfer() -> None:
+        while True:  # the seeders send a block in milliseconds: a partial file that grows is the slow one's
+            sizes = [p.stat().st_size for p in tmp_path.glob("*.part")]
+            if sizes and max(sizes) >= 30_000:
+                LocalSwarm.kill(slow)
+                killed_at.append(max(sizes))
+                return
+            await asyncio.sleep(0.05)
+
+    try:
+        offers, report = asyncio.run(fetch(swarm, tmp_path, swarm.liar.info["peer_id"], kill_mid_transfer))
+    finally:
+        LocalSwarm.kill(slow)
+        swarm.nodes.remove(slow)
+    assert killed_at, "the slow source was never caught mid-transfer"
+    assert slow.info["peer_id"] in {o.peer_id for o in offers} and len(offers) == 3
+    slow_id = slow.info["peer_id"]
+    resumed = [(block, offset) for block, offset, peer in report.resumed if peer != slow_id]
+    assert len(resumed) == 1 and resumed[0][1] >= killed_at[0], (report.resumed, killed_at)
+    assert report.blocks[resumed[0][0]] != slow_id and not report.banned
+    assert held_blocks(tmp_path) == list(range(NUM_LAYERS)) and not list(tmp_path.glob("*.part"))
+    assert block_digests(tmp_path, cache_path=tmp_path / "d.json") == digests
+
+
+def test_a_node_with_only_a_config_fetches_its_blocks_serves_and_outlives_its_seeders(swarm, full, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy2(full / "config.json", bare / "config.json")
+    cache = tmp_path / "cache"
+    node = swarm.start_node(bare, *NODE_ARGS, "--cache-dir", str(cache), timeout=180)
+    log = node.log()
+    assert re.search(r"fetched block\(s\) 0, 1, 2, 3 from 2 peer\(s\)", log), log[-3000:]
+    folder = next((cache / "peer-weights").iterdir())
+    assert held_blocks(folder) == list(range(NUM_LAYERS))
+    expected = reference_greedy(full, PROMPT, NEW_TOKENS)[0].tolist()
+    seeders = [n for n in swarm.nodes if n is not node]
+    for seeder in seeders:  # from here on only the node that fetched its blocks serves them
+        assert LocalSwarm.stop(seeder) == 0
+        swarm.nodes.remove(seeder)
+    model = AutoDistributedModelForCausalLM.from_pretrained(full, initial_peers=swarm.initial_peers,
+                                                            model_name=MODEL, config=ClientConfig())
+    try:
+        assert model.generate(PROMPT, max_new_tokens=NEW_TOKENS)[0].tolist() == expected
+        with model.inference_session(max_length=8) as session:
+            assert [(a, b, c) for a, b, c in session.route] == [(node.info["address"], 0, NUM_LAYERS)]
+    finally:
+        model.close()
