@@ -193,24 +193,36 @@ def load_parts(folder: str | Path, span: BlockSpan, aliases: tuple[tuple[str, st
         for (block, path), found in sorted(pairs.items()):
             if set(found) != {"A", "B"}:
                 raise AdapterError(f"{folder}: block {block} {path}: lora_A and lora_B must come together")
-            layer = span.layers[block - span.start]
-            where, part = resolve(layer, path)
-            target = layer.get_submodule(where)
-            if part is None:
-                lo, hi = 0, target.out_features
-            else:
-                sizes = _part_sizes(layer.get_submodule(where.rpartition(".")[0]), where.rpartition(".")[2])
-                lo = sum(sizes[:part])
-                hi = lo + sizes[part]
             a, b = f.get_tensor(found["A"]), f.get_tensor(found["B"])
-            if a.dim() != 2 or b.dim() != 2 or a.shape != (settings.r, target.in_features) \
-                    or b.shape != (hi - lo, settings.r):
-                raise AdapterError(f"{folder}: block {block} {path}: lora_A {tuple(a.shape)} and lora_B "
-                                   f"{tuple(b.shape)} do not fit r={settings.r} and the layer's "
-                                   f"{target.in_features} -> {hi - lo} features")
-            a, b = (t.to(span.device, span.dtype) for t in (a, b))
-            parts.setdefault(block, {}).setdefault(where, []).append(LoraPart(lo, hi, a, b, settings.scale))
+            if a.dim() != 2 or a.shape[0] != settings.r:
+                raise AdapterError(f"{folder}: block {block} {path}: lora_A {tuple(a.shape)} does not have "
+                                   f"r={settings.r} rows")
+            try:
+                where, part = place(span.layers[block - span.start], path, a.to(span.device, span.dtype),
+                                    b.to(span.device, span.dtype), settings.scale)
+            except AdapterError as e:
+                raise AdapterError(f"{folder}: block {block} {e}") from None
+            parts.setdefault(block, {}).setdefault(where, []).append(part)
     return parts
+
+
+def place(layer: nn.Module, path: str, a: Tensor, b: Tensor, scale: float) -> tuple[str, LoraPart]:
+    """Where LoRA matrices ``a`` [r, in], ``b`` [out, r] of checkpoint projection ``path`` (ours) go in a
+    built block ``layer``: the module's path and the part (its output slice, when fused); AdapterError when
+    the block has no such linear layer or the shapes do not fit it."""
+    where, index = resolve(layer, path)
+    target = layer.get_submodule(where)
+    if index is None:
+        lo, hi = 0, target.out_features
+    else:
+        parent, _, fused = where.rpartition(".")
+        sizes = _part_sizes(layer.get_submodule(parent), fused)
+        lo = sum(sizes[:index])
+        hi = lo + sizes[index]
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != target.in_features or b.shape != (hi - lo, a.shape[0]):
+        raise AdapterError(f"{path}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit the layer's "
+                           f"{target.in_features} -> {hi - lo} features at rank {a.shape[0] if a.dim() else '?'}")
+    return where, LoraPart(lo, hi, a, b, scale)
 
 
 def _replaced(root: nn.Module, path: str, new: nn.Module) -> nn.Module:

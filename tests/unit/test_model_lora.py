@@ -184,7 +184,8 @@ def test_bad_weights_are_refused(adapter_copy):
     key = next(k for k in tensors if "q_proj.lora_B" in k)
     save_file({**tensors, key: torch.zeros(5, 4)}, weights)  # q_proj has 64 outputs
     check_adapter_folders([str(folder)], config)  # shapes are checked when the span's tensors load
-    with pytest.raises(ConfigError, match=r"lora_A \(4, 64\) and lora_B \(5, 4\) do not fit r=4"):
+    with pytest.raises(ConfigError, match=r"block 0 self_attn.q_proj: lora_A \(4, 64\) and lora_B \(5, 4\) do not "
+                                          r"fit the layer's 64 -> 64 features at rank 4"):
         SpanAdapters(load_span(checkpoint, 0, 3), [str(folder)])
     weights.unlink()
     with pytest.raises(ConfigError, match="adapter_model.safetensors: missing"):
