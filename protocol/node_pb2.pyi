@@ -83,7 +83,7 @@ class InfoResponse(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., peer_id: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_tokens_left: _Optional[int] = ..., active_sessions: _Optional[int] = ..., software_version: _Optional[str] = ..., steps_from_client: _Optional[int] = ..., steps_from_peers: _Optional[int] = ..., pushes_sent: _Optional[int] = ..., forward_passes: _Optional[int] = ..., batched_steps: _Optional[int] = ..., inline_steps: _Optional[int] = ..., quant: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., block_digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("protocol_version", "hidden", "start_block", "end_block", "response_compression", "prompts", "adapter")
+    __slots__ = ("protocol_version", "hidden", "start_block", "end_block", "response_compression", "prompts", "adapter", "lora")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class ForwardRequest(_message.Message):
     RESPONSE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     hidden: Tensor
     start_block: int
@@ -98,7 +99,30 @@ class ForwardRequest(_message.Message):
     response_compression: Compression
     prompts: Tensor
     adapter: str
-    def __init__(self, protocol_version: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
+    lora: _containers.RepeatedCompositeFieldContainer[LoraMatrices]
+    def __init__(self, protocol_version: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[str] = ..., lora: _Optional[_Iterable[_Union[LoraMatrices, _Mapping]]] = ...) -> None: ...
+
+class LoraMatrices(_message.Message):
+    __slots__ = ("block", "module", "a", "b", "scale")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    block: int
+    module: str
+    a: Tensor
+    b: Tensor
+    scale: float
+    def __init__(self, block: _Optional[int] = ..., module: _Optional[str] = ..., a: _Optional[_Union[Tensor, _Mapping]] = ..., b: _Optional[_Union[Tensor, _Mapping]] = ..., scale: _Optional[float] = ...) -> None: ...
+
+class LoraGradients(_message.Message):
+    __slots__ = ("a", "b")
+    A_FIELD_NUMBER: _ClassVar[int]
+    B_FIELD_NUMBER: _ClassVar[int]
+    a: Tensor
+    b: Tensor
+    def __init__(self, a: _Optional[_Union[Tensor, _Mapping]] = ..., b: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("hidden",)
@@ -107,7 +131,7 @@ class ForwardResponse(_message.Message):
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("protocol_version", "hidden", "grad_output", "start_block", "end_block", "response_compression", "prompts", "adapter")
+    __slots__ = ("protocol_version", "hidden", "grad_output", "start_block", "end_block", "response_compression", "prompts", "adapter", "lora")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +140,7 @@ class BackwardRequest(_message.Message):
     RESPONSE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     hidden: Tensor
     grad_output: Tensor
@@ -124,15 +149,18 @@ class BackwardRequest(_message.Message):
     response_compression: Compression
     prompts: Tensor
     adapter: str
-    def __init__(self, protocol_version: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[str] = ...) -> None: ...
+    lora: _containers.RepeatedCompositeFieldContainer[LoraMatrices]
+    def __init__(self, protocol_version: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[str] = ..., lora: _Optional[_Iterable[_Union[LoraMatrices, _Mapping]]] = ...) -> None: ...
 
 class BackwardResponse(_message.Message):
-    __slots__ = ("grad_hidden", "grad_prompts")
+    __slots__ = ("grad_hidden", "grad_prompts", "grad_lora")
     GRAD_HIDDEN_FIELD_NUMBER: _ClassVar[int]
     GRAD_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_LORA_FIELD_NUMBER: _ClassVar[int]
     grad_hidden: Tensor
     grad_prompts: Tensor
-    def __init__(self, grad_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad_prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    grad_lora: _containers.RepeatedCompositeFieldContainer[LoraGradients]
+    def __init__(self, grad_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., grad_lora: _Optional[_Iterable[_Union[LoraGradients, _Mapping]]] = ...) -> None: ...
 
 class InferenceRequest(_message.Message):
     __slots__ = ("protocol_version", "open", "step")
