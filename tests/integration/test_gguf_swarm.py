@@ -3,7 +3,8 @@
 One swarm for the module, under the model name of the F32 file's stem: two nodes serve an F32 GGUF (with
 llama.cpp's permuted Q/K rows and a tokenizer) in two spans, and a third serves a Q8_0 GGUF of the same
 checkpoint, whole, under that name; a fourth serves an F16 Qwen3-MoE GGUF (a dense layer among the
-experts) under its own stem, and a fifth a Q4_0 GGUF (held 4-bit) under its own. An exact client (Python, and `homeswarm generate --exact` with a text
+experts) under its own stem, a fifth a Q4_0 GGUF (held 4-bit) under its own, and a sixth an F32
+DeepSeek-V3 (``deepseek2``) GGUF under its own. An exact client (Python, and `homeswarm generate --exact` with a text
 prompt) routes through the F32 nodes only and generates exactly transformers' greedy tokens on the
 source checkpoint (the MoE one: transformers on the source rounded to float16); the F32 nodes announce the
 block digests of the safetensors source (a client on the source folder routes through them) while the
@@ -27,10 +28,15 @@ from homeswarm.client.model import AutoDistributedModelForCausalLM
 from homeswarm.client.tokenizer import TextCodec
 from homeswarm.model.gguf_files import gguf_folder
 from tests.helpers.checkpoints import make_checkpoint, reference_greedy
+from tests.helpers.deepseek_checkpoints import make_deepseek_checkpoint, reference_deepseek
 from tests.helpers.gguf_checkpoints import byte_level_tokenizer, write_gguf
+from tests.helpers.gguf_families import write_deepseek_gguf
 from tests.helpers.moe_checkpoints import make_moe_checkpoint
 
 NAME = "tiny-f32"  # the F32 file's stem: the swarm's model name
+# a GGUF stores YaRN's mscale_all_dim only: mscale equal to it, as in every DeepSeek release
+MLA_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.8, "mscale_all_dim": 0.8}
 PROMPT = "the weather is nice on the other hand"
 NEW_TOKENS = 12
 
@@ -45,7 +51,10 @@ def files(tmp_path_factory):
             "q8_0": write_gguf(source, root / "tiny-q8_0.gguf", "llama2", "Q8_0", tokenizer=vocab),
             "q4_0": write_gguf(source, root / "tiny-q4_0.gguf", "llama2", "Q4_0", tokenizer=vocab),
             "moe_source": (moe := make_moe_checkpoint(root / "moe", "qwen3_moe", num_layers=2, seed=12)),
-            "moe": write_gguf(moe, root / "tiny-qwen3moe.gguf", "qwen3_moe", "F16")}
+            "moe": write_gguf(moe, root / "tiny-qwen3moe.gguf", "qwen3_moe", "F16"),
+            "mla_source": (mla := make_deepseek_checkpoint(root / "mla", "deepseek_v3", num_layers=2, seed=13,
+                                                                rope_parameters=MLA_YARN)),
+            "mla": write_deepseek_gguf(mla, root / "tiny-deepseek.gguf")}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +75,7 @@ def swarm(files, cache, tmp_path_factory):
         daemons.append(swarm.start_node(files["q8_0"], "--model-name", NAME, "--compute-threads", "1", wait=False))
         daemons.append(swarm.start_node(files["moe"], "--compute-threads", "1", wait=False))
         daemons.append(swarm.start_node(files["q4_0"], "--compute-threads", "1", wait=False))
+        daemons.append(swarm.start_node(files["mla"], "--compute-threads", "1", wait=False))
         for daemon in daemons:
             swarm.wait_ready(daemon, timeout=180)
         swarm.gguf_daemons = daemons
@@ -80,7 +90,8 @@ def prompt_ids(files, cache) -> list[int]:
 
 
 def test_exact_client_routes_through_float_nodes_and_equals_transformers(swarm, files, prompt_ids):
-    assert [d.info["model"] for d in swarm.gguf_daemons] == [NAME, NAME, NAME, "tiny-qwen3moe", "tiny-q4_0"]
+    assert [d.info["model"] for d in swarm.gguf_daemons] == [NAME, NAME, NAME, "tiny-qwen3moe", "tiny-q4_0",
+                                                         "tiny-deepseek"]
     want = reference_greedy(files["source"], torch.tensor([prompt_ids]), NEW_TOKENS)
     with AutoDistributedModelForCausalLM.from_pretrained(files["f32"], initial_peers=swarm.initial_peers,
                                                          exact=True) as model:
@@ -116,6 +127,18 @@ def test_moe_gguf_through_the_swarm_equals_transformers(swarm, files):
         assert model.model_name == "tiny-qwen3moe"
         with model.inference_session(max_length=8) as session:
             assert [(h.start, h.end, h.server.quant) for h in session.hops] == [(0, 2, "gguf-f16")]
+        got = model.generate(prompt, max_new_tokens=NEW_TOKENS)
+    assert got.tolist() == want.tolist()
+
+
+def test_deepseek2_gguf_through_the_swarm_equals_transformers(swarm, files):
+    prompt = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(5))
+    want = reference_greedy(files["mla_source"], prompt, NEW_TOKENS, model=reference_deepseek(files["mla_source"]))
+    with AutoDistributedModelForCausalLM.from_pretrained(files["mla"], initial_peers=swarm.initial_peers,
+                                                         exact=True) as model:
+        assert model.model_name == "tiny-deepseek" and model.model_config.mla is not None
+        with model.inference_session(max_length=8) as session:
+            assert [(h.start, h.end, h.server.quant) for h in session.hops] == [(0, 2, "gguf-f32")]
         got = model.generate(prompt, max_new_tokens=NEW_TOKENS)
     assert got.tolist() == want.tolist()
 
