@@ -1,22 +1,23 @@
 """Weights from peers, with real daemons on 127.0.0.1: two nodes seed a tiny checkpoint; a node started with
 only its config.json fetches every block from them and serves, greedy output through it equals transformers'
-(also once the seeders stop); a node sending wrong tensor bytes (HOMESWARM_FAULT=corrupt-weights) is caught
-by the digest and banned; a throttled source killed mid-transfer leaves a partial file that another peer
-resumes at its offset.
+(also once the seeders stop); a peer sending wrong tensor bytes (the uploader's corrupt-weights fault, served
+in this process) is caught by the digest and banned; a throttled source killed mid-transfer leaves a partial
+file that another peer resumes at its offset.
 
-One swarm for the module: a bootstrap peer and the two seeders. The ban and resume tests fetch in this
-process (node.peer_fetch against the swarm's DHT); the last test runs the whole join-swarm path and stops
-the seeders, so it comes last.
+One swarm for the module: a bootstrap peer, the two seeders and the throttled one. The ban and resume tests
+fetch in this process (node.peer_fetch against the swarm's DHT); the last test runs the whole join-swarm
+path and stops the seeders, so it comes last.
 """
-
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import re
 import shutil
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
@@ -25,8 +26,12 @@ from homeswarm.client.local_swarm import LocalSwarm
 from homeswarm.client.model import AutoDistributedModelForCausalLM
 from homeswarm.model.digest import block_digests
 from homeswarm.node.peer_fetch import discover, fetch_blocks
-from homeswarm.node.peer_folder import held_blocks
+from homeswarm.node.peer_fetch_plan import PeerOffer
+from homeswarm.node.peer_folder import block_file, held_blocks
 from homeswarm.node.peers import PeerChannels
+from homeswarm.node.weight_upload import WeightUploader
+from homeswarm.node.wire import add_node_service
+from homeswarm.protocol import node_pb2_grpc
 from homeswarm.routing.dht import SwarmDHT
 from tests.helpers.checkpoints import make_checkpoint, reference_greedy
 
@@ -60,29 +65,39 @@ def digests(full, tmp_path_factory) -> dict[int, str]:
 
 @pytest.fixture(scope="module")
 def swarm(full, tmp_path_factory):
-    """The two seeders, a liar (sends wrong tensor bytes) and a slow one (--upload-limit 20KB), started at once:
-    ``swarm.liar`` and ``swarm.slow``; each test fetches from the seeders and the one it is about."""
+    """The two seeders and a slow one (--upload-limit 20KB, ``swarm.slow``), started at once."""
     work = tmp_path_factory.mktemp("swarm")
     env = {"OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(work / "xdg")}  # digests, peer weights: none in ~
     with LocalSwarm(work, env=env) as swarm:
         swarm.start_bootstrap()
         nodes = [swarm.start_node(full, *NODE_ARGS, wait=False) for _ in range(2)]
-        swarm.env["HOMESWARM_FAULT"] = "corrupt-weights"  # read when the process starts
-        swarm.liar = swarm.start_node(full, *NODE_ARGS, wait=False)
-        del swarm.env["HOMESWARM_FAULT"]
         swarm.slow = swarm.start_node(full, *NODE_ARGS, "--upload-limit", SLOW, wait=False)
-        for node in [*nodes, swarm.liar, swarm.slow]:
+        for node in [*nodes, swarm.slow]:
             swarm.wait_ready(node, timeout=180)
         yield swarm
 
 
-async def fetch(swarm: LocalSwarm, dest: Path, without: str, on_progress=None):  # noqa: ANN001, ANN201
-    """Fetch every block into ``dest`` from the swarm but peer ``without``, as a joining node does;
-    ``on_progress`` runs beside it."""
+class Liar(node_pb2_grpc.NodeServicer):
+    """A peer whose Weights rpc flips tensor bytes (the uploader's fault mode, HOMESWARM_FAULT=corrupt-weights in a
+    node), served in this process: one daemon fewer on a loaded machine."""
+
+    def __init__(self, folder: Path) -> None:
+        self.uploads = WeightUploader(folder, MODEL, rate=float("inf"), corrupt=True)
+
+    async def Weights(self, request, context):  # noqa: ANN001, ANN201, N802
+        async for chunk in self.uploads.stream(request, context):
+            yield chunk
+
+
+async def fetch(swarm: LocalSwarm, dest: Path, *, without: str = "", liar: PeerOffer | None = None,
+                on_progress=None):  # noqa: ANN001, ANN201
+    """Fetch every block into ``dest`` from the swarm's nodes but peer ``without`` (and ``liar``), as a joining
+    node does; ``on_progress`` runs beside it."""
     dht = SwarmDHT.create(swarm.initial_peers, client_mode=True)
     channels = PeerChannels()
     try:
         offers = [o for o in await discover(dht, channels, MODEL, 0, NUM_LAYERS) if o.peer_id != without]
+        offers += [liar] if liar is not None else []
         work = fetch_blocks(dest, MODEL, list(range(NUM_LAYERS)), offers,
                             lambda o: channels.stub(o.address, o.peer_id, o.relays, o.tls_cert),
                             max_block_bytes=1 << 24, stall_timeout=20)
@@ -101,43 +116,56 @@ async def fetch(swarm: LocalSwarm, dest: Path, without: str, on_progress=None): 
 
 
 def test_a_peer_sending_wrong_bytes_is_banned_and_the_fetch_completes(swarm, full, digests, tmp_path):
-    liar = swarm.liar
-    try:
-        offers, report = asyncio.run(fetch(swarm, tmp_path, without=swarm.slow.info["peer_id"]))
-        assert liar.info["peer_id"] in {o.peer_id for o in offers} and len(offers) == 3
-        # three peers, four blocks: each took one at first, so the liar sent one whole block
-        assert report.banned == {liar.info["peer_id"]}
-        assert liar.info["peer_id"] not in report.blocks.values()
-        assert held_blocks(tmp_path) == list(range(NUM_LAYERS)) and not list(tmp_path.glob("*.part"))
-        assert block_digests(tmp_path, cache_path=tmp_path / "d.json") == digests
-    finally:
-        assert LocalSwarm.stop(liar) == 0
-        swarm.nodes.remove(liar)
+    async def with_liar():  # noqa: ANN202
+        server = grpc.aio.server()
+        add_node_service(Liar(full), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:  # it announces the honest digests, as a liar would
+            return await fetch(swarm, tmp_path, without=swarm.slow.info["peer_id"],
+                               liar=PeerOffer("liar", f"127.0.0.1:{port}", dict(digests)))
+        finally:
+            await server.stop(None)
+
+    offers, report = asyncio.run(with_liar())
+    assert [o.peer_id for o in offers].count("liar") == 1 and len(offers) == 3
+    # three peers, four blocks: each took one at first, so the liar sent one whole block
+    assert report.banned == {"liar"} and "liar" not in report.blocks.values()
+    assert held_blocks(tmp_path) == list(range(NUM_LAYERS)) and not list(tmp_path.glob("*.part"))
+    assert block_digests(tmp_path, cache_path=tmp_path / "d.json") == digests
 
 
 def test_a_fetch_resumes_elsewhere_when_its_source_dies_mid_transfer(swarm, full, digests, tmp_path):
     slow = swarm.slow
-    killed_at: list[int] = []
+    killed_at: dict[str, int] = {}  # the slow one's partial file -> its size when its source was killed
 
     async def kill_mid_transfer() -> None:
-        while True:  # the seeders send a block in milliseconds: a partial file that grows is the slow one's
-            sizes = [p.stat().st_size for p in tmp_path.glob("*.part")]
-            if sizes and max(sizes) >= 30_000:
+        # the seeders send a block in milliseconds: a partial file that lasts a second is the slow one's
+        seen: dict[str, float] = {}
+        while True:
+            now = time.monotonic()
+            sizes = {p.name: p.stat().st_size for p in tmp_path.glob("*.part")}
+            seen = {name: seen.get(name, now) for name in sizes}
+            lasting = [name for name, since in seen.items() if now - since >= 1.0 and sizes[name] >= 8192]
+            if lasting:
                 LocalSwarm.kill(slow)
-                killed_at.append(max(sizes))
+                killed_at[lasting[0]] = tmp_path.joinpath(lasting[0]).stat().st_size
                 return
             await asyncio.sleep(0.05)
 
     try:
-        offers, report = asyncio.run(fetch(swarm, tmp_path, swarm.liar.info["peer_id"], kill_mid_transfer))
+        offers, report = asyncio.run(fetch(swarm, tmp_path, on_progress=kill_mid_transfer))
     finally:
         LocalSwarm.kill(slow)
         swarm.nodes.remove(slow)
     assert killed_at, "the slow source was never caught mid-transfer"
     assert slow.info["peer_id"] in {o.peer_id for o in offers} and len(offers) == 3
     slow_id = slow.info["peer_id"]
+    ((part, size),) = killed_at.items()
     resumed = [(block, offset) for block, offset, peer in report.resumed if peer != slow_id]
-    assert len(resumed) == 1 and resumed[0][1] >= killed_at[0], (report.resumed, killed_at)
+    # resumed once, by an honest peer, at the bytes the slow one had sent (it may have sent one more chunk)
+    assert len(resumed) == 1 and part == f"{block_file(resumed[0][0])}.part", (report.resumed, killed_at)
+    assert size <= resumed[0][1] < size + 8192 < 140_000, (report.resumed, killed_at)
     assert report.blocks[resumed[0][0]] != slow_id and not report.banned
     assert held_blocks(tmp_path) == list(range(NUM_LAYERS)) and not list(tmp_path.glob("*.part"))
     assert block_digests(tmp_path, cache_path=tmp_path / "d.json") == digests
