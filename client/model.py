@@ -21,6 +21,7 @@ import torch
 
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.drafters import Drafter, make_drafter
+from homeswarm.client.lora_training import AdapterBlocks, ClientLora
 from homeswarm.client.remote_blocks import RemoteBlocks
 from homeswarm.client.route import RouteManager
 from homeswarm.client.sampling import SamplingParams, next_tokens
@@ -102,6 +103,9 @@ class DistributedModelForCausalLM:
             weights=block_digests(self.model_dir) if self.config.check_weights else None,
         )
         self.remote_blocks = RemoteBlocks(self.routes, self.pool, self.config)  # training: Forward/Backward RPCs
+        self.lora: ClientLora | None = None  # LoRA matrices the client trains (add_lora)
+        if self.config.adapter:  # training through a served adapter: its requests name it
+            self.remote_blocks = AdapterBlocks(self.routes, self.pool, self.config)
         self.tuning: PromptTuning | None = None
         if tuning_mode is not None:
             self.tuning = PromptTuning(tuning_mode, pre_seq_len, self.model_config.num_hidden_layers,
@@ -112,19 +116,35 @@ class DistributedModelForCausalLM:
                 labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> CausalLMOutput:
         """``.logits`` and, with ``labels``, ``.loss`` (shifted cross-entropy) as transformers gives them;
         differentiable through the swarm in ``inputs_embeds`` and the client's parameters."""
-        if self.config.adapter:  # Forward/Backward for training carry no adapter yet: they would run the base weights
-            raise NotImplementedError(f"model(...) through LoRA adapter {self.config.adapter!r} is not supported yet "
-                                      f"(only generation and inference sessions run adapters); load the model "
-                                      f"without adapter= to train or score")
+        if self.lora is not None and inputs_embeds is None and input_ids is not None:
+            # the remote blocks' backward (which returns the LoRA gradients) runs only for an input that needs one
+            ids = torch.as_tensor(input_ids)
+            input_ids, inputs_embeds = None, self.head.embed(ids[None] if ids.dim() == 1 else ids)
+        if self.lora is not None and not inputs_embeds.requires_grad:
+            inputs_embeds = inputs_embeds.detach().requires_grad_(True)
         return causal_lm_forward(self.head, self.remote_blocks, self.tuning, input_ids=input_ids,
                                  inputs_embeds=inputs_embeds, labels=labels, attention_mask=attention_mask)
 
     __call__ = forward
 
+    def add_lora(self, *, r: int = 8, lora_alpha: float = 16.0, target_modules: Sequence[str] = ("q_proj", "v_proj"),
+                 use_rslora: bool = False) -> ClientLora:
+        """Trainable LoRA matrices for the remote blocks, owned by this client (``client.lora_training``): sent
+        with every training request, their gradients returned into ``.grad``; in ``parameters()``.
+        ``lora.save_pretrained(DIR)`` writes them in PEFT's format, for nodes to serve (``--adapters``)."""
+        if self.lora is not None:
+            raise ValueError("this model already has its LoRA matrices (model.lora)")
+        self.lora = ClientLora(self.model_config, r=r, lora_alpha=lora_alpha, target_modules=target_modules,
+                               use_rslora=use_rslora, dtype=self.head.dtype)
+        self.remote_blocks = AdapterBlocks(self.routes, self.pool, self.config, self.lora)
+        return self.lora
+
     def parameters(self) -> Iterator[torch.nn.Parameter]:
-        """The client's parameters (prompts, then the frozen head), for a torch optimizer."""
+        """The client's parameters (prompts, its LoRA matrices, then the frozen head), for a torch optimizer."""
         if self.tuning is not None:
             yield from self.tuning.parameters()
+        if self.lora is not None:
+            yield from self.lora.parameters()
         yield from self.head.parameters()
 
     @classmethod
@@ -173,6 +193,10 @@ class DistributedModelForCausalLM:
             raise ValueError("padded batches are not supported yet: give prompts of equal length")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if self.lora is not None:  # sessions carry no client matrices: generating without them would mislead
+            raise NotImplementedError("generation with the client's own LoRA matrices is not supported: save them "
+                                      "(model.lora.save_pretrained(DIR)) for nodes to serve (join-swarm --adapters "
+                                      "DIR), then generate with adapter=NAME")
         params = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p).validate()
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         if max_new_tokens == 0:

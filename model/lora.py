@@ -149,6 +149,14 @@ def our_path(path: str, aliases: tuple[tuple[str, str], ...]) -> str:
     return path
 
 
+def checkpoint_path(path: str, aliases: tuple[tuple[str, str], ...]) -> str:
+    """One of our module paths (``mlp.gate``) as the checkpoint names it (``block_sparse_moe.gate``)."""
+    for ours, theirs in aliases:
+        if path.startswith(ours):
+            return theirs + path[len(ours):]
+    return path
+
+
 def resolve(block: nn.Module, path: str) -> tuple[str, int | None]:
     """Where checkpoint projection ``path`` (ours) lives in a built block: its own module (part None) or the
     fused module and its part's index; AdapterError if the block has no such linear layer."""
@@ -256,11 +264,12 @@ def check_targets(folder: str | Path, block: nn.Module, aliases: tuple[tuple[str
         resolve(block, our_path(path, aliases))
 
 
-def meta_block(config: object, layer: int = 0) -> nn.Module:
+def meta_block(config: object, layer: int = 0, *, fuse: bool = True) -> nn.Module:
     """Block ``layer`` of a model built on the meta device (no memory), fused as the loader fuses it."""
     from .blocks import build_block, fuse_projections
 
     with torch.device("meta"):
         block = build_block(config, layer)  # type: ignore[arg-type]
-    fuse_projections(block)
+    if fuse:
+        fuse_projections(block)
     return block

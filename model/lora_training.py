@@ -19,14 +19,15 @@ import torch
 from torch import Tensor
 
 from .blocks import BlockSpan
-from .lora import AdapterError, LoraPart, adapted_span, place
+from .families import family_of
+from .lora import AdapterError, LoraPart, adapted_span, our_path, place
 from .training import prompted_forward, span_backward
 
 
 @dataclass(frozen=True)
 class ClientMatrices:
     """LoRA matrices for one projection of one block: ``module`` is its checkpoint path in the block
-    ("self_attn.q_proj"); ``a`` [r, in_features], ``b`` [out_features, r]."""
+    ("self_attn.q_proj", Mixtral's "block_sparse_moe.gate"); ``a`` [r, in_features], ``b`` [out_features, r]."""
 
     block: int
     module: str
@@ -40,6 +41,7 @@ def client_parts(span: BlockSpan, matrices: list[ClientMatrices]) -> dict[int, d
     the span, a projection given twice, or matrices that do not fit."""
     parts: dict[int, dict[str, list[LoraPart]]] = {}
     seen: set[tuple[int, str]] = set()
+    aliases = family_of(span.config.family).aliases
     for m in matrices:
         if not span.start <= m.block < span.end:
             raise AdapterError(f"LoRA matrices for block {m.block}, outside blocks [{span.start}, {span.end})")
@@ -49,7 +51,7 @@ def client_parts(span: BlockSpan, matrices: list[ClientMatrices]) -> dict[int, d
         if m.a.dtype != span.dtype or m.b.dtype != span.dtype:
             raise AdapterError(f"LoRA matrices must be {span.dtype}, got {m.a.dtype} and {m.b.dtype}")
         try:
-            where, part = place(span.layers[m.block - span.start], m.module, m.a, m.b, m.scale)
+            where, part = place(span.layers[m.block - span.start], our_path(m.module, aliases), m.a, m.b, m.scale)
         except AdapterError as e:
             raise AdapterError(f"block {m.block}: {e}") from None
         parts.setdefault(m.block, {}).setdefault(where, []).append(part)

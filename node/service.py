@@ -32,7 +32,7 @@ import grpc
 import torch
 
 from homeswarm.model import BlockSpan, cache_bytes
-from homeswarm.node import backward
+from homeswarm.node import backward, lora_rpc
 from homeswarm.node.adapters import SpanAdapters
 from homeswarm.node.executor import ComputeExecutor
 from homeswarm.node.handoff_targets import HandoffTargets, TargetsUnknown
@@ -316,7 +316,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
             await self._abort(context, e.code, str(e))
         self.metrics.bytes_received.inc(request.ByteSize())
         span = self._subspan(request.start_block, request.end_block, request.adapter)
-        output = await backward.forward(self, request, span, hidden, context)  # deep prompts, when sent
+        # deep prompts, when sent; a client's own LoRA matrices (node/lora_rpc.py)
+        output = await (lora_rpc.forward if request.lora else backward.forward)(self, request, span, hidden, context)
         response = node_pb2.ForwardResponse(hidden=self._encode(output, request.response_compression))
         self.metrics.bytes_sent.inc(response.ByteSize())
         return response
@@ -324,6 +325,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
     async def Backward(
         self, request: node_pb2.BackwardRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.BackwardResponse:
+        if request.adapter or request.lora:  # through a served adapter or the client's LoRA: node/lora_rpc.py
+            return await lora_rpc.backward(self, request, context)
         return await backward.backward(self, request, context)  # see node/backward.py
 
     async def Inference(

@@ -100,8 +100,6 @@ def test_the_model_wide_adapter_and_generate(files, swarm, references):
     expected = reference_greedy(files[0], PROMPT, NEW_TOKENS, model=peft)
     with distributed(files, swarm, adapter=ADAPTER) as model:
         assert torch.equal(model.generate(PROMPT, max_new_tokens=NEW_TOKENS), expected)
-        with pytest.raises(NotImplementedError, match="model\\(...\\) through LoRA adapter 'style' is not supported"):
-            model(input_ids=PROMPT, labels=PROMPT)  # training requests carry no adapter: never the base silently
 
 
 def test_without_an_adapter_the_output_is_the_base_models(files, swarm, references):
@@ -192,3 +190,73 @@ def test_join_swarm_refuses_a_bad_adapter_folder_in_one_line(files, swarm, tmp_p
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"join-swarm: error: --adapters: adapter 'dora': {bad}/adapter_config.json: DoRA (use_dora) is not supported"]
+
+
+def peft_loss(model, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' (loss, logits) of ``embeds`` with labels PROMPT."""
+    out = model(inputs_embeds=embeds, labels=PROMPT)
+    return out.loss, out.logits
+
+
+def test_training_through_a_served_adapter_equals_peft(files, swarm, references):
+    peft, _ = references
+    for param in peft.parameters():
+        param.requires_grad_(False)
+    with distributed(files, swarm, adapter=ADAPTER) as model:
+        embeds = model.head.embed(PROMPT).detach().requires_grad_(True)
+        out = model(inputs_embeds=embeds, labels=PROMPT)
+        out.loss.backward()
+        route = {hop.peer_id for hop in model.remote_blocks._route}
+    assert route == {peers(swarm)["a"], peers(swarm)["b"]}  # the adapter's nodes only
+    expected_embeds = embeds.detach().clone().requires_grad_(True)
+    loss, logits = peft_loss(peft, expected_embeds)
+    loss.backward()
+    assert rel_err(out.loss.detach(), loss.detach()) < FLOAT32_TOL
+    assert rel_err(out.logits.detach(), logits.detach()) < FLOAT32_TOL
+    assert rel_err(embeds.grad, expected_embeds.grad) < FLOAT32_TOL
+
+
+def test_a_client_owned_lora_trains_through_the_swarm_as_peft_computes(files, swarm, tmp_path):
+    """The client's own LoRA matrices: sent with each request, gradients back; equal to PEFT's autograd."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    checkpoint, _ = files
+    targets = ("q_proj", "v_proj", "down_proj")
+    torch.manual_seed(3)
+    with distributed(files, swarm) as model:
+        lora = model.add_lora(r=4, lora_alpha=8.0, target_modules=targets)
+        with torch.no_grad():  # B starts at zero (PEFT's init): nonzero, so that A's gradients are too
+            for b in lora.lora_B:
+                b.normal_(std=0.05)
+        reference = get_peft_model(reference_model(checkpoint), LoraConfig(r=4, lora_alpha=8.0,
+                                                                           target_modules=list(targets)))
+        params = dict(reference.named_parameters())
+        pairs = []
+        for (block, path), a, b in zip(lora.targets, lora.lora_A, lora.lora_B, strict=True):
+            key = f"base_model.model.model.layers.{block}.{path}"
+            ref_a, ref_b = params[f"{key}.lora_A.default.weight"], params[f"{key}.lora_B.default.weight"]
+            with torch.no_grad():
+                ref_a.copy_(a)
+                ref_b.copy_(b)
+            pairs.append(((a, b), (ref_a, ref_b)))
+        assert len(pairs) == 3 * 4
+        out = model(input_ids=PROMPT, labels=PROMPT)
+        out.loss.backward()
+        loss, _ = peft_loss(reference, reference.get_input_embeddings()(PROMPT))
+        loss.backward()
+        assert rel_err(out.loss.detach(), loss.detach()) < FLOAT32_TOL
+        for (a, b), (ref_a, ref_b) in pairs:
+            assert rel_err(a.grad, ref_a.grad) < FLOAT32_TOL and rel_err(b.grad, ref_b.grad) < FLOAT32_TOL
+        # a step of a standard optimizer, then the matrices saved in PEFT's format give PEFT's logits
+        optimizer = torch.optim.SGD(list(lora.parameters()), lr=0.5)
+        before = out.loss.item()
+        optimizer.step()
+        with torch.no_grad():
+            after = model(input_ids=PROMPT, labels=PROMPT)
+        assert after.loss.item() < before
+        with pytest.raises(NotImplementedError, match="generation with the client's own LoRA matrices"):
+            model.generate(PROMPT, max_new_tokens=1)
+        saved = lora.save_pretrained(tmp_path / "trained")
+    loaded = PeftModel.from_pretrained(reference_model(checkpoint), str(saved)).eval()
+    with torch.no_grad():
+        assert rel_err(after.logits, loaded(PROMPT).logits) < FLOAT32_TOL

@@ -1,0 +1,131 @@
+"""Forward and Backward with LoRA: a served adapter (``adapter``) and a client's own matrices (``lora``).
+
+A client that trains its own LoRA for remote blocks sends the matrices of the request's blocks with
+every Forward and Backward request (``LoraMatrices``); the node applies them on top of its weights (and
+of a served adapter, when one is named), and Backward returns their gradients beside the inputs' and
+the deep prompts'. Nothing is kept once the request is answered: volunteers hold no user state, and any
+server of the same blocks answers the same.
+
+Checks, before any compute or decoding, beyond Forward's and Backward's own: at most ``MAX_PER_BLOCK``
+entries per block, each for a block of the request and a projection the blocks have, rank in
+1..``MAX_RANK``, declared shapes that fit the projection, a float dtype (INVALID_ARGUMENT); then
+decoded values finite. An adapter the node does not serve: NOT_FOUND. A quantized node refuses Backward
+(FAILED_PRECONDITION), as it does without LoRA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import grpc
+import torch
+
+from homeswarm.model.lora import AdapterError
+from homeswarm.model.lora_training import ClientMatrices, client_parts, lora_backward, lora_forward
+from homeswarm.node.backward import decode_prompts
+from homeswarm.protocol import CodecError, deserialize_tensor, node_pb2
+
+if TYPE_CHECKING:
+    from homeswarm.model import BlockSpan
+    from homeswarm.node.service import NodeService
+
+MAX_PER_BLOCK = 32
+MAX_RANK = 256
+_MODULE_CHARS = 200
+_DTYPES = ("float32", "bfloat16", "float16")  # cast to the span's dtype, as hidden states are
+
+
+def decode_matrices(entries: list[node_pb2.LoraMatrices], span: BlockSpan) -> list[ClientMatrices]:
+    """A request's LoRA matrices for ``span``, their declared shapes checked (on the meta device, against the
+    span's projections) before any value is decoded; raises the service's BadRequest."""
+    from homeswarm.node.service import BadRequest
+
+    if len(entries) > MAX_PER_BLOCK * span.num_blocks:
+        raise BadRequest(f"at most {MAX_PER_BLOCK} LoRA matrices per block, got {len(entries)} for "
+                         f"{span.num_blocks} block(s)")
+    declared = []
+    for entry in entries:
+        shapes = list(entry.a.shape), list(entry.b.shape)
+        if len(entry.module) > _MODULE_CHARS or not entry.module:
+            raise BadRequest(f"bad LoRA module name {entry.module[:80]!r}")
+        if entry.a.dtype not in _DTYPES or entry.b.dtype not in _DTYPES:
+            raise BadRequest(f"LoRA matrices must be {', '.join(_DTYPES)}, got {entry.a.dtype!r} and "
+                             f"{entry.b.dtype!r}")
+        if len(shapes[0]) != 2 or len(shapes[1]) != 2 or not 1 <= shapes[0][0] <= MAX_RANK:
+            raise BadRequest(f"LoRA matrices must be a [r <= {MAX_RANK}, in] and b [out, r], got {shapes[0]} and "
+                             f"{shapes[1]} for block {entry.block} {entry.module[:80]}")
+        if not math.isfinite(entry.scale):
+            raise BadRequest(f"LoRA scale must be finite, got {entry.scale}")
+        meta = [torch.empty(shape, dtype=span.dtype, device="meta") for shape in shapes]
+        declared.append(ClientMatrices(entry.block, entry.module, meta[0], meta[1], entry.scale))
+    try:
+        client_parts(span, declared)  # every placement and shape, before decoding
+    except AdapterError as e:
+        raise BadRequest(str(e)) from None
+    matrices = []
+    for entry, meta in zip(entries, declared, strict=True):
+        try:
+            a = deserialize_tensor(entry.a, max_elements=meta.a.numel())
+            b = deserialize_tensor(entry.b, max_elements=meta.b.numel())
+        except CodecError as e:
+            raise BadRequest(f"bad LoRA matrices for block {entry.block} {entry.module}: {e}") from None
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise BadRequest(f"LoRA matrices for block {entry.block} {entry.module} contain NaN or infinite values")
+        matrices.append(ClientMatrices(entry.block, entry.module, a.to(span.device, span.dtype),
+                                       b.to(span.device, span.dtype), entry.scale))
+    return matrices
+
+
+async def forward(service: NodeService, request: node_pb2.ForwardRequest, span: BlockSpan,
+                  hidden: torch.Tensor, context: grpc.aio.ServicerContext) -> torch.Tensor:
+    """Forward's output with the request's LoRA matrices (``span``: already with its adapter, if named)."""
+    from homeswarm.node.service import BadRequest
+
+    try:
+        matrices = decode_matrices(list(request.lora), span)
+        prompts = decode_prompts(service, request.prompts, span, hidden) if request.HasField("prompts") else None
+    except BadRequest as e:
+        await service._abort(context, e.code, str(e))
+    return await service.executor.run(lora_forward, span, hidden, matrices, prompts)
+
+
+async def backward(service: NodeService, request: node_pb2.BackwardRequest,
+                   context: grpc.aio.ServicerContext) -> node_pb2.BackwardResponse:
+    """Backward through the request's adapter and LoRA matrices: input, prompt and matrix gradients."""
+    from homeswarm.node.service import _COMPRESSIONS, BadRequest
+
+    await service._admit(context, request)
+    await service._check_version(request.protocol_version, context)
+    if service.identity.quant != "none":
+        await service._abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                             f"this node serves {service.identity.quant} weights, which have no backward pass; "
+                             "train through nodes serving unquantized weights")
+    try:
+        service._check_range(request.start_block, request.end_block)
+        service._check_adapter(request.adapter)
+        if request.response_compression not in _COMPRESSIONS:
+            raise BadRequest(f"unknown compression {request.response_compression}")
+        if (list(request.grad_output.shape) != list(request.hidden.shape)
+                or request.grad_output.dtype != request.hidden.dtype):
+            raise BadRequest(f"output gradients must have the hidden states' shape and dtype "
+                             f"({list(request.hidden.shape)}, {request.hidden.dtype!r}), got "
+                             f"{list(request.grad_output.shape)}, {request.grad_output.dtype!r}")
+        hidden = service._decode_hidden(request.hidden, None, service.max_session_length)
+        grad_output = service._decode_hidden(request.grad_output, None, service.max_session_length)
+        span = service._subspan(request.start_block, request.end_block, request.adapter)
+        prompts = decode_prompts(service, request.prompts, span, hidden) if request.HasField("prompts") else None
+        matrices = decode_matrices(list(request.lora), span)
+    except BadRequest as e:
+        await service._abort(context, e.code, str(e))
+    service.metrics.bytes_received.inc(request.ByteSize())
+    grad_hidden, grad_prompts, grads = await service.executor.run(lora_backward, span, hidden, grad_output,
+                                                                  matrices, prompts)
+    compression = request.response_compression
+    response = node_pb2.BackwardResponse(grad_hidden=service._encode(grad_hidden, compression))
+    if grad_prompts is not None:
+        response.grad_prompts.CopyFrom(service._encode(grad_prompts, compression))
+    for grad_a, grad_b in grads:
+        response.grad_lora.add(a=service._encode(grad_a, compression), b=service._encode(grad_b, compression))
+    service.metrics.bytes_sent.inc(response.ByteSize())
+    return response
