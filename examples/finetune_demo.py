@@ -42,7 +42,7 @@ def main() -> int:
     parser.add_argument("--pre-seq-len", type=int, default=8, help="trainable prompt positions")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=64, help="tokens per training sequence")
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -78,6 +78,7 @@ def main() -> int:
             before = held_out()
             print(f"held-out loss before: {before:.3f}")
             batches = torch.Generator().manual_seed(args.seed + 1)
+            losses: list[float] = []
             t0 = time.perf_counter()
             for step in range(args.steps):
                 batch = training[torch.randint(len(training), (args.batch,), generator=batches)]
@@ -85,7 +86,10 @@ def main() -> int:
                 loss = model(input_ids=batch, labels=batch).loss
                 loss.backward()  # through the nodes' Backward RPCs, into the prompts
                 optimizer.step()
-                print(f"step {step + 1:3d}  loss {loss.item():.3f}")
+                losses.append(loss.item())
+                recent = losses[-10:]  # batches differ: the mean of the last ten shows the trend
+                print(f"step {step + 1:3d}  loss {losses[-1]:.3f}  (mean of the last {len(recent)}: "
+                      f"{sum(recent) / len(recent):.3f})")
             seconds = time.perf_counter() - t0
             after = held_out()
             print(f"held-out loss after {args.steps} steps: {after:.3f} (before: {before:.3f}); "
