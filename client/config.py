@@ -47,10 +47,11 @@ class ClientConfig:
         "a node caught returning wrong hidden states is banned and the step recomputed (checked steps are relayed)"
     )
     mirrors: bool = _opt(False, "give each hop a mirror where a second server of its blocks takes one: it gets the "
-                         "same inputs, its answers are compared with the hop's (a node caught is banned and the "
-                         "right answer used), and it takes over at once when the hop fails (no replay); costs the "
-                         "mirrors' compute and the client's bandwidth, and relays every step (no hand-off). Off "
-                         "(--trust) for a swarm of trusted nodes")
+                         "same inputs, its answers are compared with the hop's before the step returns (a node "
+                         "caught is banned and the right answer used), and it takes over at once when the hop "
+                         "fails (no replay); costs the mirrors' compute and the client's bandwidth, and relays "
+                         "every step (no hand-off). On by default on the command line (--trust: off, for a swarm "
+                         "of trusted nodes); off here unless a program asks (it should on a public swarm)")
     require_tls: bool = _opt(False, "use only nodes whose signed record pins a TLS certificate (skip nodes started "
                              "with --insecure, which are otherwise dialled in plaintext)")
     check_weights: bool = _opt(True, "refuse nodes whose announced weights digest differs from the checkpoint's "
