@@ -173,3 +173,15 @@ def test_the_environment_chooses_the_instruction_set(monkeypatch):
     monkeypatch.setenv(kernels.ENV, "sse")
     with pytest.raises(ValueError):
         kernels.isa()
+
+
+@pytest.mark.parametrize("isa", isas(), ids=lambda i: kernels.ISAS[i])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(isa):
+    # AVX-512 computes 2-8 rows two weight rows at a time and one row one at a time: the same numbers
+    gen = torch.Generator().manual_seed(11)
+    for zeros in (False, True):
+        packed, sz, _ = int4_weight(37, 416, 32, zeros, torch.bfloat16, gen)
+        x = activations(8, 416, gen)
+        together = kernels.qmm(x, [packed], [sz], 32, isa_index=isa)
+        for m in range(8):
+            assert torch.equal(together[m], kernels.qmm(x[m : m + 1], [packed], [sz], 32, isa_index=isa)[0]), (m, zeros)
