@@ -12,10 +12,13 @@ transformers.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
+
+logger = logging.getLogger(__name__)
 
 _CONTROL, _USER_DEFINED = 3, 4
 
@@ -31,11 +34,20 @@ _GPT4O_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-# tokenizer.ggml.pre -> the regex its merges were learned with (llama.cpp's names)
-SPLITS = {
+# DeepSeek-V3 (llama.cpp's deepseek-v3): three splits one after the other, as its tokenizer.json has them
+_DEEPSEEK3_SPLITS = (
+    r"\p{N}{1,3}",
+    r"[一-龥぀-ゟ゠-ヿ]+",
+    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
+# tokenizer.ggml.pre -> the regex(es) its merges were learned with (llama.cpp's names), applied in order
+SPLITS: dict[str, str | tuple[str, ...]] = {
     "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
     "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT, "gpt-4o": _GPT4O_SPLIT,
+    "deepseek-v3": _DEEPSEEK3_SPLITS,
 }  # fmt: skip
+_GPT2_PRE = (None, "default", "gpt-2", "gpt2")  # GPT-2's own regex: ByteLevel's
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -77,12 +89,15 @@ def build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
                  for i, t in enumerate(tokens)}
         tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                                   end_of_word_suffix="", fuse_unk=False))
-        split = SPLITS.get(meta.get("tokenizer.ggml.pre"))
+        pre = meta.get("tokenizer.ggml.pre")
+        split = SPLITS.get(pre)
         if split is None:
+            if pre not in _GPT2_PRE:  # the ids may differ from the model's own tokenizer on some texts
+                logger.warning("GGUF pre-tokenizer %r is not known here: splitting text as GPT-2 does", pre)
             tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         else:
             tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                *(pre_tokenizers.Split(Regex(r), behavior="isolated") for r in ((split,) if isinstance(split, str) else split)),
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tokenizer.decoder = decoders.ByteLevel()
         control_ok = alphabet

@@ -3,7 +3,8 @@ written from a random checkpoint as llama.cpp's converter writes it gives transf
 source checkpoint and its greedy tokens (MLA with low-rank or full queries, ``kv_b_proj`` split into
 ``attn_k_b``/``attn_v_b`` or whole, expert groups, shared experts, the score-correction bias, the leading
 dense layers; GPT-OSS's sinks, alternating window, biased clamped experts); a GPT-OSS file with MXFP4
-experts repacked from the hub's holds exactly the hub checkpoint's dequantized weights.
+experts repacked from the hub's holds exactly the hub checkpoint's dequantized weights; DeepSeek-V3's
+pre-tokenizer splits text as llama.cpp's ``deepseek-v3`` does, and an unknown one is said to fall back.
 """
 
 from __future__ import annotations
@@ -114,3 +115,24 @@ def test_softmax_routed_deepseek2_is_refused():
         config_dict(meta, set(), 256)
     with pytest.raises(ValueError, match="only sigmoid-routed"):
         config_dict({k: v for k, v in meta.items() if k != "deepseek2.expert_gating_func"}, set(), 256)
+
+
+def test_deepseek_v3_pre_tokenizer_splits_as_llama_cpp_does(caplog):
+    from homeswarm.model.gguf_tokenizer import build_tokenizer
+    from tests.helpers.gguf_checkpoints import byte_level_tokenizer
+
+    vocab = byte_level_tokenizer()
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": vocab["tokens"], "tokenizer.ggml.pre": "deepseek-v3",
+            "tokenizer.ggml.merges": vocab["merges"], "tokenizer.ggml.token_type": vocab["token_type"]}
+    text = "abc 12345 你好!hello world\n\n"
+
+    def pieces(tokenizer) -> list[str]:
+        return [text[a:b] for _, (a, b) in tokenizer.pre_tokenizer.pre_tokenize_str(text)]
+
+    # digits in threes, CJK runs alone, a punctuation mark kept with the letters after it (GPT-2's regex
+    # splits " 12345", " 你好", "!", "hello")
+    assert pieces(build_tokenizer(meta)) == ["abc", " ", "123", "45", " ", "你好", "!hello", " world", "\n\n"]
+    with caplog.at_level("WARNING", logger="homeswarm.model.gguf_tokenizer"):
+        fallback = build_tokenizer({**meta, "tokenizer.ggml.pre": "kimi-k2"})
+    assert pieces(fallback) == ["abc", " 12345", " 你好", "!", "hello", " world", "\n\n"]
+    assert "'kimi-k2' is not known here" in caplog.text
