@@ -329,6 +329,8 @@ async def _serve_with_dht(
     logger.info("%s: announcing %s, %d open session(s)", period_end.why, period_end.state.value, len(sessions))
     sessions.draining = True
     sessions.drain_message = period_end.refusal
+    if service.weight_uploads is not None:  # at once, not after the sessions' grace: the owner is back, or we stop
+        service.weight_uploads.stop(period_end.why)
     refresher.cancel()
     try:
         await asyncio.wait_for(announcer.announce(period_end.state), timeout=5)

@@ -5,8 +5,9 @@ the in-memory, possibly quantized, tensors) in small reads on the event loop, so
 with the compute thread; before each chunk the upload waits while compute has steps queued, so it
 never delays an inference step by more than one small read; all uploads together are held to
 ``--upload-limit`` bytes per second (0: no uploads) by one token bucket, and at most ``max_uploads``
-run at once. A node stepping aside (``--idle-only``, the owner back) stops its gRPC server, which ends
-its uploads with it; the fetching peer resumes elsewhere at the offset it reached.
+run at once. When a serving period ends (``--idle-only`` and the owner back, a move, a stop) uploads end
+at once (``stop``), before open sessions get their grace; the fetching peer resumes elsewhere at the offset
+it reached.
 
 Invariants: a request is checked (model, block held, offset) before any byte is read; every refusal is
 a gRPC status with a one-line message.
@@ -71,7 +72,12 @@ class WeightUploader:
         self.bucket = TokenBucket(rate, max(rate / 4, self.max_chunk), clock()) if limited else None
         self.active = 0
         self.bytes_sent = 0
+        self.stopped: str | None = None  # why uploads ended (the period's end), None while they run
         self._layouts: dict[int, BlockLayout | None] = {}
+
+    def stop(self, why: str) -> None:
+        """End every upload at its next chunk and refuse new ones (the node steps aside or stops)."""
+        self.stopped = why
 
     def layout(self, block: int) -> BlockLayout | None:
         if block not in self._layouts:
@@ -82,6 +88,8 @@ class WeightUploader:
                      context: grpc.aio.ServicerContext) -> AsyncIterator[node_pb2.WeightsChunk]:
         if self.rate <= 0:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this node does not upload weights (--upload-limit 0)")
+        if self.stopped is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"this node stopped uploading: {self.stopped}")
         if request.model != self.model_name:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"this node serves model {self.model_name!r}, "
                                 f"not {request.model[:120]!r}")
@@ -105,8 +113,10 @@ class WeightUploader:
         offset = request.offset
         try:
             while offset < total:
-                while self.busy():  # inference first: an upload only fills the gaps
+                while self.busy() and self.stopped is None:  # inference first: an upload only fills the gaps
                     await asyncio.sleep(BUSY_POLL)
+                if self.stopped is not None:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"this node stopped uploading: {self.stopped}")
                 size = min(chunk, total - offset)
                 if self.bucket is not None:
                     delay = self.bucket.reserve(size, self.clock())

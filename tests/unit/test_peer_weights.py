@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+import time
 
+import grpc
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -16,7 +18,7 @@ from homeswarm.node.peer_fetch import PeerFetchError, fetch_blocks
 from homeswarm.node.peer_fetch_plan import FetchPlan, PeerOffer, agreed_digests
 from homeswarm.node.peer_folder import held_blocks, needs_peers, peer_folder, trusted_digests, write_digests
 from homeswarm.node.weight_stream import WeightStreamError, block_layout, check_header, read_range
-from homeswarm.node.weight_upload import TokenBucket
+from homeswarm.node.weight_upload import TokenBucket, WeightUploader
 from homeswarm.protocol import node_pb2
 
 pytestmark = pytest.mark.timeout(60)
@@ -221,3 +223,65 @@ def test_a_seeders_digest_list_is_read_back_and_bad_ones_refused(checkpoint, tmp
     path.write_text("[]")
     with pytest.raises(ValueError, match="not a digest list"):
         trusted_digests(tmp_path)
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    async def abort(self, code, message):  # noqa: ANN001, ANN201
+        raise Aborted(code, message)
+
+
+def upload(uploader, block, offset=0, model="m"):  # noqa: ANN001, ANN201
+    async def run():  # noqa: ANN202
+        request = node_pb2.WeightsRequest(protocol_version=1, model=model, block=block, offset=offset)
+        return [c async for c in uploader.stream(request, FakeContext())]
+
+    return asyncio.run(run())
+
+
+def test_uploads_send_the_block_file_and_refuse_what_they_cannot(checkpoint):
+    folder, _ = checkpoint
+    uploader = WeightUploader(folder, "m", rate=float("inf"))
+    whole = block_bytes(folder, 1)
+    chunks = upload(uploader, 1)
+    assert b"".join(c.data for c in chunks) == whole and {c.total_bytes for c in chunks} == {len(whole)}
+    assert b"".join(c.data for c in upload(uploader, 1, offset=100)) == whole[100:]
+    for kwargs, code in (({"block": 9}, grpc.StatusCode.NOT_FOUND), ({"block": 1, "model": "other"},
+                         grpc.StatusCode.NOT_FOUND), ({"block": 1, "offset": len(whole) + 1},
+                                                      grpc.StatusCode.OUT_OF_RANGE)):
+        with pytest.raises(Aborted) as e:
+            upload(uploader, **kwargs)
+        assert e.value.args[0] == code
+    lying = WeightUploader(folder, "m", rate=float("inf"), corrupt=True)
+    bad = b"".join(c.data for c in upload(lying, 1))
+    header = block_layout(folder, 1).header
+    assert bad[: len(header)] == header and all(a != b for a, b in zip(bad[len(header):], whole[len(header):], strict=True))
+    with pytest.raises(Aborted, match="upload-limit 0"):
+        upload(WeightUploader(folder, "m", rate=0), 1)
+    uploader.stop("the machine is in use")
+    with pytest.raises(Aborted, match="stopped uploading: the machine is in use"):
+        upload(uploader, 1)
+
+
+def test_an_upload_waits_while_compute_is_busy_and_keeps_to_its_rate(checkpoint):
+    folder, _ = checkpoint
+    busy = [3]
+
+    def is_busy() -> bool:
+        busy[0] -= 1
+        return busy[0] >= 0
+
+    uploader = WeightUploader(folder, "m", rate=float("inf"), busy=is_busy)
+    assert b"".join(c.data for c in upload(uploader, 0)) == block_bytes(folder, 0)
+    assert busy[0] < 0  # it asked until compute was idle
+    big = folder.parent / "big"
+    big.mkdir()
+    save_file({"model.layers.0.w": torch.zeros(16384)}, big / "model.safetensors")  # 64 KiB
+    total = len(block_bytes(big, 0))
+    slow = WeightUploader(big, "m", rate=total)  # one block per second, a quarter of it at once: 0.75 s
+    start = time.perf_counter()
+    assert len(b"".join(c.data for c in upload(slow, 0))) == total
+    assert 0.6 < time.perf_counter() - start < 3.0
