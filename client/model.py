@@ -202,15 +202,19 @@ class DistributedModelForCausalLM:
         if max_new_tokens == 0:
             return
         batch = ids.shape[0]
+        prefix = self._generation_prefix(speculative)
         if speculative is not None:
             yield from self._generate_speculative(ids, max_new_tokens, params, generator, session, speculative)
             return
         own_session = session is None
         if session is None:
-            session = self.inference_session(max_length=ids.shape[1] + max_new_tokens, batch_size=batch)
+            session = self.inference_session(max_length=prefix + ids.shape[1] + max_new_tokens, batch_size=batch)
         try:
             unfinished = torch.ones(batch, dtype=torch.bool)
-            hidden = session.step(self.head.embed(ids))
+            first = self.head.embed(ids)
+            if prefix:  # ptune: the tuned prompt before every sequence, as in training
+                first = torch.cat([self.tuning.prompts.detach().to(first.dtype)[None].expand(batch, -1, -1), first], 1)
+            hidden = session.step(first)
             for i in range(max_new_tokens):
                 if params.greedy:
                     tokens = self.head.greedy(hidden)
@@ -228,6 +232,18 @@ class DistributedModelForCausalLM:
         finally:
             if own_session:
                 session.close()
+
+    def _generation_prefix(self, speculative: object) -> int:
+        """Positions of tuned prompt that generation puts before the sequences (ptune); deep prompts, which
+        sessions do not carry, and speculative decoding with a prompt are refused."""
+        if self.tuning is None:
+            return 0
+        if self.tuning.deep_prompts is not None:
+            raise NotImplementedError("generation with deep prompts (tuning_mode='deep_ptune') is not supported: "
+                                      "inference sessions do not carry per-block prompts; score with model(...)")
+        if speculative is not None:
+            raise NotImplementedError("speculative decoding with a tuned prompt is not supported")
+        return self.tuning.pre_seq_len
 
     def _generate_speculative(self, ids: torch.Tensor, max_new_tokens: int, params: SamplingParams,
                               generator: torch.Generator | None, session: InferenceSession | None,

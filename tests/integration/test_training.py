@@ -9,7 +9,8 @@ given input the gradient goes through the chosen experts, the same on both sides
 
 30 Adam steps of prompt tuning lower the loss, and killing the node that serves a span mid-training (a
 second server of it present) gives exactly the parameters of an uninterrupted run. A node serving int8
-weights refuses Backward (FAILED_PRECONDITION); malformed Backward requests get INVALID_ARGUMENT.
+weights refuses Backward (FAILED_PRECONDITION); malformed Backward requests get INVALID_ARGUMENT. Greedy
+generation with a ptune prompt gives transformers' tokens with the prompt before the sequence.
 
 One bootstrap peer for the module; for Llama a chain of two nodes, a spare of the second span and an int8
 node under another model name; one node serving every block of Qwen3-MoE.
@@ -143,6 +144,24 @@ def test_deep_prompt_gradients_match_local_autograd(swarm, family):
         assert got is not None and float(expected.norm()) > 0
         assert rel_err(got, expected) < GRAD_TOL
     assert all(float(g.norm()) > 0 for g in tuning.deep_prompts.grad)  # every block's prompt got its gradient
+
+
+@torch.no_grad()
+def test_generation_with_a_tuned_prompt_is_transformers_greedy_after_it(swarm):
+    """ptune: the prompt goes before the sequence in generation too; deep prompts are refused there."""
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(5))
+    reference = frozen_reference(swarm.paths["llama3"])
+    with client(swarm, "llama3", tuning_mode="ptune", pre_seq_len=PREFIX) as model:
+        got = model.generate(ids, max_new_tokens=6)
+        prompts = model.tuning.prompts.detach()
+    expected = ids
+    for _ in range(6):
+        embeds = torch.cat([prompts[None].expand(2, -1, -1), reference.get_input_embeddings()(expected)], dim=1)
+        expected = torch.cat([expected, reference(inputs_embeds=embeds).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert got.tolist() == expected.tolist()
+    with client(swarm, "llama3", tuning_mode="deep_ptune", pre_seq_len=PREFIX) as model:
+        with pytest.raises(NotImplementedError, match="deep prompts"):
+            model.generate(ids, max_new_tokens=2)
 
 
 def train(swarm, steps: int, kill_at: int | None = None) -> tuple[list[float], list[torch.Tensor], list[str]]:
