@@ -123,6 +123,7 @@ async def _fetch_one(folder: Path, model_name: str, block: int, offer: PeerOffer
     if offset:
         logger.info("block %d: resuming at byte %d from peer %s", block, offset, offer.peer_id)
     total: int | None = None
+    call = None
     try:
         stub = await stub_of(offer)
         call = stub.Weights(node_pb2.WeightsRequest(protocol_version=PROTOCOL_VERSION, model=model_name, block=block,
@@ -145,9 +146,9 @@ async def _fetch_one(folder: Path, model_name: str, block: int, offer: PeerOffer
                 offset += len(chunk.data)
                 plan.received(block, offer.peer_id, len(chunk.data))
                 bar.update(len(chunk.data))
-                if not checked and offset >= 8 + _header_length(f, part):
-                    f.flush()
-                    check_header(part.read_bytes()[: 8 + _header_length(f, part)], block, total)
+                if not checked and offset >= 8 + (length := _header_length(f, part)):
+                    with open(part, "rb") as r:
+                        check_header(r.read(8 + length), block, total)
                     checked = True
         if total is None or offset != total:
             raise ConnectionError(f"the stream ended at byte {offset} of {total}")
@@ -160,6 +161,9 @@ async def _fetch_one(folder: Path, model_name: str, block: int, offer: PeerOffer
                     offset, what)
         plan.broke(block, offer.peer_id)
         return
+    finally:
+        if call is not None:
+            call.cancel()  # a stream left early (a stall, wrong bytes) must not go on in the background
     digest = await asyncio.to_thread(file_block_digest, part, block)
     if digest != plan.agreed[block]:
         _discard(plan, part, block, "its digest is not the one peers agree on")

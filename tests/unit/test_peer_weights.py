@@ -148,6 +148,19 @@ def test_a_folder_with_only_a_config_needs_peers_and_gets_a_cache_folder(checkpo
     assert held_blocks(cache) == []
 
 
+class Call:
+    """What a gRPC stream call offers the fetcher: iteration and cancel()."""
+
+    def __init__(self, stream):  # noqa: ANN001
+        self.stream, self.cancelled = stream, False
+
+    def __aiter__(self):  # noqa: ANN204
+        return self.stream.__aiter__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class FakePeer:
     """A Weights stream from ``folder``: honest, with flipped tensor bytes, or dying after ``die_after`` bytes."""
 
@@ -156,7 +169,7 @@ class FakePeer:
 
     def Weights(self, request):  # noqa: N802
         self.requests.append((request.block, request.offset))
-        return self._stream(request)
+        return Call(self._stream(request))
 
     async def _stream(self, request):
         layout = block_layout(self.folder, request.block)
