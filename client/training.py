@@ -86,5 +86,8 @@ def causal_lm_forward(head: ClientHead, blocks: RemoteBlocks, tuning: PromptTuni
     output = RemoteBlocksFunction.apply(hidden, deep, blocks)[:, prefix:]
     weight = head.embed_tokens.weight if head.lm_head is None else head.lm_head.weight
     logits = F.linear(head.norm(output.to(head.device)), weight)
-    loss = causal_lm_loss(logits, torch.as_tensor(labels)) if labels is not None else None
+    loss = None
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        loss = causal_lm_loss(logits, labels[None] if labels.dim() == 1 else labels)  # as input_ids may be
     return CausalLMOutput(loss=loss, logits=logits)
