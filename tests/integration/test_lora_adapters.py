@@ -260,3 +260,70 @@ def test_a_client_owned_lora_trains_through_the_swarm_as_peft_computes(files, sw
     loaded = PeftModel.from_pretrained(reference_model(checkpoint), str(saved)).eval()
     with torch.no_grad():
         assert rel_err(after.logits, loaded(PROMPT).logits) < FLOAT32_TOL
+
+
+def test_bad_lora_matrices_get_invalid_argument(swarm):
+    hidden = torch.randn(1, 3, 64)
+    a, b = torch.zeros(4, 64), torch.zeros(64, 4)
+
+    def request(*entries, **fields):
+        return node_pb2.ForwardRequest(protocol_version=PROTOCOL_VERSION, hidden=serialize_tensor(hidden),
+                                       start_block=0, end_block=2, lora=list(entries), **fields)
+
+    def entry(block=0, module="self_attn.q_proj", a=a, b=b, scale=2.0):
+        return node_pb2.LoraMatrices(block=block, module=module, a=serialize_tensor(a), b=serialize_tensor(b),
+                                     scale=scale)
+
+    cases = [
+        (request(entry(block=2)), "LoRA matrices for block 2, outside blocks [0, 2)"),
+        (request(entry(module="self_attn.w9")), "block 0: the blocks have no linear layer 'self_attn.w9' to adapt"),
+        (request(entry(b=torch.zeros(63, 4))), "do not fit the layer's 64 -> 64 features at rank 4"),
+        (request(entry(), entry()), "LoRA matrices for block 0 self_attn.q_proj given twice"),
+        (request(entry(a=torch.zeros(300, 64), b=torch.zeros(64, 300))), "a [r <= 256, in] and b [out, r]"),
+        (request(entry(a=torch.full((4, 64), float("nan")))), "contain NaN or infinite values"),
+        (request(entry(a=a.long())), "LoRA matrices must be float32, bfloat16, float16, got 'int64'"),
+        (request(entry(scale=float("inf"))), "LoRA scale must be finite"),
+        (request(*[entry(module=f"x{i}") for i in range(65)]), "at most 32 LoRA matrices per block, got 65"),
+    ]
+    with swarm.channel(swarm.nodes[0]) as channel:
+        stub = node_pb2_grpc.NodeStub(channel)
+        for message, expected in cases:
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Forward(message, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, expected
+            assert expected in caught.value.details(), caught.value.details()
+        backward = node_pb2.BackwardRequest(protocol_version=PROTOCOL_VERSION, hidden=serialize_tensor(hidden),
+                                            grad_output=serialize_tensor(hidden), start_block=0, end_block=2,
+                                            lora=[entry(block=3)])
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Backward(backward, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "LoRA matrices for block 3, outside blocks [0, 2)" in caught.value.details()
+        backward.ClearField("lora")
+        backward.adapter = "other"
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Backward(backward, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_node_killed_before_the_backward_pass_leaves_the_lora_gradients_unchanged(files, swarm):
+    """Runs last: it kills a node. The forward pass's last hop dies before the backward pass; its blocks'
+    backward runs on a replacement (a chain of two hops when the dead one served all four blocks)."""
+    torch.manual_seed(4)
+    with distributed(files, swarm) as model:
+        lora = model.add_lora(r=2, lora_alpha=4.0, target_modules=("v_proj", "down_proj"))
+        with torch.no_grad():
+            for b in lora.lora_B:
+                b.normal_(std=0.05)
+        out = model(input_ids=PROMPT, labels=PROMPT)
+        out.loss.backward()
+        expected = [p.grad.clone() for p in lora.parameters()]
+        lora.zero_grad()
+        out = model(input_ids=PROMPT, labels=PROMPT)
+        last = model.remote_blocks._route[-1]
+        victim = next(node for node in swarm.nodes if node.info["peer_id"] == last.peer_id)
+        swarm.kill(victim)
+        out.loss.backward()
+        assert model.remote_blocks.failovers >= 1 and model.routes.is_banned(last.peer_id)
+        for got, want in zip(lora.parameters(), expected, strict=True):
+            assert rel_err(got.grad, want) < FLOAT32_TOL
