@@ -31,7 +31,7 @@ from homeswarm.node.peer_folder import block_file, held_blocks
 from homeswarm.node.peers import PeerChannels
 from homeswarm.node.weight_upload import WeightUploader
 from homeswarm.node.wire import add_node_service
-from homeswarm.protocol import node_pb2_grpc
+from homeswarm.protocol import PROTOCOL_VERSION, node_pb2, node_pb2_grpc
 from homeswarm.routing.dht import SwarmDHT
 from tests.helpers.checkpoints import make_checkpoint, reference_greedy
 
@@ -169,6 +169,26 @@ def test_a_fetch_resumes_elsewhere_when_its_source_dies_mid_transfer(swarm, full
     assert report.blocks[resumed[0][0]] != slow_id and not report.banned
     assert held_blocks(tmp_path) == list(range(NUM_LAYERS)) and not list(tmp_path.glob("*.part"))
     assert block_digests(tmp_path, cache_path=tmp_path / "d.json") == digests
+
+
+@pytest.mark.parametrize(("request_fields", "code", "text"), [
+    ({"block": 1, "protocol_version": 0}, grpc.StatusCode.FAILED_PRECONDITION, "protocol"),
+    ({"block": NUM_LAYERS}, grpc.StatusCode.NOT_FOUND, f"block {NUM_LAYERS}"),
+    ({"block": 1, "model": "another"}, grpc.StatusCode.NOT_FOUND, "not 'another'"),
+    ({"block": 1, "offset": 1 << 40}, grpc.StatusCode.OUT_OF_RANGE, "past the end"),
+    (b"\xff\xff", grpc.StatusCode.INVALID_ARGUMENT, "malformed WeightsRequest"),
+])
+def test_bad_weight_requests_get_a_status_and_a_message(swarm, request_fields, code, text):
+    seeder = swarm.nodes[0]
+    with LocalSwarm.channel(seeder) as channel:
+        if isinstance(request_fields, bytes):
+            call = channel.unary_stream("/homeswarm.v1.Node/Weights")(request_fields, timeout=10)
+        else:
+            fields = {"protocol_version": PROTOCOL_VERSION, "model": MODEL, **request_fields}
+            call = node_pb2_grpc.NodeStub(channel).Weights(node_pb2.WeightsRequest(**fields), timeout=10)
+        with pytest.raises(grpc.RpcError) as error:
+            list(call)
+    assert error.value.code() == code and text in error.value.details(), error.value
 
 
 def test_a_node_with_only_a_config_fetches_its_blocks_serves_and_outlives_its_seeders(swarm, full, tmp_path):
