@@ -1,6 +1,6 @@
 """One Kimi K2 MoE layer at its real sizes, decoding on this machine, against its read bandwidth.
 
-    python bench/bench_k2_layer.py [--experts 16] [--rounds 5] [--steps 5] [--threads 0]
+    python bench/bench_k2_layer.py [--experts 16] [--rounds 5] [--steps 5] [--threads 0] [--quant int8|int4]
 
 The layer: hidden 7168; MLA with q_lora_rank 1536, kv_lora_rank 512, 64 heads, qk_nope 128, qk_rope 64,
 v_head 128; ``--experts`` routed experts of moe_intermediate 2048 (K2 has 384; 16 fit a 24 GiB machine
@@ -24,6 +24,11 @@ parts). Every round measures the read bandwidth (best of three sums over a 1 GiB
 then every case, in an order reversed every other round; efficiency is the median over rounds of
 (bytes read / step time / that round's bandwidth), and ratios are medians of per-round ratios (this
 VM's speed drifts by up to 1.5x over minutes).
+
+``--quant int8|int4`` loads the layer as ``join-swarm --quant`` would: what the checkpoint ships in
+bfloat16 (attention, shared expert) quantized at load beside the 4-bit experts; every case runs so, and
+the batch-1 decoding step at 128 tokens is also timed against the same layer loaded without ``--quant``,
+alternating round by round (median of per-round ratios).
 """
 
 from __future__ import annotations
@@ -111,10 +116,11 @@ def write_layer(path: Path, experts: int) -> ModelConfig:
     return config
 
 
-def layer_bytes(experts: int) -> int:
-    """Bytes of a K2 MoE layer's weights with ``experts`` routed experts, as the node holds them in bfloat16."""
+def layer_bytes(experts: int, quant: str = "none") -> int:
+    """Bytes of a K2 MoE layer's weights with ``experts`` routed experts, as the node holds them in bfloat16
+    (``quant``: the rest quantized so)."""
     config = ModelConfig.from_dict(dict(K2_CONFIG, n_routed_experts=experts))
-    return block_bytes(config, LAYER, torch.bfloat16)[0]
+    return block_bytes(config, LAYER, torch.bfloat16, quant)[0]
 
 
 def shape_of(block: torch.nn.Module, key: str) -> tuple[int, int]:
@@ -204,7 +210,7 @@ class AttentionRunner:
         return statistics.median(times)
 
 
-def projection(efficiency: float, long_extra: float) -> None:
+def projection(efficiency: float, long_extra: float, quant: str = "none") -> None:
     """Kimi K2 whole (61 layers, 384 experts, bytes from model/sizes.py on its config) on chains of home
     PCs: each decoding token reads every layer's active bytes at ``efficiency`` of the PC's bandwidth,
     one layer after another, and crosses P + 1 links (client, P nodes in a chain with hand-off, client).
@@ -212,10 +218,11 @@ def projection(efficiency: float, long_extra: float) -> None:
     measured here (added as it is, whatever the PC's bandwidth)."""
     config = ModelConfig.from_dict(K2_CONFIG)
     layers = config.num_hidden_layers
-    total = span_weight_bytes(config, 0, layers, torch.bfloat16)
-    active = span_active_bytes(config, 0, layers, torch.bfloat16)
+    total = span_weight_bytes(config, 0, layers, torch.bfloat16, quant)
+    active = span_active_bytes(config, 0, layers, torch.bfloat16, quant)
+    rest = "bfloat16" if quant == "none" else f"{quant} (--quant)"
     print(f"Kimi K2 whole: {layers} layers, {total / 1e9:.0f} GB of block weights as a node holds them (int4 "
-          f"experts, the rest bfloat16; model/sizes.py), {active / 1e9:.1f} GB read per token; tokens/s for one "
+          f"experts, the rest {rest}; model/sizes.py), {active / 1e9:.1f} GB read per token; tokens/s for one "
           f"user at batch 1 (PCs = ceil(weights / (memory - {RESERVED_GB} GB)); context 4096: "
           f"{long_extra * 1000:.1f} ms more per layer, the attention's measured difference)")
     rows = []
@@ -261,6 +268,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="steps per case and round (median)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--quant", choices=["none", "int8", "int4"], default="none",
+                        help="quantize what the checkpoint ships in bfloat16 at load, as join-swarm --quant does")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -270,22 +279,36 @@ def main() -> None:
         write_layer(folder, args.experts)
         written = time.perf_counter() - t0
         t0 = time.perf_counter()
-        span = load_span(folder, LAYER, LAYER + 1, dtype=torch.bfloat16)
+        span = load_span(folder, LAYER, LAYER + 1, dtype=torch.bfloat16, quant=args.quant)
         loaded = time.perf_counter() - t0
+        # the same layer without --quant, for the paired comparison
+        base_span = None if args.quant == "none" else load_span(folder, LAYER, LAYER + 1, dtype=torch.bfloat16)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    total = layer_bytes(args.experts)
-    per_expert = layer_bytes(args.experts + 1) - total
+    total = layer_bytes(args.experts, args.quant)
+    per_expert = layer_bytes(args.experts + 1, args.quant) - total
     dense = total - args.experts * per_expert
     picked: list[torch.Tensor] = []
     span.layers[0].mlp.gate.register_forward_hook(lambda _m, _i, out: picked.append(out[1]))
+    versus: dict[str, Runner] = {}
+    if base_span is not None:
+        base_picked: list[torch.Tensor] = []
+        base_span.layers[0].mlp.gate.register_forward_hook(lambda _m, _i, out: base_picked.append(out[1]))
+        base_total = layer_bytes(args.experts)
+        decode = next(c for c in CASES if (c.name, c.context, c.batch, c.form) == ("decode", 128, 1, "auto"))
+        versus = {"none": Runner(base_span, decode, args.steps, base_total - args.experts * per_expert, per_expert,
+                                 base_picked),
+                  args.quant: Runner(span, decode, args.steps, dense, per_expert, picked)}
+    versus_times: dict[str, list[float]] = {key: [] for key in versus}
+    versus_effs: dict[str, list[float]] = {key: [] for key in versus}
+    versus_reads: dict[str, list[float]] = {key: [] for key in versus}
     print(f"K2 layer with {args.experts} routed experts: {total / 2**20:.0f} MiB ({dense / 2**20:.0f} MiB dense, "
           f"{per_expert / 2**20:.1f} MiB per expert); written in {written:.0f} s, loaded in {loaded:.0f} s",
           file=sys.stderr, flush=True)
     runners = [Runner(span, case, args.steps, dense, per_expert, picked) for case in CASES]
     attention = {(c, form): AttentionRunner(span, c, form, args.steps) for c in CONTEXTS
                  for form in ("absorbed", "expanded")}
-    for runner in [*runners, *attention.values()]:  # warm-up
+    for runner in [*runners, *attention.values(), *versus.values()]:  # warm-up
         runner.run()
     attention_times: dict[tuple[int, str], list[float]] = {key: [] for key in attention}
     index = {(c.name, c.context, c.batch, c.form): i for i, c in enumerate(CASES)}
@@ -308,6 +331,11 @@ def main() -> None:
             effs[i].append(read / t / bw)
         for key in list(attention) if r % 2 == 0 else list(attention)[::-1]:
             attention_times[key].append(attention[key].run())
+        for key in list(versus) if r % 2 == 0 else list(versus)[::-1]:
+            t, read = versus[key].run()
+            versus_times[key].append(t)
+            versus_reads[key].append(read)
+            versus_effs[key].append(read / t / bw)
         breakdown = Breakdown(span.layers[0])
         step_times.append(runners[index[("decode", 128, 1, "auto")]].run()[0])
         breakdown.detach()
@@ -329,7 +357,8 @@ def main() -> None:
                      f"{step * 1000 / (case.batch * case.tokens):.1f}", f"{read / 1e6:.0f}",
                      f"{read / (case.batch * case.tokens) / 1e6:.0f}", f"{read / step / 1e9:.1f}",
                      f"{statistics.median(effs[i]):.0%}"])
-    print(f"Kimi K2 layer ({args.experts} routed experts of 2048, top-8, int4 experts, the rest bfloat16), "
+    rest = "bfloat16" if args.quant == "none" else f"{args.quant} (--quant)"
+    print(f"Kimi K2 layer ({args.experts} routed experts of 2048, top-8, int4 experts, the rest {rest}), "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds of {args.steps} steps per case; read bandwidth "
           f"{statistics.median(bws) / 1e9:.1f} GB/s (median of rounds, {min(bws) / 1e9:.1f}-{max(bws) / 1e9:.1f}); "
           f"load average {loads[0]} before, {loads[1]} after")
@@ -368,9 +397,17 @@ def main() -> None:
     print("where a decoding step goes (batch 1, context 128; medians, share: median of per-round shares)")
     print(table(["part", "ms", "share of the step"], rows))
     print()
+    if versus:
+        rows = [[key, f"{statistics.median(versus_times[key]) * 1000:.1f}", f"{statistics.median(versus_reads[key]) / 1e6:.0f}",
+                 f"{statistics.median(versus_effs[key]):.0%}"] for key in versus]
+        speedup = statistics.median(a / b for a, b in zip(versus_times["none"], versus_times[args.quant], strict=True))
+        print(f"decode, batch 1, context 128: --quant {args.quant} against the checkpoint's own weights "
+              f"(alternating; {args.quant} {speedup:.2f}x faster, median of per-round ratios)")
+        print(table(["--quant", "step ms", "MB read/step", "efficiency"], rows))
+        print()
     short, long = attention_times[(128, "absorbed")], attention_times[(4096, "absorbed")]
     projection(statistics.median(effs[index[("decode", 128, 1, "auto")]]),
-               max(0.0, statistics.median(b - a for a, b in zip(short, long, strict=True))))
+               max(0.0, statistics.median(b - a for a, b in zip(short, long, strict=True))), args.quant)
 
 
 if __name__ == "__main__":
