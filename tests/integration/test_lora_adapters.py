@@ -8,6 +8,11 @@ with `adapter=` routes through the first two only, and its greedy tokens and eve
 without it, the base model's. A node without the adapter answers NOT_FOUND naming it; a swarm that does
 not serve an adapter fails with an error naming it; `homeswarm generate --adapter` gives PEFT's tokens;
 a bad adapter folder stops `join-swarm` at start with one line and exit code 2.
+
+Training: through the served adapter, the loss, logits and input gradients equal PEFT's; a client's own
+LoRA matrices (model.add_lora) get PEFT's gradients, an SGD step lowers the loss, and saved in PEFT's
+format they give PEFT's logits; bad matrices get INVALID_ARGUMENT. The last test kills the node that ran
+the forward pass's last hop before the backward pass: the gradients are those of an uninterrupted pass.
 """
 
 from __future__ import annotations
