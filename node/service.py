@@ -1,4 +1,5 @@
-"""The node's gRPC service: Info, a stateless Forward and Backward, the Inference session stream, and Push.
+"""The node's gRPC service: Info, a stateless Forward and Backward, the Inference session stream, Push, and
+Weights (a block's checkpoint tensors for a peer fetching them: node/weight_upload.py).
 
 A session's inputs arrive in one inbox, from its client's stream or pushed by the previous node of
 the chain (server-to-server hand-off); steps run in step_id order, a duplicate (a push that lost the
@@ -325,6 +326,8 @@ class NodeService(node_pb2_grpc.NodeServicer):
     async def Backward(
         self, request: node_pb2.BackwardRequest, context: grpc.aio.ServicerContext
     ) -> node_pb2.BackwardResponse:
+        if isinstance(request, MalformedRequest):  # answered INVALID_ARGUMENT by the admission check
+            await self._admit(context, request)
         if request.adapter or request.lora:  # through a served adapter or the client's LoRA: node/lora_rpc.py
             return await lora_rpc.backward(self, request, context)
         return await backward.backward(self, request, context)  # see node/backward.py

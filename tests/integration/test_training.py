@@ -232,3 +232,21 @@ def test_bad_backward_requests_are_invalid_arguments(swarm, changes, message):
         node_pb2_grpc.NodeStub(channel).Backward(backward_request(**changes), timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in caught.value.details()
+
+
+def test_malformed_and_old_backward_requests_and_bad_forward_prompts(swarm):
+    with LocalSwarm.channel(swarm.daemons["llama3:0"]) as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            channel.unary_unary("/homeswarm.v1.Node/Backward")(b"\x00", timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed BackwardRequest" in caught.value.details()
+        stub = node_pb2_grpc.NodeStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Backward(backward_request(protocol_version=PROTOCOL_VERSION + 100), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        forward = node_pb2.ForwardRequest(protocol_version=PROTOCOL_VERSION, hidden=serialize_tensor(torch.randn(1, 5, 64)),
+                                          start_block=0, end_block=2, prompts=serialize_tensor(torch.randn(1, 2, 64)))
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Forward(forward, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "deep prompts must be [2, prefix <= 5, 64]" in caught.value.details()
