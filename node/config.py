@@ -89,7 +89,8 @@ class NodeConfig:
                                      nargs="+", action="extend", metavar="DIR")
     quant: str = _opt("none", "weight format of the blocks' linear layers and experts, quantized at load: none "
                       "(the checkpoint's weights, exact), int8 (per output channel, 0.25x float32's bytes), int4 "
-                      "(per group of inputs, 0.13-0.16x); announced to the swarm", choices=list(QUANT_FORMATS))
+                      "(per group of inputs, 0.13-0.16x); on a checkpoint shipped 4-bit, the layers it ships in float; "
+                      "announced to the swarm", choices=list(QUANT_FORMATS))
     quant_group_size: int = _opt(DEFAULT_INT4_GROUP_SIZE, "inputs per int4 scale and zero point (smaller: more "
                                  "accurate, more bytes)", choices=list(INT4_GROUP_SIZES))
     public_name: str = _opt("", "a name shown on the swarm dashboard")
