@@ -7,6 +7,10 @@ every thread (the DHT process is forked from a worker thread, so the main thread
 Pages that processes share (the torch libraries a forked child still maps) count once per process,
 as a sum of RSS does: the figure is an upper bound of what the tree takes, never an underestimate.
 On systems without ``/proc`` every reading is None.
+
+``cgroup_memory_left`` reads the memory limits that bound this process: those of its own cgroup
+(``/proc/self/cgroup``: a systemd service's is /system.slice/NAME.service, not the root cgroup at
+/sys/fs/cgroup) and of every cgroup above it, the tightest of them.
 """
 
 from __future__ import annotations
@@ -66,3 +70,68 @@ def tree_memory(pid: int | None = None) -> TreeMemory | None:
         rss, peak = rss + now, peak + high
         processes[name] = processes.get(name, 0) + now
     return TreeMemory(rss, peak, processes)
+
+
+_NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as a huge number
+
+
+def _read_limit(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) < _NO_LIMIT else None  # "max": no limit
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def own_cgroups(proc: Path = Path("/proc")) -> dict[str, str]:
+    """This process's cgroup paths: "" -> its cgroup v2 path ("/system.slice/join-swarm.service"), and each
+    cgroup v1 controller -> its path, from /proc/self/cgroup."""
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return {}
+    found: dict[str, str] = {}
+    for line in lines:
+        _hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        for controller in controllers.split(",") if controllers else [""]:
+            found[controller] = path or "/"
+    return found
+
+
+def _levels(root: Path, path: str) -> list[Path]:
+    """The folders of ``path``'s cgroup and every one above it, under ``root``, innermost first."""
+    parts = [p for p in path.strip("/").split("/") if p and p != ".."]
+    return [root.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+
+
+def cgroup_memory_left(proc: Path = Path("/proc"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes the memory limits above this process still allow, where one is set; None without any.
+
+    At each level from this process's cgroup up to the root, the limit less that cgroup's usage; the
+    smallest. cgroup v2: ``memory.max``, and ``memory.high`` (past which the kernel throttles and
+    reclaims), less ``memory.current``; cgroup v1: the memory controller's ``memory.limit_in_bytes`` less
+    ``memory.usage_in_bytes``. A level the process cannot see is skipped (a container's view of the
+    hierarchy starts at its own cgroup)."""
+    cgroups = own_cgroups(proc)
+    left: list[int] = []
+    if "" in cgroups:
+        for folder in _levels(cgroup_root, cgroups[""]):
+            usage = _read_int(folder / "memory.current")
+            for name in ("memory.max", "memory.high"):
+                limit = _read_limit(folder / name)
+                if limit is not None:
+                    left.append(max(0, limit - (usage or 0)))
+    if "memory" in cgroups:
+        for folder in _levels(cgroup_root / "memory", cgroups["memory"]):
+            limit = _read_limit(folder / "memory.limit_in_bytes")
+            if limit is not None:
+                left.append(max(0, limit - (_read_int(folder / "memory.usage_in_bytes") or 0)))
+    return min(left, default=None)

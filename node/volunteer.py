@@ -27,7 +27,6 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -54,7 +53,7 @@ from homeswarm.node.idle_probe import MachineProbe
 from homeswarm.node.idle_watch import IdleWatch, idle_users
 from homeswarm.node.period import EndReason, PeriodEnd, PeriodEnds
 from homeswarm.node.placement import JOIN_SETTLE, Sightings, read_swarm, rebalance, settle_claim, watch_claim
-from homeswarm.node.process_memory import tree_memory
+from homeswarm.node.process_memory import cgroup_memory_left, tree_memory
 from homeswarm.node.throughput import (
     SELF_TEST_STEPS,
     ThroughputCache,
@@ -158,22 +157,6 @@ def span_cache_budget(config: NodeConfig, plan: MemoryPlan, model: ModelConfig, 
             )
         budget = int(config.cache_share * plan.budget)  # explicit blocks beyond the default budget
     return budget
-
-
-def cgroup_memory_left() -> int | None:
-    """Bytes the memory limit of this process's cgroup (a container's, a service's) still allows, where
-    one is set: a container sees its host's memory in /proc/meminfo, not its own limit."""
-    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            limit = Path(limit_path).read_text().strip()
-            usage = int(Path(usage_path).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 2**60:  # "max", or v1's huge number: no limit
-            return max(0, int(limit) - usage)
-    return None
 
 
 def release_memory(device: torch.device) -> None:
