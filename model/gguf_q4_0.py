@@ -8,7 +8,8 @@ stored, ``scale = d``), so nothing is rounded on the way.
 
 Invariants: a layer's routed experts are 4-bit all together or not at all (a layer with some Q4_0
 experts and some of another type leaves the whole file to be dequantized); every other block matrix not
-stored as Q4_0 is named in the quantization config's ``ignore`` list and read as floats.
+stored as Q4_0 is named in the quantization config's ``ignore`` list and read as floats, and so is every
+``deepseek2`` ``kv_b_proj``; a ``gpt-oss`` file has nothing held 4-bit.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ HF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
               "ffn_down": "mlp.down_proj", "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
               "ffn_up_shexp": "mlp.shared_expert.up_proj", "ffn_down_shexp": "mlp.shared_expert.down_proj"}
+# deepseek2's (DeepSeek-V3, Kimi K2): MLA's projections, shared experts under the checkpoint's name. Its
+# kv_b_proj is always read as floats: attn_k_b is stored transposed, its groups of 32 along the wrong side
+DEEPSEEK_LINEARS = {**HF_LINEARS, "attn_q_a": "self_attn.q_a_proj", "attn_q_b": "self_attn.q_b_proj",
+                    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+                    "ffn_up_shexp": "mlp.shared_experts.up_proj", "ffn_down_shexp": "mlp.shared_experts.down_proj"}
+_KV_B = ("attn_kv_b", "attn_k_b", "attn_v_b")
 EXPERT_STACKS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 # one expert's matrix of a stack (a 4-bit expert is read per expert, as pre-quantized checkpoints store them)
 PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
@@ -33,7 +40,6 @@ PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.exper
 STACK_OF = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
             "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
 PACKED = ("weight_packed", "weight_scale", "weight_shape")
-LINEARS = tuple(f"{n}.weight" for n in HF_LINEARS)
 # A file's Q4_0 block matrices, read as compressed-tensors' symmetric 4-bit groups of 32
 Q4_0_AS_PACKED_INT4 = {
     "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
@@ -52,7 +58,11 @@ def packed_base(name: str) -> tuple[str, str | None]:
 def q4_0_plan(types: dict[str, str], arch: str) -> tuple[bool, list[str]]:
     """Whether blocks hold the Q4_0 matrices of a file (tensor name -> GGML type name) as they are (some
     block matrix is Q4_0), and the Hugging Face names of the block matrices of other types."""
-    kinds = {n: kind for n, kind in types.items() if n.startswith("blk.") and n.endswith(LINEARS)}
+    if arch == "gpt-oss":  # its experts come as MXFP4, its attention as floats: nothing to keep 4-bit
+        return False, []
+    linears = DEEPSEEK_LINEARS if arch == "deepseek2" else HF_LINEARS
+    kinds = {n: kind for n, kind in types.items()
+             if n.startswith("blk.") and n.count(".") == 3 and n.endswith(".weight") and n.split(".")[2] in linears}
     stacks: dict[str, set[str]] = {}
     for n, kind in types.items():
         if n.startswith("blk.") and n.split(".")[2] in EXPERT_STACKS:
@@ -66,7 +76,9 @@ def q4_0_plan(types: dict[str, str], arch: str) -> tuple[bool, list[str]]:
     for name, kind in sorted(kinds.items()):
         if kind != "Q4_0":
             _, layer, part, _ = name.split(".")
-            others.append(f"model.layers.{layer}.{HF_LINEARS[part]}")
+            others.append(f"model.layers.{layer}.{linears[part]}")
+    kv_b = {n.split(".")[1] for n in types if n.startswith("blk.") and n.split(".")[2] in _KV_B}
+    others += [f"model.layers.{layer}.self_attn.kv_b_proj" for layer in sorted(kv_b, key=int)]
     for layer, ks in sorted(stacks.items(), key=lambda item: int(item[0])):
         if ks != {"Q4_0"}:
             others.append(f"model.layers.{layer}." + ("block_sparse_moe.experts.0.w1" if mixtral

@@ -279,8 +279,6 @@ class GGUFCheckpoint:
             target[begin : begin + values.shape[0]].copy_(values.view(-1, target.shape[-1]))
 
     def _q4_0_linears(self) -> tuple[bool, list[str]]:
-        if self.arch in OWN_TABLES:  # MLA's and GPT-OSS's matrices have no 4-bit reading yet: dequantized
-            return False, []
         return q4_0_plan({n: t.tensor_type.name for n, t in self._tensors.items()}, self.arch)
 
     def _q4_0_into(self, t: Any, packed: str, out: Tensor, expert: int | None = None) -> None:

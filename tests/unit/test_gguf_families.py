@@ -136,3 +136,64 @@ def test_deepseek_v3_pre_tokenizer_splits_as_llama_cpp_does(caplog):
         fallback = build_tokenizer({**meta, "tokenizer.ggml.pre": "kimi-k2"})
     assert pieces(fallback) == ["abc", " 12345", " 你好", "!", "hello", " world", "\n\n"]
     assert "'kimi-k2' is not known here" in caplog.text
+
+
+def test_q4_0_deepseek2_gguf_stays_4_bit(root):
+    """MLA's projections, the dense MLP, shared and routed experts held 4-bit as the file stores them;
+    kv_b_proj (llama.cpp's attn_k_b is transposed) and matrices of other types read as floats."""
+    from safetensors.torch import save_file
+
+    from homeswarm.model.gguf_reader import GGUFCheckpoint
+    from homeswarm.model.prequant import PackedInt4Linear, PrequantExperts
+
+    source = make_deepseek_checkpoint(root / "ds-q4", "deepseek_v3", num_layers=2, seed=25, rope_parameters=_YARN,
+                                      moe_intermediate_size=32, q_lora_rank=64)
+    path = write_deepseek_gguf(source, root / "ds-q4_0.gguf", "Q4_0")
+    folder = gguf_folder(path, cache_dir=root / "cache")
+    # the reference: transformers on the file's weights dequantized (experts one by one, as checkpoints hold them)
+    reader = GGUFCheckpoint(path)
+    state = {}
+    for name, tensor in reader.load(reader.names()).items():
+        if name.endswith("experts.gate_up_proj"):
+            half = tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):
+                state[name.replace("gate_up_proj", f"{e}.gate_proj.weight")] = tensor[e, :half]
+                state[name.replace("gate_up_proj", f"{e}.up_proj.weight")] = tensor[e, half:]
+        elif name.endswith("experts.down_proj"):
+            for e in range(tensor.shape[0]):
+                state[name.replace("down_proj", f"{e}.down_proj.weight")] = tensor[e]
+        else:
+            state[name] = tensor
+    dequantized = root / "ds-q4-dequantized"
+    dequantized.mkdir()
+    (dequantized / "config.json").write_text((source / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in state.items()}, str(dequantized / "model.safetensors"))
+    reference = reference_deepseek(dequantized)
+    span = load_span(folder, 0, 2, fuse=False)
+    held = {}
+    for i, layer in enumerate(span.layers):
+        for name, ours in layer.named_modules():
+            if isinstance(ours, PackedInt4Linear) and ".experts." not in name:
+                held[f"{i}.{name}"] = ours
+                theirs = reference.model.layers[i].get_submodule(name.replace("shared_expert.", "shared_experts."))
+                assert torch.equal(ours.dequantized_weight(torch.float32), theirs.weight), (i, name)
+    assert {"0.self_attn.q_a_proj", "0.self_attn.kv_a_proj_with_mqa", "0.mlp.down_proj",
+            "1.mlp.shared_expert.up_proj"} <= set(held)
+    assert "0.self_attn.q_b_proj" in held and "0.self_attn.o_proj" not in held  # o_proj's 48 inputs: F32
+    experts, stacks = span.layers[1].mlp.experts, reference.model.layers[1].mlp.experts
+    assert isinstance(experts, PrequantExperts)
+    for e in (0, 5):
+        assert torch.equal(experts[e].gate_proj.dequantized_weight(torch.float32), stacks.gate_up_proj[e, :32])
+        assert torch.equal(experts[e].up_proj.dequantized_weight(torch.float32), stacks.gate_up_proj[e, 32:])
+        assert torch.equal(experts[e].down_proj.dequantized_weight(torch.float32), stacks.down_proj[e])
+    attention = span.layers[0].self_attn
+    assert torch.equal(attention.kv_b_proj.w_uk, reference.model.layers[0].self_attn.kv_b_proj.weight.view(
+        4, 16 + 12, 32)[:, :16])
+    # the dense layer (MLA and MLP through the 4-bit products, which round as test_gguf.py's Q4_0 checks say)
+    # against transformers' at every position; past it, a routed layer's choice of experts flips where two
+    # scores are nearer than that rounding (measured: 1 of 24 positions; the other 23 within 2.4%)
+    model = LocalModel(folder, spans=[(0, 1), (1, 2)])
+    with torch.no_grad():
+        want = reference(_prompt(), output_hidden_states=True).hidden_states[1]
+        got = model.spans[0](model.head.embed(_prompt()))
+    assert (got - want).abs().max() <= 0.03 * want.abs().max()
