@@ -1,12 +1,14 @@
 """What mirror sessions cost: greedy decoding speed with ``ClientConfig.mirrors`` on against off.
 
     python bench/bench_mirrors.py [--rounds 5] [--tokens 48] [--prompt 64] [--shape small-8x256]
+                                  [--compute-threads 1]
 
 Four nodes on loopback: each half of the model's blocks on two nodes, so with mirrors every hop has one (the
-client sends each step's input to both, waits for both answers and compares them; steps are relayed). One
-swarm serves both modes; each round generates with mirrors off and on, in alternating order, and the table
-gives the median of the per-round ratio of tokens per second (on / off). On one machine the mirrors'
-compute competes with the hops' for the same cores: replicas on their own (idle) machines cost less.
+client sends each step's input to both, goes on with the hop's answer and compares the mirror's once the step
+has been through every hop; steps are relayed). One swarm serves both modes; each round generates with mirrors
+off and on, in alternating order, and the table gives the median of the per-round ratio of tokens per second
+(on / off). On one machine the mirrors' compute competes with the hops' for the same cores: replicas on their
+own (idle) machines cost less.
 """
 
 from __future__ import annotations
