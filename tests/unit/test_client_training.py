@@ -3,7 +3,8 @@
 Each fake node computes ``x * 2 ** (blocks) + prompt sum`` over its span so that the gradients are known
 in closed form; a dead node answers UNAVAILABLE. A node failing on forward or on backward is banned and
 its blocks re-planned (a replacement chain of two hops recomputes its inner inputs); the gradients stay
-those of the uninterrupted pass. INVALID_ARGUMENT raises at once; too many failures give up.
+those of the uninterrupted pass. INVALID_ARGUMENT raises at once; too many failures give up. The model call
+checks its inputs before any request, and takes one sequence as 1-D ids and labels.
 """
 
 from __future__ import annotations
@@ -143,3 +144,24 @@ def test_too_many_failures_give_up():
                       {(0, 4): [[("a", 0, 2), ("x", 2, 4)]], (2, 4): [[("y", 2, 4)], [("z", 2, 4)]]})
     with pytest.raises(TrainingError, match="gave up after 3 node failures"):
         run(swarm, ClientConfig(max_failovers=2))
+
+
+def test_model_call_checks_and_one_dimensional_ids(tmp_path):
+    from homeswarm.client.training import causal_lm_forward, causal_lm_loss
+    from homeswarm.model import load_head
+    from tests.helpers.checkpoints import make_checkpoint
+
+    head = load_head(make_checkpoint(tmp_path / "llama3", "llama3", num_layers=4, seed=6))
+    swarm = healthy()
+    blocks = RemoteBlocks(swarm, swarm, ClientConfig())
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        causal_lm_forward(head, blocks, None)
+    with pytest.raises(ValueError, match="padded batches"):
+        causal_lm_forward(head, blocks, None, input_ids=torch.ones(1, 3, dtype=torch.long),
+                          attention_mask=torch.tensor([[1, 1, 0]]))
+    with pytest.raises(ValueError, match="inputs_embeds must be"):
+        causal_lm_forward(head, blocks, None, inputs_embeds=torch.zeros(1, 3, 5))
+    ids = torch.tensor([3, 1, 4, 1, 5])
+    out = causal_lm_forward(head, blocks, None, input_ids=ids, labels=ids)
+    assert out.logits.shape == (1, 5, 256)
+    assert torch.equal(out.loss, causal_lm_loss(out.logits, ids[None]))
