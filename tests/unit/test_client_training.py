@@ -1,6 +1,6 @@
 """The client's remote autograd (client/remote_blocks.py) over fake nodes: passes, failover, errors.
 
-Each fake node computes ``x * 2 ** (blocks) + prompt sum`` over its span so that the gradients are known
+In each fake node, every block adds its prompt to the first positions and doubles the result, so the gradients are known
 in closed form; a dead node answers UNAVAILABLE. A node failing on forward or on backward is banned and
 its blocks re-planned (a replacement chain of two hops recomputes its inner inputs); the gradients stay
 those of the uninterrupted pass. INVALID_ARGUMENT raises at once; too many failures give up. The model call
