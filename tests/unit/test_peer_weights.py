@@ -14,9 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from homeswarm.model.digest import block_digests, file_block_digest
+from homeswarm.node.config import ConfigError
 from homeswarm.node.peer_fetch import PeerFetchError, fetch_blocks
 from homeswarm.node.peer_fetch_plan import FetchPlan, PeerOffer, agreed_digests
 from homeswarm.node.peer_folder import held_blocks, needs_peers, peer_folder, trusted_digests, write_digests
+from homeswarm.node.preflight import check_model_path
 from homeswarm.node.weight_stream import WeightStreamError, block_layout, check_header, read_range
 from homeswarm.node.weight_upload import TokenBucket, WeightUploader
 from homeswarm.protocol import node_pb2
@@ -298,3 +300,10 @@ def test_an_upload_waits_while_compute_is_busy_and_keeps_to_its_rate(checkpoint)
     start = time.perf_counter()
     assert len(b"".join(c.data for c in upload(slow, 0))) == total
     assert 0.6 < time.perf_counter() - start < 3.0
+
+
+def test_a_folder_with_only_a_config_passes_preflight_only_when_joining(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    check_model_path(str(tmp_path), from_peers=True)
+    with pytest.raises(ConfigError, match="holds no block's weights .* join a swarm"):
+        check_model_path(str(tmp_path))
