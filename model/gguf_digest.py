@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,47 +68,70 @@ def gguf_block_digests(model_dir: str | os.PathLike[str], *,
 
 
 def _hash_block(checkpoint: GGUFCheckpoint, names: list[str]) -> str:
+    """The block's tensors in name order, each read only when its turn comes (a block is never held)."""
     h = hashlib.sha256()
-    for name, dtype, shape, data in sorted(_tensors(checkpoint, names), key=lambda entry: entry[0]):
-        h.update(f"{name}\0{dtype}\0{list(shape)}\0{len(data)}\0".encode())
-        h.update(data)
+    for name, produce in sorted(_entries(checkpoint, names), key=lambda entry: entry[0]):
+        dtype, shape, size, chunks = produce()
+        h.update(f"{name}\0{dtype}\0{list(shape)}\0{size}\0".encode())
+        for chunk in chunks:
+            h.update(chunk)
     return h.hexdigest()
 
 
-def _tensors(checkpoint: GGUFCheckpoint, names: list[str]) -> Iterator[tuple[str, str, tuple[int, ...], bytes]]:
-    """(checkpoint name, dtype, shape, bytes) of each tensor of ``names``, fused expert stacks one expert each."""
-    per_expert = checkpoint.arch != "gpt-oss"  # GPT-OSS checkpoints store the fused stacks themselves
+Produce = Callable[[], tuple[str, tuple[int, ...], int, Iterator[bytes]]]
+
+
+def _entries(checkpoint: GGUFCheckpoint, names: list[str]) -> Iterator[tuple[str, Produce]]:
+    """(checkpoint name, how to read it: dtype, shape, byte count, chunks of bytes) of each tensor of
+    ``names``, fused expert stacks one expert each (GPT-OSS's kept fused, read an expert at a time)."""
     parts_of = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
     if checkpoint.config_dict()["model_type"] == "mixtral":
         parts_of = {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}
     for name in names:
-        fused = _FUSED.match(name) if per_expert else None
-        if fused is None:
-            yield _whole(checkpoint, name)
+        fused = _FUSED.match(name)
+        if fused is None or checkpoint.arch == "gpt-oss":
+            yield name, partial(_whole, checkpoint, name)
             continue
-        stacks = checkpoint._parts(name)
-        for stack, part in zip(stacks, parts_of[fused.group(2)], strict=True):
-            data = np.asarray(stack.data)
-            rows, cols = int(stack.shape[1]), int(stack.shape[0])
+        for stack, part in zip(checkpoint.parts(name), parts_of[fused.group(2)], strict=True):
             for e in range(int(stack.shape[2])):
-                expert = f"{fused.group(1)}{e}.{part}.weight"
-                yield expert, *_values(checkpoint, stack, (rows, cols), data[e])
+                yield f"{fused.group(1)}{e}.{part}.weight", partial(_expert, checkpoint, stack, e)
 
 
-def _whole(checkpoint: GGUFCheckpoint, name: str) -> tuple[str, str, tuple[int, ...], bytes]:
-    parts = checkpoint._parts(name)
+def _float32(shape: tuple[int, ...]) -> tuple[str, tuple[int, ...], int]:
+    return "F32", shape, 4 * math.prod(shape)
+
+
+def _expert(checkpoint: GGUFCheckpoint, stack: Any, e: int) -> tuple[str, tuple[int, ...], int, Iterator[bytes]]:
+    """One expert's matrix of a llama.cpp stack ``[E, rows, columns]``."""
+    shape = (int(stack.shape[1]), int(stack.shape[0]))
+    data = np.asarray(stack.data)[e]
+    if stack.tensor_type.name not in FLOAT_TYPES:
+        return f"GGUF_{stack.tensor_type.name}", shape, data.nbytes, iter([np.ascontiguousarray(data).tobytes()])
+    out = torch.empty(shape, dtype=torch.float32)
+    checkpoint.convert(stack, out, data)
+    return (*_float32(shape), iter([out.numpy().tobytes()]))
+
+
+def _whole(checkpoint: GGUFCheckpoint, name: str) -> tuple[str, tuple[int, ...], int, Iterator[bytes]]:
+    parts = checkpoint.parts(name)
     shape = checkpoint.entry(name).shape
     kinds = [t.tensor_type.name for t in parts]
-    if all(kind in FLOAT_TYPES for kind in kinds):
-        out = checkpoint.read_into(name, torch.empty(shape, dtype=torch.float32))
-        return name, "F32", shape, out.numpy().tobytes()
-    data = b"".join(np.asarray(t.data).tobytes() for t in parts)
-    return name, "GGUF_" + "+".join(kinds), shape, data
+    if not all(kind in FLOAT_TYPES for kind in kinds):
+        return ("GGUF_" + "+".join(kinds), shape, sum(int(t.n_bytes) for t in parts),
+                (np.asarray(t.data).tobytes() for t in parts))
+    if checkpoint.arch == "gpt-oss" and len(shape) == 3:  # a fused stack: contiguous expert by expert
+        return (*_float32(shape), _oss_experts(checkpoint, name, parts, shape))
+    out = checkpoint.read_into(name, torch.empty(shape, dtype=torch.float32))
+    return (*_float32(shape), iter([out.numpy().tobytes()]))
 
 
-def _values(checkpoint: GGUFCheckpoint, t: Any, shape: tuple[int, int], data: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
-    if t.tensor_type.name in FLOAT_TYPES:
-        out = torch.empty(shape, dtype=torch.float32)
-        checkpoint._convert(t, out, data)
-        return "F32", shape, out.numpy().tobytes()
-    return f"GGUF_{t.tensor_type.name}", shape, np.ascontiguousarray(data).tobytes()
+def _oss_experts(checkpoint: GGUFCheckpoint, name: str, parts: list[Any], shape: tuple[int, ...]) -> Iterator[bytes]:
+    """GPT-OSS's ``gate_up_proj`` [E, H, 2I] (gate and up interleaved) or ``down_proj`` [E, I, H], one
+    expert's float32 bytes at a time."""
+    for e in range(shape[0]):
+        out = torch.empty(shape[1:], dtype=torch.float32)
+        for offset, t in enumerate(parts):
+            part = torch.empty(int(t.shape[1]), int(t.shape[0]))
+            checkpoint.convert(t, part, np.asarray(t.data)[e])
+            (out[:, offset::2] if name.endswith("gate_up_proj") else out).copy_(part.t())
+        yield out.numpy().tobytes()

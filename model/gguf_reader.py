@@ -194,14 +194,15 @@ class GGUFCheckpoint:
         """Files holding ``names`` that are absent: none (every part of a split is checked at open)."""
         return []
 
-    def _parts(self, name: str) -> list[Any]:
+    def parts(self, name: str) -> list[Any]:
+        """The GGUF tensors holding ``name`` (gguf's reader's; their ``data`` a view of the map)."""
         if name not in self:
             raise MissingTensorsError(self.model_dir, [name])
         return self._source(name)[0]  # type: ignore[index]
 
     def entry(self, name: str) -> TensorEntry:
         """Tensor ``name``'s dtype as read (float32 for a quantized one) and shape, in torch's order."""
-        parts = self._parts(name)
+        parts = self.parts(name)
         packed = packed_base(name)[1]
         if packed:  # a Q4_0 matrix [N, K] as compressed-tensors' pack-quantized int4 (groups of 32)
             rows, cols = int(parts[0].shape[1]), int(parts[0].shape[0])
@@ -216,7 +217,7 @@ class GGUFCheckpoint:
 
     def read_into(self, name: str, out: Tensor) -> Tensor:
         """Read tensor ``name`` into ``out`` (its final storage), converting to ``out``'s dtype."""
-        parts = self._parts(name)
+        parts = self.parts(name)
         if tuple(out.shape) != self.entry(name).shape:
             raise ValueError(f"{name}: shape {tuple(out.shape)} asked for, {self.entry(name).shape} in {self.model_dir}")
         packed = packed_base(name)[1]
@@ -227,7 +228,7 @@ class GGUFCheckpoint:
         if packed:
             self._q4_0_into(parts[0], packed, out, expert)
         else:  # one tensor, a fused gate/up stack, or an architecture's own layout (gguf_arch)
-            gguf_arch.read(self._source(name)[2], parts, out, self._convert, lambda t: np.asarray(t.data))  # type: ignore[index]
+            gguf_arch.read(self._source(name)[2], parts, out, self.convert, lambda t: np.asarray(t.data))  # type: ignore[index]
         for t in parts:
             self._release(t, expert)
         if self.arch in PERMUTED_QK:
@@ -254,7 +255,7 @@ class GGUFCheckpoint:
     def _float(self, t: Any) -> np.ndarray:
         return self._dequant(np.asarray(t.data), t.tensor_type)
 
-    def _convert(self, t: Any, out: Tensor, data: np.ndarray | None = None) -> None:
+    def convert(self, t: Any, out: Tensor, data: np.ndarray | None = None) -> None:
         """GGUF tensor ``t`` (or ``data``, a part of it) into ``out`` (its shape in torch's order), a
         bounded number of rows at a time."""
         kind = t.tensor_type.name
