@@ -2,8 +2,9 @@
 
 Responsibility: the same reading interface as :class:`~.checkpoint.CheckpointReader` (``names``, ``in``,
 ``entry``, ``load``, ``read_into``) over llama.cpp's tensors, so the loader builds blocks from a GGUF as
-from safetensors: names mapped by :mod:`.gguf_names`, llama.cpp's permuted Q/K rows put back in Hugging
-Face's order, stacked experts' gate and up concatenated, Q4_0 matrices offered in their 4-bit form
+from safetensors: names mapped by :mod:`.gguf_names` (DeepSeek-V3/K2's and GPT-OSS's by :mod:`.gguf_arch`,
+with their split tensors joined back), llama.cpp's permuted Q/K rows put back in Hugging Face's order,
+stacked experts' gate and up concatenated, Q4_0 matrices offered in their 4-bit form
 (:mod:`.gguf_q4_0`), and every other type than F32/F16 dequantized (``gguf.quants``) to the dtype asked
 for, a bounded number of rows at a time, straight into the tensor's own storage. The metadata (``metadata``) and the ``config.json`` it stands for (:meth:`config_dict`)
 come from the first file.
