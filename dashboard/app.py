@@ -89,7 +89,10 @@ def create_app(monitor: Monitor, *, clock: Callable[[], float] = time.time, life
             raise BadRequest(404, f"unknown model {model!r}: not in the swarm now nor in the history")
         samples = [{"time": s.time, "span_seconds": s.span, "servers": s.servers, "online_servers": s.online,
                     "covered_blocks": s.covered_blocks, "num_blocks": s.num_blocks, "healthy": s.healthy,
-                    "weakest_throughput": s.weakest_throughput}
+                    "weakest_throughput": s.weakest_throughput,
+                    # a merged row (older than a day): the lowest and highest it stands for; null as taken
+                    "online_servers_low": s.online_low, "online_servers_high": s.online_high,
+                    "weakest_throughput_low": s.weakest_low, "weakest_throughput_high": s.weakest_high}
                    for s in monitor.history.query(model, start)]
         return JSONResponse({"model": model, "since": start, "until": now, "samples": samples}, headers=_NO_STORE)
 

@@ -130,9 +130,12 @@ _HEADERS = ("Name", "Blocks", "State", "Steps/s", "Free cache (tokens)", "Weight
 
 def _charts(model: ModelView, samples: Sequence[Sample], now: float) -> str:
     figures = []
-    for label, value, color in (("Servers online", lambda s: s.online, "#2f7de1"),
-                                ("Weakest block, steps/s", lambda s: s.weakest_throughput, "#8a4fd6")):
-        points = [Point(s.time, s.span, value(s)) for s in samples]
+    for label, value, color in (("Servers online", lambda s: (s.online, s.online_low, s.online_high), "#2f7de1"),
+                                ("Weakest block, steps/s",
+                                 lambda s: (s.weakest_throughput, s.weakest_low, s.weakest_high), "#8a4fd6")):
+        # a merged row's mean is no moment's value: the line follows its highest, the whisker its range
+        points = [Point(s.time, s.span, v if high is None else high, low, high)
+                  for s in samples for v, low, high in [value(s)]]
         for period, seconds in (("last day", DAY), ("last week", 7 * DAY)):
             title = f"{label}, {period}"
             svg = line_chart(points, start=now - seconds, end=now, label=f"{model.name}: {title}", color=color)

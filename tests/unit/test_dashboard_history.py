@@ -56,9 +56,15 @@ def test_older_than_a_day_merge_into_ten_minute_rows_with_span_weighted_means(hi
     rows = history.query("m", 0)
     assert len(rows) == 12
     assert all(r.span == 600 and r.online == 3 and r.time % 600 == 0 for r in rows)
+    # and the range they stand for: no moment had 3 servers
+    assert all((r.online_low, r.online_high, r.weakest_low, r.weakest_high) == (2, 4, 5, 5) for r in rows)
     # compacting again changes nothing: every bucket was merged once, whole
     history.compact(now=T0 + 7200 + DAY + 1)
     assert history.query("m", 0) == rows
+    # merged again into hours, the ranges of the merged rows carry over
+    history.compact(now=T0 + 7200 + 8 * DAY)
+    hours = history.query("m", 0)
+    assert len(hours) == 2 and all((r.online, r.online_low, r.online_high) == (3, 2, 4) for r in hours)
 
 
 def test_only_whole_buckets_are_merged(history):
@@ -96,6 +102,26 @@ def test_sample_of_a_model_view():
     s = sample_of(state.models[0], T0, 60.0)
     assert s == Sample(time=T0, span=60.0, servers=1, online=1, covered_blocks=2, num_blocks=3, healthy=0.0,
                        weakest_throughput=0.0)
+
+
+def test_a_database_from_before_the_ranges_opens_and_merges(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.executescript("""CREATE TABLE samples (model TEXT NOT NULL, level INTEGER NOT NULL, time REAL NOT NULL,
+            span REAL NOT NULL, servers REAL NOT NULL, online REAL NOT NULL, covered_blocks REAL NOT NULL,
+            num_blocks INTEGER NOT NULL, healthy REAL NOT NULL, weakest_throughput REAL NOT NULL);""")
+        db.execute("INSERT INTO samples VALUES ('m', 0, ?, 60, 3, 3, 4, 4, 1, 5)", (T0,))
+    db.close()
+    history = History(path)
+    try:
+        history.add({"m": sample(T0 + 60, 2)})
+        history.compact(now=T0 + 600 + DAY)
+        (row,) = history.query("m", 0)
+        assert (row.online, row.online_low, row.online_high) == (2.5, 2, 3)
+    finally:
+        history.close()
 
 
 def test_in_memory_database():

@@ -154,3 +154,14 @@ def test_segments_break_at_gaps():
 def test_duration():
     assert [duration(s) for s in (0, 59, 60, 3599, 3660, 86400 + 7200)] == [
         "0 s", "59 s", "1 min", "59 min", "1 h 1 min", "1 d 2 h"]
+
+
+def test_a_merged_row_draws_its_range_not_its_mean():
+    merged = Sample(time=NOW - 2 * DAY, span=600, servers=2.5, online=2.5, covered_blocks=4, num_blocks=4,
+                    healthy=1, weakest_throughput=12.5, online_low=2, online_high=3, weakest_low=10,
+                    weakest_high=15)
+    html = render_page(swarm_state(), RefreshStatus(ok=True, last_attempt=NOW), {"llama": [merged]}, NOW,
+                       refresh_seconds=5)
+    week_online = html.split('id="model-llama"')[1].split("<svg")[2].split("</svg>")[0]
+    assert ">3</text>" in week_online and 'class="range"' in week_online  # the top: the most servers seen
+    assert ">2.50</text>" not in week_online
