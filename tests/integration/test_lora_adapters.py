@@ -13,6 +13,8 @@ Training: through the served adapter, the loss, logits and input gradients equal
 LoRA matrices (model.add_lora) get PEFT's gradients, an SGD step lowers the loss, and saved in PEFT's
 format they give PEFT's logits; bad matrices get INVALID_ARGUMENT. The last test kills the node that ran
 the forward pass's last hop before the backward pass: the gradients are those of an uninterrupted pass.
+A fourth node serves a tiny Qwen3-MoE with an adapter on attention: a session with it, and a client's own
+LoRA's gradients, equal PEFT's too.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from homeswarm.protocol import PROTOCOL_VERSION, deserialize_tensor, node_pb2, n
 from homeswarm.routing.adapter_routes import AdapterNotServedError
 from tests.helpers.checkpoints import make_checkpoint, reference_greedy, reference_model
 from tests.helpers.lora_adapters import edit_config, make_lora_adapter, peft_reference
+from tests.helpers.moe_checkpoints import make_moe_checkpoint
 from tests.helpers.reference import FLOAT32_TOL, check_against, greedy_steps, last_hidden_states, rel_err
 
 pytestmark = pytest.mark.timeout(300)
@@ -49,6 +52,14 @@ def files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def moe_files(tmp_path_factory):
+    """A tiny Qwen3-MoE checkpoint (layer 1 dense) and an adapter on its attention."""
+    root = tmp_path_factory.mktemp("lora-moe")
+    checkpoint = make_moe_checkpoint(root / "tiny-moe", "qwen3_moe", num_layers=2)
+    return checkpoint, make_lora_adapter(checkpoint, root / "moe-attn", target_modules=("q_proj", "v_proj"))
+
+
+@pytest.fixture(scope="module")
 def references(files):
     """(transformers + PEFT, transformers alone), float32, one torch thread."""
     torch.set_num_threads(1)
@@ -57,21 +68,23 @@ def references(files):
 
 
 @pytest.fixture(scope="module")
-def swarm(tmp_path_factory, files):
+def swarm(tmp_path_factory, files, moe_files):
     checkpoint, adapter = files
     with LocalSwarm(tmp_path_factory.mktemp("swarm")) as swarm:
         swarm.start_bootstrap()
         daemons = [swarm.start_node(checkpoint, "--blocks", blocks, *extra, "--compute-threads", "1", wait=False)
                    for blocks, extra in (("0:2", ("--adapters", str(adapter))), ("2:4", ("--adapters", str(adapter))),
                                          ("0:4", ()))]
+        daemons.append(swarm.start_node(moe_files[0], "--adapters", str(moe_files[1]), "--compute-threads", "1",
+                                        wait=False))
         for daemon in daemons:
             swarm.wait_ready(daemon, timeout=180)
         yield swarm
 
 
 def peers(swarm) -> dict[str, str]:
-    """'a' (0-1, adapter), 'b' (2-3, adapter), 'c' (0-3, none) -> peer id."""
-    return {name: node.info["peer_id"] for name, node in zip("abc", swarm.nodes, strict=True)}
+    """'a' (0-1, adapter), 'b' (2-3, adapter), 'c' (0-3, none) -> peer id (the fourth node serves the MoE)."""
+    return {name: node.info["peer_id"] for name, node in zip("abc", swarm.nodes[:3], strict=True)}
 
 
 def distributed(files, swarm, **kwargs) -> AutoDistributedModelForCausalLM:
@@ -221,37 +234,46 @@ def test_training_through_a_served_adapter_equals_peft(files, swarm, references)
     assert rel_err(embeds.grad, expected_embeds.grad) < FLOAT32_TOL
 
 
+def check_client_lora(model, checkpoint, targets: tuple[str, ...], num_blocks: int):  # noqa: ANN001, ANN201
+    """Give ``model`` its own LoRA matrices (B made nonzero: PEFT's init sets it to zero, which would leave A's
+    gradients zero) and assert that one backward pass through the swarm gives PEFT's loss and gradients.
+    Returns (the matrices, the model's output)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = model.add_lora(r=4, lora_alpha=8.0, target_modules=targets)
+    with torch.no_grad():
+        for b in lora.lora_B:
+            b.normal_(std=0.05)
+    reference = get_peft_model(reference_model(checkpoint), LoraConfig(r=4, lora_alpha=8.0,
+                                                                       target_modules=list(targets)))
+    params = dict(reference.named_parameters())
+    pairs = []
+    for (block, path), a, b in zip(lora.targets, lora.lora_A, lora.lora_B, strict=True):
+        key = f"base_model.model.model.layers.{block}.{path}"
+        ref_a, ref_b = params[f"{key}.lora_A.default.weight"], params[f"{key}.lora_B.default.weight"]
+        with torch.no_grad():
+            ref_a.copy_(a)
+            ref_b.copy_(b)
+        pairs.append(((a, b), (ref_a, ref_b)))
+    assert len(pairs) == len(targets) * num_blocks
+    out = model(input_ids=PROMPT, labels=PROMPT)
+    out.loss.backward()
+    loss, _ = peft_loss(reference, reference.get_input_embeddings()(PROMPT))
+    loss.backward()
+    assert rel_err(out.loss.detach(), loss.detach()) < FLOAT32_TOL
+    for (a, b), (ref_a, ref_b) in pairs:
+        assert rel_err(a.grad, ref_a.grad) < FLOAT32_TOL and rel_err(b.grad, ref_b.grad) < FLOAT32_TOL
+    return lora, out
+
+
 def test_a_client_owned_lora_trains_through_the_swarm_as_peft_computes(files, swarm, tmp_path):
     """The client's own LoRA matrices: sent with each request, gradients back; equal to PEFT's autograd."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     checkpoint, _ = files
-    targets = ("q_proj", "v_proj", "down_proj")
     torch.manual_seed(3)
     with distributed(files, swarm) as model:
-        lora = model.add_lora(r=4, lora_alpha=8.0, target_modules=targets)
-        with torch.no_grad():  # B starts at zero (PEFT's init): nonzero, so that A's gradients are too
-            for b in lora.lora_B:
-                b.normal_(std=0.05)
-        reference = get_peft_model(reference_model(checkpoint), LoraConfig(r=4, lora_alpha=8.0,
-                                                                           target_modules=list(targets)))
-        params = dict(reference.named_parameters())
-        pairs = []
-        for (block, path), a, b in zip(lora.targets, lora.lora_A, lora.lora_B, strict=True):
-            key = f"base_model.model.model.layers.{block}.{path}"
-            ref_a, ref_b = params[f"{key}.lora_A.default.weight"], params[f"{key}.lora_B.default.weight"]
-            with torch.no_grad():
-                ref_a.copy_(a)
-                ref_b.copy_(b)
-            pairs.append(((a, b), (ref_a, ref_b)))
-        assert len(pairs) == 3 * 4
-        out = model(input_ids=PROMPT, labels=PROMPT)
-        out.loss.backward()
-        loss, _ = peft_loss(reference, reference.get_input_embeddings()(PROMPT))
-        loss.backward()
-        assert rel_err(out.loss.detach(), loss.detach()) < FLOAT32_TOL
-        for (a, b), (ref_a, ref_b) in pairs:
-            assert rel_err(a.grad, ref_a.grad) < FLOAT32_TOL and rel_err(b.grad, ref_b.grad) < FLOAT32_TOL
+        lora, out = check_client_lora(model, checkpoint, ("q_proj", "v_proj", "down_proj"), 4)
         # a step of a standard optimizer, then the matrices saved in PEFT's format give PEFT's logits
         optimizer = torch.optim.SGD(list(lora.parameters()), lr=0.5)
         before = out.loss.item()
@@ -265,6 +287,20 @@ def test_a_client_owned_lora_trains_through_the_swarm_as_peft_computes(files, sw
     loaded = PeftModel.from_pretrained(reference_model(checkpoint), str(saved)).eval()
     with torch.no_grad():
         assert rel_err(after.logits, loaded(PROMPT).logits) < FLOAT32_TOL
+
+
+def test_moe_family_served_adapter_and_client_lora_equal_peft(moe_files, swarm):
+    """Qwen3-MoE: a served adapter on attention, and a client's own LoRA on attention, as PEFT computes."""
+    checkpoint, adapter = moe_files
+    peft = peft_reference(checkpoint, adapter).base_model.model
+    torch.manual_seed(5)
+    with AutoDistributedModelForCausalLM.from_pretrained(checkpoint, initial_peers=swarm.initial_peers) as model:
+        with model.inference_session(max_length=PROMPT.shape[1] + 4, adapter=adapter.name) as session:
+            assert [hop.peer_id for hop in session.hops] == [swarm.nodes[3].info["peer_id"]]
+            ids, outputs = greedy_steps(model, session, PROMPT, 4)
+        assert torch.equal(ids, reference_greedy(checkpoint, PROMPT, 4, model=peft))
+        check_against(peft, ids, outputs, FLOAT32_TOL)
+        check_client_lora(model, checkpoint, ("q_proj", "o_proj"), 2)
 
 
 def test_bad_lora_matrices_get_invalid_argument(swarm):
