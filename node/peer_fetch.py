@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 18
 STALL_TIMEOUT = 30.0
 INFO_TIMEOUT = 10.0
+PEER_WAIT = 120.0  # how long a joining node looks for peers serving its blocks before it gives up
+RETRY_EVERY = 5.0
 
 
 class PeerFetchError(RuntimeError):
@@ -79,9 +82,11 @@ async def discover(dht: SwarmDHT, channels: PeerChannels, model_name: str, start
 async def fetch_blocks(folder: Path, model_name: str, blocks: list[int], offers: list[PeerOffer],
                        stub_of: Callable[[PeerOffer], Awaitable[object]], *, max_block_bytes: int,
                        stall_timeout: float = STALL_TIMEOUT, chunk_bytes: int = CHUNK_BYTES,
-                       trusted: dict[int, str] | None = None) -> FetchReport:
+                       trusted: dict[int, str] | None = None, report: FetchReport | None = None) -> FetchReport:
     """Fetch ``blocks`` into ``folder`` from ``offers``, each block against its ``trusted`` digest (a digest list
-    given with the config) or else the digest peers agree on."""
+    given with the config) or else the digest peers agree on. What happened goes into ``report`` (a new one by
+    default) as it happens, so a fetch that fails still tells which blocks came from whom and whom it banned."""
+    report = report if report is not None else FetchReport({}, set(), [])
     agreed = agreed_digests(offers, blocks) | {b: d for b, d in (trusted or {}).items() if b in blocks}
     if unagreed := [b for b in blocks if b not in agreed]:
         raise PeerFetchError(f"no two peers announce the same weights digest for block(s) "
@@ -90,8 +95,8 @@ async def fetch_blocks(folder: Path, model_name: str, blocks: list[int], offers:
     partial = {b: p.stat().st_size for b in blocks if (p := folder / f"{block_file(b)}.part").is_file()}
     # bytes from an earlier run came from peers unknown now: a wrong file then bans nobody
     plan = FetchPlan(list(blocks), list(offers), agreed, partial=partial,
-                     contributors={b: {"(an earlier run)"} for b in partial})
-    sources: dict[int, str] = {}
+                     contributors={b: {"(an earlier run)"} for b in partial}, banned=report.banned,
+                     resumed=report.resumed)
     with tqdm(desc=f"blocks {min(blocks)}..{max(blocks)} from peers", unit="B", unit_scale=True,
               disable=None, leave=False) as bar:
 
@@ -100,7 +105,7 @@ async def fetch_blocks(folder: Path, model_name: str, blocks: list[int], offers:
                 await _fetch_one(folder, model_name, block, offer, plan, stub_of, bar, max_block_bytes,
                                  stall_timeout, chunk_bytes)
                 if block in plan.done:
-                    sources[block] = offer.peer_id
+                    report.blocks[block] = offer.peer_id
 
         while not plan.complete:
             before = (len(plan.done), len(plan.banned), len(plan.dropped), len(plan.resumed))
@@ -112,7 +117,7 @@ async def fetch_blocks(folder: Path, model_name: str, blocks: list[int], offers:
             if (len(plan.done), len(plan.banned), len(plan.dropped), len(plan.resumed)) == before and not plan.complete:
                 raise PeerFetchError(f"fetching blocks of {model_name} from peers made no progress")
     write_index(folder)
-    return FetchReport(sources, set(plan.banned), list(plan.resumed))
+    return report
 
 
 async def _fetch_one(folder: Path, model_name: str, block: int, offer: PeerOffer, plan: FetchPlan,
@@ -195,22 +200,37 @@ def _discard(plan: FetchPlan, part: Path, block: int, why: str) -> None:
 
 
 async def fetch_span(folder: Path, dht: SwarmDHT, channels: PeerChannels, model_name: str, start: int, end: int, *,
-                     me: str, max_block_bytes: int) -> FetchReport | None:
-    """Fetch into ``folder`` the blocks of [start, end) it does not hold yet (None: it held them all)."""
+                     me: str, max_block_bytes: int, wait: float = PEER_WAIT,
+                     retry_every: float = RETRY_EVERY) -> FetchReport | None:
+    """Fetch into ``folder`` the blocks of [start, end) it does not hold yet (None: it held them all). Peers that
+    are not there yet (seeders still loading) or blocks left without a source are looked for again every
+    ``retry_every`` seconds for up to ``wait``; a peer banned stays banned."""
     held = set(held_blocks(folder))
     blocks = [b for b in range(start, end) if b not in held]
     if not blocks:
         return None
-    offers = await discover(dht, channels, model_name, start, end, me)
-    logger.info("fetching block(s) %s of %s from peers (%d serve them)", ", ".join(map(str, blocks)), model_name,
-                len(offers))
     try:
         trusted = trusted_digests(folder)
     except ValueError as e:
         raise PeerFetchError(str(e)) from None
-    report = await fetch_blocks(folder, model_name, blocks, offers,
-                                lambda o: channels.stub(o.address, o.peer_id, o.relays, o.tls_cert),
-                                max_block_bytes=max_block_bytes, trusted=trusted)
-    logger.info("fetched block(s) %s from %d peer(s)%s", ", ".join(map(str, blocks)), len(set(report.blocks.values())),
-                f"; banned {', '.join(sorted(report.banned))}" if report.banned else "")
-    return report
+    merged = FetchReport({}, set(), [])
+    deadline = time.monotonic() + wait
+    while True:
+        offers = [o for o in await discover(dht, channels, model_name, start, end, me) if o.peer_id not in merged.banned]
+        todo = [b for b in blocks if b not in set(held_blocks(folder))]
+        logger.info("fetching block(s) %s of %s from peers (%d serve them)", ", ".join(map(str, todo)), model_name,
+                    len(offers))
+        try:
+            await fetch_blocks(folder, model_name, todo, offers,
+                               lambda o: channels.stub(o.address, o.peer_id, o.relays, o.tls_cert),
+                               max_block_bytes=max_block_bytes, trusted=trusted, report=merged)
+        except PeerFetchError as e:
+            if time.monotonic() + retry_every > deadline:
+                raise
+            logger.warning("%s; looking for peers again in %.0f s", e, retry_every)
+            await asyncio.sleep(retry_every)
+            continue
+        break
+    logger.info("fetched block(s) %s from %d peer(s)%s", ", ".join(map(str, blocks)), len(set(merged.blocks.values())),
+                f"; banned {', '.join(sorted(merged.banned))}" if merged.banned else "")
+    return merged

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from homeswarm.model.digest import block_digests, file_block_digest
+from homeswarm.node import peer_fetch
 from homeswarm.node.config import ConfigError
 from homeswarm.node.peer_fetch import PeerFetchError, fetch_blocks
 from homeswarm.node.peer_fetch_plan import FetchPlan, PeerOffer, agreed_digests
@@ -307,3 +308,34 @@ def test_a_folder_with_only_a_config_passes_preflight_only_when_joining(tmp_path
     check_model_path(str(tmp_path), from_peers=True)
     with pytest.raises(ConfigError, match="holds no block's weights .* join a swarm"):
         check_model_path(str(tmp_path))
+
+
+def test_a_joining_node_looks_for_peers_again_until_they_serve(checkpoint, tmp_path, monkeypatch):
+    folder, _ = checkpoint
+    digests = block_digests(folder, cache_path=tmp_path / "digests.json")
+    peers = {"a:1": FakePeer(folder), "b:1": FakePeer(folder), "c:1": FakePeer(folder, corrupt=True)}
+    rounds = []
+
+    async def discover(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
+            return []  # the seeders are still loading
+        if len(rounds) == 2:  # the liar and a seeder of block 0 alone: no two peers agree on blocks 1 and 2
+            return [PeerOffer("c", "c:1", digests), PeerOffer("a", "a:1", {0: digests[0]})]
+        return [PeerOffer(p[0], p, digests) for p in peers]
+
+    class Channels:
+        async def stub(self, address, *args):  # noqa: ANN001, ANN002, ANN202
+            return peers[address]
+
+    monkeypatch.setattr(peer_fetch, "discover", discover)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    report = asyncio.run(peer_fetch.fetch_span(dest, None, Channels(), "m", 0, 3, me="x", max_block_bytes=1 << 20,
+                                               wait=10, retry_every=0.01))
+    assert held_blocks(dest) == [0, 1, 2] and "c" in report.banned and len(rounds) >= 3
+    assert "c" not in report.blocks.values() and set(report.blocks) == {0, 1, 2}
+    assert asyncio.run(peer_fetch.fetch_span(dest, None, Channels(), "m", 0, 3, me="x", max_block_bytes=1)) is None
+    with pytest.raises(PeerFetchError, match="no two peers"):
+        asyncio.run(peer_fetch.fetch_span(dest, None, Channels(), "m", 3, 4, me="x", max_block_bytes=1 << 20,
+                                          wait=0.05, retry_every=0.01))
