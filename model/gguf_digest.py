@@ -1,11 +1,13 @@
 """Weight identity of a GGUF file's blocks: the digest its weights would have as a safetensors checkpoint.
 
 Responsibility: :func:`gguf_block_digests` gives, for each block of the GGUF a folder of
-:mod:`.gguf_files` stands for, the digest :mod:`.digest` computes over a float32 safetensors checkpoint of
-the same weights: each tensor under its Hugging Face checkpoint name (experts one by one, as checkpoints
-store them, except GPT-OSS's fused stacks), its dtype ``F32``, its shape and its float32 bytes, in name
-order; Q/K rows in Hugging Face's order. So a node serving an F32 (or F16/BF16: widened exactly) GGUF and a
-node serving the float32 safetensors it was converted from announce the same digest, and clients holding
+:mod:`.gguf_files` stands for, the digest :mod:`.digest` computes over a safetensors checkpoint of the
+same weights: each tensor under its Hugging Face checkpoint name (experts one by one, as checkpoints
+store them, except GPT-OSS's fused stacks), its dtype, its shape and its bytes, in name order, Q/K rows
+in Hugging Face's order. The dtype is the block's: BF16 or F16 where the file stores the block's matrices
+so (its F32 norms and biases, which llama.cpp keeps F32, converted to it, as the checkpoint holds them),
+else F32. So a node serving an F32 GGUF and one serving the float32 safetensors it was converted from
+announce the same digest, as do a BF16 GGUF's and its bfloat16 hub checkpoint's, and clients holding
 either accept both.
 
 A quantized tensor (Q4_0, Q8_0, Q4_K ...) is hashed as stored instead, its dtype ``GGUF_<TYPE>``: its
@@ -38,7 +40,8 @@ from .checkpoint import block_of
 from .digest import DigestCache, _cache_key
 from .gguf_reader import FLOAT_TYPES, GGUFCheckpoint
 
-_VERSION = "gguf-1"
+_VERSION = "gguf-2"
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _FUSED = re.compile(r"^(model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.experts\.)(gate_up_proj|down_proj)$")
 
 
@@ -61,17 +64,25 @@ def gguf_block_digests(model_dir: str | os.PathLike[str], *,
         key = _cache_key(block, [[_VERSION], *stats])
         digest = cache.get(key)
         if digest is None:
-            digest = _hash_block(checkpoint, by_block.get(block, []))
+            digest = _hash_block(checkpoint, by_block.get(block, []), _block_dtype(checkpoint, block))
             cache.put(key, digest)
         digests[block] = digest
     cache.save()
     return digests
 
 
-def _hash_block(checkpoint: GGUFCheckpoint, names: list[str]) -> str:
-    """The block's tensors in name order, each read only when its turn comes (a block is never held)."""
+def _block_dtype(checkpoint: GGUFCheckpoint, block: int) -> str:
+    """The dtype a checkpoint of the block's float tensors has: BF16 or F16 where the file stores its
+    matrices so (llama.cpp keeps norms and biases F32 beside them), else F32."""
+    kinds = checkpoint.block_types(block, block + 1)
+    return next((kind for kind in ("BF16", "F16") if kind in kinds), "F32")
+
+
+def _hash_block(checkpoint: GGUFCheckpoint, names: list[str], dtype: str = "F32") -> str:
+    """The block's tensors in name order, each read only when its turn comes (a block is never held); float
+    ones in ``dtype``."""
     h = hashlib.sha256()
-    for name, produce in sorted(_entries(checkpoint, names), key=lambda entry: entry[0]):
+    for name, produce in sorted(_entries(checkpoint, names, dtype), key=lambda entry: entry[0]):
         dtype, shape, size, chunks = produce()
         h.update(f"{name}\0{dtype}\0{list(shape)}\0{size}\0".encode())
         for chunk in chunks:
@@ -82,7 +93,7 @@ def _hash_block(checkpoint: GGUFCheckpoint, names: list[str]) -> str:
 Produce = Callable[[], tuple[str, tuple[int, ...], int, Iterator[bytes]]]
 
 
-def _entries(checkpoint: GGUFCheckpoint, names: list[str]) -> Iterator[tuple[str, Produce]]:
+def _entries(checkpoint: GGUFCheckpoint, names: list[str], dtype: str) -> Iterator[tuple[str, Produce]]:
     """(checkpoint name, how to read it: dtype, shape, byte count, chunks of bytes) of each tensor of
     ``names``, fused expert stacks one expert each (GPT-OSS's kept fused, read an expert at a time)."""
     parts_of = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
@@ -91,29 +102,34 @@ def _entries(checkpoint: GGUFCheckpoint, names: list[str]) -> Iterator[tuple[str
     for name in names:
         fused = _FUSED.match(name)
         if fused is None or checkpoint.arch == "gpt-oss":
-            yield name, partial(_whole, checkpoint, name)
+            yield name, partial(_whole, checkpoint, name, dtype)
             continue
         for stack, part in zip(checkpoint.parts(name), parts_of[fused.group(2)], strict=True):
             for e in range(int(stack.shape[2])):
-                yield f"{fused.group(1)}{e}.{part}.weight", partial(_expert, checkpoint, stack, e)
+                yield f"{fused.group(1)}{e}.{part}.weight", partial(_expert, checkpoint, stack, e, dtype)
 
 
-def _float32(shape: tuple[int, ...]) -> tuple[str, tuple[int, ...], int]:
-    return "F32", shape, 4 * math.prod(shape)
+def _floats(dtype: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...], int]:
+    return dtype, shape, _DTYPES[dtype].itemsize * math.prod(shape)
 
 
-def _expert(checkpoint: GGUFCheckpoint, stack: Any, e: int) -> tuple[str, tuple[int, ...], int, Iterator[bytes]]:
+def _bytes(values: torch.Tensor) -> bytes:
+    """A tensor's bytes as safetensors stores them (numpy has no bfloat16: its 16 bits as they are)."""
+    return (values.view(torch.int16) if values.dtype == torch.bfloat16 else values).numpy().tobytes()
+
+
+def _expert(checkpoint: GGUFCheckpoint, stack: Any, e: int, dtype: str) -> tuple[str, tuple[int, ...], int, Iterator[bytes]]:
     """One expert's matrix of a llama.cpp stack ``[E, rows, columns]``."""
     shape = (int(stack.shape[1]), int(stack.shape[0]))
     data = np.asarray(stack.data)[e]
     if stack.tensor_type.name not in FLOAT_TYPES:
         return f"GGUF_{stack.tensor_type.name}", shape, data.nbytes, iter([np.ascontiguousarray(data).tobytes()])
-    out = torch.empty(shape, dtype=torch.float32)
+    out = torch.empty(shape, dtype=_DTYPES[dtype])
     checkpoint.convert(stack, out, data)
-    return (*_float32(shape), iter([out.numpy().tobytes()]))
+    return (*_floats(dtype, shape), iter([_bytes(out)]))
 
 
-def _whole(checkpoint: GGUFCheckpoint, name: str) -> tuple[str, tuple[int, ...], int, Iterator[bytes]]:
+def _whole(checkpoint: GGUFCheckpoint, name: str, dtype: str) -> tuple[str, tuple[int, ...], int, Iterator[bytes]]:
     parts = checkpoint.parts(name)
     shape = checkpoint.entry(name).shape
     kinds = [t.tensor_type.name for t in parts]
@@ -121,18 +137,19 @@ def _whole(checkpoint: GGUFCheckpoint, name: str) -> tuple[str, tuple[int, ...],
         return ("GGUF_" + "+".join(kinds), shape, sum(int(t.n_bytes) for t in parts),
                 (np.asarray(t.data).tobytes() for t in parts))
     if checkpoint.arch == "gpt-oss" and len(shape) == 3:  # a fused stack: contiguous expert by expert
-        return (*_float32(shape), _oss_experts(checkpoint, name, parts, shape))
-    out = checkpoint.read_into(name, torch.empty(shape, dtype=torch.float32))
-    return (*_float32(shape), iter([out.numpy().tobytes()]))
+        return (*_floats(dtype, shape), _oss_experts(checkpoint, name, parts, shape, dtype))
+    out = checkpoint.read_into(name, torch.empty(shape, dtype=_DTYPES[dtype]))
+    return (*_floats(dtype, shape), iter([_bytes(out)]))
 
 
-def _oss_experts(checkpoint: GGUFCheckpoint, name: str, parts: list[Any], shape: tuple[int, ...]) -> Iterator[bytes]:
+def _oss_experts(checkpoint: GGUFCheckpoint, name: str, parts: list[Any], shape: tuple[int, ...],
+                 dtype: str) -> Iterator[bytes]:
     """GPT-OSS's ``gate_up_proj`` [E, H, 2I] (gate and up interleaved) or ``down_proj`` [E, I, H], one
     expert's float32 bytes at a time."""
     for e in range(shape[0]):
-        out = torch.empty(shape[1:], dtype=torch.float32)
+        out = torch.empty(shape[1:], dtype=_DTYPES[dtype])
         for offset, t in enumerate(parts):
             part = torch.empty(int(t.shape[1]), int(t.shape[0]))
             checkpoint.convert(t, part, np.asarray(t.data)[e])
             (out[:, offset::2] if name.endswith("gate_up_proj") else out).copy_(part.t())
-        yield out.numpy().tobytes()
+        yield _bytes(out)

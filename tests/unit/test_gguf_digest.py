@@ -70,3 +70,19 @@ def test_quantized_and_f16_ggufs_have_their_own_digests(root):
         assert _digests(root, path) == digests  # from the cache
         os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))  # touched: hashed again, same
         assert block_digests(gguf_folder(path, cache_dir=root / "folders2"), cache_path=root / "other.json") == digests
+
+
+def test_bf16_gguf_has_the_bfloat16_checkpoints_digests(root):
+    """The hub's checkpoints are bfloat16: a BF16 file of one (its norms kept F32 by llama.cpp) has its digests."""
+    from safetensors.torch import load_file, save_file
+
+    source = make_checkpoint(root / "bf16-src", "llama2", num_layers=2, seed=33)
+    hub = root / "bf16-hub"
+    hub.mkdir()
+    (hub / "config.json").write_text((source / "config.json").read_text())
+    tensors = load_file(str(source / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(hub / "model.safetensors"))
+    path = write_gguf(source, root / "llama-BF16.gguf", "llama2", "BF16")
+    want = block_digests(hub, cache_path=root / "digests.json")
+    assert _digests(root, path) == want
+    assert want != block_digests(source, cache_path=root / "digests.json")
