@@ -89,6 +89,7 @@ class InferenceSession(MirroredHops):
         self.mirror_checks = 0  # hop answers compared with a mirror's
         self.promotions = 0  # failed or caught primaries replaced by their mirror (no replay)
         self.reruns = 0  # steps sent again to the hops after one caught by its mirror (they had its wrong answer)
+        self.mirror_wait = 0.0  # seconds steps spent on their mirrors' answers after the last hop's (the check)
         self._unmirrored: set[tuple[int, int]] = set()  # spans said to have no mirror (once each)
         self._repeats = RepeatedFailures(logger)  # a hand-off failing at every step is logged once
         try:
@@ -181,7 +182,9 @@ class InferenceSession(MirroredHops):
             output, checks = self._through(first, self._step_id, hidden, keep, expected_length, verify, handoff)
             # mirrors' answers are compared once the last hop has answered: each mirror computed beside the hops
             # after its own, off the step's critical path
+            t0 = time.perf_counter()
             redo = self._settle(checks, expected_length)
+            self.mirror_wait += time.perf_counter() - t0
             if redo is None:
                 break
             first, right = redo  # hop first - 1 was caught: the hops after it computed from its wrong answer
