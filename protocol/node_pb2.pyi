@@ -173,7 +173,7 @@ class InferenceRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("model", "start_block", "end_block", "batch_size", "max_length", "response_compression", "mirror", "adapter")
+    __slots__ = ("model", "start_block", "end_block", "batch_size", "max_length", "response_compression", "mirror", "adapter", "lora")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class OpenSession(_message.Message):
     RESPONSE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     MIRROR_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_block: int
     end_block: int
@@ -190,7 +191,8 @@ class OpenSession(_message.Message):
     response_compression: Compression
     mirror: bool
     adapter: str
-    def __init__(self, model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ..., mirror: _Optional[bool] = ..., adapter: _Optional[str] = ...) -> None: ...
+    lora: _containers.RepeatedCompositeFieldContainer[LoraMatrices]
+    def __init__(self, model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., response_compression: _Optional[_Union[Compression, str]] = ..., mirror: _Optional[bool] = ..., adapter: _Optional[str] = ..., lora: _Optional[_Iterable[_Union[LoraMatrices, _Mapping]]] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("step_id", "hidden", "next", "keep_length", "replay")
