@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -28,10 +29,10 @@ import grpc
 from tqdm import tqdm
 
 from homeswarm.model.digest import file_block_digest, span_digest
-from homeswarm.node.peer_fetch_plan import FetchPlan, PeerOffer, agreed_digests
+from homeswarm.node.peer_fetch_plan import EARLIER_RUN, FetchPlan, PeerOffer, agreed_digests
 from homeswarm.node.peer_folder import DIGESTS_FILE, block_file, held_blocks, trusted_digests, write_index
 from homeswarm.node.peers import PeerChannels
-from homeswarm.node.weight_stream import WeightStreamError, check_header
+from homeswarm.node.weight_stream import MAX_HEADER_BYTES, WeightStreamError, check_header
 from homeswarm.protocol import PROTOCOL_VERSION, node_pb2
 from homeswarm.routing.dht import SwarmDHT
 from homeswarm.routing.records import ServerState
@@ -95,7 +96,7 @@ async def fetch_blocks(folder: Path, model_name: str, blocks: list[int], offers:
     partial = {b: p.stat().st_size for b in blocks if (p := folder / f"{block_file(b)}.part").is_file()}
     # bytes from an earlier run came from peers unknown now: a wrong file then bans nobody
     plan = FetchPlan(list(blocks), list(offers), agreed, partial=partial,
-                     contributors={b: {"(an earlier run)"} for b in partial}, banned=report.banned,
+                     contributors={b: {EARLIER_RUN} for b in partial}, banned=report.banned,
                      resumed=report.resumed)
     with tqdm(desc=f"blocks {min(blocks)}..{max(blocks)} from peers", unit="B", unit_scale=True,
               disable=None, leave=False) as bar:
@@ -127,9 +128,13 @@ async def _fetch_one(folder: Path, model_name: str, block: int, offer: PeerOffer
     offset = part.stat().st_size if part.is_file() else 0
     if offset:
         logger.info("block %d: resuming at byte %d from peer %s", block, offset, offer.peer_id)
-    total: int | None = None
+    total: int | None = _part_total(part) if offset else None
     call = None
     try:
+        if total is not None and offset >= total:  # an earlier run had every byte: only the checks are left
+            if offset > total or total > max_block_bytes:
+                raise WeightStreamError(f"{part.name} holds {offset} bytes, its header says {total}")
+            raise _Complete
         stub = await stub_of(offer)
         call = stub.Weights(node_pb2.WeightsRequest(protocol_version=PROTOCOL_VERSION, model=model_name, block=block,
                                                     offset=offset, chunk_size=chunk_bytes))
@@ -157,6 +162,8 @@ async def _fetch_one(folder: Path, model_name: str, block: int, offer: PeerOffer
                     checked = True
         if total is None or offset != total:
             raise ConnectionError(f"the stream ended at byte {offset} of {total}")
+    except _Complete:
+        pass
     except WeightStreamError as e:
         _discard(plan, part, block, f"{e}")
         return
@@ -169,13 +176,36 @@ async def _fetch_one(folder: Path, model_name: str, block: int, offer: PeerOffer
     finally:
         if call is not None:
             call.cancel()  # a stream left early (a stall, wrong bytes) must not go on in the background
-    digest = await asyncio.to_thread(file_block_digest, part, block)
+    try:
+        digest = await asyncio.to_thread(file_block_digest, part, block)
+    except (ValueError, OSError) as e:  # the header was checked: only a file changed under us gets here
+        digest = f"unreadable ({e})"
     if digest != plan.agreed[block]:
         _discard(plan, part, block, "its digest is not the one peers agree on")
         return
     os.replace(part, folder / block_file(block))
     plan.finished(block)
     logger.info("block %d: %d bytes from peer %s, digest checked", block, total, offer.peer_id)
+
+
+class _Complete(Exception):  # noqa: N818 - a signal, not an error
+    """The partial file already holds every byte of its block."""
+
+
+def _part_total(part: Path) -> int | None:
+    """The size a partial block file will have, per its header once that is in and checks out (else None)."""
+    try:
+        with open(part, "rb") as r:
+            prefix = r.read(8)
+            if len(prefix) < 8:
+                return None
+            length = int.from_bytes(prefix, "little")
+            if length > MAX_HEADER_BYTES:
+                return None
+            header = json.loads(r.read(length))
+        return 8 + length + max(int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__")
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None  # too short yet, or not a header: the stream's own checks decide
 
 
 def _header_length(f, part: Path) -> int:  # noqa: ANN001

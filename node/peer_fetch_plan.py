@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 MIN_AGREEING = 2
+EARLIER_RUN = "(an earlier run)"  # the sender of bytes a partial file held before this fetch: nobody to ban
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class FetchPlan:
         self.active.pop(block, None)
         senders = self.contributors.pop(block, set())
         self.partial.pop(block, None)
-        if len(senders) == 1:
+        if len(senders) == 1 and EARLIER_RUN not in senders:
             (peer,) = senders
             self.banned.add(peer)
             return peer

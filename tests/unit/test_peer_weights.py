@@ -339,3 +339,22 @@ def test_a_joining_node_looks_for_peers_again_until_they_serve(checkpoint, tmp_p
     with pytest.raises(PeerFetchError, match="no two peers"):
         asyncio.run(peer_fetch.fetch_span(dest, None, Channels(), "m", 3, 4, me="x", max_block_bytes=1 << 20,
                                           wait=0.05, retry_every=0.01))
+
+
+def test_partial_files_left_by_an_earlier_run_are_checked_and_resumed(checkpoint, tmp_path):
+    folder, _ = checkpoint
+    digests = block_digests(folder, cache_path=tmp_path / "digests.json")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "block-00000.safetensors.part").write_bytes(block_bytes(folder, 0))  # complete, not yet checked
+    wrong = bytearray(block_bytes(folder, 1))
+    wrong[-1] ^= 1
+    (dest / "block-00001.safetensors.part").write_bytes(wrong)  # complete, with a wrong byte
+    (dest / "block-00002.safetensors.part").write_bytes(block_bytes(folder, 2)[:50])  # half a header
+    peers = {"a": FakePeer(folder), "b": FakePeer(folder)}
+    report = run_fetch(dest, peers, [0, 1, 2], digests)
+    assert held_blocks(dest) == [0, 1, 2] and not report.banned  # who sent the earlier bytes is unknown
+    requests = peers["a"].requests + peers["b"].requests
+    assert 0 not in {block for block, _ in requests}  # only hashed
+    assert sorted(r for r in requests if r[0] != 0) == [(1, 0), (2, 50)]  # 1 fetched again whole, 2 resumed
+    assert block_digests(dest, cache_path=tmp_path / "d.json") == digests
