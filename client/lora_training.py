@@ -6,7 +6,8 @@ them in PEFT's format (``save_pretrained``): the folder can then be served by no
 loaded by ``peft``. ``AdapterBlocks`` is the training path (``RemoteBlocks``) with, on every Forward and
 Backward request, the model's served adapter and the matrices of the request's blocks; each Backward
 answer's matrix gradients are added to the matrices' ``.grad`` once the backward pass is done, so
-``loss.backward()`` and a torch optimizer train them. Volunteers keep nothing between requests.
+``loss.backward()`` and a torch optimizer train them. Volunteers keep nothing between requests. Inference
+sessions send the matrices when they open (``ClientLora.entries``), so generation runs with them too.
 
 Failover as in ``RemoteBlocks``: a hop's gradients count only once it has answered in full; those of a
 replacement chain only once the whole chain has, so a retried hop never adds its gradients twice.
@@ -31,7 +32,7 @@ from homeswarm.client.transport import ChannelPool, HopFailed
 from homeswarm.model import ModelConfig
 from homeswarm.model.families import family_of
 from homeswarm.model.lora import checkpoint_path, meta_block
-from homeswarm.protocol import serialize_tensor
+from homeswarm.protocol import node_pb2, serialize_tensor
 from homeswarm.routing.planner import Hop
 
 
@@ -68,6 +69,13 @@ class ClientLora(nn.Module):
         """The targets of blocks [start, end), by index."""
         return [i for i, (block, _) in enumerate(self.targets) if start <= block < end]
 
+    def entries(self, start: int, end: int) -> list[node_pb2.LoraMatrices]:
+        """The matrices of blocks [start, end) as a request carries them (their current values)."""
+        return [node_pb2.LoraMatrices(block=self.targets[i][0], module=self.targets[i][1], scale=self.scale,
+                                      a=serialize_tensor(self.lora_A[i].detach().contiguous()),
+                                      b=serialize_tensor(self.lora_B[i].detach().contiguous()))
+                for i in self.indices(start, end)]
+
     def save_pretrained(self, folder: str | Path, base_model_name_or_path: str = "") -> Path:
         """Write the matrices as ``peft``'s ``save_pretrained`` does (adapter_config.json and
         adapter_model.safetensors, float32)."""
@@ -103,11 +111,8 @@ class AdapterBlocks(RemoteBlocks):
     def _call(self, hop: Hop, method: str, request: Any) -> Any:  # noqa: ANN401
         request.adapter = self.config.adapter
         indices = self.lora.indices(request.start_block, request.end_block) if self.lora is not None else []
-        for i in indices:
-            block, path = self.lora.targets[i]  # type: ignore[union-attr]
-            a, b = self.lora.lora_A[i], self.lora.lora_B[i]  # type: ignore[union-attr]
-            request.lora.add(block=block, module=path, scale=self.lora.scale,  # type: ignore[union-attr]
-                             a=serialize_tensor(a.detach().contiguous()), b=serialize_tensor(b.detach().contiguous()))
+        if indices:
+            request.lora.extend(self.lora.entries(request.start_block, request.end_block))  # type: ignore[union-attr]
         response = super()._call(hop, method, request)
         if method == "Backward" and indices:
             if len(response.grad_lora) != len(indices):

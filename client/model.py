@@ -130,7 +130,8 @@ class DistributedModelForCausalLM:
     def add_lora(self, *, r: int = 8, lora_alpha: float = 16.0, target_modules: Sequence[str] = ("q_proj", "v_proj"),
                  use_rslora: bool = False) -> ClientLora:
         """Trainable LoRA matrices for the remote blocks, owned by this client (``client.lora_training``): sent
-        with every training request, their gradients returned into ``.grad``; in ``parameters()``.
+        with every training request, their gradients returned into ``.grad``, and with every inference session
+        when it opens (generation runs with them); in ``parameters()``.
         ``lora.save_pretrained(DIR)`` writes them in PEFT's format, for nodes to serve (``--adapters``)."""
         if self.lora is not None:
             raise ValueError("this model already has its LoRA matrices (model.lora)")
@@ -162,7 +163,9 @@ class DistributedModelForCausalLM:
         """A session for step-by-step use: ``session.step(hidden)`` runs every block with caches. ``adapter``: the
         LoRA adapter its blocks run with, through the nodes that serve it ("": none; None: the model's)."""
         config = self.config if adapter is None else dataclasses.replace(self.config, adapter=adapter)
-        return InferenceSession(self.routes, self.pool, config, batch_size=batch_size, max_length=max_length)
+        lora = self.lora.entries if self.lora is not None else None  # the client's own matrices (add_lora)
+        return InferenceSession(self.routes, self.pool, config, batch_size=batch_size, max_length=max_length,
+                                lora=lora)
 
     @torch.no_grad()
     def generate_stream(
@@ -193,10 +196,6 @@ class DistributedModelForCausalLM:
             raise ValueError("padded batches are not supported yet: give prompts of equal length")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if self.lora is not None:  # sessions carry no client matrices: generating without them would mislead
-            raise NotImplementedError("generation with the client's own LoRA matrices is not supported: save them "
-                                      "(model.lora.save_pretrained(DIR)) for nodes to serve (join-swarm --adapters "
-                                      "DIR), then generate with adapter=NAME")
         params = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p).validate()
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         if max_new_tokens == 0:

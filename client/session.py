@@ -26,6 +26,7 @@ import contextlib
 import logging
 import queue
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -37,7 +38,7 @@ from homeswarm.client.replay import replay_steps
 from homeswarm.client.route import RouteManager
 from homeswarm.client.transport import ChannelPool, HopFailed, HopStream, ping
 from homeswarm.client.verify import Culprit, Verifier
-from homeswarm.protocol import parse_compression
+from homeswarm.protocol import node_pb2, parse_compression
 from homeswarm.routing.planner import Hop, MissingBlocksError
 
 logger = logging.getLogger(__name__)
@@ -69,10 +70,14 @@ class InferenceSession(MirroredHops):
         *,
         batch_size: int,
         max_length: int,
+        lora: Callable[[int, int], list[node_pb2.LoraMatrices]] | None = None,
     ):
+        """``lora``: blocks [start, end) -> the client's own LoRA matrices for them (``ClientLora.entries``),
+        sent to every node of the session when its stream opens (None: none)."""
         self.routes = routes
         self.pool = pool
         self.config = config
+        self.lora = lora
         self.batch_size = batch_size
         self.max_length = max_length
         self.length = 0
@@ -81,7 +86,7 @@ class InferenceSession(MirroredHops):
         self.busy_waits = 0  # late answers waited for because the node still answered Info
         self.caught: list[str] = []  # peer ids of nodes caught returning wrong hidden states
         self.verifier = Verifier(pool, fraction=config.verify_fraction, compression=config.compression,
-                                 timeout=config.forward_timeout, adapter=config.adapter)
+                                 timeout=config.forward_timeout, adapter=config.adapter, lora=lora)
         self._step_id = 0
         self._wakeups: queue.SimpleQueue = queue.SimpleQueue()  # hop streams signal arrivals here
         self._hops: list[OpenHop] = []
@@ -119,6 +124,7 @@ class InferenceSession(MirroredHops):
             wakeups=self._wakeups,
             mirror=mirror,
             adapter=self.config.adapter,
+            lora=self.lora(hop.start, hop.end) if self.lora is not None else (),
         )
 
     def _compression_for(self, hop: Hop) -> int:

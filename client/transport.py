@@ -158,9 +158,11 @@ class HopStream:
         wakeups: queue.SimpleQueue | None = None,
         mirror: bool = False,
         adapter: str = "",
+        lora: Sequence[node_pb2.LoraMatrices] = (),
     ):
         """``mirror``: open a mirror session (``OpenSession.mirror``: a node short of cache refuses it first);
-        ``adapter``: the LoRA adapter the node runs the session's steps with ("": the base weights)."""
+        ``adapter``: the LoRA adapter the node runs the session's steps with ("": the base weights); ``lora``:
+        the client's own LoRA matrices for the blocks (OpenSession.lora)."""
         self.peer_id = peer_id
         self._wakeups = wakeups
         self.address = address
@@ -188,6 +190,7 @@ class HopStream:
                     response_compression=compression,
                     mirror=mirror,
                     adapter=adapter,
+                    lora=list(lora),
                 ),
             )
         )

@@ -91,10 +91,13 @@ class Verifier:
     """Decides which steps are checked and checks one hop's answer against replicas of its span."""
 
     def __init__(self, pool: ChannelPool, *, fraction: float, compression: str, timeout: float,
-                 rng: random.Random | None = None, adapter: str = ""):
-        """``adapter``: the session's LoRA adapter: replicas must serve it, and run it."""
+                 rng: random.Random | None = None, adapter: str = "",
+                 lora: Callable[[int, int], list[node_pb2.LoraMatrices]] | None = None):
+        """``adapter``: the session's LoRA adapter: replicas must serve it, and run it; ``lora``: blocks [start,
+        end) -> the client's own LoRA matrices for them, sent with each check (None: none)."""
         self.pool = pool
         self.adapter = adapter
+        self.lora = lora
         self.fraction = fraction
         self.compression = compression
         self.timeout = timeout
@@ -115,7 +118,8 @@ class Verifier:
 
     def forward(self, server: ServerRecord, inputs: torch.Tensor, start: int, end: int) -> torch.Tensor:
         request = node_pb2.ForwardRequest(protocol_version=PROTOCOL_VERSION, hidden=serialize_tensor(inputs),
-                                          start_block=start, end_block=end, adapter=self.adapter)
+                                          start_block=start, end_block=end, adapter=self.adapter,
+                                          lora=self.lora(start, end) if self.lora is not None else ())
         try:
             response = self.pool.stub(server.address, server.peer_id).Forward(request, timeout=self.timeout)
             return deserialize_tensor(response.hidden)

@@ -4,11 +4,13 @@ A client that trains its own LoRA for remote blocks sends the matrices of the re
 every Forward and Backward request (``LoraMatrices``); the node applies them on top of its weights (and
 of a served adapter, when one is named), and Backward returns their gradients beside the inputs' and
 the deep prompts'. Nothing is kept once the request is answered: volunteers hold no user state, and any
-server of the same blocks answers the same.
+server of the same blocks answers the same. An inference session may carry matrices too (OpenSession.lora),
+kept as an adapted view of the span for the session's life, so generation runs with the client's LoRA.
 
 Checks, before any compute or decoding, beyond Forward's and Backward's own: at most ``MAX_PER_BLOCK``
 entries per block, each for a block of the request and a projection the blocks have, rank in
-1..``MAX_RANK``, declared shapes that fit the projection, a float dtype (INVALID_ARGUMENT); then
+1..``MAX_RANK``, declared shapes that fit the projection, a float dtype, ``MAX_ELEMENTS`` values in all
+(INVALID_ARGUMENT); then
 decoded values finite. An adapter the node does not serve: NOT_FOUND. A quantized node refuses Backward
 (FAILED_PRECONDITION), as it does without LoRA.
 """
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
-from homeswarm.model.lora import AdapterError
+from homeswarm.model.lora import AdapterError, adapted_span
 from homeswarm.model.lora_training import ClientMatrices, client_parts, lora_backward, lora_forward
 from homeswarm.node.backward import decode_prompts
 from homeswarm.protocol import CodecError, deserialize_tensor, node_pb2
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
 
 MAX_PER_BLOCK = 32
 MAX_RANK = 256
+# values of all matrices of one request or session (256 MiB in float32): rank 16 on every projection of ten
+# 70B-sized blocks is 26M
+MAX_ELEMENTS = 64 * 2**20
 _MODULE_CHARS = 200
 _DTYPES = ("float32", "bfloat16", "float16")  # cast to the span's dtype, as hidden states are
 
@@ -63,6 +68,9 @@ def decode_matrices(entries: list[node_pb2.LoraMatrices], span: BlockSpan) -> li
         client_parts(span, declared)  # every placement and shape, before decoding
     except AdapterError as e:
         raise BadRequest(str(e)) from None
+    total = sum(m.a.numel() + m.b.numel() for m in declared)
+    if total > MAX_ELEMENTS:
+        raise BadRequest(f"LoRA matrices of {total} values; at most {MAX_ELEMENTS} per request or session")
     matrices = []
     for entry, meta in zip(entries, declared, strict=True):
         try:
@@ -75,6 +83,17 @@ def decode_matrices(entries: list[node_pb2.LoraMatrices], span: BlockSpan) -> li
         matrices.append(ClientMatrices(entry.block, entry.module, a.to(span.device, span.dtype),
                                        b.to(span.device, span.dtype), entry.scale))
     return matrices
+
+
+def session_view(service: NodeService, request: node_pb2.OpenSession) -> BlockSpan | None:
+    """The span a session with the client's own LoRA matrices runs (None: it sent none), built once when the
+    session opens and dropped with it; raises the service's BadRequest (NOT_FOUND for an unserved adapter)."""
+    if not request.lora:
+        return None
+    service._check_range(request.start_block, request.end_block)
+    service._check_adapter(request.adapter)
+    span = service._subspan(request.start_block, request.end_block, request.adapter)
+    return adapted_span(span, client_parts(span, decode_matrices(list(request.lora), span)))
 
 
 async def forward(service: NodeService, request: node_pb2.ForwardRequest, span: BlockSpan,

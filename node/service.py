@@ -113,6 +113,7 @@ class _LiveSession:
     # the client's steps read from its stream and not yet taken up: reading waits while it is full
     client_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(_MAX_INBOX))
     adapter: str = ""  # the LoRA adapter every step runs with (OpenSession.adapter); "": the base weights
+    view: BlockSpan | None = None  # the span with the client's own LoRA matrices (OpenSession.lora), if sent
 
 
 @dataclass
@@ -345,6 +346,10 @@ class NodeService(node_pb2_grpc.NodeServicer):
         await self._check_version(first.protocol_version, context)
         if first.WhichOneof("kind") != "open":
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must open the session")
+        try:  # the client's own LoRA matrices, for the session's life (node/lora_rpc.py)
+            view = lora_rpc.session_view(self, first.open)
+        except BadRequest as e:
+            await self._abort(context, e.code, str(e))
         if self.peer_limits is not None:
             why = self.peer_limits.open_session(host, self.clock())
             if why is not None:
@@ -355,7 +360,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             if self.peer_limits is not None:
                 self.peer_limits.close_session(host)
             raise
-        live = _LiveSession(session, first.open.response_compression, adapter=first.open.adapter)
+        live = _LiveSession(session, first.open.response_compression, adapter=first.open.adapter, view=view)
         self._live[session.session_id] = live
         reader = asyncio.create_task(self._read_client(request_iterator, live))
         try:
@@ -517,7 +522,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             self.stats.steps_from_peers += 1
         else:
             self.stats.steps_from_client += 1
-        span = self._subspan(session.start, session.end, live.adapter)
+        span = live.view if live.view is not None else self._subspan(session.start, session.end, live.adapter)
         if item.keep_length is not None:
             session.cache.truncate(item.keep_length)  # this session has no other step queued or running
         try:

@@ -10,8 +10,9 @@ not serve an adapter fails with an error naming it; `homeswarm generate --adapte
 a bad adapter folder stops `join-swarm` at start with one line and exit code 2.
 
 Training: through the served adapter, the loss, logits and input gradients equal PEFT's; a client's own
-LoRA matrices (model.add_lora) get PEFT's gradients, an SGD step lowers the loss, and saved in PEFT's
-format they give PEFT's logits; bad matrices get INVALID_ARGUMENT. The last test kills the node that ran
+LoRA matrices (model.add_lora) get PEFT's gradients, an SGD step lowers the loss, saved in PEFT's format
+they give PEFT's logits, and generation with them (sessions send them when they open) PEFT's tokens and
+hidden states; bad matrices get INVALID_ARGUMENT. The last test kills the node that ran
 the forward pass's last hop before the backward pass: the gradients are those of an uninterrupted pass.
 A fourth node serves a tiny Qwen3-MoE with an adapter on attention: a session with it, and a client's own
 LoRA's gradients, equal PEFT's too.
@@ -281,12 +282,16 @@ def test_a_client_owned_lora_trains_through_the_swarm_as_peft_computes(files, sw
         with torch.no_grad():
             after = model(input_ids=PROMPT, labels=PROMPT)
         assert after.loss.item() < before
-        with pytest.raises(NotImplementedError, match="generation with the client's own LoRA matrices"):
-            model.generate(PROMPT, max_new_tokens=1)
         saved = lora.save_pretrained(tmp_path / "trained")
-    loaded = PeftModel.from_pretrained(reference_model(checkpoint), str(saved)).eval()
-    with torch.no_grad():
-        assert rel_err(after.logits, loaded(PROMPT).logits) < FLOAT32_TOL
+        loaded = PeftModel.from_pretrained(reference_model(checkpoint), str(saved)).eval().base_model.model
+        with torch.no_grad():
+            assert rel_err(after.logits, loaded(PROMPT).logits) < FLOAT32_TOL
+        # generation: sessions send the matrices when they open
+        with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
+            ids, outputs = greedy_steps(model, session, PROMPT, NEW_TOKENS)
+        assert torch.equal(ids, reference_greedy(checkpoint, PROMPT, NEW_TOKENS, model=loaded))
+        check_against(loaded, ids, outputs, FLOAT32_TOL)
+        assert torch.equal(model.generate(PROMPT, max_new_tokens=NEW_TOKENS), ids)
 
 
 def test_moe_family_served_adapter_and_client_lora_equal_peft(moe_files, swarm):
@@ -345,6 +350,12 @@ def test_bad_lora_matrices_get_invalid_argument(swarm):
         with pytest.raises(grpc.RpcError) as caught:
             stub.Backward(backward, timeout=30)
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        open_session = node_pb2.InferenceRequest(protocol_version=PROTOCOL_VERSION, open=node_pb2.OpenSession(
+            start_block=0, end_block=2, batch_size=1, max_length=8, lora=[entry(b=torch.zeros(63, 4))]))
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.Inference(iter([open_session]), timeout=30))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "do not fit the layer's 64 -> 64 features at rank 4" in caught.value.details()
 
 
 def test_a_node_killed_before_the_backward_pass_leaves_the_lora_gradients_unchanged(files, swarm):
