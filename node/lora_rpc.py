@@ -38,6 +38,7 @@ MAX_RANK = 256
 # 70B-sized blocks is 26M
 MAX_ELEMENTS = 64 * 2**20
 _MODULE_CHARS = 200
+_MAX_DIM = 2**24  # a projection's width; larger declared sizes are refused before anything is made of them
 _DTYPES = ("float32", "bfloat16", "float16")  # cast to the span's dtype, as hidden states are
 
 
@@ -57,7 +58,8 @@ def decode_matrices(entries: list[node_pb2.LoraMatrices], span: BlockSpan) -> li
         if entry.a.dtype not in _DTYPES or entry.b.dtype not in _DTYPES:
             raise BadRequest(f"LoRA matrices must be {', '.join(_DTYPES)}, got {entry.a.dtype!r} and "
                              f"{entry.b.dtype!r}")
-        if len(shapes[0]) != 2 or len(shapes[1]) != 2 or not 1 <= shapes[0][0] <= MAX_RANK:
+        if (len(shapes[0]) != 2 or len(shapes[1]) != 2 or not 1 <= shapes[0][0] <= MAX_RANK
+                or not all(1 <= d <= _MAX_DIM for shape in shapes for d in shape)):
             raise BadRequest(f"LoRA matrices must be a [r <= {MAX_RANK}, in] and b [out, r], got {shapes[0]} and "
                              f"{shapes[1]} for block {entry.block} {entry.module[:80]}")
         if not math.isfinite(entry.scale):

@@ -329,6 +329,8 @@ def test_bad_lora_matrices_get_invalid_argument(swarm):
         (request(entry(a=torch.full((4, 64), float("nan")))), "contain NaN or infinite values"),
         (request(entry(a=a.long())), "LoRA matrices must be float32, bfloat16, float16, got 'int64'"),
         (request(entry(scale=float("inf"))), "LoRA scale must be finite"),
+        (request(node_pb2.LoraMatrices(block=0, module="self_attn.q_proj", a=node_pb2.Tensor(shape=[4, -1],
+                                       dtype="float32"), b=serialize_tensor(b))), "a [r <= 256, in] and b [out, r]"),
         (request(*[entry(module=f"x{i}") for i in range(65)]), "at most 32 LoRA matrices per block, got 65"),
     ]
     with swarm.channel(swarm.nodes[0]) as channel:
