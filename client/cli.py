@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from homeswarm.client.config import ClientConfig
-from homeswarm.protocol.block_range import block_range
 from homeswarm.routing.preflight import (
     check_initial_peers,
     explain_dht_error,
@@ -412,6 +411,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             failed = f" (after {session.failovers} node failure(s))" if session.failovers else ""
             print(f"route{failed}:", file=sys.stderr)
             for hop in route:
+                from homeswarm.protocol.block_range import block_range  # not at the top: protocol loads torch
+
                 weights = hop["dtype"] if hop["quant"] == "none" else f"{hop['quant']}, {hop['dtype']}"
                 print(f"  blocks {block_range(*hop['blocks'])}: {hop['address']} "
                       f"(peer {hop['peer_id']}, weights {weights})", file=sys.stderr)
