@@ -3,14 +3,15 @@
 One swarm for the module, under the model name of the F32 file's stem: two nodes serve an F32 GGUF (with
 llama.cpp's permuted Q/K rows and a tokenizer) in two spans, and a third serves a Q8_0 GGUF of the same
 checkpoint, whole, under that name; a fourth serves an F16 Qwen3-MoE GGUF (a dense layer among the
-experts) under its own stem, a fifth a Q4_0 GGUF (held 4-bit) under its own, and a sixth an F32
-DeepSeek-V3 (``deepseek2``) GGUF under its own. An exact client (Python, and `homeswarm generate --exact` with a text
-prompt) routes through the F32 nodes only and generates exactly transformers' greedy tokens on the
-source checkpoint (the MoE one: transformers on the source rounded to float16); the F32 nodes announce the
-block digests of the safetensors source (a client on the source folder routes through them) while the
-Q8_0 node announces its own (clients holding float weights refuse it); the Q8_0 node announces its file type; the Q4_0 node's logits are transformers' on that file within the
-4-bit products' rounding; once the F32 nodes are gone, a client on the
-Q8_0 file generates what transformers generates on that same GGUF (both dequantize it to float32).
+experts) under its own stem, a fifth a Q4_0 GGUF (held 4-bit), a sixth an F32 DeepSeek-V3 (``deepseek2``)
+GGUF and a seventh an F32 GPT-OSS GGUF, each under its own. An exact client (Python, and `homeswarm
+generate --exact` with a text prompt) routes through the F32 nodes only and generates exactly
+transformers' greedy tokens on the source checkpoint (the MoE one: transformers on the source rounded to
+float16; DeepSeek-V3 and GPT-OSS: on theirs); the F32 nodes announce the block digests of the
+safetensors source (a client on the source folder routes through them) while the Q8_0 node announces its
+own (clients holding float weights refuse it) and its file type; the Q4_0 node's logits are
+transformers' on that file within the 4-bit products' rounding; once the F32 nodes are gone, a client on
+the Q8_0 file generates what transformers generates on that same GGUF (both dequantize it to float32).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from homeswarm.model.gguf_files import gguf_folder
 from tests.helpers.checkpoints import make_checkpoint, reference_greedy
 from tests.helpers.deepseek_checkpoints import make_deepseek_checkpoint, reference_deepseek
 from tests.helpers.gguf_checkpoints import byte_level_tokenizer, write_gguf
-from tests.helpers.gguf_families import write_deepseek_gguf
+from tests.helpers.gguf_families import write_deepseek_gguf, write_gpt_oss_gguf
+from tests.helpers.gpt_oss_checkpoints import make_gpt_oss_checkpoint
 from tests.helpers.moe_checkpoints import make_moe_checkpoint
 
 NAME = "tiny-f32"  # the F32 file's stem: the swarm's model name
@@ -54,7 +56,9 @@ def files(tmp_path_factory):
             "moe": write_gguf(moe, root / "tiny-qwen3moe.gguf", "qwen3_moe", "F16"),
             "mla_source": (mla := make_deepseek_checkpoint(root / "mla", "deepseek_v3", num_layers=2, seed=13,
                                                                 rope_parameters=MLA_YARN)),
-            "mla": write_deepseek_gguf(mla, root / "tiny-deepseek.gguf")}
+            "mla": write_deepseek_gguf(mla, root / "tiny-deepseek.gguf"),
+            "oss_source": (oss := make_gpt_oss_checkpoint(root / "oss", num_layers=2, seed=14, swiglu_limit=7.0)),
+            "oss": write_gpt_oss_gguf(oss, root / "tiny-gpt-oss.gguf")}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +80,7 @@ def swarm(files, cache, tmp_path_factory):
         daemons.append(swarm.start_node(files["moe"], "--compute-threads", "1", wait=False))
         daemons.append(swarm.start_node(files["q4_0"], "--compute-threads", "1", wait=False))
         daemons.append(swarm.start_node(files["mla"], "--compute-threads", "1", wait=False))
+        daemons.append(swarm.start_node(files["oss"], "--compute-threads", "1", wait=False))
         for daemon in daemons:
             swarm.wait_ready(daemon, timeout=180)
         swarm.gguf_daemons = daemons
@@ -91,7 +96,7 @@ def prompt_ids(files, cache) -> list[int]:
 
 def test_exact_client_routes_through_float_nodes_and_equals_transformers(swarm, files, prompt_ids):
     assert [d.info["model"] for d in swarm.gguf_daemons] == [NAME, NAME, NAME, "tiny-qwen3moe", "tiny-q4_0",
-                                                         "tiny-deepseek"]
+                                                         "tiny-deepseek", "tiny-gpt-oss"]
     want = reference_greedy(files["source"], torch.tensor([prompt_ids]), NEW_TOKENS)
     with AutoDistributedModelForCausalLM.from_pretrained(files["f32"], initial_peers=swarm.initial_peers,
                                                          exact=True) as model:
@@ -139,6 +144,17 @@ def test_deepseek2_gguf_through_the_swarm_equals_transformers(swarm, files):
         assert model.model_name == "tiny-deepseek" and model.model_config.mla is not None
         with model.inference_session(max_length=8) as session:
             assert [(h.start, h.end, h.server.quant) for h in session.hops] == [(0, 2, "gguf-f32")]
+        got = model.generate(prompt, max_new_tokens=NEW_TOKENS)
+    assert got.tolist() == want.tolist()
+
+
+def test_gpt_oss_gguf_through_the_swarm_equals_transformers(swarm, files):
+    # a prompt longer than the sliding window (16), so the node's sliding layers drop positions
+    prompt = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(6))
+    want = reference_greedy(files["oss_source"], prompt, NEW_TOKENS)
+    with AutoDistributedModelForCausalLM.from_pretrained(files["oss"], initial_peers=swarm.initial_peers,
+                                                         exact=True) as model:
+        assert model.model_name == "tiny-gpt-oss" and model.model_config.family == "gpt_oss"
         got = model.generate(prompt, max_new_tokens=NEW_TOKENS)
     assert got.tolist() == want.tolist()
 
