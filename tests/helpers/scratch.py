@@ -144,11 +144,17 @@ def _restore_hivemind_sockets(saved: str | None) -> None:
         P2P._UNIX_SOCKET_PREFIX = saved
 
 
-def die_with_parent(parent: int) -> Callable[[], None]:
-    """A hook for a child between fork and exec: SIGTERM it once the thread that started it is gone."""
+def die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A hook for a child between fork and exec: SIGTERM it once the thread that started it is gone. prctl
+    is looked up here, in the parent: the child of a threaded process must not load libraries (a lock
+    another thread held at the fork stays held). None where there is no prctl."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
     def arm() -> None:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before the signal was armed
             os._exit(1)
 
