@@ -314,15 +314,17 @@ class InferenceSession(MirroredHops):
         stream = hop.stream
         assert stream is not None
         skips = self._skips(index, step_id)
-        if hop.mirror is not None:
-            try:
-                hop.mirror.send(step_id, hidden, (), keep_length, replay=skips)
-                hop.mirror_step = step_id
-            except HopFailed as e:
-                self._drop_mirror(index, e)
         rest = self._hops[index + 1 :] if handoff else []
-        stream.send(step_id, hidden, [(h.stream.address, h.stream.session_id, h.stream.peer_id) for h in rest
-                                      if h.stream], keep_length, replay=skips)
+        try:
+            stream.send(step_id, hidden, [(h.stream.address, h.stream.session_id, h.stream.peer_id) for h in rest
+                                          if h.stream], keep_length, replay=skips)
+        finally:  # the hop first (the step waits for its answer), then its mirror (checked after the last hop)
+            if hop.mirror is not None:
+                try:
+                    hop.mirror.send(step_id, hidden, (), keep_length, replay=skips)
+                    hop.mirror_step = step_id
+                except HopFailed as e:
+                    self._drop_mirror(index, e)
 
     def _skips(self, index: int, step_id: int) -> bool:
         """Whether step ``step_id`` skips ids hop ``index`` never got: steps sent again to the hops after a hop
