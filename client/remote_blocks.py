@@ -154,6 +154,19 @@ class RemoteBlocks:
             except HopFailed as e:
                 self._failed(e)
                 chain = self._plan(hop.start, hop.end)
+                self._adopt(chain)
+
+    def _adopt(self, chain: list[Hop]) -> None:
+        """Put ``chain`` in the kept route in place of the hops covering its blocks, so later passes use it
+        rather than the banned server (a kept hop straddling its ends: the next pass plans anew)."""
+        start, end = chain[0].start, chain[-1].end
+        before = [h for h in self._route if h.end <= start]
+        after = [h for h in self._route if h.start >= end]
+        inside = [h for h in self._route if start <= h.start and h.end <= end]
+        if len(before) + len(inside) + len(after) != len(self._route):
+            self._route = []
+            return
+        self._route = before + chain + after
 
     def _chain_inputs(self, chain: list[Hop], hidden: torch.Tensor, prompts: torch.Tensor | None) -> list[torch.Tensor]:
         """Each hop's input, by a forward pass through all hops but the last."""

@@ -130,6 +130,30 @@ def test_a_failed_hop_is_replaced_and_the_gradients_are_unchanged(dies_on):
     assert nodes["d"].calls == (["Backward"] if dies_on == "Backward" else ["Forward", "Backward"])
 
 
+def test_a_replacement_found_on_backward_serves_the_next_steps():
+    dying = FakeNode()
+    nodes = {"a": FakeNode(), "b": dying, "c": FakeNode(), "d": FakeNode()}
+    swarm = FakeSwarm(nodes, {(0, 4): [[("a", 0, 2), ("b", 2, 4)]], (2, 4): [[("c", 2, 3), ("d", 3, 4)]]})
+    blocks = RemoteBlocks(swarm, swarm, ClientConfig(max_failovers=3))
+    hidden = torch.randn(1, 3, 3, requires_grad=True)
+    RemoteBlocksFunction.apply(hidden, None, blocks).sum().backward()  # b healthy on forward and backward
+    original = dying.Forward
+
+    def forward_then_die(request, timeout):  # noqa: ANN001, ANN202
+        result = original(request, timeout)
+        dying.fail = grpc.StatusCode.UNAVAILABLE
+        return result
+
+    dying.Forward = forward_then_die
+    RemoteBlocksFunction.apply(hidden, None, blocks).sum().backward()  # b dies between the passes
+    assert blocks.failovers == 1
+    dying.calls.clear()
+    for _ in range(2):  # later steps go through the replacement: no second failover, no call to b
+        RemoteBlocksFunction.apply(hidden, None, blocks).sum().backward()
+    assert blocks.failovers == 1 and dying.calls == [] and swarm.banned == ["b"]
+    assert [(h.peer_id, h.start, h.end) for h in blocks._route] == [("a", 0, 2), ("c", 2, 3), ("d", 3, 4)]
+
+
 def test_invalid_argument_raises_at_once():
     swarm = FakeSwarm({"a": FakeNode(grpc.StatusCode.INVALID_ARGUMENT), "b": FakeNode()},
                       {(0, 4): [[("a", 0, 2), ("b", 2, 4)]]})
