@@ -22,6 +22,8 @@ import torch
 from homeswarm.client.config import ClientConfig
 from homeswarm.client.drafters import Drafter, make_drafter
 from homeswarm.client.lora_training import AdapterBlocks, ClientLora
+from homeswarm.client.peer_files import fetch_client_files as fetch_peer_files
+from homeswarm.client.peer_files import needs_peers as needs_peer_files
 from homeswarm.client.remote_blocks import RemoteBlocks
 from homeswarm.client.route import RouteManager
 from homeswarm.client.sampling import SamplingParams, next_tokens
@@ -31,7 +33,7 @@ from homeswarm.client.training import CausalLMOutput, PromptTuning, causal_lm_fo
 from homeswarm.client.transport import ChannelPool
 from homeswarm.model import ModelConfig, load_head, parse_dtype
 from homeswarm.model.digest import block_digests
-from homeswarm.model.gguf_files import gguf_folder, is_gguf_path
+from homeswarm.model.gguf_files import gguf_folder, is_gguf_folder, is_gguf_path
 from homeswarm.model.gguf_reader import model_stem
 from homeswarm.model.hub import fetch_client_files, is_hub_id
 from homeswarm.routing.dht import SwarmDHT
@@ -83,6 +85,18 @@ class DistributedModelForCausalLM:
             self.config = dataclasses.replace(self.config, adapter=adapter)
         self.model_config = ModelConfig.from_dir(self.model_dir)
         self.model_name = model_name or self.model_dir.resolve().name
+        if not initial_peers:
+            raise ValueError("initial_peers is empty: give the multiaddr of at least one peer of the swarm")
+        self.dht = SwarmDHT.create(list(initial_peers), client_mode=True)
+        # relayed nodes: through libp2p; TLS pinned by each node's record
+        self.pool = ChannelPool(partial(forwarder_address, self.dht), require_tls=self.config.require_tls)
+        if not is_gguf_folder(self.model_dir) and needs_peer_files(self.model_dir):
+            try:  # config.json without the head's tensors: from the swarm's nodes
+                self.model_dir = fetch_peer_files(self.model_dir, self.dht, self.pool, self.model_name,
+                                                  self.model_config.num_hidden_layers, cache_dir)
+            except BaseException:
+                self.dht.shutdown()
+                raise
         raw = json.loads((self.model_dir / "config.json").read_text())
         generation_path = self.model_dir / "generation_config.json"
         generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}
@@ -92,11 +106,6 @@ class DistributedModelForCausalLM:
         self.head = load_head(self.model_dir, dtype=parse_dtype(self.config.dtype))
         if self.config.fast_greedy:
             self.head.prepare_greedy()
-        if not initial_peers:
-            raise ValueError("initial_peers is empty: give the multiaddr of at least one peer of the swarm")
-        self.dht = SwarmDHT.create(list(initial_peers), client_mode=True)
-        # relayed nodes: through libp2p; TLS pinned by each node's record
-        self.pool = ChannelPool(partial(forwarder_address, self.dht), require_tls=self.config.require_tls)
         self.last_speculation: SpeculationStats | None = None  # of the last speculative generation
         self.routes = RouteManager(
             self.dht, self.pool, self.model_name, self.model_config.num_hidden_layers, self.config,

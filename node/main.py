@@ -277,6 +277,11 @@ async def _serve_with_dht(
     weights = span_digest(digests, start, end) or ""
     identity.block_digests = tuple(digests[b] for b in range(start, end)) if weights else ()  # for peers' fetches
 
+    async def offer_client_files() -> None:  # hashing a large head takes seconds: serving does not wait for it
+        identity.file_digests = await asyncio.to_thread(service.weight_uploads.file_digests)
+
+    client_files = asyncio.create_task(offer_client_files()) if config.upload_rate() > 0 else None
+
     def make_record(state: ServerState) -> ServerRecord:
         return ServerRecord(
             peer_id=PeerId(dht.peer_id),
@@ -331,6 +336,8 @@ async def _serve_with_dht(
     sessions.drain_message = period_end.refusal
     if service.weight_uploads is not None:  # at once, not after the sessions' grace: the owner is back, or we stop
         service.weight_uploads.stop(period_end.why)
+    if client_files is not None:
+        client_files.cancel()
     refresher.cancel()
     try:
         await asyncio.wait_for(announcer.announce(period_end.state), timeout=5)

@@ -132,6 +132,7 @@ class NodeIdentity:
     software_version: str = ""
     quant: str = "none"  # weight format (model.weight_format: none, int8, int4, int4-experts)
     block_digests: tuple[str, ...] = ()  # per block of the span, from the checkpoint files (model.digest)
+    file_digests: dict[str, str] = field(default_factory=dict)  # client files it can send (node.weight_upload)
 
 
 class NodeService(node_pb2_grpc.NodeServicer):
@@ -301,6 +302,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
             quant=self.identity.quant,
             uptime_seconds=self.clock() - self.started,
             block_digests=self.identity.block_digests,
+            file_digests=self.identity.file_digests,
         )
 
     async def Forward(

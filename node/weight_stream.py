@@ -6,15 +6,19 @@ names, dtypes, shapes and bytes, which is what ``model.digest`` hashes: every no
 same digest sends byte for byte the same file, so a transfer broken off resumes at its offset from any of
 them, and the file read back has the block's announced digest.
 
-``block_layout`` maps the file's bytes onto the checkpoint files a node holds (it never reads a node's
-in-memory, possibly quantized, tensors); ``check_header`` validates a header received from a peer before
-anything in it is trusted. Pure but for reading headers and bytes from disk; no sockets.
+The same canonical form carries a client's "head" (the tensors of no block: ``head_layout``); a tokenizer
+file goes as it is (``file_layout``). ``block_layout`` maps the file's bytes onto the checkpoint files a
+node holds (it never reads a node's in-memory, possibly quantized, tensors); ``check_header`` validates a
+header received from a peer before anything in it is trusted. Pure but for reading headers and bytes from
+disk; no sockets.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,20 +82,41 @@ def _weight_files(model_dir: Path) -> list[str]:
 def block_layout(model_dir: str | Path, block: int) -> BlockLayout | None:
     """The block file of ``block`` from the checkpoint in ``model_dir``; None when the folder does not hold
     every file its index names for the block's tensors (or holds none of them)."""
-    model_dir = Path(model_dir)
+    return _layout(Path(model_dir), lambda tensor: block_of(tensor) == block, block)
+
+
+def head_layout(model_dir: str | Path) -> BlockLayout | None:
+    """The same for the tensors of no block (embeddings, final norm, LM head): a client's "head" file."""
+    return _layout(Path(model_dir), lambda tensor: block_of(tensor) is None, -1)
+
+
+def file_layout(path: Path) -> BlockLayout:
+    """A whole small file (a tokenizer's), as it is."""
+    return BlockLayout(-1, b"", (Segment(path, 0, path.stat().st_size),))
+
+
+def layout_digest(layout: BlockLayout) -> str:
+    """sha256 (hex) of the file ``layout`` describes."""
+    h = hashlib.sha256()
+    for offset in range(0, layout.total_bytes, 1 << 22):
+        h.update(read_range(layout, offset, 1 << 22))
+    return h.hexdigest()
+
+
+def _layout(model_dir: Path, wanted: Callable[[str], bool], block: int) -> BlockLayout | None:
     entries: dict[str, tuple[Path, int, dict]] = {}
     try:
         for name in _weight_files(model_dir):
             path = model_dir / name
             if not path.is_file():
-                # a missing file holding this block's tensors leaves the block incomplete; others do not matter
+                # a missing file holding a wanted tensor leaves the file incomplete; others do not matter
                 index = json.loads((model_dir / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
-                if any(Path(f).name == name and block_of(t) == block for t, f in index.items()):
+                if any(Path(f).name == name and wanted(t) for t, f in index.items()):
                     return None
                 continue
             data_start, header = _read_header(path)
             for tensor, info in header.items():
-                if tensor != "__metadata__" and block_of(tensor) == block:
+                if tensor != "__metadata__" and wanted(tensor):
                     entries[tensor] = (path, data_start, info)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise WeightStreamError(f"cannot read the checkpoint in {model_dir}: {e}") from None

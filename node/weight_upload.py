@@ -1,4 +1,5 @@
-"""The serving side of the Weights rpc: a block's checkpoint tensors streamed to a peer that fetches them.
+"""The serving side of the Weights rpc: a block's checkpoint tensors streamed to a peer that fetches them, and
+a client's files (its "head": embeddings, final norm, LM head; its tokenizer) to a client that fetches those.
 
 Costs the node little: bytes are read from the checkpoint files on disk (``node.weight_stream``; never
 the in-memory, possibly quantized, tensors) in small reads on the event loop, so no thread competes
@@ -23,7 +24,16 @@ from pathlib import Path
 
 import grpc
 
-from homeswarm.node.weight_stream import BlockLayout, WeightStreamError, block_layout, read_range
+from homeswarm.model.hub import CLIENT_FILES
+from homeswarm.node.weight_stream import (
+    BlockLayout,
+    WeightStreamError,
+    block_layout,
+    file_layout,
+    head_layout,
+    layout_digest,
+    read_range,
+)
 from homeswarm.protocol import node_pb2
 
 logger = logging.getLogger(__name__)
@@ -32,6 +42,8 @@ MAX_CHUNK = 1 << 18  # bytes per message at most
 READ_SIZE = 1 << 16  # bytes per read on the event loop (tens of microseconds from the page cache)
 BUSY_POLL = 0.005  # seconds between looks at the compute queue while it has work
 DEFAULT_MAX_UPLOADS = 4
+HEAD_FILE = "head"  # a client's embeddings, final norm and LM head, as one canonical safetensors file
+CLIENT_FILE_NAMES = (HEAD_FILE, *CLIENT_FILES)
 
 
 class TokenBucket:
@@ -74,10 +86,32 @@ class WeightUploader:
         self.bytes_sent = 0
         self.stopped: str | None = None  # why uploads ended (the period's end), None while they run
         self._layouts: dict[int, BlockLayout | None] = {}
+        self._files: dict[str, BlockLayout | None] = {}
 
     def stop(self, why: str) -> None:
         """End every upload at its next chunk and refuse new ones (the node steps aside or stops)."""
         self.stopped = why
+
+    def file_layout(self, name: str) -> BlockLayout | None:
+        """A client's file: "head" (the tensors of no block) or a tokenizer or generation config file."""
+        if name not in self._files:
+            path = self.model_dir / name
+            self._files[name] = (head_layout(self.model_dir) if name == HEAD_FILE
+                                 else file_layout(path) if path.is_file() else None)
+        return self._files[name]
+
+    def file_digests(self) -> dict[str, str]:
+        """sha256 of each client file this node can send (reads them all: run it off the event loop)."""
+        digests = {}
+        for name in CLIENT_FILE_NAMES:
+            try:
+                layout = self.file_layout(name)
+            except WeightStreamError as e:
+                logger.warning("cannot offer %s to clients: %s", name, e)
+                continue
+            if layout is not None:
+                digests[name] = layout_digest(layout)
+        return digests
 
     def layout(self, block: int) -> BlockLayout | None:
         if block not in self._layouts:
@@ -93,18 +127,21 @@ class WeightUploader:
         if request.model != self.model_name:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"this node serves model {self.model_name!r}, "
                                 f"not {request.model[:120]!r}")
+        if request.file and request.file not in CLIENT_FILE_NAMES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"file must be one of "
+                                f"{', '.join(CLIENT_FILE_NAMES)}, got {request.file[:80]!r}")
+        what = f"file {request.file}" if request.file else f"block {request.block}"
         try:
-            layout = self.layout(request.block)
+            layout = self.file_layout(request.file) if request.file else self.layout(request.block)
         except WeightStreamError as e:
-            logger.warning("cannot upload block %d: %s", request.block, e)
+            logger.warning("cannot upload %s: %s", what, e)
             layout = None
         if layout is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"this node does not hold the checkpoint files of "
-                                f"block {request.block}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"this node does not hold the checkpoint files of {what}")
         total = layout.total_bytes
         if request.offset > total:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is past the end of block "
-                                f"{request.block}'s {total} bytes")
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is past the end of {what}'s "
+                                f"{total} bytes")
         if self.active >= self.max_uploads:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"already uploading to {self.active} peers; "
                                 f"try another node or later")

@@ -24,57 +24,61 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dhomeswarm/protocol/node.proto\x12\x0chomeswarm.v1\"\x8a\x01\n\x06Tensor\x12\x0e\n\x06\x62uffer\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12.\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x19.homeswarm.v1.Compression\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\x12\n\nblock_size\x18\x06 \x01(\r\"\'\n\x0bInfoRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"\xae\x03\n\x0cInfoResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07peer_id\x18\x06 \x01(\t\x12\x12\n\nthroughput\x18\x07 \x01(\x01\x12\x19\n\x11\x63\x61\x63he_tokens_left\x18\x08 \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\t \x01(\r\x12\x18\n\x10software_version\x18\n \x01(\t\x12\x19\n\x11steps_from_client\x18\x0b \x01(\x04\x12\x18\n\x10steps_from_peers\x18\x0c \x01(\x04\x12\x13\n\x0bpushes_sent\x18\r \x01(\x04\x12\x16\n\x0e\x66orward_passes\x18\x0e \x01(\x04\x12\x15\n\rbatched_steps\x18\x0f \x01(\x04\x12\x14\n\x0cinline_steps\x18\x10 \x01(\x04\x12\r\n\x05quant\x18\x11 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x12 \x01(\x01\x12\x15\n\rblock_digests\x18\x13 \x03(\t\"\x93\x02\n\x0e\x46orwardRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12\x37\n\x14response_compression\x18\x05 \x01(\x0e\x32\x19.homeswarm.v1.Compression\x12%\n\x07prompts\x18\x06 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\x0f\n\x07\x61\x64\x61pter\x18\x0f \x01(\t\x12(\n\x04lora\x18\x10 \x03(\x0b\x32\x1a.homeswarm.v1.LoraMatrices\"~\n\x0cLoraMatrices\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x1f\n\x01\x61\x18\x03 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\x1f\n\x01\x62\x18\x04 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\r\n\x05scale\x18\x05 \x01(\x01\"Q\n\rLoraGradients\x12\x1f\n\x01\x61\x18\x01 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\x1f\n\x01\x62\x18\x02 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\"7\n\x0f\x46orwardResponse\x12$\n\x06hidden\x18\x01 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\"\xbf\x02\n\x0f\x42\x61\x63kwardRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12)\n\x0bgrad_output\x18\x03 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\x13\n\x0bstart_block\x18\x04 \x01(\r\x12\x11\n\tend_block\x18\x05 \x01(\r\x12\x37\n\x14response_compression\x18\x06 \x01(\x0e\x32\x19.homeswarm.v1.Compression\x12%\n\x07prompts\x18\x07 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\x0f\n\x07\x61\x64\x61pter\x18\x0f \x01(\t\x12(\n\x04lora\x18\x10 \x03(\x0b\x32\x1a.homeswarm.v1.LoraMatrices\"\x99\x01\n\x10\x42\x61\x63kwardResponse\x12)\n\x0bgrad_hidden\x18\x01 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12*\n\x0cgrad_prompts\x18\x02 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12.\n\tgrad_lora\x18\x0f \x03(\x0b\x32\x1b.homeswarm.v1.LoraGradients\"\x83\x01\n\x10InferenceRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12)\n\x04open\x18\x02 \x01(\x0b\x32\x19.homeswarm.v1.OpenSessionH\x00\x12\"\n\x04step\x18\x03 \x01(\x0b\x32\x12.homeswarm.v1.StepH\x00\x42\x06\n\x04kind\"\xf0\x01\n\x0bOpenSession\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x37\n\x14response_compression\x18\x06 \x01(\x0e\x32\x19.homeswarm.v1.Compression\x12\x0e\n\x06mirror\x18\x07 \x01(\x08\x12\x0f\n\x07\x61\x64\x61pter\x18\x0f \x01(\t\x12(\n\x04lora\x18\x10 \x03(\x0b\x32\x1a.homeswarm.v1.LoraMatrices\"\x9c\x01\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12#\n\x04next\x18\x03 \x03(\x0b\x32\x15.homeswarm.v1.NextHop\x12\x18\n\x0bkeep_length\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06replay\x18\x05 \x01(\x08\x42\x0e\n\x0c_keep_length\"O\n\x07NextHop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x0e\n\x06relays\x18\x04 \x03(\t\"]\n\x0bPushRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12 \n\x04step\x18\x03 \x01(\x0b\x32\x12.homeswarm.v1.Step\"\x0e\n\x0cPushResponse\"\xad\x01\n\x11InferenceResponse\x12-\n\x06opened\x18\x01 \x01(\x0b\x32\x1b.homeswarm.v1.SessionOpenedH\x00\x12*\n\x06result\x18\x02 \x01(\x0b\x32\x18.homeswarm.v1.StepResultH\x00\x12\x35\n\x0ehandoff_failed\x18\x03 \x01(\x0b\x32\x1b.homeswarm.v1.HandoffFailedH\x00\x42\x06\n\x04kind\"#\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\"r\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\x14\n\x0c\x63\x61\x63he_length\x18\x03 \x01(\r\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x02\"/\n\rHandoffFailed\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"l\n\x0eWeightsRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x62lock\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x12\n\nchunk_size\x18\x05 \x01(\r\"A\n\x0cWeightsChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04*F\n\x0b\x43ompression\x12\x08\n\x04NONE\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x12\n\x0eINT8_BLOCKWISE\x10\x03\x32\xb0\x03\n\x04Node\x12=\n\x04Info\x12\x19.homeswarm.v1.InfoRequest\x1a\x1a.homeswarm.v1.InfoResponse\x12\x46\n\x07\x46orward\x12\x1c.homeswarm.v1.ForwardRequest\x1a\x1d.homeswarm.v1.ForwardResponse\x12I\n\x08\x42\x61\x63kward\x12\x1d.homeswarm.v1.BackwardRequest\x1a\x1e.homeswarm.v1.BackwardResponse\x12P\n\tInference\x12\x1e.homeswarm.v1.InferenceRequest\x1a\x1f.homeswarm.v1.InferenceResponse(\x01\x30\x01\x12=\n\x04Push\x12\x19.homeswarm.v1.PushRequest\x1a\x1a.homeswarm.v1.PushResponse\x12\x45\n\x07Weights\x12\x1c.homeswarm.v1.WeightsRequest\x1a\x1a.homeswarm.v1.WeightsChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dhomeswarm/protocol/node.proto\x12\x0chomeswarm.v1\"\x8a\x01\n\x06Tensor\x12\x0e\n\x06\x62uffer\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12.\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x19.homeswarm.v1.Compression\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\x12\n\nblock_size\x18\x06 \x01(\r\"\'\n\x0bInfoRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"\xa5\x04\n\x0cInfoResponse\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x0f\n\x07peer_id\x18\x06 \x01(\t\x12\x12\n\nthroughput\x18\x07 \x01(\x01\x12\x19\n\x11\x63\x61\x63he_tokens_left\x18\x08 \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\t \x01(\r\x12\x18\n\x10software_version\x18\n \x01(\t\x12\x19\n\x11steps_from_client\x18\x0b \x01(\x04\x12\x18\n\x10steps_from_peers\x18\x0c \x01(\x04\x12\x13\n\x0bpushes_sent\x18\r \x01(\x04\x12\x16\n\x0e\x66orward_passes\x18\x0e \x01(\x04\x12\x15\n\rbatched_steps\x18\x0f \x01(\x04\x12\x14\n\x0cinline_steps\x18\x10 \x01(\x04\x12\r\n\x05quant\x18\x11 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x12 \x01(\x01\x12\x15\n\rblock_digests\x18\x13 \x03(\t\x12\x41\n\x0c\x66ile_digests\x18\x14 \x03(\x0b\x32+.homeswarm.v1.InfoResponse.FileDigestsEntry\x1a\x32\n\x10\x46ileDigestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x93\x02\n\x0e\x46orwardRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\x13\n\x0bstart_block\x18\x03 \x01(\r\x12\x11\n\tend_block\x18\x04 \x01(\r\x12\x37\n\x14response_compression\x18\x05 \x01(\x0e\x32\x19.homeswarm.v1.Compression\x12%\n\x07prompts\x18\x06 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\x0f\n\x07\x61\x64\x61pter\x18\x0f \x01(\t\x12(\n\x04lora\x18\x10 \x03(\x0b\x32\x1a.homeswarm.v1.LoraMatrices\"~\n\x0cLoraMatrices\x12\r\n\x05\x62lock\x18\x01 \x01(\r\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x1f\n\x01\x61\x18\x03 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\x1f\n\x01\x62\x18\x04 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\r\n\x05scale\x18\x05 \x01(\x01\"Q\n\rLoraGradients\x12\x1f\n\x01\x61\x18\x01 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\x1f\n\x01\x62\x18\x02 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\"7\n\x0f\x46orwardResponse\x12$\n\x06hidden\x18\x01 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\"\xbf\x02\n\x0f\x42\x61\x63kwardRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12)\n\x0bgrad_output\x18\x03 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\x13\n\x0bstart_block\x18\x04 \x01(\r\x12\x11\n\tend_block\x18\x05 \x01(\r\x12\x37\n\x14response_compression\x18\x06 \x01(\x0e\x32\x19.homeswarm.v1.Compression\x12%\n\x07prompts\x18\x07 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\x0f\n\x07\x61\x64\x61pter\x18\x0f \x01(\t\x12(\n\x04lora\x18\x10 \x03(\x0b\x32\x1a.homeswarm.v1.LoraMatrices\"\x99\x01\n\x10\x42\x61\x63kwardResponse\x12)\n\x0bgrad_hidden\x18\x01 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12*\n\x0cgrad_prompts\x18\x02 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12.\n\tgrad_lora\x18\x0f \x03(\x0b\x32\x1b.homeswarm.v1.LoraGradients\"\x83\x01\n\x10InferenceRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12)\n\x04open\x18\x02 \x01(\x0b\x32\x19.homeswarm.v1.OpenSessionH\x00\x12\"\n\x04step\x18\x03 \x01(\x0b\x32\x12.homeswarm.v1.StepH\x00\x42\x06\n\x04kind\"\xf0\x01\n\x0bOpenSession\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\r\x12\x11\n\tend_block\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x12\n\nmax_length\x18\x05 \x01(\r\x12\x37\n\x14response_compression\x18\x06 \x01(\x0e\x32\x19.homeswarm.v1.Compression\x12\x0e\n\x06mirror\x18\x07 \x01(\x08\x12\x0f\n\x07\x61\x64\x61pter\x18\x0f \x01(\t\x12(\n\x04lora\x18\x10 \x03(\x0b\x32\x1a.homeswarm.v1.LoraMatrices\"\x9c\x01\n\x04Step\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12#\n\x04next\x18\x03 \x03(\x0b\x32\x15.homeswarm.v1.NextHop\x12\x18\n\x0bkeep_length\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0e\n\x06replay\x18\x05 \x01(\x08\x42\x0e\n\x0c_keep_length\"O\n\x07NextHop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x0e\n\x06relays\x18\x04 \x03(\t\"]\n\x0bPushRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12 \n\x04step\x18\x03 \x01(\x0b\x32\x12.homeswarm.v1.Step\"\x0e\n\x0cPushResponse\"\xad\x01\n\x11InferenceResponse\x12-\n\x06opened\x18\x01 \x01(\x0b\x32\x1b.homeswarm.v1.SessionOpenedH\x00\x12*\n\x06result\x18\x02 \x01(\x0b\x32\x18.homeswarm.v1.StepResultH\x00\x12\x35\n\x0ehandoff_failed\x18\x03 \x01(\x0b\x32\x1b.homeswarm.v1.HandoffFailedH\x00\x42\x06\n\x04kind\"#\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\"r\n\nStepResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x14.homeswarm.v1.Tensor\x12\x14\n\x0c\x63\x61\x63he_length\x18\x03 \x01(\r\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x02\"/\n\rHandoffFailed\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"z\n\x0eWeightsRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x62lock\x18\x03 \x01(\r\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x12\n\nchunk_size\x18\x05 \x01(\r\x12\x0c\n\x04\x66ile\x18\x06 \x01(\t\"A\n\x0cWeightsChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04*F\n\x0b\x43ompression\x12\x08\n\x04NONE\x10\x00\x12\x0b\n\x07\x46LOAT16\x10\x01\x12\x0c\n\x08\x42\x46LOAT16\x10\x02\x12\x12\n\x0eINT8_BLOCKWISE\x10\x03\x32\xb0\x03\n\x04Node\x12=\n\x04Info\x12\x19.homeswarm.v1.InfoRequest\x1a\x1a.homeswarm.v1.InfoResponse\x12\x46\n\x07\x46orward\x12\x1c.homeswarm.v1.ForwardRequest\x1a\x1d.homeswarm.v1.ForwardResponse\x12I\n\x08\x42\x61\x63kward\x12\x1d.homeswarm.v1.BackwardRequest\x1a\x1e.homeswarm.v1.BackwardResponse\x12P\n\tInference\x12\x1e.homeswarm.v1.InferenceRequest\x1a\x1f.homeswarm.v1.InferenceResponse(\x01\x30\x01\x12=\n\x04Push\x12\x19.homeswarm.v1.PushRequest\x1a\x1a.homeswarm.v1.PushResponse\x12\x45\n\x07Weights\x12\x1c.homeswarm.v1.WeightsRequest\x1a\x1a.homeswarm.v1.WeightsChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'homeswarm.protocol.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSION']._serialized_start=2969
-  _globals['_COMPRESSION']._serialized_end=3039
+  _globals['_INFORESPONSE_FILEDIGESTSENTRY']._loaded_options = None
+  _globals['_INFORESPONSE_FILEDIGESTSENTRY']._serialized_options = b'8\001'
+  _globals['_COMPRESSION']._serialized_start=3102
+  _globals['_COMPRESSION']._serialized_end=3172
   _globals['_TENSOR']._serialized_start=48
   _globals['_TENSOR']._serialized_end=186
   _globals['_INFOREQUEST']._serialized_start=188
   _globals['_INFOREQUEST']._serialized_end=227
   _globals['_INFORESPONSE']._serialized_start=230
-  _globals['_INFORESPONSE']._serialized_end=660
-  _globals['_FORWARDREQUEST']._serialized_start=663
-  _globals['_FORWARDREQUEST']._serialized_end=938
-  _globals['_LORAMATRICES']._serialized_start=940
-  _globals['_LORAMATRICES']._serialized_end=1066
-  _globals['_LORAGRADIENTS']._serialized_start=1068
-  _globals['_LORAGRADIENTS']._serialized_end=1149
-  _globals['_FORWARDRESPONSE']._serialized_start=1151
-  _globals['_FORWARDRESPONSE']._serialized_end=1206
-  _globals['_BACKWARDREQUEST']._serialized_start=1209
-  _globals['_BACKWARDREQUEST']._serialized_end=1528
-  _globals['_BACKWARDRESPONSE']._serialized_start=1531
-  _globals['_BACKWARDRESPONSE']._serialized_end=1684
-  _globals['_INFERENCEREQUEST']._serialized_start=1687
-  _globals['_INFERENCEREQUEST']._serialized_end=1818
-  _globals['_OPENSESSION']._serialized_start=1821
-  _globals['_OPENSESSION']._serialized_end=2061
-  _globals['_STEP']._serialized_start=2064
-  _globals['_STEP']._serialized_end=2220
-  _globals['_NEXTHOP']._serialized_start=2222
-  _globals['_NEXTHOP']._serialized_end=2301
-  _globals['_PUSHREQUEST']._serialized_start=2303
-  _globals['_PUSHREQUEST']._serialized_end=2396
-  _globals['_PUSHRESPONSE']._serialized_start=2398
-  _globals['_PUSHRESPONSE']._serialized_end=2412
-  _globals['_INFERENCERESPONSE']._serialized_start=2415
-  _globals['_INFERENCERESPONSE']._serialized_end=2588
-  _globals['_SESSIONOPENED']._serialized_start=2590
-  _globals['_SESSIONOPENED']._serialized_end=2625
-  _globals['_STEPRESULT']._serialized_start=2627
-  _globals['_STEPRESULT']._serialized_end=2741
-  _globals['_HANDOFFFAILED']._serialized_start=2743
-  _globals['_HANDOFFFAILED']._serialized_end=2790
-  _globals['_WEIGHTSREQUEST']._serialized_start=2792
-  _globals['_WEIGHTSREQUEST']._serialized_end=2900
-  _globals['_WEIGHTSCHUNK']._serialized_start=2902
-  _globals['_WEIGHTSCHUNK']._serialized_end=2967
-  _globals['_NODE']._serialized_start=3042
-  _globals['_NODE']._serialized_end=3474
+  _globals['_INFORESPONSE']._serialized_end=779
+  _globals['_INFORESPONSE_FILEDIGESTSENTRY']._serialized_start=729
+  _globals['_INFORESPONSE_FILEDIGESTSENTRY']._serialized_end=779
+  _globals['_FORWARDREQUEST']._serialized_start=782
+  _globals['_FORWARDREQUEST']._serialized_end=1057
+  _globals['_LORAMATRICES']._serialized_start=1059
+  _globals['_LORAMATRICES']._serialized_end=1185
+  _globals['_LORAGRADIENTS']._serialized_start=1187
+  _globals['_LORAGRADIENTS']._serialized_end=1268
+  _globals['_FORWARDRESPONSE']._serialized_start=1270
+  _globals['_FORWARDRESPONSE']._serialized_end=1325
+  _globals['_BACKWARDREQUEST']._serialized_start=1328
+  _globals['_BACKWARDREQUEST']._serialized_end=1647
+  _globals['_BACKWARDRESPONSE']._serialized_start=1650
+  _globals['_BACKWARDRESPONSE']._serialized_end=1803
+  _globals['_INFERENCEREQUEST']._serialized_start=1806
+  _globals['_INFERENCEREQUEST']._serialized_end=1937
+  _globals['_OPENSESSION']._serialized_start=1940
+  _globals['_OPENSESSION']._serialized_end=2180
+  _globals['_STEP']._serialized_start=2183
+  _globals['_STEP']._serialized_end=2339
+  _globals['_NEXTHOP']._serialized_start=2341
+  _globals['_NEXTHOP']._serialized_end=2420
+  _globals['_PUSHREQUEST']._serialized_start=2422
+  _globals['_PUSHREQUEST']._serialized_end=2515
+  _globals['_PUSHRESPONSE']._serialized_start=2517
+  _globals['_PUSHRESPONSE']._serialized_end=2531
+  _globals['_INFERENCERESPONSE']._serialized_start=2534
+  _globals['_INFERENCERESPONSE']._serialized_end=2707
+  _globals['_SESSIONOPENED']._serialized_start=2709
+  _globals['_SESSIONOPENED']._serialized_end=2744
+  _globals['_STEPRESULT']._serialized_start=2746
+  _globals['_STEPRESULT']._serialized_end=2860
+  _globals['_HANDOFFFAILED']._serialized_start=2862
+  _globals['_HANDOFFFAILED']._serialized_end=2909
+  _globals['_WEIGHTSREQUEST']._serialized_start=2911
+  _globals['_WEIGHTSREQUEST']._serialized_end=3033
+  _globals['_WEIGHTSCHUNK']._serialized_start=3035
+  _globals['_WEIGHTSCHUNK']._serialized_end=3100
+  _globals['_NODE']._serialized_start=3175
+  _globals['_NODE']._serialized_end=3607
 # @@protoc_insertion_point(module_scope)

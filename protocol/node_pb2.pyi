@@ -41,7 +41,14 @@ class InfoRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("protocol_version", "model", "start_block", "end_block", "dtype", "peer_id", "throughput", "cache_tokens_left", "active_sessions", "software_version", "steps_from_client", "steps_from_peers", "pushes_sent", "forward_passes", "batched_steps", "inline_steps", "quant", "uptime_seconds", "block_digests")
+    __slots__ = ("protocol_version", "model", "start_block", "end_block", "dtype", "peer_id", "throughput", "cache_tokens_left", "active_sessions", "software_version", "steps_from_client", "steps_from_peers", "pushes_sent", "forward_passes", "batched_steps", "inline_steps", "quant", "uptime_seconds", "block_digests", "file_digests")
+    class FileDigestsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +68,7 @@ class InfoResponse(_message.Message):
     QUANT_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    FILE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     model: str
     start_block: int
@@ -80,7 +88,8 @@ class InfoResponse(_message.Message):
     quant: str
     uptime_seconds: float
     block_digests: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., peer_id: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_tokens_left: _Optional[int] = ..., active_sessions: _Optional[int] = ..., software_version: _Optional[str] = ..., steps_from_client: _Optional[int] = ..., steps_from_peers: _Optional[int] = ..., pushes_sent: _Optional[int] = ..., forward_passes: _Optional[int] = ..., batched_steps: _Optional[int] = ..., inline_steps: _Optional[int] = ..., quant: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., block_digests: _Optional[_Iterable[str]] = ...) -> None: ...
+    file_digests: _containers.ScalarMap[str, str]
+    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., dtype: _Optional[str] = ..., peer_id: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_tokens_left: _Optional[int] = ..., active_sessions: _Optional[int] = ..., software_version: _Optional[str] = ..., steps_from_client: _Optional[int] = ..., steps_from_peers: _Optional[int] = ..., pushes_sent: _Optional[int] = ..., forward_passes: _Optional[int] = ..., batched_steps: _Optional[int] = ..., inline_steps: _Optional[int] = ..., quant: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., block_digests: _Optional[_Iterable[str]] = ..., file_digests: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("protocol_version", "hidden", "start_block", "end_block", "response_compression", "prompts", "adapter", "lora")
@@ -271,18 +280,20 @@ class HandoffFailed(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class WeightsRequest(_message.Message):
-    __slots__ = ("protocol_version", "model", "block", "offset", "chunk_size")
+    __slots__ = ("protocol_version", "model", "block", "offset", "chunk_size", "file")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     model: str
     block: int
     offset: int
     chunk_size: int
-    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., block: _Optional[int] = ..., offset: _Optional[int] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+    file: str
+    def __init__(self, protocol_version: _Optional[int] = ..., model: _Optional[str] = ..., block: _Optional[int] = ..., offset: _Optional[int] = ..., chunk_size: _Optional[int] = ..., file: _Optional[str] = ...) -> None: ...
 
 class WeightsChunk(_message.Message):
     __slots__ = ("offset", "data", "total_bytes")

@@ -202,6 +202,14 @@ def test_a_node_with_only_a_config_fetches_its_blocks_serves_and_outlives_its_se
     folder = next((cache / "peer-weights").iterdir())
     assert held_blocks(folder) == list(range(NUM_LAYERS))
     expected = reference_greedy(full, PROMPT, NEW_TOKENS)[0].tolist()
+    # a client with only config.json too: its head and generation config from the seeders
+    client_cache = tmp_path / "client-cache"
+    with AutoDistributedModelForCausalLM.from_pretrained(bare, initial_peers=swarm.initial_peers, model_name=MODEL,
+                                                         cache_dir=client_cache, config=ClientConfig()) as model:
+        assert model.model_dir.parent == client_cache / "peer-weights"
+        assert sorted(p.name for p in model.model_dir.iterdir()) == [
+            "config.json", "generation_config.json", "head.safetensors", "model.safetensors.index.json"]
+        assert model.generate(PROMPT, max_new_tokens=NEW_TOKENS)[0].tolist() == expected
     seeders = [n for n in swarm.nodes if n is not node]
     for seeder in seeders:  # from here on only the node that fetched its blocks serves them
         assert LocalSwarm.stop(seeder) == 0
