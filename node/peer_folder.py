@@ -10,9 +10,10 @@ the digests and the Weights rpc read it like any checkpoint. The folder is keyed
 the config's hash: another model, or another config under the same name, never mixes with it.
 
 A digest list (``weight_digests.json``, written by ``python -m homeswarm.node.peer_folder MODEL_DIR``
-from a whole checkpoint) may travel with ``config.json``: it comes from where the config comes from, so
-its digests are trusted as the config is, and one peer serving the blocks is then enough (a swarm with a
-single seeder); without it a block needs the digest two peers agree on.
+from a whole checkpoint: its blocks' digests, and the sha256 of a client's files) may travel with
+``config.json``: it comes from where the config comes from, so its digests are trusted as the config is,
+and one peer serving the blocks is then enough (a swarm with a single seeder); without it a block needs
+the digest two peers agree on.
 
 Invariants: a ``block-*.safetensors`` file exists only once its digest matched the agreed one (it is
 renamed from its ``.part`` then), so a restart trusts the blocks it finds; the index is replaced
@@ -73,10 +74,13 @@ def write_digests(model_dir: str | os.PathLike[str], out: str | os.PathLike[str]
                   cache_path: str | os.PathLike[str] | None = None) -> Path:
     """Write the digest list of the blocks ``model_dir`` holds (to ``out``, default its own folder)."""
     from homeswarm.model.digest import block_digests
+    from homeswarm.node.weight_upload import WeightUploader
 
     digests = block_digests(model_dir, cache_path=cache_path)
+    files = WeightUploader(model_dir, "", rate=0).file_digests()  # a client's: the head, the tokenizer
     path = Path(out) if out is not None else Path(model_dir) / DIGESTS_FILE
-    path.write_text(json.dumps({"blocks": {str(b): d for b, d in sorted(digests.items())}}, indent=1) + "\n")
+    path.write_text(json.dumps({"blocks": {str(b): d for b, d in sorted(digests.items())}, "files": files},
+                               indent=1) + "\n")
     return path
 
 

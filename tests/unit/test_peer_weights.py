@@ -1,9 +1,11 @@
 """Weights from peers without sockets: the block file's canonical layout and checks, the fetch planner, the
-upload token bucket, and the fetch loop against fake peers (honest, lying, dying mid-transfer)."""
+upload token bucket, the uploader, the fetch loop against fake peers (honest, lying, dying mid-transfer), and
+a client's choice of the files it fetches."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import struct
 import time
@@ -13,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from homeswarm.client.peer_files import _agreed
+from homeswarm.client.peer_files import needs_peers as client_needs_peers
 from homeswarm.model.digest import block_digests, file_block_digest
 from homeswarm.node import peer_fetch
 from homeswarm.node.config import ConfigError
@@ -358,3 +362,41 @@ def test_partial_files_left_by_an_earlier_run_are_checked_and_resumed(checkpoint
     assert 0 not in {block for block, _ in requests}  # only hashed
     assert sorted(r for r in requests if r[0] != 0) == [(1, 0), (2, 50)]  # 1 fetched again whole, 2 resumed
     assert block_digests(dest, cache_path=tmp_path / "d.json") == digests
+
+
+def test_a_clients_files_are_uploaded_and_listed_with_their_digests(checkpoint, tmp_path):
+    folder, tensors = checkpoint
+    (folder / "tokenizer.json").write_text('{"model": {}}')
+    uploader = WeightUploader(folder, "m", rate=float("inf"))
+    request = node_pb2.WeightsRequest(protocol_version=1, model="m", file="head")
+
+    async def run(request):  # noqa: ANN001, ANN202
+        return b"".join([c.data async for c in uploader.stream(request, FakeContext())])
+
+    head = asyncio.run(run(request))
+    (tmp_path / "head.safetensors").write_bytes(head)
+    assert sorted(load_file(tmp_path / "head.safetensors")) == ["lm_head.weight", "model.embed_tokens.weight"]
+    request.file = "tokenizer.json"
+    assert asyncio.run(run(request)) == (folder / "tokenizer.json").read_bytes()
+    digests = uploader.file_digests()
+    assert digests == {"head": hashlib.sha256(head).hexdigest(),
+                       "tokenizer.json": hashlib.sha256((folder / "tokenizer.json").read_bytes()).hexdigest()}
+    for name, code in (("config.json", grpc.StatusCode.INVALID_ARGUMENT), ("../x", grpc.StatusCode.INVALID_ARGUMENT),
+                       ("generation_config.json", grpc.StatusCode.NOT_FOUND)):
+        request.file = name
+        with pytest.raises(Aborted) as e:
+            asyncio.run(run(request))
+        assert e.value.args[0] == code
+    listed = json.loads(write_digests(folder, tmp_path / "w.json", cache_path=tmp_path / "d.json").read_text())
+    assert listed["files"] == digests and set(listed["blocks"]) == {"0", "1", "2"}
+
+
+def test_a_client_takes_a_file_only_with_a_digest_two_nodes_agree_on(tmp_path):
+    assert _agreed({"a": {"head": "x"}, "b": {"head": "x"}, "c": {"head": "y"}}, "head") == "x"
+    assert _agreed({"a": {"head": "x"}, "b": {"head": "y"}}, "head") is None
+    assert _agreed({"a": {"head": "x"}}, "head") is None
+    assert _agreed({"a": {"head": "x"}, "b": {}}, "tokenizer.json") is None
+    (tmp_path / "config.json").write_text("{}")
+    assert client_needs_peers(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert not client_needs_peers(tmp_path)
