@@ -258,12 +258,15 @@ def _check_checkpoint(model_dir: Path, *, head_only: bool = True) -> ModelConfig
     network. ``head_only``: a client's folder needs only the shards of the head (not a draft model's)."""
     if not (model_dir / "config.json").is_file():
         raise UsageError(f"{model_dir} is not a checkpoint folder (no config.json)")
+    from homeswarm.client.peer_files import needs_peers as needs_peer_files
     from homeswarm.model import ModelConfig
     from homeswarm.model.checkpoint import block_of
-    from homeswarm.model.gguf_files import open_checkpoint
+    from homeswarm.model.gguf_files import is_gguf_folder, open_checkpoint
 
     try:
         config = ModelConfig.from_dir(model_dir)
+        if head_only and not is_gguf_folder(model_dir) and needs_peer_files(model_dir):
+            return config  # config.json without the head's tensors: they come from the swarm's nodes
         reader = open_checkpoint(model_dir)  # safetensors, or the GGUF file the folder stands for
         lacking = reader.missing_files(n for n in reader.names() if not head_only or block_of(n) is None)
     except (OSError, ValueError) as e:
@@ -292,6 +295,7 @@ def _check_peers(peers: Sequence[str]) -> None:
 
 def _join(model_dir: Path, args: argparse.Namespace):  # noqa: ANN202 - the client class loads lazily
     from homeswarm.client.model import AutoDistributedModelForCausalLM
+    from homeswarm.client.peer_files import PeerFilesError
     from homeswarm.model import MissingTensorsError
     from homeswarm.model.checkpoint import MissingShardsError
 
@@ -315,6 +319,8 @@ def _join(model_dir: Path, args: argparse.Namespace):  # noqa: ANN202 - the clie
         )
     except (MissingTensorsError, MissingShardsError) as e:
         raise UsageError(str(e)) from None
+    except PeerFilesError as e:  # the head or tokenizer to fetch from the swarm's nodes: none could give it
+        raise JoinError(str(e)) from None
     except Exception as e:  # hivemind raises several types for unreachable or malformed peers
         raise JoinError(_join_failure(e, args.initial_peers)) from None
 

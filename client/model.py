@@ -92,8 +92,10 @@ class DistributedModelForCausalLM:
         self.pool = ChannelPool(partial(forwarder_address, self.dht), require_tls=self.config.require_tls)
         if not is_gguf_folder(self.model_dir) and needs_peer_files(self.model_dir):
             try:  # config.json without the head's tensors: from the swarm's nodes
+                embeddings = self.model_config.vocab_size * self.model_config.hidden_size * 4  # float32's bytes
                 self.model_dir = fetch_peer_files(self.model_dir, self.dht, self.pool, self.model_name,
-                                                  self.model_config.num_hidden_layers, cache_dir)
+                                                  self.model_config.num_hidden_layers, cache_dir,
+                                                  max_head_bytes=4 * 2 * embeddings + (1 << 20))
             except BaseException:
                 self.dht.shutdown()
                 raise

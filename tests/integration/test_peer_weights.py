@@ -1,19 +1,25 @@
 """Weights from peers, with real daemons on 127.0.0.1: two nodes seed a tiny checkpoint; a node started with
-only its config.json fetches every block from them and serves, greedy output through it equals transformers'
-(also once the seeders stop); a peer sending wrong tensor bytes (the uploader's corrupt-weights fault, served
-in this process) is caught by the digest and banned; a throttled source killed mid-transfer leaves a partial
-file that another peer resumes at its offset.
+only its config.json fetches every block from them and serves, and greedy output through it equals
+transformers' (also once the seeders stop), as through a client whose folder holds only config.json too
+(Python and the command line: its head and generation config from the seeders); a peer sending wrong tensor
+bytes (the uploader's corrupt-weights fault, served in this process) is caught by the digest and banned; a
+throttled source killed mid-transfer leaves a partial file that another peer resumes at its offset; bad
+Weights requests get a status and a message.
 
 One swarm for the module: a bootstrap peer, the two seeders and the throttled one. The ban and resume tests
 fetch in this process (node.peer_fetch against the swarm's DHT); the last test runs the whole join-swarm
 path and stops the seeders, so it comes last.
 """
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
 import re
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -22,7 +28,7 @@ import pytest
 import torch
 
 from homeswarm.client.config import ClientConfig
-from homeswarm.client.local_swarm import LocalSwarm
+from homeswarm.client.local_swarm import LocalSwarm, console_script
 from homeswarm.client.model import AutoDistributedModelForCausalLM
 from homeswarm.model.digest import block_digests
 from homeswarm.node.peer_fetch import discover, fetch_blocks
@@ -210,6 +216,15 @@ def test_a_node_with_only_a_config_fetches_its_blocks_serves_and_outlives_its_se
         assert sorted(p.name for p in model.model_dir.iterdir()) == [
             "config.json", "generation_config.json", "head.safetensors", "model.safetensors.index.json"]
         assert model.generate(PROMPT, max_new_tokens=NEW_TOKENS)[0].tolist() == expected
+    # and the command line, its cache under XDG_CACHE_HOME
+    result = subprocess.run(
+        [*console_script("homeswarm"), "generate", str(bare), "--initial-peers", *swarm.initial_peers, "--model-name",
+         MODEL, "--prompt-ids", ",".join(map(str, PROMPT[0].tolist())), "--max-new-tokens", str(NEW_TOKENS), "--json"],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["token_ids"] == expected[PROMPT.shape[1]:]
+    assert (next((tmp_path / "xdg" / "homeswarm" / "peer-weights").iterdir()) / "head.safetensors").is_file()
     seeders = [n for n in swarm.nodes if n is not node]
     for seeder in seeders:  # from here on only the node that fetched its blocks serves them
         assert LocalSwarm.stop(seeder) == 0
