@@ -124,6 +124,8 @@ def _server_row(server: ServerView, num_blocks: int) -> str:
     return f"<tr>{''.join(cells)}</tr>"
 
 
+_HEADER_TIPS = {"Blocks": "A:B: blocks A to B-1, as join-swarm --blocks A:B takes them",
+                "State": "as announced, except unreachable: announced online but not answering"}
 _HEADERS = ("Name", "Blocks", "State", "Steps/s", "Free cache (tokens)", "Weights", "Version", "Reachable",
             "Connection", "Round trip", "Uptime", "Sessions")
 
@@ -151,7 +153,9 @@ def model_section(model: ModelView, samples: Sequence[Sample], now: float) -> st
                + (f" ({missing} without a server)" if missing else "")
                + f" · weakest block {_num(model.weakest_throughput)} steps/s")
     rows = "".join(_server_row(s, model.num_blocks) for s in model.servers)
-    table = (f'<div class="scroll"><table><thead><tr>{"".join(f"<th>{h}</th>" for h in _HEADERS)}</tr></thead>'
+    heads = "".join(f'<th title="{_HEADER_TIPS[h]}">{h}</th>' if h in _HEADER_TIPS else f"<th>{h}</th>"
+                    for h in _HEADERS)
+    table = (f'<div class="scroll"><table><thead><tr>{heads}</tr></thead>'
              f"<tbody>{rows}</tbody></table></div>" if model.servers else '<p class="muted">No server announced.</p>')
     name = escape(model.name)
     return (f'<section class="model" id="model-{name}"><h2>{name} {badge}</h2><div>{summary}</div>'
