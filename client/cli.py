@@ -295,7 +295,7 @@ def _check_peers(peers: Sequence[str]) -> None:
 
 def _join(model_dir: Path, args: argparse.Namespace):  # noqa: ANN202 - the client class loads lazily
     from homeswarm.client.model import AutoDistributedModelForCausalLM
-    from homeswarm.client.peer_files import PeerFilesError
+    from homeswarm.client.peer_files import NoPeerFiles, PeerFilesError
     from homeswarm.model import MissingTensorsError
     from homeswarm.model.checkpoint import MissingShardsError
 
@@ -318,6 +318,8 @@ def _join(model_dir: Path, args: argparse.Namespace):  # noqa: ANN202 - the clie
                                 mirrors=not getattr(args, "trust", False), adapter=adapter),
         )
     except (MissingTensorsError, MissingShardsError) as e:
+        raise UsageError(str(e)) from None
+    except NoPeerFiles as e:  # a folder without the head, and no node offers it: bad input, most likely
         raise UsageError(str(e)) from None
     except PeerFilesError as e:  # the head or tokenizer to fetch from the swarm's nodes: none could give it
         raise JoinError(str(e)) from None

@@ -53,6 +53,10 @@ class PeerFilesError(RuntimeError):
     """Client files that could not be had from the swarm (message: one line)."""
 
 
+class NoPeerFiles(PeerFilesError):  # noqa: N818 - a kind of PeerFilesError
+    """No node serving the model offers its head: most often a folder without weights given by mistake."""
+
+
 def needs_peers(model_dir: str | os.PathLike[str]) -> bool:
     """Whether ``model_dir`` holds ``config.json`` and not the head's tensors."""
     model_dir = Path(model_dir)
@@ -118,8 +122,10 @@ def fetch_client_files(model_dir: str | os.PathLike[str], dht: SwarmDHT, pool: C
         digest = trusted.get(name) or _agreed(offers, name)
         if digest is None:
             if name == HEAD:
-                raise PeerFilesError(f"{model_dir} holds no head tensors, and no two nodes serving {model_name} offer "
-                                     f"the same ones ({len(offers)} node(s) asked)")
+                raise NoPeerFiles(f"{model_dir} holds no head tensors (no model.safetensors, nor the shards its index "
+                                  f"names for them), and no two nodes serving {model_name} offer the same ones "
+                                  f"({len(offers)} node(s) asked): give the checkpoint folder with the head's "
+                                  f"shards, or the model's name in the swarm (--model-name)")
             continue  # a tokenizer file the swarm does not have
         target = folder / (HEAD_FILE if name == HEAD else name)
         sources = [p for p, d in offers.items() if d.get(name) == digest and p not in banned]
