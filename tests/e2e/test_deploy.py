@@ -8,6 +8,7 @@ a locally made BASE_IMAGE and a TORCH_INDEX_URL where Docker Hub or torch's inde
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -95,6 +96,47 @@ def test_systemd_analyze_security_rates_the_unit_ok(tmp_path):
     match = re.search(r"Overall exposure level for join-swarm\.service: ([\d.]+) (\w+)", result.stdout)
     assert match, result.stdout[-2000:] + result.stderr[-2000:]
     assert float(match.group(1)) <= 2.0, result.stdout  # 1.5 "OK" (the unhardened unit: 7.7 "EXPOSED")
+
+
+SANDBOX = r"""
+set -e
+mount --make-rprivate /
+mount -t tmpfs -o mode=1777 tmpfs /tmp        # PrivateTmp=yes
+mkdir -m 777 /tmp/state                       # StateDirectory= / CacheDirectory=: the only places it writes
+mount --bind / / && mount -o remount,bind,ro /  # ProtectSystem=strict (and ProtectHome=read-only)
+if touch "$ROOT/.sandbox-probe" 2>/dev/null; then rm -f "$ROOT/.sandbox-probe"; echo "writable"; exit 3; fi
+export HOME=/tmp/state XDG_CACHE_HOME=/tmp/state TMPDIR=/tmp
+# NoNewPrivileges=yes, CapabilityBoundingSet= (empty)
+setpriv --no-new-privs --bounding-set=-all --inh-caps=-all "$BIN/join-swarm" "$ROOT/model/demo" --new-swarm     --port 0 --compute-threads 1 --ready-file /tmp/state/ready.json & node=$!
+i=0; while [ ! -s /tmp/state/ready.json ] && [ $i -lt 900 ]; do sleep 0.1; i=$((i + 1)); done
+grep CapEff /proc/$node/status
+peers=$("$BIN/python" -c 'import json; print(json.load(open("/tmp/state/ready.json"))["dht_maddrs"][0])')
+setpriv --no-new-privs --bounding-set=-all --inh-caps=-all "$BIN/homeswarm" generate "$ROOT/model/demo"     --initial-peers "$peers" --prompt-ids 1,2,3,4 --max-new-tokens 4 --json
+kill -TERM $node; wait $node; echo "node exit $?"
+"""
+
+
+def test_the_node_serves_under_the_units_file_system_and_privilege_limits(tmp_path):
+    """What the unit's hardening does to the file system and privileges, made here with a mount namespace
+    (no systemd runs on these machines): a read-only system, a private /tmp (p2pd's sockets, torch's
+    shared-memory folder), writable state and cache folders only, no capabilities, no new privileges.
+    The node serves the demo model and a client's greedy tokens are transformers'."""
+    if shutil.which("unshare") is None or shutil.which("setpriv") is None:
+        pytest.skip("unshare or setpriv is not installed here")
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"no mount namespace here: {probe.stderr.decode().strip()}")
+    script = tmp_path / "sandbox.sh"
+    script.write_text(SANDBOX)
+    env = {**os.environ, "ROOT": str(ROOT), "BIN": str(Path(sys.executable).parent), "HOMESWARM_LOG_LEVEL": "WARNING"}
+    result = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", str(script)], env=env,
+                            capture_output=True, text=True, timeout=150, start_new_session=True)
+    out = result.stdout
+    assert result.returncode == 0 and "node exit 0" in out, out[-2000:] + result.stderr[-3000:]
+    assert re.search(r"^CapEff:\s+0+$", out, re.MULTILINE), out
+    generated = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    prompt = torch.tensor([[1, 2, 3, 4]])
+    assert generated["token_ids"] == reference_greedy(DEMO_MODEL_DIR, prompt, 4)[0, 4:].tolist()
 
 
 # --- compose -------------------------------------------------------------------------------------
