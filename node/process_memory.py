@@ -135,3 +135,35 @@ def cgroup_memory_left(proc: Path = Path("/proc"), cgroup_root: Path = Path("/sy
             if limit is not None:
                 left.append(max(0, limit - (_read_int(folder / "memory.usage_in_bytes") or 0)))
     return min(left, default=None)
+
+
+def _is_node(cmdline: bytes) -> bool:
+    """A Python running join-swarm (its console script, or ``-m homeswarm.node.main``), not a command that
+    merely names it (``timeout 60 join-swarm ...``, an editor)."""
+    args = [a for a in cmdline.decode(errors="replace").split("\0") if a]
+    if len(args) < 2 or "python" not in os.path.basename(args[0]):
+        return False
+    return os.path.basename(args[1]) == "join-swarm" or args[1:3] == ["-m", "homeswarm.node.main"]
+
+
+def _parent(proc: Path, pid: int) -> int | None:
+    try:
+        return int((proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def other_nodes(proc: Path = Path("/proc"), me: int | None = None) -> int:
+    """How many other `join-swarm` nodes run on this machine (their DHT processes, forked from them, not
+    counted): nodes started side by side each see the same available memory."""
+    me = os.getpid() if me is None else me
+    nodes: set[int] = set()
+    for entry in proc.iterdir() if proc.is_dir() else ():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            if _is_node((entry / "cmdline").read_bytes()):
+                nodes.add(int(entry.name))
+        except OSError:
+            continue
+    return sum(1 for pid in nodes if _parent(proc, pid) not in nodes | {me})

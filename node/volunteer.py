@@ -53,7 +53,7 @@ from homeswarm.node.idle_probe import MachineProbe
 from homeswarm.node.idle_watch import IdleWatch, idle_users
 from homeswarm.node.period import EndReason, PeriodEnd, PeriodEnds
 from homeswarm.node.placement import JOIN_SETTLE, Sightings, read_swarm, rebalance, settle_claim, watch_claim
-from homeswarm.node.process_memory import cgroup_memory_left, tree_memory
+from homeswarm.node.process_memory import cgroup_memory_left, other_nodes, tree_memory
 from homeswarm.node.throughput import (
     SELF_TEST_STEPS,
     ThroughputCache,
@@ -256,6 +256,10 @@ async def run_volunteer(config: NodeConfig, stop: asyncio.Event, dht: SwarmDHT, 
     # what the runtime holds already no longer shows as available: count it back in
     available = available_memory if left is None else min(available_memory, left)
     memory = plan_memory(config, model, dtype, available + runtime, runtime)
+    if not memory.given and torch.device(config.device).type == "cpu" and (others := other_nodes()):
+        # nothing is reserved: their weights and caches may together take more than the machine has
+        logger.warning("%d other join-swarm node(s) run on this machine, and each counts the memory available "
+                       "at its start as its own: give each --max-memory so that together they fit", others)
     if config.port == 0:
         config = dataclasses.replace(config, port=free_port(config.host))
     address = config.public_address or f"{config.host}:{config.port}"

@@ -65,3 +65,25 @@ def test_no_limit_anywhere(tmp_path):
                                                     "system.slice/join-swarm.service/memory.max": "max"})
     assert cgroup_memory_left(proc, root) is None
     assert cgroup_memory_left(tmp_path / "no-proc", root) is None
+
+
+def test_other_nodes_on_the_machine_are_counted_once_each(tmp_path):
+    from homeswarm.node.process_memory import other_nodes
+
+    proc = tmp_path / "proc"
+
+    def process(pid: int, ppid: int, *argv: str) -> None:
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+        (proc / str(pid) / "stat").write_text(f"{pid} (python) S {ppid} 1 1 0")
+
+    process(100, 1, "/venv/bin/python", "/venv/bin/join-swarm", "model", "--new-swarm")  # this node
+    process(101, 100, "/venv/bin/python", "/venv/bin/join-swarm", "model", "--new-swarm")  # its DHT process
+    process(200, 1, "/venv/bin/python", "/venv/bin/join-swarm", "model", "--initial-peers", "X")  # another
+    process(201, 200, "/venv/bin/python", "/venv/bin/join-swarm", "model", "--initial-peers", "X")  # its DHT
+    process(300, 1, "python", "-m", "homeswarm.node.main", "model")  # a third, started as a module
+    process(400, 1, "/venv/bin/python", "/venv/bin/homeswarm", "dht")  # not a node
+    process(500, 1, "vim", "notes-about-join-swarm")  # not a node either
+    process(600, 1, "timeout", "60", "/venv/bin/join-swarm", "model")  # what runs one, not the node
+    assert other_nodes(proc, me=100) == 2
+    assert other_nodes(proc, me=999) == 3
