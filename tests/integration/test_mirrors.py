@@ -154,8 +154,11 @@ def test_a_killed_hop_is_replaced_by_its_mirror_without_replay(swarm, checkpoint
                 ids = torch.cat([ids, token[:, None]], dim=1)
             assert session.route[1][0] == mirror
             assert session.failovers == 1 and session.promotions == 1 and session.replayed_tokens == 0
+            state = (f"mirror checks {session.mirror_checks}, route {session.route}, mirrors {session.mirrors}, "
+                     f"gaps {gaps}")
         after = node_info(mirror, survivor.info).steps_from_client
     assert ids.tolist() == expected
-    assert after - before == new_tokens  # one message per step: nothing was replayed to it
+    # one message per step: nothing was replayed to it
+    assert after - before == new_tokens, f"{before} -> {after} steps from the client; {state}"
     decoding = gaps[1:]
     assert max(decoding) - statistics.median(decoding) < 1.0, gaps
