@@ -62,7 +62,7 @@ def run_demo(args: argparse.Namespace) -> int:
         swarm.start_bootstrap()
         daemons = []
         for start, end in spans:
-            blocks = f"block {start}" if end - start == 1 else f"blocks {start}..{end - 1}"
+            blocks = f"block {start}" if end - start == 1 else f"blocks {start}:{end}"
             _say(f"starting join-swarm for {blocks} ...")
             daemons.append(swarm.start_node(model_dir, "--blocks", f"{start}:{end}", wait=False))
         for daemon in daemons:

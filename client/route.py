@@ -151,9 +151,9 @@ class RouteManager:
                    and r.state == ServerState.ONLINE}
         if len(digests) > 1 and span not in self._disputed:
             self._disputed.add(span)
-            logger.warning("nodes serving blocks %d..%d announce %d different weights, none by a majority: they are "
+            logger.warning("nodes serving blocks %d:%d announce %d different weights, none by a majority: they are "
                            "all used, unchecked (a checkpoint folder with these blocks' shards would check them)",
-                           span[0], span[1] - 1, len(digests))
+                           span[0], span[1], len(digests))
 
     def ban(self, peer_id: str, seconds: float | None = None) -> None:
         """Avoid the node: for ``seconds``, or (None) for a time that doubles with each failure."""

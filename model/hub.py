@@ -177,7 +177,7 @@ def fetch_span_files(model_dir: str | os.PathLike[str], start: int, end: int, *,
     """Download into a hub snapshot folder the shards of blocks [start, end) it lacks; for any other folder,
     nothing (the loader names the shard files it lacks, if any)."""
     model_dir = Path(model_dir)
-    _fetch(model_dir, span_files(model_dir, start, end), f"blocks {start}..{end - 1}", endpoint=endpoint)
+    _fetch(model_dir, span_files(model_dir, start, end), f"blocks {start}:{end}", endpoint=endpoint)
 
 
 def fetch_client_files(repo_id: str, *, revision: str = "main", cache_dir: str | os.PathLike[str] | None = None,

@@ -42,7 +42,7 @@ class PeriodEnd:
     def move(cls, grace: float, destination: tuple[int, int]) -> PeriodEnd:
         start, end = destination
         return cls(EndReason.MOVE, ServerState.OFFLINE, grace, "this node is moving to other blocks",
-                   destination, why=f"moving to blocks {start}..{end - 1}, where the swarm is weaker")
+                   destination, why=f"moving to blocks {start}:{end}, where the swarm is weaker")
 
 
 class PeriodEnds:

@@ -241,7 +241,7 @@ class NodeService(node_pb2_grpc.NodeServicer):
         following = self.span.config.num_hidden_layers - session.end
         if len(next_hops) > following:
             raise BadRequest(f"{len(next_hops)} next hops, but {following} blocks follow blocks "
-                             f"{session.start}..{session.end - 1}")
+                             f"{session.start}:{session.end}")
         for hop in next_hops:
             if not is_valid_address(hop.address):
                 raise BadRequest(f"bad next hop address {hop.address[:80]!r}")

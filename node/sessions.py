@@ -97,7 +97,7 @@ class SessionManager:
             raise SessionRefused(
                 Refusal.NO_MEMORY,
                 f"not enough KV cache memory: the session needs {reserved_bytes} bytes "
-                f"(batch {batch_size} x {max_length} tokens x blocks {start}..{end - 1}), "
+                f"(batch {batch_size} x {max_length} tokens x blocks {start}:{end}), "
                 f"{max(free, 0)} of {self.budget_bytes} are free",
             )
         session = Session(

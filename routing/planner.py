@@ -75,14 +75,10 @@ class QuantizedOnlyError(MissingBlocksError):
 
 
 def format_blocks(blocks: Iterable[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
-    ranges: list[list[int]] = []
-    for block in sorted(blocks):
-        if ranges and block == ranges[-1][1] + 1:
-            ranges[-1][1] = block
-        else:
-            ranges.append([block, block])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+    """[0, 1, 2, 5, 7, 8] -> '0:3, 5:6, 7:9': runs of blocks as ``--blocks`` takes them."""
+    from homeswarm.protocol.block_range import block_ranges  # here: the protocol package loads torch
+
+    return block_ranges(blocks)
 
 
 def usable_servers(

@@ -271,7 +271,7 @@ def test_unserved_model_name_exits_1_naming_the_blocks(swarm, ckpt):
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        f"homeswarm: error: no server in the swarm serves block(s) 0-{NUM_LAYERS - 1} of model 'nope'"
+        f"homeswarm: error: no server in the swarm serves block(s) 0:{NUM_LAYERS} of model 'nope'"
     )
 
 

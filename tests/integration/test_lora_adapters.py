@@ -175,7 +175,7 @@ def test_an_adapter_nobody_serves_is_named(files, swarm):
     with distributed(files, swarm) as model:
         with pytest.raises(AdapterNotServedError) as caught:
             model.inference_session(max_length=8, adapter="missing")
-    assert str(caught.value) == (f"no server in the swarm serves LoRA adapter 'missing' for block(s) 0-3 of model "
+    assert str(caught.value) == (f"no server in the swarm serves LoRA adapter 'missing' for block(s) 0:4 of model "
                                  f"'tiny-lora' (adapters announced: {ADAPTER})")
 
 

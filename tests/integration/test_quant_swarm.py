@@ -105,7 +105,7 @@ def test_exact_client_refuses_a_route_of_quantized_nodes(swarm, prompt_ids):
         with pytest.raises(QuantizedOnlyError) as caught:
             model.generate([prompt_ids], max_new_tokens=2)
     assert caught.value.blocks == [0, 1, 2, 3]
-    assert "block(s) 0-3 of model 'demo-int8' are served only by quantized nodes (int8)" in str(caught.value)
+    assert "block(s) 0:4 of model 'demo-int8' are served only by quantized nodes (int8)" in str(caught.value)
 
 
 def test_exact_client_routes_through_the_unquantized_node(swarm, prompt_ids, float32_tokens):
@@ -131,7 +131,7 @@ def test_generate_exact_fails_in_one_line_where_only_quantized_nodes_serve(swarm
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("homeswarm: error: ")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "block(s) 0-3 of model 'demo-int4' are served only by quantized nodes (int4)" in errors[0]
+    assert "block(s) 0:4 of model 'demo-int4' are served only by quantized nodes (int4)" in errors[0]
 
 
 def test_generate_exact_verbose_shows_an_unquantized_route(swarm, prompt_ids, float32_tokens):
@@ -157,7 +157,7 @@ def test_quant_over_4_bit_experts_announces_int4_and_exact_clients_avoid_it(swar
         with pytest.raises(QuantizedOnlyError) as caught:
             model.generate([[1, 2, 3]], max_new_tokens=2)
     assert caught.value.blocks == [1, 2, 3]
-    assert f"block(s) 1-3 of model '{K2}' are served only by quantized nodes (int4)" in str(caught.value)
+    assert f"block(s) 1:4 of model '{K2}' are served only by quantized nodes (int4)" in str(caught.value)
 
 
 def test_quant_over_4_bit_experts_computes_the_quantized_span(swarm, k2_checkpoint):

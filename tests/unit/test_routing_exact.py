@@ -39,7 +39,7 @@ def test_blocks_served_only_by_quantized_nodes_are_named():
     assert isinstance(error, MissingBlocksError)  # callers that handle missing blocks handle this too
     assert error.blocks == error.quantized_blocks == [3, 4, 5]
     message = str(error)
-    assert "block(s) 3-5 of model 'llama' are served only by quantized nodes (int4, int8)" in message
+    assert "block(s) 3:6 of model 'llama' are served only by quantized nodes (int4, int8)" in message
     assert "--exact" in message and "\n" not in message
 
 
@@ -48,7 +48,7 @@ def test_blocks_nobody_serves_are_named_beside_the_quantized_ones():
     with pytest.raises(QuantizedOnlyError) as caught:
         plan_exact_route(records, 0, 6, model="m")
     assert caught.value.blocks == [2, 3, 4, 5] and caught.value.quantized_blocks == [2, 3]
-    assert "no server at all serves block(s) 4-5" in str(caught.value)
+    assert "no server at all serves block(s) 4:6" in str(caught.value)
 
 
 def test_without_quantized_nodes_the_error_is_the_usual_one():

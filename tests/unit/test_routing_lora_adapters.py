@@ -55,9 +55,9 @@ def test_an_adapter_no_node_serves_is_named():
         plan_for_adapter(records, 0, 4, adapter="style", model="m")
     assert isinstance(caught.value, MissingBlocksError)  # callers that handle missing blocks handle this
     assert caught.value.blocks == [2, 3]
-    assert str(caught.value) == ("no server in the swarm serves LoRA adapter 'style' for block(s) 2-3 of model 'm' "
+    assert str(caught.value) == ("no server in the swarm serves LoRA adapter 'style' for block(s) 2:4 of model 'm' "
                                  "(adapters announced: other, style)")
-    with pytest.raises(AdapterNotServedError, match=r"'nope' for block\(s\) 0-3 .*\(no node announces any adapter\)"):
+    with pytest.raises(AdapterNotServedError, match=r"'nope' for block\(s\) 0:4 .*\(no node announces any adapter\)"):
         plan_for_adapter([rec("c", 0, 4)], 0, 4, adapter="nope", model="m")
 
 

@@ -151,7 +151,7 @@ def test_gaps_name_exactly_the_missing_blocks():
         plan_route(records, 0, 12, model="llama")
     assert e.value.blocks == [0, 1, 2, 5, 8, 10, 11]
     assert e.value.model == "llama"
-    assert str(e.value) == "no server in the swarm serves block(s) 0-2, 5, 8, 10-11 of model 'llama'"
+    assert str(e.value) == "no server in the swarm serves block(s) 0:3, 5:6, 8:9, 10:12 of model 'llama'"
 
 
 def test_missing_blocks_only_within_the_requested_range():
@@ -161,15 +161,15 @@ def test_missing_blocks_only_within_the_requested_range():
 
 
 def test_no_servers_at_all():
-    with pytest.raises(MissingBlocksError, match=r"block\(s\) 0-5 of model 'x'"):
+    with pytest.raises(MissingBlocksError, match=r"block\(s\) 0:6 of model 'x'"):
         plan_route([], 0, 6, model="x")
 
 
 def test_missing_blocks_error_constructor_and_format():
     e = MissingBlocksError("m", {7, 0, 1, 2, 5, 8})
     assert e.blocks == [0, 1, 2, 5, 7, 8]
-    assert format_blocks([0, 1, 2, 5]) == "0-2, 5"
-    assert format_blocks([4]) == "4"
+    assert format_blocks([0, 1, 2, 5]) == "0:3, 5:6"
+    assert format_blocks([4]) == "4:5"
 
 
 def test_bad_range_raises_value_error():
