@@ -400,3 +400,15 @@ def test_a_client_takes_a_file_only_with_a_digest_two_nodes_agree_on(tmp_path):
     assert client_needs_peers(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"")
     assert not client_needs_peers(tmp_path)
+
+
+def test_upload_limit_on_the_command_line():
+    from homeswarm.node.config import NodeConfig
+
+    def rate(*args: str) -> float:
+        return NodeConfig.from_args(["model", "--new-swarm", *args]).upload_rate()
+
+    assert rate() == 20e6 and rate("--upload-limit", "0") == 0 and rate("--upload-limit", "500KiB") == 500 * 1024
+    for bad in ("fast", "20", "0.5KB!"):
+        with pytest.raises(ConfigError, match="--upload-limit"):
+            rate("--upload-limit", bad)
