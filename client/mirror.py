@@ -136,8 +136,8 @@ class MirroredHops:
         if not candidates:
             if (hop.start, hop.end) not in self._unmirrored:
                 self._unmirrored.add((hop.start, hop.end))
-                logger.info("no second server of blocks %d..%d to mirror %s: its answers are unchecked%s",
-                            hop.start, hop.end - 1, hop.server.address,
+                logger.info("no second server of blocks %d:%d to mirror %s: its answers are unchecked%s",
+                            hop.start, hop.end, hop.server.address,
                             "" if self.config.verify_fraction else " (--verify-fraction re-runs a share of steps)")
             return
         span = hop.end - hop.start
@@ -181,7 +181,7 @@ class MirroredHops:
             return
         hop.mirror, hop.mirror_server = stream, build.server
         hop.mirror_step = hop.inputs[-1][0] if hop.inputs else 0
-        logger.info("blocks %d..%d: %s mirrored by %s", hop.start, hop.end - 1,
+        logger.info("blocks %d:%d: %s mirrored by %s", hop.start, hop.end,
                     hop.stream.address if hop.stream else "?", stream.address)
 
     def _drop_mirror(self, index: int, e: HopFailed | None = None, *, ban: bool = True) -> None:
@@ -190,7 +190,7 @@ class MirroredHops:
         if hop.mirror is None:
             return
         if e is not None:
-            logger.warning("mirror of blocks %d..%d failed: %s", hop.start, hop.end - 1, e)
+            logger.warning("mirror of blocks %d:%d failed: %s", hop.start, hop.end, e)
             if ban:
                 self.routes.ban(hop.mirror.peer_id)
         hop.mirror.close()
@@ -208,7 +208,7 @@ class MirroredHops:
         hop.stream, hop.server = hop.mirror, hop.mirror_server
         hop.mirror, hop.mirror_server = None, None
         self.promotions += 1
-        logger.info("blocks %d..%d now served by %s, their mirror (%s): no replay", hop.start, hop.end - 1,
+        logger.info("blocks %d:%d now served by %s, their mirror (%s): no replay", hop.start, hop.end,
                     hop.stream.address, why)
         self._start_mirror(index)
 
@@ -279,12 +279,12 @@ class MirroredHops:
             return output
         if culprit is Culprit.UNDECIDED:
             raise SessionError(
-                f"nodes {server.address} and {mirror_server.address} disagree on blocks {start}..{end - 1} "
+                f"nodes {server.address} and {mirror_server.address} disagree on blocks {start}:{end} "
                 f"(relative error {error:.3g}) and no third server can tell which is right")
         wrong, right = (server, mirror_server) if culprit is Culprit.HOP else (mirror_server, server)
         logger.warning(
-            "node %s (%s) returned wrong hidden states for blocks %d..%d (relative error %.3g against %s); "
-            "banned for %.0f s%s", wrong.address, wrong.peer_id[:16], start, end - 1, error, right.address,
+            "node %s (%s) returned wrong hidden states for blocks %d:%d (relative error %.3g against %s); "
+            "banned for %.0f s%s", wrong.address, wrong.peer_id[:16], start, end, error, right.address,
             self.config.caught_ban_seconds, ", its mirror's answer used" if culprit is Culprit.HOP else "")
         self.routes.ban(wrong.peer_id, seconds=self.config.caught_ban_seconds)
         self.caught.append(wrong.peer_id)

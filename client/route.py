@@ -139,8 +139,8 @@ class RouteManager:
                 continue
             if self.refused.get(record.peer_id) != record.weights:
                 self.refused[record.peer_id] = record.weights
-                logger.warning("refusing node %s (%s): its weights for blocks %d..%d are not %s (announced digest "
-                               "%s)", record.address, record.peer_id[:16], record.start, record.end - 1,
+                logger.warning("refusing node %s (%s): its weights for blocks %d:%d are not %s (announced digest "
+                               "%s)", record.address, record.peer_id[:16], record.start, record.end,
                                "this checkpoint's" if own else "those most nodes of these blocks announce",
                                record.weights[:16] or "none")
         return kept

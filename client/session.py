@@ -372,13 +372,13 @@ class InferenceSession(MirroredHops):
         assert verdict.replica is not None
         if verdict.culprit is Culprit.UNDECIDED:
             raise SessionError(
-                f"nodes {hop.server.address} and {verdict.replica.address} disagree on blocks {hop.start}.."
-                f"{hop.end - 1} (relative error {verdict.error:.3g}) and no third server can tell which is right")
+                f"nodes {hop.server.address} and {verdict.replica.address} disagree on blocks {hop.start}:"
+                f"{hop.end} (relative error {verdict.error:.3g}) and no third server can tell which is right")
         wrong = hop.server if verdict.culprit is Culprit.HOP else verdict.replica
         right = verdict.replica if verdict.culprit is Culprit.HOP else hop.server
         logger.warning(
-            "node %s (%s) returned wrong hidden states for blocks %d..%d (relative error %.3g against %s); "
-            "banned for %.0f s%s", wrong.address, wrong.peer_id[:16], hop.start, hop.end - 1, verdict.error,
+            "node %s (%s) returned wrong hidden states for blocks %d:%d (relative error %.3g against %s); "
+            "banned for %.0f s%s", wrong.address, wrong.peer_id[:16], hop.start, hop.end, verdict.error,
             right.address, self.config.caught_ban_seconds,
             ", recomputing the step" if verdict.culprit is Culprit.HOP else "")
         self.routes.ban(wrong.peer_id, seconds=self.config.caught_ban_seconds)
@@ -433,8 +433,8 @@ class InferenceSession(MirroredHops):
             self._start_mirror(k)
         self.replayed_tokens += length
         logger.info(
-            "blocks %d..%d now served by %s (replayed %d position(s) in %d step(s))",
-            failed.start, failed.end - 1, ", ".join(h.stream.address for h in new_hops if h.stream), length,
+            "blocks %d:%d now served by %s (replayed %d position(s) in %d step(s))",
+            failed.start, failed.end, ", ".join(h.stream.address for h in new_hops if h.stream), length,
             len(replay),
         )
 

@@ -98,7 +98,7 @@ async def fetch_blocks(folder: Path, model_name: str, blocks: list[int], offers:
     plan = FetchPlan(list(blocks), list(offers), agreed, partial=partial,
                      contributors={b: {EARLIER_RUN} for b in partial}, banned=report.banned,
                      resumed=report.resumed)
-    with tqdm(desc=f"blocks {min(blocks)}..{max(blocks)} from peers", unit="B", unit_scale=True,
+    with tqdm(desc=f"blocks {min(blocks)}:{max(blocks) + 1} from peers", unit="B", unit_scale=True,
               disable=None, leave=False) as bar:
 
         async def worker(offer: PeerOffer) -> None:

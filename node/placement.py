@@ -75,7 +75,7 @@ async def settle_claim(read: Read, total_blocks: int, claim: ServerRecord,
         try:
             records = await read()
         except Exception as e:  # the DHT may be briefly slow; the next read may work
-            logger.warning("reading the swarm to confirm blocks %d..%d failed: %s", claim.start, claim.end - 1, e)
+            logger.warning("reading the swarm to confirm blocks %d:%d failed: %s", claim.start, claim.end, e)
             continue
         destination = recheck_claim(records, total_blocks, claim)
         if destination is None:
@@ -85,8 +85,8 @@ async def settle_claim(read: Read, total_blocks: int, claim: ServerRecord,
             continue
         clean = 0
         start, end = destination
-        logger.info("another node claims blocks %d..%d too; taking %d..%d instead",
-                    claim.start, claim.end - 1, start, end - 1)
+        logger.info("another node claims blocks %d:%d too; taking %d:%d instead",
+                    claim.start, claim.end, start, end)
         claim = dataclasses.replace(claim, start=start, end=end)
         await announce(claim)
     return claim
@@ -110,8 +110,8 @@ async def watch_claim(read: Read, total_blocks: int, mine: Callable[[], ServerRe
         claim = mine()
         destination = recheck_claim(records, total_blocks, claim, imbalance=imbalance)
         if destination is not None:
-            logger.info("another node joined on blocks %d..%d at the same time and keeps them",
-                        claim.start, claim.end - 1)
+            logger.info("another node joined on blocks %d:%d at the same time and keeps them",
+                        claim.start, claim.end)
             on_move(destination)
             return
 
