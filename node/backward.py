@@ -69,8 +69,10 @@ async def forward(service: NodeService, request: node_pb2.ForwardRequest, span: 
     return await service.executor.run(prompted_forward, span, hidden, prompts)
 
 
-async def backward(service: NodeService, request: node_pb2.BackwardRequest,
-                   context: grpc.aio.ServicerContext) -> node_pb2.BackwardResponse:
+async def checked_inputs(service: NodeService, request: node_pb2.BackwardRequest, context: grpc.aio.ServicerContext
+                         ) -> tuple[BlockSpan, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A Backward request's span (with its adapter, when named), inputs, output gradients and deep prompts, after
+    every check above (a LoRA backward, node/lora_rpc.py, checks its matrices beside); aborts the call otherwise."""
     from homeswarm.node.service import _COMPRESSIONS, BadRequest
 
     await service._admit(context, request)
@@ -81,6 +83,7 @@ async def backward(service: NodeService, request: node_pb2.BackwardRequest,
                              "train through nodes serving unquantized weights")
     try:
         service._check_range(request.start_block, request.end_block)
+        service._check_adapter(request.adapter)
         if request.response_compression not in _COMPRESSIONS:
             raise BadRequest(f"unknown compression {request.response_compression}")
         if (list(request.grad_output.shape) != list(request.hidden.shape)
@@ -90,14 +93,27 @@ async def backward(service: NodeService, request: node_pb2.BackwardRequest,
                              f"{list(request.grad_output.shape)}, {request.grad_output.dtype!r}")
         hidden = service._decode_hidden(request.hidden, None, service.max_session_length)
         grad_output = service._decode_hidden(request.grad_output, None, service.max_session_length)
-        span = service._subspan(request.start_block, request.end_block)
+        span = service._subspan(request.start_block, request.end_block, request.adapter)
         prompts = decode_prompts(service, request.prompts, span, hidden) if request.HasField("prompts") else None
     except BadRequest as e:
         await service._abort(context, e.code, str(e))
+    return span, hidden, grad_output, prompts
+
+
+def response(service: NodeService, request: node_pb2.BackwardRequest, grad_hidden: torch.Tensor,
+             grad_prompts: torch.Tensor | None) -> node_pb2.BackwardResponse:
+    """The answer: input gradients, and the deep prompts' when they were sent, in the asked compression."""
+    answer = node_pb2.BackwardResponse(grad_hidden=service._encode(grad_hidden, request.response_compression))
+    if grad_prompts is not None:
+        answer.grad_prompts.CopyFrom(service._encode(grad_prompts, request.response_compression))
+    return answer
+
+
+async def backward(service: NodeService, request: node_pb2.BackwardRequest,
+                   context: grpc.aio.ServicerContext) -> node_pb2.BackwardResponse:
+    span, hidden, grad_output, prompts = await checked_inputs(service, request, context)
     service.metrics.bytes_received.inc(request.ByteSize())
     grad_hidden, grad_prompts = await service.executor.run(span_backward, span, hidden, grad_output, prompts)
-    response = node_pb2.BackwardResponse(grad_hidden=service._encode(grad_hidden, request.response_compression))
-    if grad_prompts is not None:
-        response.grad_prompts.CopyFrom(service._encode(grad_prompts, request.response_compression))
-    service.metrics.bytes_sent.inc(response.ByteSize())
-    return response
+    answer = response(service, request, grad_hidden, grad_prompts)
+    service.metrics.bytes_sent.inc(answer.ByteSize())
+    return answer

@@ -25,6 +25,7 @@ import torch
 
 from homeswarm.model.lora import AdapterError, adapted_span
 from homeswarm.model.lora_training import ClientMatrices, client_parts, lora_backward, lora_forward
+from homeswarm.node import backward as backward_rpc
 from homeswarm.node.backward import decode_prompts
 from homeswarm.protocol import CodecError, deserialize_tensor, node_pb2
 
@@ -114,39 +115,19 @@ async def forward(service: NodeService, request: node_pb2.ForwardRequest, span: 
 async def backward(service: NodeService, request: node_pb2.BackwardRequest,
                    context: grpc.aio.ServicerContext) -> node_pb2.BackwardResponse:
     """Backward through the request's adapter and LoRA matrices: input, prompt and matrix gradients."""
-    from homeswarm.node.service import _COMPRESSIONS, BadRequest
+    from homeswarm.node.service import BadRequest
 
-    await service._admit(context, request)
-    await service._check_version(request.protocol_version, context)
-    if service.identity.quant != "none":
-        await service._abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                             f"this node serves {service.identity.quant} weights, which have no backward pass; "
-                             "train through nodes serving unquantized weights")
+    span, hidden, grad_output, prompts = await backward_rpc.checked_inputs(service, request, context)
     try:
-        service._check_range(request.start_block, request.end_block)
-        service._check_adapter(request.adapter)
-        if request.response_compression not in _COMPRESSIONS:
-            raise BadRequest(f"unknown compression {request.response_compression}")
-        if (list(request.grad_output.shape) != list(request.hidden.shape)
-                or request.grad_output.dtype != request.hidden.dtype):
-            raise BadRequest(f"output gradients must have the hidden states' shape and dtype "
-                             f"({list(request.hidden.shape)}, {request.hidden.dtype!r}), got "
-                             f"{list(request.grad_output.shape)}, {request.grad_output.dtype!r}")
-        hidden = service._decode_hidden(request.hidden, None, service.max_session_length)
-        grad_output = service._decode_hidden(request.grad_output, None, service.max_session_length)
-        span = service._subspan(request.start_block, request.end_block, request.adapter)
-        prompts = decode_prompts(service, request.prompts, span, hidden) if request.HasField("prompts") else None
         matrices = decode_matrices(list(request.lora), span)
     except BadRequest as e:
         await service._abort(context, e.code, str(e))
     service.metrics.bytes_received.inc(request.ByteSize())
     grad_hidden, grad_prompts, grads = await service.executor.run(lora_backward, span, hidden, grad_output,
                                                                   matrices, prompts)
-    compression = request.response_compression
-    response = node_pb2.BackwardResponse(grad_hidden=service._encode(grad_hidden, compression))
-    if grad_prompts is not None:
-        response.grad_prompts.CopyFrom(service._encode(grad_prompts, compression))
+    answer = backward_rpc.response(service, request, grad_hidden, grad_prompts)
     for grad_a, grad_b in grads:
-        response.grad_lora.add(a=service._encode(grad_a, compression), b=service._encode(grad_b, compression))
-    service.metrics.bytes_sent.inc(response.ByteSize())
-    return response
+        answer.grad_lora.add(a=service._encode(grad_a, request.response_compression),
+                             b=service._encode(grad_b, request.response_compression))
+    service.metrics.bytes_sent.inc(answer.ByteSize())
+    return answer
