@@ -23,15 +23,13 @@ import hashlib
 import json
 import logging
 import os
-import re
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import grpc
 
 from homeswarm.model.checkpoint import INDEX_FILE, SINGLE_FILE
-from homeswarm.model.hub import CLIENT_FILES, head_files
+from homeswarm.model.hub import CLIENT_FILES, head_files, peer_cache_folder
 from homeswarm.protocol import PROTOCOL_VERSION, node_pb2, node_pb2_grpc
 from homeswarm.routing.dht import SwarmDHT
 from homeswarm.routing.records import ServerState
@@ -46,7 +44,6 @@ DIGESTS_FILE = "weight_digests.json"
 MIN_AGREEING = 2
 CALL_TIMEOUT = 3600.0  # seconds one file's transfer may take in all
 _SMALL_FILE_BYTES = 64 << 20
-_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 class PeerFilesError(RuntimeError):
@@ -68,17 +65,7 @@ def needs_peers(model_dir: str | os.PathLike[str]) -> bool:
 
 
 def _folder(model_dir: Path, model_name: str, cache_root: str | os.PathLike[str] | None) -> Path:
-    config = (model_dir / "config.json").read_bytes()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    root = Path(cache_root) if cache_root is not None else Path(base) / "homeswarm"
-    name = _NAME.sub("_", model_name).strip("._")[:80] or "model"
-    folder = root / "peer-weights" / f"{name}-{hashlib.sha256(config).hexdigest()[:16]}-client"
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in model_dir.iterdir():
-        if (path.is_file() and path.name != INDEX_FILE and not path.name.endswith((".safetensors", ".gguf", ".bin"))
-                and path.stat().st_size <= _SMALL_FILE_BYTES):
-            shutil.copyfile(path, folder / path.name)
-    return folder
+    return peer_cache_folder(model_dir, model_name, cache_root, suffix="-client")
 
 
 def _agreed(offers: dict[str, dict[str, str]], name: str) -> str | None:

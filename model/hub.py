@@ -20,10 +20,12 @@ for a repository id; every failure is a :class:`HubError` whose message is one l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,3 +209,32 @@ def local_blocks(model_dir: str | os.PathLike[str], num_blocks: int) -> list[int
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
     return [b for b in range(num_blocks) if b not in missing]
+
+
+_PEER_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+_SMALL_FILE_BYTES = 64 << 20  # tokenizers and configs; never a weight file
+
+
+def default_cache_root() -> Path:
+    """Where files fetched from peers go without ``--cache-dir``: ``$XDG_CACHE_HOME/homeswarm``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "homeswarm"
+
+
+def peer_cache_folder(model_dir: str | os.PathLike[str], model_name: str, cache_root: str | os.PathLike[str] | None,
+                      suffix: str = "") -> Path:
+    """The folder for ``model_name``'s files from peers (one per config: ``NAME-CONFIGHASH`` + ``suffix``), created
+    with the model folder's small files (config, tokenizer, digest list; never weights nor the index)."""
+    model_dir = Path(model_dir)
+    config = (model_dir / CONFIG_FILE).read_bytes()
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    name = _PEER_NAME.sub("_", model_name).strip("._")[:80] or "model"
+    folder = root / "peer-weights" / f"{name}-{hashlib.sha256(config).hexdigest()[:16]}{suffix}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in model_dir.iterdir():
+        if (path.is_file() and path.name != INDEX_FILE and not path.name.endswith((".safetensors", ".gguf", ".bin"))
+                and path.stat().st_size <= _SMALL_FILE_BYTES):
+            target = folder / path.name
+            if not target.is_file() or target.read_bytes() != path.read_bytes():
+                shutil.copyfile(path, target)
+    return folder

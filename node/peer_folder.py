@@ -22,27 +22,18 @@ atomically.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
 from homeswarm.model.checkpoint import INDEX_FILE, SINGLE_FILE
-from homeswarm.model.hub import local_blocks
+from homeswarm.model.hub import local_blocks, peer_cache_folder
 
 CONFIG_FILE = "config.json"
 DIGESTS_FILE = "weight_digests.json"
-_SMALL_FILE_BYTES = 64 << 20  # tokenizers and configs; never a weight file
-_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 _BLOCK_FILE = re.compile(r"block-(\d{5})\.safetensors")
-
-
-def default_cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "homeswarm"
 
 
 def needs_peers(model_dir: str | os.PathLike[str], num_blocks: int) -> bool:
@@ -90,18 +81,7 @@ def block_file(block: int) -> str:
 
 def peer_folder(model_dir: str | os.PathLike[str], model_name: str, cache_root: str | os.PathLike[str] | None) -> Path:
     """The folder for ``model_name``'s blocks from peers, created with the model folder's small files."""
-    model_dir = Path(model_dir)
-    config = (model_dir / CONFIG_FILE).read_bytes()
-    root = Path(cache_root) if cache_root is not None else default_cache_root()
-    name = _NAME.sub("_", model_name).strip("._")[:80] or "model"
-    folder = root / "peer-weights" / f"{name}-{hashlib.sha256(config).hexdigest()[:16]}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for path in model_dir.iterdir():
-        if (path.is_file() and path.name != INDEX_FILE and not path.name.endswith((".safetensors", ".gguf", ".bin"))
-                and path.stat().st_size <= _SMALL_FILE_BYTES):
-            target = folder / path.name
-            if not target.is_file() or target.read_bytes() != path.read_bytes():
-                shutil.copyfile(path, target)
+    folder = peer_cache_folder(model_dir, model_name, cache_root)
     if not (folder / INDEX_FILE).is_file():
         write_index(folder)
     return folder
