@@ -39,7 +39,7 @@ PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.exper
                         r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 STACK_OF = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_up_exps", "w3": "ffn_up_exps",
             "down_proj": "ffn_down_exps", "w2": "ffn_down_exps"}
-PACKED = ("weight_packed", "weight_scale", "weight_shape")
+PACKED = ("weight_packed", "weight_scale", "weight_zero", "weight_shape")  # weight_zero: gguf_q4's form
 # A file's Q4_0 block matrices, read as compressed-tensors' symmetric 4-bit groups of 32
 Q4_0_AS_PACKED_INT4 = {
     "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],

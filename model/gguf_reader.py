@@ -4,8 +4,8 @@ Responsibility: the same reading interface as :class:`~.checkpoint.CheckpointRea
 ``entry``, ``load``, ``read_into``) over llama.cpp's tensors, so the loader builds blocks from a GGUF as
 from safetensors: names mapped by :mod:`.gguf_names` (DeepSeek-V3/K2's and GPT-OSS's by :mod:`.gguf_arch`,
 with their split tensors joined back), llama.cpp's permuted Q/K rows put back in Hugging Face's order,
-stacked experts' gate and up concatenated, Q4_0 matrices offered in their 4-bit form
-(:mod:`.gguf_q4_0`), and every other type than F32/F16 dequantized (``gguf.quants``) to the dtype asked
+stacked experts' gate and up concatenated, Q4_0, Q4_1 and Q4_K matrices offered in their 4-bit form
+(:mod:`.gguf_q4_0`, :mod:`.gguf_q4`), and every other type than F32/F16 dequantized (``gguf.quants``) to the dtype asked
 for, a bounded number of rows at a time, straight into the tensor's own storage. The metadata (``metadata``) and the ``config.json`` it stands for (:meth:`config_dict`)
 come from the first file.
 
@@ -41,14 +41,8 @@ from .gguf_names import (
     hf_names,
     llama3_rope_scaling,
 )
-from .gguf_q4_0 import (
-    PER_EXPERT,
-    Q4_0_AS_PACKED_INT4,
-    STACK_OF,
-    packed_base,
-    q4_0_as_packed,
-    q4_0_plan,
-)
+from .gguf_q4 import q4_as_packed, q4_plan, quantization_config
+from .gguf_q4_0 import PER_EXPERT, STACK_OF, packed_base
 from .tensor_file import TensorEntry
 
 logger = logging.getLogger(__name__)
@@ -111,7 +105,9 @@ class GGUFCheckpoint:
         self._dequant = gguf.quants.dequantize
         self._logged: set[str] = set()
         self.num_layers = int(self.metadata.get(f"{self.arch}.block_count", 0))
-        self.q4_0, self._float_linears = self._q4_0_linears()
+        # the 4-bit types the blocks hold as they are (Q4_0, Q4_1, Q4_K), the block matrices read as floats
+        self.q4_held, self._float_linears = q4_plan({n: t.tensor_type.name for n, t in self._tensors.items()},
+                                                    self.arch)
 
     # --- what the file is -------------------------------------------------------------------------------
 
@@ -128,8 +124,8 @@ class GGUFCheckpoint:
                 if scaling is None:
                     raise ValueError("its rope_freqs tensor matches none of Llama 3's RoPE scalings")
                 d["rope_scaling"] = scaling
-            if self.q4_0:  # matrices of other types (llama.cpp promotes some) are read as floats
-                d["quantization_config"] = {**Q4_0_AS_PACKED_INT4, "ignore": ["lm_head", *self._float_linears]}
+            if self.q4_held:  # matrices of other types (llama.cpp promotes some) are read as floats
+                d["quantization_config"] = quantization_config(self.q4_held, self._float_linears)
         except ValueError as e:
             raise ValueError(f"{self.model_dir}: {e}") from None
         return d
@@ -188,8 +184,10 @@ class GGUFCheckpoint:
         source = self._source(name) if isinstance(name, str) else None
         if source is None:
             return False
-        # 4-bit names exist for the Q4_0 matrices of a file whose blocks hold them so
-        return not packed_base(name)[1] or (self.q4_0 and source[0][0].tensor_type.name == "Q4_0")  # type: ignore[arg-type]
+        # 4-bit names exist for the 4-bit matrices of a file whose blocks hold them so (zeros: not Q4_0 alone)
+        packed = packed_base(name)[1]  # type: ignore[arg-type]
+        return not packed or (source[0][0].tensor_type.name in self.q4_held
+                              and (packed != "weight_zero" or self.q4_held != {"Q4_0"}))
 
     def missing_files(self, names: Iterable[str] | None = None) -> list[str]:
         """Files holding ``names`` that are absent: none (every part of a split is checked at open)."""
@@ -205,10 +203,12 @@ class GGUFCheckpoint:
         """Tensor ``name``'s dtype as read (float32 for a quantized one) and shape, in torch's order."""
         parts = self.parts(name)
         packed = packed_base(name)[1]
-        if packed:  # a Q4_0 matrix [N, K] as compressed-tensors' pack-quantized int4 (groups of 32)
+        if packed:  # a 4-bit matrix [N, K] as int4 words, scales (and zeros) per group of 32
             rows, cols = int(parts[0].shape[1]), int(parts[0].shape[0])
+            scale = torch.float16 if self.q4_held == {"Q4_0"} else torch.float32  # Q4_0's alone: its own
             dtype, shape = {"weight_packed": (torch.int32, (rows, cols // 8)),
-                            "weight_scale": (torch.float16, (rows, cols // 32)),
+                            "weight_scale": (scale, (rows, cols // 32)),
+                            "weight_zero": (torch.float32, (rows, cols // 32)),
                             "weight_shape": (torch.int64, (2,))}[packed]
             return TensorEntry(dtype=dtype, shape=shape, begin=0, end=0)
         shapes = [tuple(int(d) for d in reversed(t.shape)) for t in parts]
@@ -227,7 +227,7 @@ class GGUFCheckpoint:
             return out
         expert = self._source(name)[1]  # type: ignore[index]
         if packed:
-            self._q4_0_into(parts[0], packed, out, expert)
+            self._q4_into(parts[0], packed, out, expert)
         else:  # one tensor, a fused gate/up stack, or an architecture's own layout (gguf_arch)
             gguf_arch.read(self._source(name)[2], parts, out, self.convert, lambda t: np.asarray(t.data))  # type: ignore[index]
         for t in parts:
@@ -280,15 +280,12 @@ class GGUFCheckpoint:
                                      f"dequantized here") from None
             target[begin : begin + values.shape[0]].copy_(values.view(-1, target.shape[-1]))
 
-    def _q4_0_linears(self) -> tuple[bool, list[str]]:
-        return q4_0_plan({n: t.tensor_type.name for n, t in self._tensors.items()}, self.arch)
-
-    def _q4_0_into(self, t: Any, packed: str, out: Tensor, expert: int | None = None) -> None:
-        data = np.asarray(t.data)
-        q4_0_as_packed(data[expert] if expert is not None else data, packed, out)
-        if "Q4_0" not in self._logged:
-            self._logged.add("Q4_0")
-            logger.info("%s: Q4_0 matrices held as they are (4-bit, groups of 32)", self.model_dir.name)
+    def _q4_into(self, t: Any, packed: str, out: Tensor, expert: int | None = None) -> None:
+        data, kind = np.asarray(t.data), t.tensor_type.name
+        q4_as_packed(kind, data[expert] if expert is not None else data, packed, out)
+        if kind not in self._logged:
+            self._logged.add(kind)
+            logger.info("%s: %s matrices held as they are (4-bit, groups of 32)", self.model_dir.name, kind)
 
     def _release(self, t: Any, expert: int | None = None) -> None:
         """Drop the pages of ``t`` just read from this process's resident memory: a file's pages read

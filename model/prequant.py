@@ -47,7 +47,7 @@ from .quant import (
     experts_by_our_kernel,
 )
 
-PREQUANT_METHODS = ("gptq", "compressed-tensors")
+PREQUANT_METHODS = ("gptq", "compressed-tensors", "gguf")  # gguf: a GGUF file's 4-bit blocks (gguf_q4)
 _READ_ELSEWHERE = ("fp8", "mxfp4", "bitnet")  # the checkpoint reader and the families read these
 _INT4_N_MULTIPLE = 16
 
@@ -92,6 +92,10 @@ def read_prequant(d: dict[str, Any]) -> PrequantSpec | None:
                          f"{', '.join(PREQUANT_METHODS + _READ_ELSEWHERE)}")
     if q["quant_method"] == "gptq":
         return _read_gptq(q)
+    if q["quant_method"] == "gguf":
+        from .gguf_q4 import read_gguf_int4  # it builds on this module
+
+        return read_gguf_int4(q)
     return _read_compressed(q)
 
 
@@ -302,6 +306,14 @@ class PackedInt4Linear(_PrequantLinear):
 _CLASSES: dict[str, type[_PrequantLinear]] = {"gptq": GPTQLinear, "compressed-tensors": PackedInt4Linear}
 
 
+def _class(method: str) -> type[_PrequantLinear]:
+    if method == "gguf":
+        from .gguf_q4 import GGUFInt4Linear  # it builds on this module
+
+        return GGUFInt4Linear
+    return _CLASSES[method]
+
+
 class PrequantExperts(nn.ModuleList):
     """:class:`~.moe.Experts` stored as one 4-bit layer per expert and projection, under the checkpoint's
     per-expert names (``{e}.gate_proj``, ``{e}.up_proj``, ``{e}.down_proj`` or a family's own); the same
@@ -309,7 +321,7 @@ class PrequantExperts(nn.ModuleList):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, spec: PrequantSpec,
                  names: tuple[str, str, str]) -> None:
-        cls = _CLASSES[spec.method]
+        cls = _class(spec.method)
         experts = []
         for _ in range(num_experts):
             expert = nn.Module()
@@ -353,7 +365,7 @@ def replace_prequantized(block: nn.Module, spec: PrequantSpec, layer: int,
     targets = []
     for name, module in block.named_modules():
         if type(module) is nn.Linear and covered(name):
-            targets.append((name, _CLASSES[spec.method](module.in_features, module.out_features, spec.group_size,
+            targets.append((name, _class(spec.method)(module.in_features, module.out_features, spec.group_size,
                                                         module.bias is not None, spec)))
         elif type(module) is Experts and covered(f"{name}.0.{expert_names[0]}"):
             experts, hidden, intermediate = module.down_proj.shape[0], module.down_proj.shape[1], module.down_proj.shape[2]

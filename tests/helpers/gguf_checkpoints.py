@@ -23,11 +23,37 @@ _STACKS = {"gate_proj": "ffn_gate_exps", "w1": "ffn_gate_exps", "up_proj": "ffn_
 _QTYPES = {"F32": gguf.GGMLQuantizationType.F32, "F16": gguf.GGMLQuantizationType.F16,
            "BF16": gguf.GGMLQuantizationType.BF16,
            "Q8_0": gguf.GGMLQuantizationType.Q8_0, "Q4_0": gguf.GGMLQuantizationType.Q4_0,
-           "Q4_K": gguf.GGMLQuantizationType.Q4_K}
+           "Q4_1": gguf.GGMLQuantizationType.Q4_1, "Q4_K": gguf.GGMLQuantizationType.Q4_K}
 _FILE_TYPES = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                "BF16": gguf.LlamaFileType.MOSTLY_BF16,
                "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
-               "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+               "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_M}
+
+
+def quantize_q4_k(data: np.ndarray) -> np.ndarray:
+    """``data`` float32 ``[..., K]`` (K a multiple of 256) as Q4_K's bytes ``[..., K / 256 * 144]`` (the
+    ``gguf`` package reads Q4_K but does not write it): per super-block float16 ``d`` and ``dmin``, 6-bit
+    scales and mins of its 8 groups of 32 packed in 12 bytes, then the 4-bit values, 4 runs of 32 bytes
+    each holding two groups (low nibbles, high nibbles). A plain min/max fit: llama.cpp's search is not
+    needed to test reading."""
+    shape = data.shape
+    groups = data.reshape(-1, 8, 32).astype(np.float32)
+    low = np.minimum(groups.min(axis=-1), 0)  # [blocks, 8]: Q4_K's mins are subtracted, never added
+    span = (groups.max(axis=-1) - low) / 15
+    d = (span.max(axis=-1) / 63).astype(np.float16)  # [blocks]
+    dmin = (-low.min(axis=-1) / 63).astype(np.float16)
+    df, dminf = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
+    sc = np.where(df > 0, np.round(span / np.where(df > 0, df, 1)), 0).clip(0, 63).astype(np.uint8)
+    mn = np.where(dminf > 0, np.round(-low / np.where(dminf > 0, dminf, 1)), 0).clip(0, 63).astype(np.uint8)
+    scale, offset = (df * sc)[..., None], (dminf * mn)[..., None]
+    q = np.where(scale > 0, np.round((groups + offset) / np.where(scale > 0, scale, 1)), 0).clip(0, 15).astype(np.uint8)
+    packed = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+                             (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)], axis=-1)
+    q = q.reshape(-1, 4, 2, 32)
+    nibbles = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    blocks = np.concatenate([d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8), packed, nibbles],
+                            axis=-1)
+    return blocks.reshape(*shape[:-1], shape[-1] // 256 * 144)
 
 
 def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
@@ -146,6 +172,9 @@ def write_gguf(checkpoint: str | Path, path: str | Path, family: str, qtype: str
             writer.add_tensor(name, data)
         elif qtype == "F16":
             writer.add_tensor(name, data.astype(np.float16))
+        elif qtype == "Q4_K":
+            quantized = quantize_q4_k(data)
+            writer.add_tensor(name, quantized, raw_shape=quantized.shape, raw_dtype=_QTYPES[qtype])
         else:
             quantized = gguf.quants.quantize(data, _QTYPES[qtype])
             writer.add_tensor(name, quantized, raw_shape=quantized.shape, raw_dtype=_QTYPES[qtype])
