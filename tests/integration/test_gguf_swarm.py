@@ -4,13 +4,13 @@ One swarm for the module, under the model name of the F32 file's stem: two nodes
 llama.cpp's permuted Q/K rows and a tokenizer) in two spans, and a third serves a Q8_0 GGUF of the same
 checkpoint, whole, under that name; a fourth serves an F16 Qwen3-MoE GGUF (a dense layer among the
 experts) under its own stem, a fifth a Q4_0 GGUF (held 4-bit), a sixth an F32 DeepSeek-V3 (``deepseek2``)
-GGUF and a seventh an F32 GPT-OSS GGUF, each under its own. An exact client (Python, and `homeswarm
+GGUF, a seventh an F32 GPT-OSS GGUF and an eighth a Q4_K GGUF (held 4-bit), each under its own. An exact client (Python, and `homeswarm
 generate --exact` with a text prompt) routes through the F32 nodes only and generates exactly
 transformers' greedy tokens on the source checkpoint (the MoE one: transformers on the source rounded to
 float16; DeepSeek-V3 and GPT-OSS: on theirs); the F32 nodes announce the block digests of the
 safetensors source (a client on the source folder routes through them) while the Q8_0 node announces its
-own (clients holding float weights refuse it) and its file type; the Q4_0 node's logits are
-transformers' on that file within the 4-bit products' rounding; once the F32 nodes are gone, a client on
+own (clients holding float weights refuse it) and its file type; the Q4_0 and Q4_K nodes' logits are
+transformers' on their files within the 4-bit products' rounding; once the F32 nodes are gone, a client on
 the Q8_0 file generates what transformers generates on that same GGUF (both dequantize it to float32).
 """
 
@@ -58,7 +58,11 @@ def files(tmp_path_factory):
                                                                 rope_parameters=MLA_YARN)),
             "mla": write_deepseek_gguf(mla, root / "tiny-deepseek.gguf"),
             "oss_source": (oss := make_gpt_oss_checkpoint(root / "oss", num_layers=2, seed=14, swiglu_limit=7.0)),
-            "oss": write_gpt_oss_gguf(oss, root / "tiny-gpt-oss.gguf")}
+            "oss": write_gpt_oss_gguf(oss, root / "tiny-gpt-oss.gguf"),
+            # Q4_K's super-blocks span 256 inputs: every matrix's inputs a multiple of 256
+            "q4_k": write_gguf(make_checkpoint(root / "source-256", "llama2", num_layers=2, hidden_size=256,
+                                               intermediate_size=256, vocab_size=len(vocab["tokens"]), seed=15),
+                               root / "tiny-q4_k.gguf", "llama2", "Q4_K", tokenizer=vocab)}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +85,7 @@ def swarm(files, cache, tmp_path_factory):
         daemons.append(swarm.start_node(files["q4_0"], "--compute-threads", "1", wait=False))
         daemons.append(swarm.start_node(files["mla"], "--compute-threads", "1", wait=False))
         daemons.append(swarm.start_node(files["oss"], "--compute-threads", "1", wait=False))
+        daemons.append(swarm.start_node(files["q4_k"], "--compute-threads", "1", wait=False))
         for daemon in daemons:
             swarm.wait_ready(daemon, timeout=180)
         swarm.gguf_daemons = daemons
@@ -96,7 +101,7 @@ def prompt_ids(files, cache) -> list[int]:
 
 def test_exact_client_routes_through_float_nodes_and_equals_transformers(swarm, files, prompt_ids):
     assert [d.info["model"] for d in swarm.gguf_daemons] == [NAME, NAME, NAME, "tiny-qwen3moe", "tiny-q4_0",
-                                                         "tiny-deepseek", "tiny-gpt-oss"]
+                                                         "tiny-deepseek", "tiny-gpt-oss", "tiny-q4_k"]
     want = reference_greedy(files["source"], torch.tensor([prompt_ids]), NEW_TOKENS)
     with AutoDistributedModelForCausalLM.from_pretrained(files["f32"], initial_peers=swarm.initial_peers,
                                                          exact=True) as model:
@@ -159,15 +164,16 @@ def test_gpt_oss_gguf_through_the_swarm_equals_transformers(swarm, files):
     assert got.tolist() == want.tolist()
 
 
-def test_q4_0_gguf_stays_4_bit_through_the_swarm(swarm, files, prompt_ids):
-    reference = transformers.AutoModelForCausalLM.from_pretrained(files["root"], gguf_file=files["q4_0"].name,
+@pytest.mark.parametrize(("file", "hop"), [("q4_0", (0, 4, "gguf-q4_0")), ("q4_k", (0, 2, "gguf-q4_k_m"))])
+def test_4_bit_gguf_stays_4_bit_through_the_swarm(file, hop, swarm, files, prompt_ids):
+    reference = transformers.AutoModelForCausalLM.from_pretrained(files["root"], gguf_file=files[file].name,
                                                                   dtype=torch.float32).eval()
     prompt = torch.tensor([prompt_ids])
     with torch.no_grad():
         want = reference(prompt).logits
-    with AutoDistributedModelForCausalLM.from_pretrained(files["q4_0"], initial_peers=swarm.initial_peers) as model:
+    with AutoDistributedModelForCausalLM.from_pretrained(files[file], initial_peers=swarm.initial_peers) as model:
         with model.inference_session(max_length=prompt.shape[1]) as session, torch.no_grad():
-            assert [(h.start, h.end, h.server.quant) for h in session.hops] == [(0, 4, "gguf-q4_0")]
+            assert [(h.start, h.end, h.server.quant) for h in session.hops] == [hop]
             got = model.head.logits(session.step(model.head.embed(prompt)))
     # the file's weights through the 4-bit products, which round (test_gguf.py: 1.0% measured in one process)
     assert (got - want).abs().max() <= 0.03 * want.abs().max()
