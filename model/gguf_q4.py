@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .gguf_q4_0 import DEEPSEEK_LINEARS, EXPERT_STACKS, HF_LINEARS, Q4_0_AS_PACKED_INT4, q4_0_as_packed
+from .gguf_q4_0 import DEEPSEEK_LINEARS, EXPERT_STACKS, HF_LINEARS, KV_B, Q4_0_AS_PACKED_INT4, q4_0_as_packed
 from .prequant import PrequantSpec, _PrequantLinear, pack_int32, unpack_int32
 
 HELD_TYPES = ("Q4_0", "Q4_1", "Q4_K")
@@ -76,8 +76,7 @@ def q4_plan(types: dict[str, str], arch: str) -> tuple[set[str], list[str]]:
     mixtral = arch == "llama" and bool(stacks)
     others = [f"model.layers.{name.split('.')[1]}.{linears[name.split('.')[2]]}"
               for name, kind in sorted(kinds.items()) if kind not in held]
-    kv_b = {n.split(".")[1] for n in types if n.startswith("blk.") and n.split(".")[2] in ("attn_kv_b", "attn_k_b",
-                                                                                            "attn_v_b")}
+    kv_b = {n.split(".")[1] for n in types if n.startswith("blk.") and n.split(".")[2] in KV_B}
     others += [f"model.layers.{layer}.self_attn.kv_b_proj" for layer in sorted(kv_b, key=int)]
     for layer, ks in sorted(stacks.items(), key=lambda item: int(item[0])):
         if not ks <= held:

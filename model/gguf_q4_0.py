@@ -1,15 +1,14 @@
 """Q4_0 matrices of a GGUF file held as they are: llama.cpp's Q4_0 read as pre-quantized 4-bit weights.
 
-Responsibility: decide which block matrices of a file stay 4-bit (:func:`q4_0_plan`) and turn a Q4_0
-matrix's bytes into compressed-tensors' ``pack-quantized`` form (:func:`q4_0_as_packed`), which the
-pre-quantized layers of :mod:`.prequant` read. Q4_0 stores ``w = d * (q - 8)`` per block of 32 inputs,
+Responsibility: the names both 4-bit forms share (llama.cpp's block matrices, per-expert names, the
+packed tensors' names) and a Q4_0 matrix's bytes turned into compressed-tensors' ``pack-quantized`` form
+(:func:`q4_0_as_packed`), which the pre-quantized layers of :mod:`.prequant` read; which matrices stay
+4-bit is :func:`.gguf_q4.q4_plan`'s to decide, Q4_1 and Q4_K's form :mod:`.gguf_q4`'s. Q4_0 stores ``w = d * (q - 8)`` per block of 32 inputs,
 ``d`` float16 and ``q`` in 0..15: exactly pack-quantized's symmetric int4 in groups of 32 (``v = q``
 stored, ``scale = d``), so nothing is rounded on the way.
 
-Invariants: a layer's routed experts are 4-bit all together or not at all (a layer with some Q4_0
-experts and some of another type leaves the whole file to be dequantized); every other block matrix not
-stored as Q4_0 is named in the quantization config's ``ignore`` list and read as floats, and so is every
-``deepseek2`` ``kv_b_proj``; a ``gpt-oss`` file has nothing held 4-bit.
+Invariants: a file whose only 4-bit type is Q4_0 is read in this form (16-bit scales, no zeros);
+every ``deepseek2`` ``kv_b_proj`` is read as floats.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ HF_LINEARS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_
 DEEPSEEK_LINEARS = {**HF_LINEARS, "attn_q_a": "self_attn.q_a_proj", "attn_q_b": "self_attn.q_b_proj",
                     "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa", "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
                     "ffn_up_shexp": "mlp.shared_experts.up_proj", "ffn_down_shexp": "mlp.shared_experts.down_proj"}
-_KV_B = ("attn_kv_b", "attn_k_b", "attn_v_b")
+KV_B = ("attn_kv_b", "attn_k_b", "attn_v_b")
 EXPERT_STACKS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 # one expert's matrix of a stack (a 4-bit expert is read per expert, as pre-quantized checkpoints store them)
 PER_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
@@ -53,37 +52,6 @@ def packed_base(name: str) -> tuple[str, str | None]:
     """``x.weight_packed`` -> (``x.weight``, ``weight_packed``); any other name -> (name, None)."""
     head, _, last = name.rpartition(".")
     return (f"{head}.weight", last) if head and last in PACKED else (name, None)
-
-
-def q4_0_plan(types: dict[str, str], arch: str) -> tuple[bool, list[str]]:
-    """Whether blocks hold the Q4_0 matrices of a file (tensor name -> GGML type name) as they are (some
-    block matrix is Q4_0), and the Hugging Face names of the block matrices of other types."""
-    if arch == "gpt-oss":  # its experts come as MXFP4, its attention as floats: nothing to keep 4-bit
-        return False, []
-    linears = DEEPSEEK_LINEARS if arch == "deepseek2" else HF_LINEARS
-    kinds = {n: kind for n, kind in types.items()
-             if n.startswith("blk.") and n.count(".") == 3 and n.endswith(".weight") and n.split(".")[2] in linears}
-    stacks: dict[str, set[str]] = {}
-    for n, kind in types.items():
-        if n.startswith("blk.") and n.split(".")[2] in EXPERT_STACKS:
-            stacks.setdefault(n.split(".")[1], set()).add(kind)
-    if "Q4_0" not in {*kinds.values(), *(k for ks in stacks.values() for k in ks)}:
-        return False, []
-    if any(len(ks) > 1 and "Q4_0" in ks for ks in stacks.values()):
-        return False, []  # a layer's experts partly 4-bit: dequantized, the whole file
-    mixtral = arch == "llama" and bool(stacks)
-    others = []
-    for name, kind in sorted(kinds.items()):
-        if kind != "Q4_0":
-            _, layer, part, _ = name.split(".")
-            others.append(f"model.layers.{layer}.{linears[part]}")
-    kv_b = {n.split(".")[1] for n in types if n.startswith("blk.") and n.split(".")[2] in _KV_B}
-    others += [f"model.layers.{layer}.self_attn.kv_b_proj" for layer in sorted(kv_b, key=int)]
-    for layer, ks in sorted(stacks.items(), key=lambda item: int(item[0])):
-        if ks != {"Q4_0"}:
-            others.append(f"model.layers.{layer}." + ("block_sparse_moe.experts.0.w1" if mixtral
-                                                       else "mlp.experts.0.gate_proj"))
-    return True, others
 
 
 def q4_0_as_packed(data: np.ndarray, packed: str, out: Tensor) -> None:
