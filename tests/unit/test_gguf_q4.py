@@ -168,3 +168,23 @@ def test_q4_k_moe_experts_and_q4_0_beside_them(root):
         want = reference(prompt).logits
         got = model.head.logits(model.forward(model.head.embed(prompt)))
     assert (got - want).abs().max() <= 0.03 * want.abs().max()
+
+
+def test_which_matrices_stay_4_bit():
+    from homeswarm.model.gguf_q4 import q4_plan, quantization_config
+
+    dense = {"blk.0.attn_q.weight": "Q4_K", "blk.0.attn_v.weight": "Q6_K", "blk.0.ffn_down.weight": "Q4_1",
+             "blk.0.attn_norm.weight": "F32", "token_embd.weight": "Q4_K", "output.weight": "Q6_K"}
+    assert q4_plan(dense, "llama") == ({"Q4_K", "Q4_1"}, ["model.layers.0.self_attn.v_proj"])
+    assert quantization_config({"Q4_K"}, [])["quant_method"] == "gguf"
+    assert quantization_config({"Q4_0"}, [])["quant_method"] == "compressed-tensors"  # Q4_0 alone: its own form
+    assert q4_plan({"blk.0.ffn_down.weight": "Q8_0"}, "qwen3") == (set(), [])
+    # a layer's experts of a held type and another: the whole file dequantized; of two held types: both held
+    moe = {"blk.0.ffn_gate_exps.weight": "Q4_K", "blk.0.ffn_up_exps.weight": "Q4_K", "blk.0.attn_q.weight": "Q4_0"}
+    assert q4_plan({**moe, "blk.0.ffn_down_exps.weight": "Q6_K"}, "qwen3moe") == (set(), [])
+    assert q4_plan({**moe, "blk.0.ffn_down_exps.weight": "Q4_0"}, "qwen3moe") == ({"Q4_0", "Q4_K"}, [])
+    # deepseek2 holds Q4_0 only (its family reads only the hub's methods); gpt-oss nothing
+    assert q4_plan({"blk.0.attn_q_a.weight": "Q4_K", "blk.0.attn_kv_b.weight": "Q4_0",
+                    "blk.0.ffn_down.weight": "Q4_0"}, "deepseek2") == (
+        {"Q4_0"}, ["model.layers.0.self_attn.q_a_proj", "model.layers.0.self_attn.kv_b_proj"])
+    assert q4_plan(dense, "gpt-oss") == (set(), [])
