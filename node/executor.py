@@ -276,13 +276,16 @@ class ComputeExecutor:
     def _drain(self) -> None:
         with self._lock:
             self._busy += 1
+        results: list[tuple[_Step, torch.Tensor | None, BaseException | None]] = []
         try:
-            self._drain_once()
+            self._drain_once(results)
         finally:
             with self._lock:
                 self._busy -= 1
+            # resolved once no longer busy: a caller woken by its result may run its next short step inline
+            _resolve_all(results)
 
-    def _drain_once(self) -> None:
+    def _drain_once(self, results: list[tuple[_Step, torch.Tensor | None, BaseException | None]]) -> None:
         with self._lock:
             self._hold_back()
             batch = self._take()
@@ -295,7 +298,6 @@ class ComputeExecutor:
                 self._pool.submit(self._drain)
             except RuntimeError:
                 pass
-        results: list[tuple[_Step, torch.Tensor | None, BaseException | None]] = []
         ready = []
         for item in batch:
             if item.future.cancelled():
@@ -306,11 +308,8 @@ class ComputeExecutor:
                 results.append((item, None, e))
                 continue
             ready.append(item)
-        try:
-            if ready:
-                results.extend(self._compute(ready))
-        finally:
-            _resolve_all(results)
+        if ready:
+            results.extend(self._compute(ready))
 
     def _compute(self, ready: list[_Step]) -> list[tuple[_Step, torch.Tensor | None, BaseException | None]]:
         tokens = sum(item.tokens for item in ready)
