@@ -185,3 +185,19 @@ def write_gguf(checkpoint: str | Path, path: str | Path, family: str, qtype: str
     if split_max_tensors:
         return sorted(path.parent.glob(f"{path.stem}-00001-of-*.gguf"))[0]
     return path
+
+
+def logits_against_transformers(model: Any, root: Path, path: Path, prompt: Any,
+                                source: Path | None = None) -> tuple[Any, Any]:
+    """(ours, transformers') float32 logits of ``prompt``: ``model`` (a LocalModel on the file) against transformers
+    loading the GGUF file ``path`` from ``root``, with ``source``'s config where given (transformers reads no
+    expert_feed_forward_length from a GGUF: the source's config, the file's weights)."""
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(source) if source is not None else None
+    reference = transformers.AutoModelForCausalLM.from_pretrained(root, gguf_file=path.name, config=config,
+                                                                  dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model.head.logits(model.forward(model.head.embed(prompt))), reference(prompt).logits
+

@@ -23,7 +23,12 @@ from homeswarm.model.gguf_reader import GGUFCheckpoint, gguf_paths, model_stem
 from homeswarm.model.gguf_tokenizer import build_tokenizer
 from homeswarm.model.prequant import PackedInt4Linear
 from tests.helpers.checkpoints import make_checkpoint, reference_greedy, reference_model
-from tests.helpers.gguf_checkpoints import byte_level_tokenizer, sentencepiece_tokenizer, write_gguf
+from tests.helpers.gguf_checkpoints import (
+    byte_level_tokenizer,
+    logits_against_transformers,
+    sentencepiece_tokenizer,
+    write_gguf,
+)
 from tests.helpers.moe_checkpoints import make_moe_checkpoint
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
@@ -122,13 +127,7 @@ def test_quantized_moe_gguf_equals_transformers_on_the_same_file(root):
     source = make_moe_checkpoint(root / "moe-q8", "qwen3_moe", num_layers=2, seed=10, mlp_only_layers=[])
     path = write_gguf(source, root / "qwen3moe-Q8_0.gguf", "qwen3_moe", "Q8_0")
     model = LocalModel(gguf_folder(path, cache_dir=root / "cache"))
-    # transformers reads no expert_feed_forward_length from a GGUF: the source's config, the file's weights
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        root, gguf_file=path.name, config=transformers.AutoConfig.from_pretrained(source), dtype=torch.float32).eval()
-    prompt = _prompt()
-    with torch.no_grad():
-        want = reference(prompt).logits
-        got = model.head.logits(model.forward(model.head.embed(prompt)))
+    got, want = logits_against_transformers(model, root, path, _prompt(), source)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -185,12 +184,7 @@ def test_q4_0_moe_experts_stay_4_bit(family, root):
     if family != "qwen3_moe":
         return
     model = LocalModel(folder)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        root, gguf_file=path.name, config=transformers.AutoConfig.from_pretrained(source), dtype=torch.float32).eval()
-    prompt = _prompt()
-    with torch.no_grad():
-        want = reference(prompt).logits
-        got = model.head.logits(model.forward(model.head.embed(prompt)))
+    got, want = logits_against_transformers(model, root, path, _prompt(), source)
     assert (got - want).abs().max() <= 0.03 * want.abs().max()
 
 

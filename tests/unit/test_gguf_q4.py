@@ -21,7 +21,7 @@ from homeswarm.model.gguf_q4 import GGUFInt4Linear, q4_as_packed, read_gguf_int4
 from homeswarm.model.prequant import PrequantExperts
 from homeswarm.model.quant import QuantizedLinearInt4
 from tests.helpers.checkpoints import make_checkpoint
-from tests.helpers.gguf_checkpoints import quantize_q4_k, write_gguf
+from tests.helpers.gguf_checkpoints import logits_against_transformers, quantize_q4_k, write_gguf
 from tests.helpers.moe_checkpoints import make_moe_checkpoint
 
 
@@ -162,12 +162,7 @@ def test_q4_k_moe_experts_and_q4_0_beside_them(root):
                 got = getattr(experts[e], name).dequantized_weight(torch.float32)
                 torch.testing.assert_close(got, want, rtol=0, atol=float(want.abs().max()) * 2.0**-21)
     model = LocalModel(folder)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        root, gguf_file=path.name, config=transformers.AutoConfig.from_pretrained(source), dtype=torch.float32).eval()
-    prompt = _prompt()
-    with torch.no_grad():
-        want = reference(prompt).logits
-        got = model.head.logits(model.forward(model.head.embed(prompt)))
+    got, want = logits_against_transformers(model, root, path, _prompt(), source)
     assert (got - want).abs().max() <= 0.03 * want.abs().max()
 
 
