@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_quant import block_config, random_span  # noqa: E402
-from bench.common import table  # noqa: E402
+from bench.common import paired_rounds, table  # noqa: E402
 from homeswarm.model import BlockSpan  # noqa: E402
 from homeswarm.model.blocks import fuse_projections  # noqa: E402
 from homeswarm.model.lora import LoraPart, adapted_span, place  # noqa: E402
@@ -94,13 +94,7 @@ def main() -> None:
 
     names = list(spans)
     for title, make in (("decoding step, batch 1", decode), ("prefill, 512 tokens", prefill)):
-        runs = {name: make(spans[name]) for name in names}
-        for run in runs.values():
-            run()  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                times[name].append(runs[name]())
+        times = paired_rounds({name: make(spans[name]) for name in names}, args.rounds)
         rows = []
         for name in names:
             ratios = [t / b for t, b in zip(times[name], times["base"], strict=True)]

@@ -38,7 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import table  # noqa: E402
+from bench.common import paired_rounds, table  # noqa: E402
 from homeswarm.model import DEMO_MODEL_DIR, BlockSpan, ModelConfig, load_head, load_span  # noqa: E402
 from homeswarm.model.quant import (  # noqa: E402
     INT4_GROUP_SIZES,
@@ -188,13 +188,7 @@ def compare(spans: dict[str, BlockSpan], args: argparse.Namespace, what: str) ->
 
     names = list(spans)
     for title, make in (("decoding step, batch 1", decode), ("prefill, 512 tokens", prefill)):
-        runs = {name: make(spans[name]) for name in names}
-        for run in runs.values():
-            run()  # warm-up
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                times[name].append(runs[name]())
+        times = paired_rounds({name: make(spans[name]) for name in names}, args.rounds)
         rows = []
         for name in names:
             ratios = [f / t for f, t in zip(times["float32"], times[name], strict=True)]

@@ -76,6 +76,19 @@ def timed(fn: Callable[[], object], repeats: int = 3) -> tuple[float, list[float
     return statistics.median(times), times
 
 
+def paired_rounds(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each run's seconds per round, after one warm-up each: every round runs them all, its order rotated by one
+    from the last round's, so drift falls on every run alike (compare them by the median of per-round ratios)."""
+    names = list(runs)
+    for run in runs.values():
+        run()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(runs[name]())
+    return times
+
+
 def table(headers: list[str], rows: list[list[object]]) -> str:
     cells = [[str(h) for h in headers]] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
