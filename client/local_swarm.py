@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +40,17 @@ def console_script(name: str) -> list[str]:
 
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def with_parent_death_signal(argv: Sequence[str]) -> list[str] | None:
+    """``argv`` run through util-linux's ``setpriv --pdeathsig TERM``, which arms the parent-death signal (see
+    ``_term_with_parent``) and execs it: no Python runs in the forked child, so the spawn may take the fork-free
+    path. A hook run between fork and exec runs the interpreter's after-fork handlers in the child of a process
+    with threads (gRPC's, torch's), where it can abort. None off the main thread, off Linux or without setpriv."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    setpriv = shutil.which("setpriv")
+    return None if setpriv is None else [setpriv, "--pdeathsig", "TERM", "--", *argv]
 
 
 def _term_with_parent() -> Callable[[], None] | None:
@@ -107,14 +119,16 @@ class LocalSwarm:
         ready = self.workdir / f"{name}-{self._count}.ready.json"
         log_path = self.workdir / f"{name}-{self._count}.log"
         log = open(log_path, "wb")  # noqa: SIM115 - owned by the child from here on
+        argv = [*argv, "--ready-file", str(ready)]
+        armed = with_parent_death_signal(argv)
         process = subprocess.Popen(
-            [*argv, "--ready-file", str(ready)],
+            armed or argv,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=self.env,
             start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop the children in order
-            preexec_fn=_term_with_parent(),
+            preexec_fn=None if armed else _term_with_parent(),
         )
         log.close()
         return Daemon(process, ready, log_path)

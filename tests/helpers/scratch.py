@@ -28,6 +28,8 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from homeswarm.client.local_swarm import with_parent_death_signal
+
 PREFIX = "hst"
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _STALE = re.compile(rf"{PREFIX}(\d+)-")
@@ -170,7 +172,15 @@ def arm_popen() -> Iterator[None]:
     def __init__(self: subprocess.Popen, *args: object, **kwargs: object) -> None:  # type: ignore[type-arg]
         if (kwargs.get("start_new_session") and kwargs.get("preexec_fn") is None
                 and threading.current_thread() is threading.main_thread()):
-            kwargs["preexec_fn"] = die_with_parent(os.getpid())
+            argv = args[0] if args else kwargs.get("args")
+            if isinstance(argv, list | tuple) and argv and Path(str(argv[0])).name == "setpriv":
+                pass  # armed already (LocalSwarm)
+            elif isinstance(argv, list | tuple) and (armed := with_parent_death_signal([str(a) for a in argv])):
+                args = (armed, *args[1:]) if args else args  # no Python in the forked child (see LocalSwarm)
+                if not args:
+                    kwargs["args"] = armed
+            else:
+                kwargs["preexec_fn"] = die_with_parent(os.getpid())
         original(self, *args, **kwargs)
 
     subprocess.Popen.__init__ = __init__  # type: ignore[method-assign]
