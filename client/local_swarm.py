@@ -130,6 +130,7 @@ class LocalSwarm:
             start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop the children in order
             preexec_fn=None if armed else _term_with_parent(),
         )
+        process.args = argv  # the daemon's own command line, as callers read it, without setpriv's prefix
         log.close()
         return Daemon(process, ready, log_path)
 
